@@ -1,0 +1,1 @@
+//! Guest images for Linux: Debian's cloud kernel fetched with apt, and initramfs archives.

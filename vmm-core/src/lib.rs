@@ -1,0 +1,1 @@
+//! Thaw VMM core.

@@ -1,1 +1,20 @@
-//! Thaw VMM core.
+//! Thaw's virtual machine monitor core: KVM, guest memory, boot, vCPUs and devices. It knows
+//! nothing of snapshot files, crypto, hooks or HTTP, and depends on no other workspace crate.
+
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod kvm;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;
+
+#[cfg(test)]
+pub(crate) mod test_support;
+
+pub use config::{KernelSource, MachineConfig};
+pub use exit::{ExitReason, ExitSignal};
+pub use machine::{Machine, MachineError};

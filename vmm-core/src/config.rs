@@ -1,0 +1,224 @@
+//! What the user asked for: memory size, vCPU count, and what to boot. Validated here, once,
+//! so the rest of the VMM can trust it.
+
+use std::path::PathBuf;
+
+/// Smallest guest memory Thaw accepts, as AWS Lambda does.
+pub const MIN_MEM_MIB: u64 = 128;
+/// Largest guest memory Thaw accepts, as AWS Lambda does (10 GiB).
+pub const MAX_MEM_MIB: u64 = 10 * 1024;
+
+/// Kernel command line used for Linux guests when the user gives none.
+///
+/// `reboot=k` makes the kernel reboot through the i8042 controller, which ends the VM cleanly;
+/// `panic=1` turns a panic into such a reboot; the `i8042.*` options skip probes of hardware
+/// Thaw does not emulate; `pci=off` because there is no PCI bus.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off \
+     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// The kernel image to boot: a file, or bytes already in memory (the built-in test guest).
+#[derive(Clone)]
+pub enum KernelSource {
+    /// A path to an ELF `vmlinux` or a bzImage.
+    Path(PathBuf),
+    /// An image held in memory, with a name for messages.
+    Bytes {
+        /// What to call the image in errors and logs.
+        name: String,
+        /// The image itself.
+        image: std::sync::Arc<[u8]>,
+    },
+}
+
+impl std::fmt::Debug for KernelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelSource::Path(p) => write!(f, "Path({})", p.display()),
+            KernelSource::Bytes { name, image } => {
+                write!(f, "Bytes({name}, {} bytes)", image.len())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for KernelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelSource::Path(p) => write!(f, "{}", p.display()),
+            KernelSource::Bytes { name, .. } => write!(f, "{name}"),
+        }
+    }
+}
+
+/// A machine to boot.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The kernel (or test guest) image.
+    pub kernel: KernelSource,
+    /// An optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// A configuration that cannot be booted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Memory below Lambda's minimum.
+    #[error("guest memory of {mib} MiB is too small: the minimum is {MIN_MEM_MIB} MiB")]
+    MemoryTooSmall {
+        /// What was asked for.
+        mib: u64,
+    },
+    /// Memory above Lambda's maximum.
+    #[error("guest memory of {mib} MiB is too large: the maximum is {MAX_MEM_MIB} MiB (10 GiB)")]
+    MemoryTooLarge {
+        /// What was asked for.
+        mib: u64,
+    },
+    /// Zero vCPUs.
+    #[error("a machine needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than the host has cores.
+    #[error("{requested} vCPUs requested but this host has {host} online CPUs; use 1 to {host}")]
+    TooManyVcpus {
+        /// What was asked for.
+        requested: u64,
+        /// Online host CPUs.
+        host: u64,
+    },
+    /// The command line does not fit the boot protocol's limit.
+    #[error("the kernel command line is {len} bytes; the limit is {max} bytes")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit, without the terminating NUL.
+        max: usize,
+    },
+    /// The command line has a NUL byte, which would end it early.
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineHasNul,
+}
+
+/// Number of CPUs the host has online.
+pub fn host_cpus() -> u64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1)
+}
+
+/// Checks a requested vCPU count against the host and returns it as the machine's type.
+pub fn validate_vcpus(requested: u64) -> Result<u8, ConfigError> {
+    let host = host_cpus();
+    if requested == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    if requested > host {
+        return Err(ConfigError::TooManyVcpus { requested, host });
+    }
+    u8::try_from(requested).map_err(|_| ConfigError::TooManyVcpus { requested, host })
+}
+
+/// Checks a requested memory size.
+pub fn validate_mem_mib(mib: u64) -> Result<u64, ConfigError> {
+    if mib < MIN_MEM_MIB {
+        return Err(ConfigError::MemoryTooSmall { mib });
+    }
+    if mib > MAX_MEM_MIB {
+        return Err(ConfigError::MemoryTooLarge { mib });
+    }
+    Ok(mib)
+}
+
+impl MachineConfig {
+    /// Checks every field; the VMM calls this before it creates anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_mem_mib(self.mem_mib)?;
+        validate_vcpus(u64::from(self.vcpus))?;
+        let max = crate::layout::CMDLINE_MAX_SIZE - 1;
+        if self.cmdline.len() > max {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max,
+            });
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineHasNul);
+        }
+        Ok(())
+    }
+
+    /// Guest memory size in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            mem_mib: 256,
+            vcpus: 1,
+            kernel: KernelSource::Path("/nonexistent".into()),
+            initrd: None,
+            cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn accepts_lambda_memory_range() {
+        assert_eq!(validate_mem_mib(MIN_MEM_MIB), Ok(MIN_MEM_MIB));
+        assert_eq!(validate_mem_mib(MAX_MEM_MIB), Ok(MAX_MEM_MIB));
+    }
+
+    #[test]
+    fn rejects_memory_outside_lambda_range() {
+        assert_eq!(
+            validate_mem_mib(127),
+            Err(ConfigError::MemoryTooSmall { mib: 127 })
+        );
+        assert_eq!(
+            validate_mem_mib(10 * 1024 + 1),
+            Err(ConfigError::MemoryTooLarge { mib: 10 * 1024 + 1 })
+        );
+    }
+
+    #[test]
+    fn rejects_zero_vcpus() {
+        assert_eq!(validate_vcpus(0), Err(ConfigError::NoVcpus));
+    }
+
+    #[test]
+    fn rejects_more_vcpus_than_host_cpus() {
+        let host = host_cpus();
+        assert_eq!(
+            validate_vcpus(host + 1),
+            Err(ConfigError::TooManyVcpus {
+                requested: host + 1,
+                host
+            })
+        );
+        assert_eq!(validate_vcpus(1), Ok(1));
+    }
+
+    #[test]
+    fn rejects_overlong_or_nul_cmdline() {
+        let mut c = config();
+        c.cmdline = "x".repeat(crate::layout::CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+        c.cmdline = "a\0b".into();
+        assert_eq!(c.validate(), Err(ConfigError::CmdlineHasNul));
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(c.validate(), Ok(()));
+    }
+}

@@ -1,0 +1,94 @@
+//! The two legacy devices that end a VM: the i8042 controller (whose reset line Linux pulls on
+//! `reboot` with `reboot=k`) and Thaw's debug-exit port (the guest writes its exit code).
+//!
+//! Debug-exit protocol: an 8-bit `out` of value N to port [`DEBUG_EXIT_PORT`] stops the VM and
+//! `thaw run` exits with status N. Wider writes use their low byte.
+
+use std::sync::Arc;
+
+use vm_superio::{I8042Device, Trigger};
+
+use super::bus::BusDevice;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// First port of the i8042 controller (data port; the command port is at +4).
+pub const I8042_BASE: u64 = 0x60;
+/// Ports the i8042 occupies.
+pub const I8042_LEN: u64 = 5;
+/// Thaw's debug-exit port (the same port QEMU's isa-debug-exit uses by default).
+pub const DEBUG_EXIT_PORT: u64 = 0x501;
+
+/// Turns the i8042's reset line into a machine exit.
+pub struct ResetTrigger(pub Arc<ExitSignal>);
+
+impl Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+/// The i8042 keyboard controller, as far as a VM needs one.
+pub struct I8042(pub I8042Device<ResetTrigger>);
+
+impl I8042 {
+    /// An i8042 whose reset stops the machine through `exit`.
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        Self(I8042Device::new(ResetTrigger(exit)))
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let [byte] = data {
+            *byte = self.0.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [byte] = data {
+            // The trigger is infallible; an unknown command is simply ignored by the device.
+            let _ = self.0.write(offset as u8, *byte);
+        }
+    }
+}
+
+/// The debug-exit port.
+pub struct DebugExit(pub Arc<ExitSignal>);
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if let Some(code) = data.first() {
+            self.0.request(ExitReason::GuestExit(*code));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i8042_reset_command_stops_machine() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut dev = I8042::new(exit.clone());
+        dev.write(4, &[0xfe]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn debug_exit_reports_guest_code() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut dev = DebugExit(exit.clone());
+        dev.write(0, &[42]);
+        assert_eq!(exit.reason(), Some(ExitReason::GuestExit(42)));
+    }
+}

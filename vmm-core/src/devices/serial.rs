@@ -1,0 +1,156 @@
+//! The 16550A UART on COM1 (port 0x3f8, IRQ 4): the guest's console. Output goes to any
+//! `Write` sink (stdout for `thaw run`, a buffer in tests); input is pushed in by the VMM's
+//! event loop, which stops reading its input while the guest's receive FIFO is full and resumes
+//! when the guest has drained it.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+
+/// COM1's first port.
+pub const COM1_BASE: u64 = 0x3f8;
+/// Ports a 16550 occupies.
+pub const COM1_LEN: u64 = 8;
+/// COM1's legacy IRQ line (and KVM GSI).
+pub const COM1_IRQ: u32 = 4;
+
+/// Where console output goes.
+pub type ConsoleOutput = Box<dyn Write + Send>;
+
+/// Raises the UART's interrupt through an eventfd registered with KVM as an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals the event loop that the guest emptied the receive FIFO, so input may flow again.
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // A failed write means the counter is saturated: the loop is already woken.
+        let _ = self.0.write(1);
+    }
+}
+
+/// COM1.
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, InputDrained, ConsoleOutput>,
+}
+
+impl SerialConsole {
+    /// A UART raising `irq` and writing to `output`.
+    pub fn new(irq: EventFd, output: ConsoleOutput) -> std::io::Result<Self> {
+        let drained = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        Ok(Self {
+            uart: Serial::with_events(IrqTrigger(irq), InputDrained(drained), output),
+        })
+    }
+
+    /// Free room in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues bytes the guest will read; returns how many fit.
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "serial input dropped");
+                0
+            }
+        }
+    }
+
+    /// The eventfd that fires when the guest has drained the receive FIFO.
+    pub fn input_drained_fd(&self) -> RawFd {
+        self.uart.events().0.as_raw_fd()
+    }
+
+    /// Consumes a pending "drained" notification.
+    pub fn clear_input_drained(&self) {
+        let _ = self.uart.events().0.read();
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let [byte] = data {
+            *byte = self.uart.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [byte] = data {
+            if let Err(e) = self.uart.write(offset as u8, *byte) {
+                tracing::warn!(error = %e, "serial console write failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_to_output_and_receives_input() {
+        let capture = Capture::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut com1 = SerialConsole::new(irq.try_clone().unwrap(), Box::new(capture.clone()))
+            .unwrap();
+        for b in b"hi" {
+            com1.write(0, &[*b]);
+        }
+        assert_eq!(&*capture.0.lock().unwrap(), b"hi");
+
+        com1.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(com1.push_input(b"ok"), 2);
+        assert!(irq.read().unwrap() > 0);
+        let mut byte = [0u8];
+        com1.read(5, &mut byte); // LSR: data ready
+        assert_eq!(byte[0] & 1, 1);
+        com1.read(0, &mut byte);
+        assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn full_fifo_accepts_no_more_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut com1 = SerialConsole::new(irq, Box::new(std::io::sink())).unwrap();
+        let cap = com1.input_capacity();
+        assert_eq!(com1.push_input(&vec![b'a'; cap + 10]), cap);
+        assert_eq!(com1.input_capacity(), 0);
+        assert_eq!(com1.push_input(b"b"), 0);
+    }
+}

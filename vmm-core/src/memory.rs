@@ -1,0 +1,178 @@
+//! Guest RAM: anonymous, `MAP_NORESERVE` mappings laid out around the 32-bit MMIO gap, and their
+//! registration as KVM memory slots.
+//!
+//! `MAP_NORESERVE` matters: a 10 GiB guest costs nothing until it touches its pages, which is
+//! what lets a restore page memory in lazily later.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
+
+/// The guest's physical memory as this process maps it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Guest memory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused the mapping.
+    #[error("cannot map {size} bytes of guest memory at guest address {start:#x}")]
+    Map {
+        /// Guest-physical start of the region.
+        start: u64,
+        /// Its size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The regions overlap or are out of order (a bug in the layout).
+    #[error("invalid guest memory layout")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// A region does not fit a KVM slot's bounds.
+    #[error("guest memory region at {start:#x} is not addressable by this host")]
+    RegionTooLarge {
+        /// Guest-physical start of the region.
+        start: u64,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM refused memory slot {slot} (guest {start:#x}, {size} bytes)")]
+    KvmSlot {
+        /// The slot.
+        slot: u32,
+        /// Guest-physical start.
+        start: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The guest-physical RAM ranges for a guest with `mem_bytes` of memory: everything below the
+/// MMIO gap first, the rest from 4 GiB up.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    let low = mem_bytes.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if mem_bytes > low {
+        ranges.push((GuestAddress(FIRST_ADDR_PAST_32BITS), mem_bytes - low));
+    }
+    ranges
+}
+
+/// Maps anonymous, private, unreserved memory for every RAM range.
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
+    for (start, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
+            start: start.raw_value(),
+        })?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map {
+                start: start.raw_value(),
+                size,
+                source,
+            })?;
+        let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
+            start: start.raw_value(),
+        })?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
+}
+
+/// Hands every region of `memory` to KVM as a memory slot, numbered in address order.
+pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let start = region.start_addr().raw_value();
+        let size = region.len();
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::RegionTooLarge { start })?;
+        let slot = u32::try_from(slot).map_err(|_| MemoryError::RegionTooLarge { start })?;
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [host, host + size) is a live mapping owned by `memory`, and the
+        // caller keeps `memory` alive for as long as `vm` exists (the machine owns both and drops
+        // the VM first), so KVM never sees a dangling mapping.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| {
+            MemoryError::KvmSlot {
+                slot,
+                start,
+                size,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Total bytes of RAM in `memory`.
+pub fn total_bytes(memory: &GuestMemory) -> u64 {
+    memory.iter().map(|r| r.len()).sum()
+}
+
+/// The end (exclusive) of RAM below the MMIO gap.
+pub fn low_ram_end(memory: &GuestMemory) -> u64 {
+    memory
+        .iter()
+        .filter(|r| r.start_addr().raw_value() < MMIO_GAP_START)
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether `[start, start + len)` is entirely RAM.
+pub fn is_ram(memory: &GuestMemory, start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    memory.iter().any(|r| {
+        let r_start = r.start_addr().raw_value();
+        start >= r_start && end <= r_start + r.len()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_low_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_splits_around_mmio_gap() {
+        let ten_gib = 10u64 << 30;
+        let ranges = ram_ranges(ten_gib);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(ranges[1].0, GuestAddress(FIRST_ADDR_PAST_32BITS));
+        assert_eq!(ranges[0].1 + ranges[1].1, ten_gib);
+    }
+
+    #[test]
+    fn ten_gib_guest_maps_without_reserving() {
+        let mem = create_guest_memory(10 << 30).unwrap();
+        assert_eq!(total_bytes(&mem), 10 << 30);
+        assert_eq!(low_ram_end(&mem), MMIO_GAP_START);
+        assert!(is_ram(&mem, 0, 4096));
+        assert!(!is_ram(&mem, MMIO_GAP_START, 1));
+        assert!(is_ram(&mem, FIRST_ADDR_PAST_32BITS, 4096));
+        assert!(!is_ram(&mem, u64::MAX, 2));
+    }
+}

@@ -1,0 +1,626 @@
+//! The guest's CPL0 side, kept as small as possible because on PVM every CPL0 instruction is
+//! emulated: static page tables (built at compile time, user-accessible), a GDT with user
+//! segments and one TSS per CPU, an IDT for the rare traps, the entry points (the boot CPU's
+//! 64-bit entry and the application processors' real-mode trampoline), and the drop to CPL3
+//! with IOPL=3.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::AtomicU32;
+
+/// Most CPUs the guest can run.
+pub const MAX_CPUS: usize = 64;
+/// Where the linker script puts the page tables (`PAGE_TABLES_BASE` in link.ld).
+pub const PAGE_TABLES_BASE: u64 = 0x20_0000;
+/// Where the AP trampoline is copied; the SIPI vector is its page number.
+pub const TRAMPOLINE_BASE: u64 = 0x1_0000;
+/// Guest-physical memory identity-mapped (and user-accessible), in GiB.
+const MAPPED_GIB: usize = 16;
+
+const KERNEL_STACK_SIZE: usize = 16 * 1024;
+const USER_STACK_SIZE: usize = 64 * 1024;
+
+// Selectors as Linux lays them out on x86_64; PVM expects Linux's user selectors in user mode.
+const KERNEL_CS: u16 = 0x10;
+const KERNEL_DS: u16 = 0x18;
+const USER32_CS: u16 = 0x20 | 3;
+const USER_DS: u16 = 0x28 | 3;
+const USER_CS: u16 = 0x30 | 3;
+const FIRST_TSS_SLOT: usize = 8;
+const FIRST_TSS_SELECTOR: u16 = (FIRST_TSS_SLOT * 8) as u16;
+/// GDT slots: the segments above, then a 16-byte TSS descriptor (two slots) per CPU.
+const GDT_SLOTS: usize = FIRST_TSS_SLOT + 2 * MAX_CPUS;
+
+
+/// RFLAGS for CPL3: IOPL=3 (port I/O allowed), bit 1 (reserved, set), interrupts off.
+const USER_RFLAGS: u64 = (3 << 12) | 0x2;
+
+/// Syscall numbers (see [`syscall`]).
+pub const SYS_HALT_FOREVER: u64 = 1;
+
+/// Memory the hardware or several CPUs write outside Rust's view.
+#[repr(transparent)]
+pub struct Shared<T>(UnsafeCell<T>);
+
+// SAFETY: every access goes through raw pointers with the discipline documented at each use
+// (one writer at a time: the owning CPU, or the BSP before other CPUs start).
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    const fn new(v: T) -> Self {
+        Self(UnsafeCell::new(v))
+    }
+
+    /// A raw pointer to the contents.
+    pub fn get(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+// ----- page tables -------------------------------------------------------------------------
+
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+const PTE_HUGE: u64 = 1 << 7;
+const PTE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+
+/// PML4, one PDPT and `MAPPED_GIB` page directories of 2 MiB pages, every level user-accessible.
+#[repr(C, align(4096))]
+pub struct PageTables {
+    pml4: [u64; 512],
+    pdpt: [u64; 512],
+    pd: [[u64; 512]; MAPPED_GIB],
+}
+
+impl PageTables {
+    const fn identity() -> Self {
+        let mut t = PageTables {
+            pml4: [0; 512],
+            pdpt: [0; 512],
+            pd: [[0; 512]; MAPPED_GIB],
+        };
+        let pdpt_addr = PAGE_TABLES_BASE + 4096;
+        let pd_addr = PAGE_TABLES_BASE + 2 * 4096;
+        t.pml4[0] = pdpt_addr | PTE_FLAGS;
+        let mut gib = 0;
+        while gib < MAPPED_GIB {
+            t.pdpt[gib] = (pd_addr + gib as u64 * 4096) | PTE_FLAGS;
+            let mut i = 0;
+            while i < 512 {
+                let addr = ((gib as u64) << 30) | ((i as u64) << 21);
+                t.pd[gib][i] = addr | PTE_FLAGS | PTE_HUGE;
+                i += 1;
+            }
+            gib += 1;
+        }
+        t
+    }
+}
+
+/// The page tables, placed at `PAGE_TABLES_BASE` by the linker script. The CPU writes their
+/// accessed/dirty bits, hence `Shared`.
+#[unsafe(link_section = ".pagetables")]
+#[unsafe(no_mangle)]
+pub static PAGE_TABLES: Shared<PageTables> = Shared::new(PageTables::identity());
+
+// ----- GDT, TSS, IDT -----------------------------------------------------------------------
+
+/// Ports covered by the TSS I/O permission bitmap (COM1 at 0x3f8 and debug-exit at 0x501 are
+/// below this; ports above it are denied).
+const IO_BITMAP_PORTS: usize = 8192;
+
+/// A 64-bit task-state segment: `rsp0` (the stack for traps from CPL3) and an I/O permission
+/// bitmap that allows every port it covers.
+///
+/// IOPL=3 alone would do on hardware KVM, but PVM does not keep the IOPL an `iretq` to CPL3
+/// asks for; it traps user-mode port I/O into KVM's instruction emulator, which then consults
+/// this bitmap, as a CPU does when IOPL < CPL.
+#[repr(C, packed)]
+pub struct Tss {
+    _reserved0: u32,
+    rsp0: u64,
+    _rsp1_2: [u64; 2],
+    _reserved1: u64,
+    _ist: [u64; 7],
+    _reserved2: u64,
+    _reserved3: u16,
+    iomap_base: u16,
+    io_bitmap: [u8; IO_BITMAP_PORTS / 8],
+    /// The CPU reads two bitmap bytes per check; the byte past the bitmap must be all ones.
+    io_bitmap_end: u8,
+}
+
+const TSS_HEADER_SIZE: usize = 104;
+const TSS_SIZE: usize = core::mem::size_of::<Tss>();
+
+const EMPTY_TSS: Tss = Tss {
+    _reserved0: 0,
+    rsp0: 0,
+    _rsp1_2: [0; 2],
+    _reserved1: 0,
+    _ist: [0; 7],
+    _reserved2: 0,
+    _reserved3: 0,
+    iomap_base: TSS_HEADER_SIZE as u16,
+    io_bitmap: [0; IO_BITMAP_PORTS / 8],
+    io_bitmap_end: 0xff,
+};
+
+static TSS: Shared<[Tss; MAX_CPUS]> = Shared::new([EMPTY_TSS; MAX_CPUS]);
+
+static GDT: Shared<[u64; GDT_SLOTS]> = Shared::new({
+    let mut gdt = [0u64; GDT_SLOTS];
+    gdt[1] = 0x00cf_9a00_0000_ffff; // kernel code, 32-bit (unused)
+    gdt[(KERNEL_CS / 8) as usize] = 0x00af_9a00_0000_ffff; // kernel code, 64-bit
+    gdt[(KERNEL_DS / 8) as usize] = 0x00cf_9200_0000_ffff; // kernel data
+    gdt[(USER32_CS / 8) as usize] = 0x00cf_fa00_0000_ffff; // user code, 32-bit (unused)
+    gdt[(USER_DS / 8) as usize] = 0x00cf_f200_0000_ffff; // user data, DPL3
+    gdt[(USER_CS / 8) as usize] = 0x00af_fa00_0000_ffff; // user code, 64-bit, DPL3
+    gdt
+});
+
+/// One IDT gate.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    _reserved: u32,
+}
+
+const EMPTY_GATE: Gate = Gate {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    _reserved: 0,
+};
+
+static IDT: Shared<[Gate; 256]> = Shared::new([EMPTY_GATE; 256]);
+
+#[repr(C, packed)]
+struct TablePointer {
+    limit: u16,
+    base: u64,
+}
+
+/// Stacks, one per CPU, for CPL0 (traps) and CPL3 (everything else).
+#[repr(C, align(4096))]
+struct Stacks<const N: usize>([[u8; N]; MAX_CPUS]);
+
+#[unsafe(no_mangle)]
+static KERNEL_STACKS: Shared<Stacks<KERNEL_STACK_SIZE>> =
+    Shared::new(Stacks([[0; KERNEL_STACK_SIZE]; MAX_CPUS]));
+static USER_STACKS: Shared<Stacks<USER_STACK_SIZE>> =
+    Shared::new(Stacks([[0; USER_STACK_SIZE]; MAX_CPUS]));
+
+/// Index the next application processor takes (the BSP is CPU 0).
+#[unsafe(no_mangle)]
+static NEXT_CPU: AtomicU32 = AtomicU32::new(1);
+
+fn kernel_stack_top(cpu: usize) -> u64 {
+    KERNEL_STACKS.get() as u64 + ((cpu + 1) * KERNEL_STACK_SIZE) as u64
+}
+
+fn user_stack_top(cpu: usize) -> u64 {
+    USER_STACKS.get() as u64 + ((cpu + 1) * USER_STACK_SIZE) as u64
+}
+
+// ----- entry points --------------------------------------------------------------------------
+
+core::arch::global_asm!(
+    // The boot CPU, entered by the VMM in 64-bit mode at CPL0 with rsi = boot_params.
+    ".section .text.boot, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    cli",
+    "    lea rsp, [rip + KERNEL_STACKS + {kstack}]",
+    "    mov rdi, rsi",
+    "    call {bsp_kernel_main}",
+    "    ud2",
+    // An application processor, arriving from the trampoline in 64-bit mode.
+    ".text",
+    ".global ap_entry64",
+    "ap_entry64:",
+    "    mov eax, 1",
+    "    lock xadd dword ptr [rip + NEXT_CPU], eax",
+    "    cmp eax, {max_cpus}",
+    "    jae 2f",
+    "    lea rsp, [rip + KERNEL_STACKS]",
+    "    lea ecx, [eax + 1]",
+    "    imul rcx, rcx, {kstack}",
+    "    add rsp, rcx",
+    "    mov edi, eax",
+    "    call {ap_kernel_main}",
+    "2:  cli",
+    "    hlt",
+    "    jmp 2b",
+    kstack = const KERNEL_STACK_SIZE,
+    max_cpus = const MAX_CPUS,
+    bsp_kernel_main = sym bsp_kernel_main,
+    ap_kernel_main = sym ap_kernel_main,
+);
+
+// The AP trampoline: copied to TRAMPOLINE_BASE and started by a SIPI in real mode with
+// CS = TRAMPOLINE_BASE >> 4, IP = 0. It switches straight to long mode (PAE, LME, then PE and PG
+// together) with the guest's own page tables and a three-entry GDT of its own, then jumps to
+// `ap_entry64` in the image.
+core::arch::global_asm!(
+    ".section .text.trampoline, \"ax\"",
+    ".global ap_trampoline_start",
+    ".global ap_trampoline_end",
+    ".code16",
+    "ap_trampoline_start:",
+    "    cli",
+    "    cld",
+    "    mov ax, cs",
+    "    mov ds, ax",
+    // lgdt [disp16]: the assembler cannot take a symbol difference as a 16-bit displacement.
+    "    .byte 0x0f, 0x01, 0x16",
+    "    .word tramp_gdtr - ap_trampoline_start",
+    "    mov eax, cr4",
+    "    or eax, 0x20",                // PAE
+    "    mov cr4, eax",
+    "    mov eax, {page_tables}",
+    "    mov cr3, eax",
+    "    mov ecx, 0xc0000080",         // EFER
+    "    rdmsr",
+    "    or eax, 0x100",               // LME
+    "    wrmsr",
+    "    mov eax, cr0",
+    "    or eax, 0x80000001",          // PG | PE
+    "    mov cr0, eax",
+    // ljmp 0x08:tramp64 with a 32-bit offset (operand-size prefix in 16-bit code).
+    "    .byte 0x66, 0xea",
+    "    .long {base} + (tramp64 - ap_trampoline_start)",
+    "    .word 0x08",
+    ".code64",
+    "tramp64:",
+    "    mov ax, 0x10",
+    "    mov ds, ax",
+    "    mov es, ax",
+    "    mov ss, ax",
+    "    movabs rax, offset ap_entry64",
+    "    jmp rax",
+    ".balign 8",
+    "tramp_gdt:",
+    "    .quad 0",
+    "    .quad 0x00af9a000000ffff",
+    "    .quad 0x00cf92000000ffff",
+    "tramp_gdtr:",
+    "    .word 23",
+    "    .long {base} + (tramp_gdt - ap_trampoline_start)",
+    "ap_trampoline_end:",
+    ".text",
+    base = const TRAMPOLINE_BASE,
+    page_tables = const PAGE_TABLES_BASE,
+);
+
+unsafe extern "C" {
+    static ap_trampoline_start: u8;
+    static ap_trampoline_end: u8;
+}
+
+/// The trampoline's code, to be copied to `TRAMPOLINE_BASE`.
+pub fn trampoline() -> &'static [u8] {
+    // SAFETY: both symbols bound one contiguous, read-only range of the image's text.
+    unsafe {
+        let start = &raw const ap_trampoline_start;
+        let end = &raw const ap_trampoline_end;
+        core::slice::from_raw_parts(start, end as usize - start as usize)
+    }
+}
+
+/// Boot CPU at CPL0: set up, then continue at CPL3 in `crate::bsp_main(boot_params)`.
+extern "C" fn bsp_kernel_main(boot_params: u64) -> ! {
+    // SAFETY: runs once, on CPU 0, before any other CPU exists.
+    unsafe {
+        cpu_init(0);
+        enter_user(crate::bsp_main as *const () as u64, boot_params, user_stack_top(0))
+    }
+}
+
+/// An application processor at CPL0: set up, then continue at CPL3 in `crate::ap_main(cpu)`.
+extern "C" fn ap_kernel_main(cpu: u32) -> ! {
+    let cpu = cpu as usize;
+    // SAFETY: `cpu` is unique to this processor (from NEXT_CPU) and below MAX_CPUS.
+    unsafe {
+        cpu_init(cpu);
+        enter_user(crate::ap_main as *const () as u64, cpu as u64, user_stack_top(cpu))
+    }
+}
+
+/// Loads this CPU's control registers, GDT, TSS and IDT.
+///
+/// # Safety
+/// Must run at CPL0 on CPU `cpu`, once, with `cpu < MAX_CPUS` unique to this processor.
+unsafe fn cpu_init(cpu: usize) {
+    // SAFETY: (whole block) CPL0 with interrupts off; the tables are statics that live forever;
+    // CPU `cpu` alone writes its TSS and its two GDT slots.
+    unsafe {
+        core::arch::asm!("mov cr3, {}", in(reg) PAGE_TABLES_BASE, options(nostack));
+        let mut cr0: u64;
+        core::arch::asm!("mov {}, cr0", out(reg) cr0, options(nostack, nomem));
+        cr0 |= (1 << 1) | (1 << 5) | (1 << 16); // MP, NE, WP
+        cr0 &= !((1 << 2) | (1 << 3)); // EM, TS: let SSE run
+        core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, nomem));
+        let mut cr4: u64;
+        core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nostack, nomem));
+        cr4 |= (1 << 9) | (1 << 10); // OSFXSR, OSXMMEXCPT
+        core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nostack, nomem));
+
+        let tss = &raw mut (*TSS.get())[cpu];
+        (*tss).rsp0 = kernel_stack_top(cpu);
+        let base = tss as u64;
+        let limit = (TSS_SIZE - 1) as u64;
+        let gdt = GDT.get();
+        let slot = FIRST_TSS_SLOT + 2 * cpu;
+        (*gdt)[slot] = (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | (0x89 << 40) // present, DPL0, available 64-bit TSS
+            | ((base >> 24 & 0xff) << 56);
+        (*gdt)[slot + 1] = base >> 32;
+
+        let gdtr = TablePointer {
+            limit: (core::mem::size_of::<[u64; GDT_SLOTS]>() - 1) as u16,
+            base: gdt as u64,
+        };
+        let idtr = TablePointer {
+            limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+            base: IDT.get() as u64,
+        };
+        core::arch::asm!(
+            "lgdt [{gdtr}]",
+            "push {kcs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ss, {kds:x}",
+            "xor {tmp:e}, {tmp:e}",
+            "mov ds, {tmp:x}",
+            "mov es, {tmp:x}",
+            "mov fs, {tmp:x}",
+            "mov gs, {tmp:x}",
+            "ltr {tss:x}",
+            "lidt [{idtr}]",
+            gdtr = in(reg) &raw const gdtr,
+            idtr = in(reg) &raw const idtr,
+            kcs = const KERNEL_CS as u64,
+            kds = in(reg) u64::from(KERNEL_DS),
+            tss = in(reg) u64::from(FIRST_TSS_SELECTOR) + 16 * cpu as u64,
+            tmp = out(reg) _,
+        );
+    }
+}
+
+/// Leaves CPL0 for good: `iretq` to `entry(arg)` at CPL3 on `stack_top`, with IOPL=3.
+///
+/// # Safety
+/// `entry` must be an `extern "C" fn(u64) -> !` and `stack_top` the top of a free stack.
+unsafe fn enter_user(entry: u64, arg: u64, stack_top: u64) -> ! {
+    // SAFETY: builds a valid iretq frame for a 64-bit CPL3 code segment and a user stack; the
+    // function entered never returns. The stack is offset by 8 as if a call had pushed a return
+    // address, which is what the ABI expects at function entry.
+    unsafe {
+        core::arch::asm!(
+            "push {uds}",
+            "push {rsp3}",
+            "push {rflags}",
+            "push {ucs}",
+            "push {rip}",
+            "iretq",
+            uds = in(reg) u64::from(USER_DS),
+            rsp3 = in(reg) stack_top - 8,
+            rflags = in(reg) USER_RFLAGS,
+            ucs = in(reg) u64::from(USER_CS),
+            rip = in(reg) entry,
+            in("rdi") arg,
+            options(noreturn),
+        )
+    }
+}
+
+// ----- traps ---------------------------------------------------------------------------------
+
+/// What the trap stubs push, lowest address first.
+#[repr(C)]
+pub struct TrapFrame {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub vector: u64,
+    pub error: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+// Vectors 0-31 are CPU exceptions; those marked `err` push an error code themselves.
+// Vector 255 stands for any unexpected interrupt.
+core::arch::global_asm!(
+    ".macro TRAP vector, has_error",
+    ".global trap_\\vector",
+    "trap_\\vector:",
+    ".if \\has_error == 0",
+    "    push 0",
+    ".endif",
+    "    push \\vector",
+    "    jmp trap_common",
+    ".endm",
+    "TRAP 0,0", "TRAP 1,0", "TRAP 2,0", "TRAP 3,0", "TRAP 4,0", "TRAP 5,0", "TRAP 6,0",
+    "TRAP 7,0", "TRAP 8,1", "TRAP 9,0", "TRAP 10,1", "TRAP 11,1", "TRAP 12,1", "TRAP 13,1",
+    "TRAP 14,1", "TRAP 15,0", "TRAP 16,0", "TRAP 17,1", "TRAP 18,0", "TRAP 19,0", "TRAP 20,0",
+    "TRAP 21,1", "TRAP 22,0", "TRAP 23,0", "TRAP 24,0", "TRAP 25,0", "TRAP 26,0", "TRAP 27,0",
+    "TRAP 28,0", "TRAP 29,1", "TRAP 30,1", "TRAP 31,0", "TRAP 255,0",
+    ".balign 8",
+    ".global trap_table",
+    "trap_table:",
+    ".irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "    .quad trap_\\v",
+    ".endr",
+    // Saves the registers as a `TrapFrame`, calls the handler, and returns to the trapped code
+    // if the handler returns (it only does for syscalls).
+    "trap_common:",
+    "    push r15", "push r14", "push r13", "push r12", "push r11", "push r10",
+    "    push r9", "push r8", "push rbp", "push rdi", "push rsi", "push rdx",
+    "    push rcx", "push rbx", "push rax",
+    "    mov rdi, rsp",
+    "    mov rbx, rsp",
+    "    and rsp, -16",
+    "    call {handler}",
+    "    mov rsp, rbx",
+    "    pop rax", "pop rbx", "pop rcx", "pop rdx", "pop rsi", "pop rdi", "pop rbp",
+    "    pop r8", "pop r9", "pop r10", "pop r11", "pop r12", "pop r13", "pop r14", "pop r15",
+    "    add rsp, 16",
+    "    iretq",
+    // The user side of a syscall: `extern "C" fn(number, arg) -> u64`. The `ud2` traps to CPL0,
+    // where `trap_handler` recognizes its address. (On PVM, `int N` at CPL3 raises #UD anyway
+    // and `syscall` does not reliably switch to CPL0, but exceptions are delivered faithfully.)
+    ".global user_syscall",
+    "user_syscall:",
+    "    mov rax, rdi",
+    "    mov rdi, rsi",
+    ".global user_syscall_trap",
+    "user_syscall_trap:",
+    "    ud2",
+    "    ret",
+    handler = sym trap_handler,
+);
+
+unsafe extern "C" {
+    static trap_table: [u64; 32];
+    fn trap_255();
+    fn user_syscall(number: u64, arg: u64) -> u64;
+    fn user_syscall_trap();
+}
+
+fn gate(handler: u64) -> Gate {
+    Gate {
+        offset_low: handler as u16,
+        selector: KERNEL_CS,
+        ist: 0,
+        type_attr: 0x8e, // present, DPL0, 64-bit interrupt gate
+        offset_mid: (handler >> 16) as u16,
+        offset_high: (handler >> 32) as u32,
+        _reserved: 0,
+    }
+}
+
+/// Fills the IDT. Runs at CPL3 (all memory is user-accessible) so it costs nothing on PVM;
+/// `cpu_init` has already pointed IDTR at it.
+pub fn fill_idt() {
+    let idt = IDT.get();
+    for vector in 0..256 {
+        // SAFETY: `trap_table` holds 32 stub addresses; the other stubs are plain symbols.
+        let handler = unsafe {
+            match vector {
+                0..32 => trap_table[vector],
+                _ => trap_255 as *const () as u64,
+            }
+        };
+        // SAFETY: only the BSP writes the IDT, before any other CPU starts and before traps
+        // are expected.
+        unsafe { (*idt)[vector] = gate(handler) };
+    }
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "divide error",
+        1 => "debug",
+        2 => "NMI",
+        3 => "breakpoint",
+        4 => "overflow",
+        5 => "bound range",
+        6 => "invalid opcode",
+        7 => "device not available",
+        8 => "double fault",
+        10 => "invalid TSS",
+        11 => "segment not present",
+        12 => "stack fault",
+        13 => "general protection",
+        14 => "page fault",
+        16 => "x87 floating point",
+        17 => "alignment check",
+        18 => "machine check",
+        19 => "SIMD floating point",
+        255 => "unexpected interrupt",
+        _ => "reserved exception",
+    }
+}
+
+/// Guest exit status for a CPU exception.
+pub const EXIT_EXCEPTION: u8 = 3;
+
+const VECTOR_INVALID_OPCODE: u64 = 6;
+
+extern "C" fn trap_handler(frame: &mut TrapFrame) {
+    if frame.vector == VECTOR_INVALID_OPCODE && frame.rip == user_syscall_trap as *const () as u64
+    {
+        frame.rax = syscall_handler(frame.rax, frame.rdi);
+        frame.rip += 2; // past the ud2
+        return;
+    }
+    let cr2: u64;
+    // SAFETY: reading CR2 at CPL0 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nostack, nomem)) };
+    crate::println!(
+        "thaw-test-guest: CPU exception: {} (vector {}) error {:#x} at rip {:#x} cs {:#x} \
+         rsp {:#x} cr2 {:#x}",
+        exception_name(frame.vector),
+        frame.vector,
+        frame.error,
+        frame.rip,
+        frame.cs,
+        frame.rsp,
+        cr2
+    );
+    crate::io::exit(EXIT_EXCEPTION)
+}
+
+fn syscall_handler(number: u64, _arg: u64) -> u64 {
+    match number {
+        SYS_HALT_FOREVER => loop {
+            // SAFETY: CPL0; with interrupts off this CPU sleeps until the VMM stops the VM.
+            unsafe { core::arch::asm!("cli", "hlt", options(nostack, nomem)) };
+        },
+        _ => u64::MAX,
+    }
+}
+
+/// Asks CPL0 to perform `number` with `arg`; returns its result (`u64::MAX` if unknown).
+pub fn syscall(number: u64, arg: u64) -> u64 {
+    // SAFETY: `user_syscall` is an ordinary C-ABI function whose trap returns right after the
+    // `ud2` with rax set; the trap switches to the CPU's kernel stack, so the user stack is
+    // untouched.
+    unsafe { user_syscall(number, arg) }
+}
+
+/// The current privilege level, from CS.
+pub fn current_privilege_level() -> u8 {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { core::arch::asm!("mov {:x}, cs", out(reg) cs, options(nostack, nomem)) };
+    (cs & 3) as u8
+}

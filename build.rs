@@ -12,7 +12,14 @@ fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env("OUT_DIR"));
     let guest_dir = manifest_dir.join("hooks-sdk").join("test-guest");
-    for input in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld", ".cargo"] {
+    for input in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "link.ld",
+        ".cargo",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(input).display());
     }
 

@@ -1,1 +1,242 @@
-fn main() {}
+//! `thaw`: boot microVMs on KVM and (with later commands) snapshot and restore them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use thaw::run::RunOptions;
+
+/// Thaw: SnapStart-style snapshot and restore for KVM microVMs.
+#[derive(Parser)]
+#[command(name = "thaw", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel, or the built-in test guest, with its serial console on this terminal.
+    ///
+    /// Without --kernel, boots Thaw's test guest: it prints a banner from CPL3, starts every
+    /// vCPU and exits. With --kernel, boots an ELF vmlinux or a bzImage the way Firecracker does
+    /// (64-bit entry, zero page in rsi). The command exits with the guest's exit status: the
+    /// value written to the debug-exit port 0x501, 0 when the guest resets or powers off, 125
+    /// when a vCPU triple-faults and 126 when a vCPU fails.
+    Run {
+        /// Kernel image: ELF vmlinux or bzImage. Omit to boot the built-in test guest.
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Initramfs (cpio, optionally compressed) loaded at the top of low memory.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off
+        /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"; empty for the test guest].
+        #[arg(long, value_name = "STR")]
+        cmdline: Option<String>,
+        /// Guest memory in MiB (128 to 10240, as AWS Lambda allows).
+        #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_mem_mib)]
+        mem_mib: u64,
+        /// Number of vCPUs (1 to this host's online CPUs).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+        vcpus: u8,
+    },
+    /// Fetch and cache Debian's cloud kernel (linux-image-cloud-amd64) with apt.
+    Kernel {
+        #[command(subcommand)]
+        command: KernelCommand,
+    },
+    /// Build initramfs archives for Linux guests.
+    Initramfs {
+        #[command(subcommand)]
+        command: InitramfsCommand,
+    },
+    /// Report what this host offers Thaw: KVM (hardware or PVM), userfaultfd, and what that
+    /// means for running guests here. Exits non-zero if KVM is unusable.
+    HostCheck {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelCommand {
+    /// Resolve linux-image-cloud-amd64 with apt, download and unpack it into the cache (once
+    /// per version), and print where its bzImage and modules are. Runs `apt-get update` first
+    /// if the package lists are missing and this runs as root.
+    Fetch {
+        /// Cache directory [default: $THAW_CACHE_DIR, else $XDG_CACHE_HOME/thaw, else
+        /// ~/.cache/thaw].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum InitramfsCommand {
+    /// Write a cpio (newc) archive with /dev/console, the usual mount points, an /init, extra
+    /// files and kernel modules, compressed with zstd (default), gzip or nothing.
+    Build {
+        /// Where to write the archive (atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Program to run as PID 1 (/init in the archive).
+        #[arg(long, value_name = "HOST_PATH")]
+        init: Option<PathBuf>,
+        /// Extra file: HOST:GUEST[:MODE], MODE in octal (default: the host file's mode).
+        #[arg(long = "file", value_name = "HOST:GUEST[:MODE]", value_parser = parse_file_spec)]
+        files: Vec<thaw::guest_image::FileSpec>,
+        /// Add the kernel modules a Thaw guest needs (virtio, virtio_ring, virtio_mmio, vsock,
+        /// vmw_vsock_virtio_transport_common, vmw_vsock_virtio_transport) and their
+        /// dependencies, from Debian's cloud kernel (fetched with apt if not cached).
+        #[arg(long)]
+        guest_modules: bool,
+        /// Add another kernel module (and its dependencies) by name; repeatable.
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
+        /// Compression: zstd, gzip or none.
+        #[arg(long, value_name = "KIND", default_value = "zstd")]
+        compress: thaw::guest_image::Compression,
+        /// Kernel cache directory (see `thaw kernel fetch`).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+fn parse_file_spec(s: &str) -> Result<thaw::guest_image::FileSpec, String> {
+    thaw::guest_image::parse_file_spec(s).map_err(|e| e.to_string())
+}
+
+fn parse_mem_mib(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    vmm_core::config::validate_mem_mib(mib).map_err(|e| e.to_string())
+}
+
+fn parse_vcpus(s: &str) -> Result<u8, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    vmm_core::config::validate_vcpus(n).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("THAW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("thaw: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn fetch_kernel(cache_dir: Option<PathBuf>) -> anyhow::Result<thaw::guest_image::DebianKernel> {
+    let cache_dir = match cache_dir {
+        Some(dir) => dir,
+        None => thaw::guest_image::default_cache_dir()?,
+    };
+    thaw::guest_image::fetch(&cache_dir).context("cannot fetch Debian's cloud kernel")
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            kernel,
+            initrd,
+            cmdline,
+            mem_mib,
+            vcpus,
+        } => {
+            let options = RunOptions {
+                kernel,
+                initrd,
+                cmdline,
+                mem_mib,
+                vcpus,
+            };
+            let reason = thaw::run::run(&options).context("cannot run the guest")?;
+            match reason.exit_code() {
+                0 => tracing::info!(%reason, "guest finished"),
+                _ => eprintln!("thaw: {reason}"),
+            }
+            Ok(ExitCode::from(reason.exit_code().clamp(0, 255) as u8))
+        }
+        Command::Kernel {
+            command: KernelCommand::Fetch { cache_dir },
+        } => {
+            let kernel = fetch_kernel(cache_dir)?;
+            println!("package:     {} {}", kernel.package, kernel.package_version);
+            println!("release:     {}", kernel.release);
+            println!("bzImage:     {}", kernel.bzimage.display());
+            println!("modules:     {}", kernel.modules_dir.display());
+            if let Some(config) = &kernel.config {
+                println!("config:      {}", config.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Initramfs {
+            command:
+                InitramfsCommand::Build {
+                    out,
+                    init,
+                    files,
+                    guest_modules,
+                    modules,
+                    compress,
+                    cache_dir,
+                },
+        } => {
+            use thaw::guest_image::{GUEST_MODULES, INIT_PATH, InitramfsBuilder};
+            let mut builder = InitramfsBuilder::new();
+            builder.add_base_layout()?;
+            if let Some(init) = init {
+                builder.add_file_from_host(&init, INIT_PATH, 0o755)?;
+            }
+            for spec in &files {
+                builder.add_file_spec(spec)?;
+            }
+            let mut names: Vec<&str> = modules.iter().map(String::as_str).collect();
+            if guest_modules {
+                names.extend_from_slice(GUEST_MODULES);
+            }
+            if !names.is_empty() {
+                let kernel = fetch_kernel(cache_dir)?;
+                let added = builder.add_kernel_modules(&kernel, &names)?;
+                eprintln!(
+                    "added {} modules from {} ({} built in)",
+                    added.modules.len(),
+                    added.release,
+                    added.builtin.len()
+                );
+            }
+            builder.write_to(&out, compress)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HostCheck { json } => {
+            let report = thaw::host_check::check();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(if report.usable() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

@@ -239,10 +239,18 @@ fn create_devices(
     };
     pio.insert(COM1_BASE, COM1_LEN, serial.clone())
         .map_err(conflict)?;
-    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(exit.clone()))))
-        .map_err(conflict)?;
-    pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit(exit.clone()))))
-        .map_err(conflict)?;
+    pio.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )
+    .map_err(conflict)?;
+    pio.insert(
+        DEBUG_EXIT_PORT,
+        1,
+        Arc::new(Mutex::new(DebugExit(exit.clone()))),
+    )
+    .map_err(conflict)?;
     let buses = Buses {
         pio,
         mmio: Bus::new(),

@@ -7,9 +7,7 @@
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 

@@ -114,8 +114,18 @@ pub fn write_boot_tables(mem: &GuestMemory) -> Result<(), TableWriteError> {
         write(mem, "GDT", BOOT_GDT_START + 8 * i as u64, *entry)?;
     }
     write(mem, "IDT", BOOT_IDT_START, 0)?;
-    write(mem, "PML4", PML4_START, PDPTE_START | PTE_PRESENT | PTE_WRITABLE)?;
-    write(mem, "PDPT", PDPTE_START, PDE_START | PTE_PRESENT | PTE_WRITABLE)?;
+    write(
+        mem,
+        "PML4",
+        PML4_START,
+        PDPTE_START | PTE_PRESENT | PTE_WRITABLE,
+    )?;
+    write(
+        mem,
+        "PDPT",
+        PDPTE_START,
+        PDE_START | PTE_PRESENT | PTE_WRITABLE,
+    )?;
     for i in 0..512u64 {
         let entry = (i << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE;
         write(mem, "page directory", PDE_START + i * 8, entry)?;
@@ -211,7 +221,10 @@ mod tests {
     fn gdt_entries_round_trip_through_segments() {
         let code = segment_from_gdt(gdt_entry(GDT_CODE64, 0, 0xfffff), CODE_INDEX);
         assert_eq!(code.selector, 8);
-        assert_eq!((code.l, code.db, code.g, code.present, code.s), (1, 0, 1, 1, 1));
+        assert_eq!(
+            (code.l, code.db, code.g, code.present, code.s),
+            (1, 0, 1, 1, 1)
+        );
         assert_eq!(code.type_, 0xb);
         assert_eq!(code.limit, 0xffff_ffff);
         assert_eq!(code.dpl, 0);

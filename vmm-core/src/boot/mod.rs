@@ -139,12 +139,14 @@ enum Image {
 impl Image {
     fn open(source: &KernelSource) -> Result<Self, BootError> {
         match source {
-            KernelSource::Path(path) => File::open(path)
-                .map(Image::File)
-                .map_err(|source| BootError::KernelRead {
-                    path: path.clone(),
-                    source,
-                }),
+            KernelSource::Path(path) => {
+                File::open(path)
+                    .map(Image::File)
+                    .map_err(|source| BootError::KernelRead {
+                        path: path.clone(),
+                        source,
+                    })
+            }
             KernelSource::Bytes { image, .. } => Ok(Image::Memory(Cursor::new(image.clone()))),
         }
     }
@@ -472,7 +474,10 @@ mod tests {
         assert_eq!(p.e820_entries, 3);
         let e = p.e820_table;
         assert_eq!((e[0].addr, e[0].size), (0, EBDA_START));
-        assert_eq!((e[1].addr, e[1].size), (HIMEM_START, MMIO_GAP_START - HIMEM_START));
+        assert_eq!(
+            (e[1].addr, e[1].size),
+            (HIMEM_START, MMIO_GAP_START - HIMEM_START)
+        );
         assert_eq!({ e[2].addr }, 1 << 32);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.ramdisk_image }, 0x100_0000);

@@ -127,8 +127,8 @@ mod tests {
     fn transmits_to_output_and_receives_input() {
         let capture = Capture::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut com1 = SerialConsole::new(irq.try_clone().unwrap(), Box::new(capture.clone()))
-            .unwrap();
+        let mut com1 =
+            SerialConsole::new(irq.try_clone().unwrap(), Box::new(capture.clone())).unwrap();
         for b in b"hi" {
             com1.write(0, &[*b]);
         }

@@ -173,6 +173,21 @@ fn run_loop(
     tracing::debug!("vCPU stopped");
 }
 
+/// Describes a KVM_EXIT_INTERNAL_ERROR with its suberror (1: emulation failure, 2: simultaneous
+/// exceptions, 3: delivery event, ...), the guest rip, and KVM's extra data words.
+fn internal_error_details(fd: &mut VcpuFd) -> String {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel has filled the `internal` member of the
+    // exit union, so reading it reads initialized plain data.
+    let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+    let words = (internal.ndata as usize).min(internal.data.len());
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+    format!(
+        "KVM_EXIT_INTERNAL_ERROR (suberror {}, rip {rip:#x}, data {:x?})",
+        internal.suberror,
+        &internal.data[..words]
+    )
+}
+
 /// Runs the guest until its next exit and handles it; returns a reason if the machine must stop.
 fn run_once(
     index: u8,
@@ -223,7 +238,7 @@ fn run_once(
         Ok(VcpuExit::FailEntry(reason, cpu)) => failed(format!(
             "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu})"
         )),
-        Ok(VcpuExit::InternalError) => failed("KVM_EXIT_INTERNAL_ERROR".into()),
+        Ok(VcpuExit::InternalError) => failed(internal_error_details(fd)),
         Ok(VcpuExit::Intr) => None,
         Ok(other) => failed(format!("unexpected exit {other:?}")),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

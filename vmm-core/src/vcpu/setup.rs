@@ -69,7 +69,8 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// Configures `fd` (vCPU `index`) for a 64-bit entry at `entry`.
 pub fn configure(fd: &VcpuFd, index: u8, cpuid: &CpuId, entry: u64) -> Result<(), SetupError> {
-    fd.set_cpuid2(cpuid).map_err(kvm_step(index, "KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(cpuid)
+        .map_err(kvm_step(index, "KVM_SET_CPUID2"))?;
 
     let entries: Vec<kvm_msr_entry> = cpu::boot_msrs()
         .into_iter()
@@ -80,7 +81,9 @@ pub fn configure(fd: &VcpuFd, index: u8, cpuid: &CpuId, entry: u64) -> Result<()
         })
         .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|_| SetupError::MsrList { vcpu: index })?;
-    let set = fd.set_msrs(&msrs).map_err(kvm_step(index, "KVM_SET_MSRS"))?;
+    let set = fd
+        .set_msrs(&msrs)
+        .map_err(kvm_step(index, "KVM_SET_MSRS"))?;
     if set != entries.len() {
         return Err(SetupError::Msrs {
             vcpu: index,
@@ -93,7 +96,8 @@ pub fn configure(fd: &VcpuFd, index: u8, cpuid: &CpuId, entry: u64) -> Result<()
         .map_err(kvm_step(index, "KVM_SET_REGS"))?;
     let mut sregs = fd.get_sregs().map_err(kvm_step(index, "KVM_GET_SREGS"))?;
     cpu::long_mode_sregs(&mut sregs);
-    fd.set_sregs(&sregs).map_err(kvm_step(index, "KVM_SET_SREGS"))?;
+    fd.set_sregs(&sregs)
+        .map_err(kvm_step(index, "KVM_SET_SREGS"))?;
     fd.set_fpu(&cpu::boot_fpu())
         .map_err(kvm_step(index, "KVM_SET_FPU"))?;
 
@@ -103,7 +107,8 @@ pub fn configure(fd: &VcpuFd, index: u8, cpuid: &CpuId, entry: u64) -> Result<()
     let lvt1 = with_delivery_mode(apic_reg(&lapic.regs, APIC_LVT1), APIC_MODE_NMI);
     set_apic_reg(&mut lapic.regs, APIC_LVT0, lvt0);
     set_apic_reg(&mut lapic.regs, APIC_LVT1, lvt1);
-    fd.set_lapic(&lapic).map_err(kvm_step(index, "KVM_SET_LAPIC"))?;
+    fd.set_lapic(&lapic)
+        .map_err(kvm_step(index, "KVM_SET_LAPIC"))?;
     Ok(())
 }
 

@@ -30,7 +30,6 @@ const FIRST_TSS_SELECTOR: u16 = (FIRST_TSS_SLOT * 8) as u16;
 /// GDT slots: the segments above, then a 16-byte TSS descriptor (two slots) per CPU.
 const GDT_SLOTS: usize = FIRST_TSS_SLOT + 2 * MAX_CPUS;
 
-
 /// RFLAGS for CPL3: IOPL=3 (port I/O allowed), bit 1 (reserved, set), interrupts off.
 const USER_RFLAGS: u64 = (3 << 12) | 0x2;
 
@@ -322,7 +321,11 @@ extern "C" fn bsp_kernel_main(boot_params: u64) -> ! {
     // SAFETY: runs once, on CPU 0, before any other CPU exists.
     unsafe {
         cpu_init(0);
-        enter_user(crate::bsp_main as *const () as u64, boot_params, user_stack_top(0))
+        enter_user(
+            crate::bsp_main as *const () as u64,
+            boot_params,
+            user_stack_top(0),
+        )
     }
 }
 
@@ -332,7 +335,11 @@ extern "C" fn ap_kernel_main(cpu: u32) -> ! {
     // SAFETY: `cpu` is unique to this processor (from NEXT_CPU) and below MAX_CPUS.
     unsafe {
         cpu_init(cpu);
-        enter_user(crate::ap_main as *const () as u64, cpu as u64, user_stack_top(cpu))
+        enter_user(
+            crate::ap_main as *const () as u64,
+            cpu as u64,
+            user_stack_top(cpu),
+        )
     }
 }
 
@@ -530,18 +537,15 @@ fn gate(handler: u64) -> Gate {
 /// Fills the IDT. Runs at CPL3 (all memory is user-accessible) so it costs nothing on PVM;
 /// `cpu_init` has already pointed IDTR at it.
 pub fn fill_idt() {
-    let idt = IDT.get();
-    for vector in 0..256 {
-        // SAFETY: `trap_table` holds 32 stub addresses; the other stubs are plain symbols.
-        let handler = unsafe {
-            match vector {
-                0..32 => trap_table[vector],
-                _ => trap_255 as *const () as u64,
-            }
-        };
-        // SAFETY: only the BSP writes the IDT, before any other CPU starts and before traps
-        // are expected.
-        unsafe { (*idt)[vector] = gate(handler) };
+    // SAFETY: `trap_table` is an immutable table of 32 stub addresses in the image.
+    let exceptions = unsafe { &trap_table };
+    let unexpected = trap_255 as *const () as u64;
+    // SAFETY: only the BSP writes the IDT, before any other CPU starts and before traps are
+    // expected, so nothing else accesses it concurrently.
+    let idt = unsafe { &mut *IDT.get() };
+    for (vector, entry) in idt.iter_mut().enumerate() {
+        let handler = exceptions.get(vector).copied().unwrap_or(unexpected);
+        *entry = gate(handler);
     }
 }
 
@@ -576,8 +580,7 @@ pub const EXIT_EXCEPTION: u8 = 3;
 const VECTOR_INVALID_OPCODE: u64 = 6;
 
 extern "C" fn trap_handler(frame: &mut TrapFrame) {
-    if frame.vector == VECTOR_INVALID_OPCODE && frame.rip == user_syscall_trap as *const () as u64
-    {
+    if frame.vector == VECTOR_INVALID_OPCODE && frame.rip == user_syscall_trap as *const () as u64 {
         frame.rax = syscall_handler(frame.rax, frame.rdi);
         frame.rip += 2; // past the ud2
         return;

@@ -108,10 +108,9 @@ pub fn cpus() -> Option<CpuList> {
         }
     }
     // Keep the BSP first so index 0 is always the CPU already running.
-    if let Some(b) = bsp {
-        if let Some(pos) = list.apic_ids[..list.count].iter().position(|id| *id == b) {
-            list.apic_ids.swap(0, pos);
-        }
+    if let Some(pos) = bsp.and_then(|b| list.apic_ids[..list.count].iter().position(|id| *id == b))
+    {
+        list.apic_ids.swap(0, pos);
     }
     Some(list)
 }

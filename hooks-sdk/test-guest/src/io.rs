@@ -11,7 +11,9 @@ const DEBUG_EXIT: u16 = 0x501;
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; the guest runs with IOPL=3 so this never faults.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem)) }
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem))
+    }
 }
 
 /// Serializes console output from several CPUs.

@@ -98,7 +98,11 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     for (cpu, report) in REPORTS.iter().enumerate().take(online as usize) {
         let r = report.load(Ordering::Acquire);
         if r & (1 << 31) != 0 {
-            println!("cpu{cpu}: apic id {}, running at CPL{}", r & 0xff, (r >> 8) & 3);
+            println!(
+                "cpu{cpu}: apic id {}, running at CPL{}",
+                r & 0xff,
+                (r >> 8) & 3
+            );
         }
     }
     println!("cpus online: {online}/{expected}");

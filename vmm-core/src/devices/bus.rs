@@ -119,7 +119,7 @@ mod tests {
         let mut data = [0u8; 1];
         assert!(bus.read(0x3fd, &mut data));
         assert_eq!(data, [5]);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert_eq!(dev.lock().unwrap().last, Some((0, vec![b'x'])));
         assert!(!bus.read(0x400, &mut data));
         assert!(!bus.write(0x3f7, &[0]));

@@ -1,11 +1,11 @@
 //! End-to-end boot bench: how long the built-in test guest takes from "create the VM" to its
-
-#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
 //! first console byte and to its exit, in-process and as a `thaw run` process (what a user
 //! waits for). Prints a Markdown table of medians with min and max; with `--write` it also
 //! replaces the boot section of docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench --bench boot [-- --write] [-- --iterations N]`
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
 
 use std::io::Write;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! Criterion bench of building a machine (KVM VM, irqchip, PIT, memory slots, guest loaded,
+//! vCPUs configured) without running it: the fixed cost every boot and every restore pays.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
-//! vCPUs configured) without running it: the fixed cost every boot and every restore pays.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use vmm_core::{Machine, MachineConfig};

@@ -13,6 +13,30 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device whose registers are single bytes, like the legacy ISA devices: a wider access reads
+/// as all ones and a wider write is ignored, as on a real 8-bit bus.
+pub trait ByteRegisters: Send {
+    /// The guest reads register `offset`.
+    fn read_register(&mut self, offset: u8) -> u8;
+    /// The guest writes `value` to register `offset`.
+    fn write_register(&mut self, offset: u8, value: u8);
+}
+
+impl<T: ByteRegisters> BusDevice for T {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (data, u8::try_from(offset)) {
+            ([byte], Ok(offset)) => *byte = self.read_register(offset),
+            (data, _) => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            self.write_register(offset, *byte);
+        }
+    }
+}
+
 /// A shared handle to a device on a bus.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -125,6 +149,32 @@ mod tests {
         assert!(!bus.write(0x3f7, &[0]));
         // An access that runs past the end of the range belongs to no device.
         assert!(!bus.read(0x3ff, &mut [0u8; 2]));
+    }
+
+    struct Latch(u8);
+
+    impl ByteRegisters for Latch {
+        fn read_register(&mut self, offset: u8) -> u8 {
+            self.0 + offset
+        }
+        fn write_register(&mut self, _offset: u8, value: u8) {
+            self.0 = value;
+        }
+    }
+
+    #[test]
+    fn byte_registers_ignore_wide_accesses() {
+        let mut latch = Latch(7);
+        let mut wide = [0u8; 2];
+        latch.read(0, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+        latch.write(0, &[1, 2]);
+        let mut byte = [0u8];
+        latch.read(1, &mut byte);
+        assert_eq!(byte, [8]);
+        latch.write(0, &[3]);
+        latch.read(0, &mut byte);
+        assert_eq!(byte, [3]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use vm_superio::{I8042Device, Trigger};
 
-use super::bus::BusDevice;
+use super::bus::{BusDevice, ByteRegisters};
 use crate::exit::{ExitReason, ExitSignal};
 
 /// First port of the i8042 controller (data port; the command port is at +4).
@@ -40,20 +40,14 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let [byte] = data {
-            *byte = self.0.read(offset as u8);
-        } else {
-            data.fill(0xff);
-        }
+impl ByteRegisters for I8042 {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.0.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [byte] = data {
-            // The trigger is infallible; an unknown command is simply ignored by the device.
-            let _ = self.0.write(offset as u8, *byte);
-        }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        // The trigger is infallible; an unknown command is simply ignored by the device.
+        let _ = self.0.write(offset, value);
     }
 }
 
@@ -80,7 +74,7 @@ mod tests {
     fn i8042_reset_command_stops_machine() {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let mut dev = I8042::new(exit.clone());
-        dev.write(4, &[0xfe]);
+        BusDevice::write(&mut dev, 4, &[0xfe]);
         assert_eq!(exit.reason(), Some(ExitReason::Reset));
     }
 

@@ -10,7 +10,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::bus::BusDevice;
+use super::bus::ByteRegisters;
 
 /// COM1's first port.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -87,20 +87,14 @@ impl SerialConsole {
     }
 }
 
-impl BusDevice for SerialConsole {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let [byte] = data {
-            *byte = self.uart.read(offset as u8);
-        } else {
-            data.fill(0xff);
-        }
+impl ByteRegisters for SerialConsole {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [byte] = data {
-            if let Err(e) = self.uart.write(offset as u8, *byte) {
-                tracing::warn!(error = %e, "serial console write failed");
-            }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.uart.write(offset, value) {
+            tracing::warn!(error = %e, "serial console write failed");
         }
     }
 }
@@ -108,6 +102,7 @@ impl BusDevice for SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::bus::BusDevice;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]

@@ -1,2 +1,9 @@
 //! Everything of Thaw that runs inside a guest (the agent, the Lambda Runtime API, the hook
-//! SDK) and the host-guest protocol. The in-repo test guest lives in `test-guest/`.
+//! SDK) and the one piece the host shares with it: the versioned host↔guest protocol.
+//!
+//! With default features off the crate is `no_std` and allocation-free, so the bare-metal test
+//! guest (`test-guest/`) uses the same protocol code as the host and the Linux agent.
+
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod protocol;

@@ -14,6 +14,7 @@
 //! 0x0000_b000  PD    ┘
 //! 0x0002_0000  kernel command line (up to 2 KiB, NUL-terminated)
 //! 0x0009_fc00  EBDA: MP table (the guest's CPU and interrupt topology)
+//! 0x000e_0000  ACPI: RSDP, then DSDT, MADT, FADT, XSDT, up to 0x10_0000 (not RAM in e820)
 //! 0x0010_0000  kernel image (HIMEM_START); initrd goes to the top of low RAM
 //! 0xd000_0000  32-bit MMIO gap (virtio-mmio devices, IOAPIC, LAPIC) up to 4 GiB
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3.25 GiB
@@ -43,6 +44,12 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const EBDA_END: u64 = 0xa0000;
 /// First address of "high" memory: kernels load at or above this.
 pub const HIMEM_START: u64 = 0x10_0000;
+/// The ACPI RSDP, followed by the other ACPI tables. Linux without EFI or `acpi_rsdp=` scans
+/// 0xe0000–0xfffff for it (Thaw also passes the address in the zero page).
+pub const RSDP_START: u64 = 0xe_0000;
+/// The first address past the room for ACPI tables: the legacy BIOS area ends where high memory
+/// starts, and the e820 map lists none of it as RAM, so the kernel leaves the tables alone.
+pub const ACPI_END: u64 = HIMEM_START;
 
 /// Size of the 32-bit MMIO hole below 4 GiB.
 pub const MMIO_GAP_SIZE: u64 = 768 << 20;

@@ -1,7 +1,8 @@
 //! Loading what the guest boots: an ELF `vmlinux` (entered in 64-bit mode exactly as Firecracker
 //! does) or a bzImage (through linux-loader, entered at its 64-bit entry), plus the initrd, the
-//! command line, the zero page with its e820 map, and the MP table.
+//! command line, the zero page with its e820 map, the MP table and the ACPI tables.
 
+pub mod acpi;
 pub mod cpu;
 pub mod mptable;
 
@@ -128,6 +129,9 @@ pub enum BootError {
     /// The MP table does not fit.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// The ACPI tables cannot be built or do not fit.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// Bytes of an image, from a file or memory, readable by linux-loader.
@@ -214,8 +218,8 @@ fn load_kernel(
     }
 }
 
-/// Loads the kernel, initrd and command line into `mem` and writes the zero page, the MP table
-/// and the boot CPU tables. Nothing here touches KVM.
+/// Loads the kernel, initrd and command line into `mem` and writes the zero page, the MP table,
+/// the ACPI tables and the boot CPU tables. Nothing here touches KVM.
 pub fn load(
     mem: &GuestMemory,
     kernel: &KernelSource,
@@ -266,7 +270,11 @@ pub fn load(
         None => None,
     };
 
-    let params = zero_page(mem, loaded.setup_header, cmdline_len, initrd);
+    // No virtio-mmio devices yet; they will be passed here to appear in the DSDT.
+    let rsdp = acpi::write(mem, vcpus, &[])?;
+    let mut params = zero_page(mem, loaded.setup_header, cmdline_len, initrd);
+    // Saves the kernel its scan of the BIOS area for the RSDP.
+    params.acpi_rsdp_addr = rsdp.raw_value();
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,

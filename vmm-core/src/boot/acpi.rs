@@ -1,0 +1,729 @@
+//! The ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) that tell a Linux guest its CPUs, interrupt
+//! controllers and, later, its virtio-mmio devices. Debian's cloud kernel has no MP-table parser
+//! (`CONFIG_X86_MPPARSE` is off) and no virtio-mmio command-line devices, so ACPI is the only way
+//! it learns about more than its boot CPU.
+//!
+//! ```text
+//! RSDP_START  RSDP "RSD PTR " (36 bytes, revision 2)                    -> XSDT
+//!             DSDT (36 + AML: \_SB_, one LNRO0005 device per virtio-mmio transport)
+//!             MADT "APIC" (44 + 8 per vCPU + IOAPIC 12 + NMI 6)
+//!             FADT "FACP" (276, hardware-reduced)                       -> DSDT
+//!             XSDT (36 + 8 per table)                                   -> FADT, MADT
+//!             free up to ACPI_END
+//! ```
+//!
+//! Each table is placed after the ones it points to, so every address is known when a table is
+//! built and no size has to be predicted; only the RSDP, which Linux looks for at a fixed place,
+//! is reserved first. The area is RAM in Thaw's guest memory but not usable RAM in the e820 map,
+//! so the kernel leaves the tables alone.
+//!
+//! rust-vmm's `acpi_tables` builds everything except two MADT pieces it has no way to express:
+//! its `MADT` type always writes zero flags (Thaw needs `PCAT_COMPAT`) and has no Local APIC NMI
+//! structure (and its `add_structure` takes only `zerocopy` types). So the MADT is the crate's
+//! generic `Sdt` (header, length and checksum) holding the crate's Local APIC and IOAPIC
+//! structures plus the NMI structure, written here.
+//!
+//! There is no Interrupt Source Override: Thaw keeps KVM's default GSI routing, where ISA IRQ n
+//! (the PIT's IRQ 0 included) reaches IOAPIC input n, which is what the absence of overrides
+//! means, and what the MP table says too.
+
+use acpi_tables::Aml;
+use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::mptable::ioapic_id;
+use crate::layout::{
+    ACPI_END, APIC_START, EBDA_END, FIRST_ADDR_PAST_32BITS, HIMEM_START, IOAPIC_START, RSDP_START,
+};
+use crate::memory::GuestMemory;
+
+// The tables must stay in the legacy BIOS area: above the MP table, below the kernel.
+const _: () = assert!(RSDP_START >= EBDA_END && RSDP_START < ACPI_END && ACPI_END <= HIMEM_START);
+// Linux's fallback scan for "RSD PTR " only looks at 16-byte boundaries of 0xe0000-0xfffff.
+const _: () = assert!(RSDP_START % 16 == 0 && RSDP_START >= 0xe_0000);
+
+const OEM_ID: [u8; 6] = *b"THAW  ";
+const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
+const OEM_REVISION: u32 = 1;
+
+const SDT_HEADER_LEN: u32 = 36;
+/// DSDT revision 2 and up gives AML 64-bit integers.
+const DSDT_REVISION: u8 = 2;
+/// MADT revision 5 is ACPI 6.3's, the first with the Online Capable flag; every CPU here is
+/// simply Enabled, which all revisions read the same way.
+const MADT_REVISION: u8 = 5;
+/// The MADT header: the SDT header, the local APIC address and the flags.
+const MADT_HEADER_LEN: u32 = SDT_HEADER_LEN + 8;
+const MADT_LOCAL_APIC_ADDRESS_OFFSET: usize = 36;
+const MADT_FLAGS_OFFSET: usize = 40;
+/// The machine also has dual 8259 PICs (KVM's irqchip), wired to ISA IRQs as on a PC.
+const MADT_PCAT_COMPAT: u32 = 1 << 0;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const LOCAL_APIC_NMI_LEN: u8 = 6;
+
+/// MPS INTI flags active high (bits 1:0 = 01), edge-triggered (bits 3:2 = 01), as an NMI is.
+const MPS_INTI_ACTIVE_HIGH_EDGE: u16 = 0b0101;
+/// ACPI processor UID meaning every processor.
+const ALL_PROCESSORS: u8 = 0xff;
+/// The local APIC input the NMI is wired to, as in the MP table and in each vCPU's LVT.
+const NMI_LINT: u8 = 1;
+
+/// FADT IAPC_BOOT_ARCH: an i8042 exists (Thaw emulates one so that Linux can reset the machine
+/// through it); there is no VGA and no CMOS RTC, so Linux must not probe for them. "Legacy
+/// devices" stays clear: COM1 is the only ISA device, and Linux's 8250 driver probes the standard
+/// COM ports whatever this says.
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+const IAPC_BOOT_ARCH: u16 =
+    IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
+
+/// ACPI asks no alignment of these tables (only of the FACS, which a hardware-reduced machine
+/// need not have); 8 bytes puts each on a natural boundary, as firmware does.
+const TABLE_ALIGN: u64 = 8;
+
+/// Most vCPUs the tables can describe: xAPIC ids are 8 bits and 0xff means "all" (both as an
+/// APIC id and as the processor UID of the NMI entry).
+pub const MAX_VCPUS: u8 = u8::MAX - 1;
+/// Most virtio-mmio devices the DSDT can name (`V000` to `VFFF`).
+pub const MAX_VIRTIO_MMIO_DEVICES: usize = 0x1000;
+/// The ACPI id Linux's virtio-mmio driver matches.
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+/// A virtio-mmio transport as the DSDT describes it to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Guest-physical address of its registers (below 4 GiB).
+    pub base: u64,
+    /// Size of its register window.
+    pub size: u64,
+    /// The GSI (IOAPIC input) it raises; edge-triggered, active high, as an irqfd delivers it.
+    pub irq: u32,
+}
+
+/// The ACPI tables cannot be built or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The vCPU count cannot be described with xAPIC ids.
+    #[error("ACPI tables describe 1 to {MAX_VCPUS} vCPUs, not {vcpus}")]
+    VcpuCount {
+        /// vCPUs asked for.
+        vcpus: u8,
+    },
+    /// More virtio-mmio devices than the DSDT has names for.
+    #[error("the DSDT names at most {MAX_VIRTIO_MMIO_DEVICES} virtio-mmio devices, not {devices}")]
+    TooManyDevices {
+        /// Devices asked for.
+        devices: usize,
+    },
+    /// A virtio-mmio device outside the 32-bit space its DSDT resource can express.
+    #[error(
+        "virtio-mmio device {index} at {base:#x} (size {size:#x}) does not fit below 4 GiB, \
+         where the DSDT describes it"
+    )]
+    DeviceAddress {
+        /// Its position in the list.
+        index: usize,
+        /// Its base.
+        base: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The tables do not fit in the legacy BIOS area.
+    #[error(
+        "ACPI tables for {vcpus} vCPUs and {devices} virtio-mmio devices need {needed} bytes \
+         from {start:#x}; only {available} fit below {end:#x}"
+    )]
+    TooLarge {
+        /// vCPUs asked for.
+        vcpus: u8,
+        /// Devices asked for.
+        devices: usize,
+        /// Bytes the tables take from `start`, alignment included.
+        needed: u64,
+        /// Bytes between `start` and `end`.
+        available: u64,
+        /// Where the RSDP goes.
+        start: u64,
+        /// The first address the tables may not use.
+        end: u64,
+    },
+    /// Guest memory does not cover the BIOS area.
+    #[error("cannot write the ACPI tables into guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// The tables, built and placed, ready to be written into guest memory.
+#[derive(Clone, Debug)]
+pub struct AcpiTables {
+    /// Each table's address and bytes; the RSDP comes first.
+    tables: Vec<(GuestAddress, Vec<u8>)>,
+    rsdp: GuestAddress,
+    end: u64,
+}
+
+impl AcpiTables {
+    /// Builds the tables for `vcpus` vCPUs and `devices`, with the RSDP at `RSDP_START` and
+    /// everything below `ACPI_END`.
+    pub fn build(vcpus: u8, devices: &[VirtioMmioDevice]) -> Result<Self, AcpiError> {
+        Self::build_within(RSDP_START, ACPI_END, vcpus, devices)
+    }
+
+    fn build_within(
+        start: u64,
+        end: u64,
+        vcpus: u8,
+        devices: &[VirtioMmioDevice],
+    ) -> Result<Self, AcpiError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(AcpiError::VcpuCount { vcpus });
+        }
+        let mut placer = Placer {
+            next: start + rsdp_len(),
+            tables: Vec::new(),
+        };
+        let dsdt = placer.place(dsdt(devices)?);
+        let madt = placer.place(madt(vcpus));
+        let fadt = placer.place(fadt(dsdt));
+        let xsdt = placer.place(xsdt(&[fadt, madt]));
+        if placer.next > end {
+            return Err(AcpiError::TooLarge {
+                vcpus,
+                devices: devices.len(),
+                needed: placer.next - start,
+                available: end.saturating_sub(start),
+                start,
+                end,
+            });
+        }
+        let mut tables = vec![(GuestAddress(start), to_bytes(&Rsdp::new(OEM_ID, xsdt)))];
+        tables.append(&mut placer.tables);
+        Ok(Self {
+            tables,
+            rsdp: GuestAddress(start),
+            end: placer.next,
+        })
+    }
+
+    /// Where the RSDP is: what `boot_params.acpi_rsdp_addr` must say.
+    pub fn rsdp(&self) -> GuestAddress {
+        self.rsdp
+    }
+
+    /// The first address past the last table.
+    pub fn end(&self) -> GuestAddress {
+        GuestAddress(self.end)
+    }
+
+    /// Each table's address and bytes, the RSDP first.
+    pub fn tables(&self) -> &[(GuestAddress, Vec<u8>)] {
+        &self.tables
+    }
+
+    /// Writes every table into guest memory.
+    pub fn write(&self, mem: &GuestMemory) -> Result<(), AcpiError> {
+        for (addr, bytes) in &self.tables {
+            mem.write_slice(bytes, *addr).map_err(AcpiError::Write)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds and writes the tables for `vcpus` vCPUs and `devices`; returns the RSDP's address.
+pub fn write(
+    mem: &GuestMemory,
+    vcpus: u8,
+    devices: &[VirtioMmioDevice],
+) -> Result<GuestAddress, AcpiError> {
+    let tables = AcpiTables::build(vcpus, devices)?;
+    tables.write(mem)?;
+    Ok(tables.rsdp())
+}
+
+/// Lays tables out one after another.
+struct Placer {
+    next: u64,
+    tables: Vec<(GuestAddress, Vec<u8>)>,
+}
+
+impl Placer {
+    fn place(&mut self, bytes: Vec<u8>) -> u64 {
+        let addr = self.next.next_multiple_of(TABLE_ALIGN);
+        self.next = addr + bytes.len() as u64;
+        self.tables.push((GuestAddress(addr), bytes));
+        addr
+    }
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn rsdp_len() -> u64 {
+    Rsdp::len() as u64
+}
+
+fn sdt(signature: [u8; 4], len: u32, revision: u8) -> Sdt {
+    Sdt::new(signature, len, revision, OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+}
+
+fn xsdt(tables: &[u64]) -> Vec<u8> {
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for table in tables {
+        xsdt.add_entry(*table);
+    }
+    to_bytes(&xsdt)
+}
+
+/// A hardware-reduced FADT: no PM1/GPE blocks, no SCI, no FACS; power and sleep are not
+/// offered (a microVM is stopped from the host).
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt)
+        .flag(Flags::HwReducedAcpi);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    to_bytes(&fadt.finalize())
+}
+
+fn madt(vcpus: u8) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for id in 0..vcpus {
+        // APIC id = vCPU index, as the CPUID leaves and the MP table say.
+        ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).to_aml_bytes(&mut entries);
+    }
+    IoApic::new(ioapic_id(vcpus), IOAPIC_START as u32, 0).to_aml_bytes(&mut entries);
+    entries.extend_from_slice(&local_apic_nmi(
+        ALL_PROCESSORS,
+        MPS_INTI_ACTIVE_HIGH_EDGE,
+        NMI_LINT,
+    ));
+
+    let mut madt = sdt(*b"APIC", MADT_HEADER_LEN, MADT_REVISION);
+    madt.write_u32(MADT_LOCAL_APIC_ADDRESS_OFFSET, APIC_START as u32);
+    madt.write_u32(MADT_FLAGS_OFFSET, MADT_PCAT_COMPAT);
+    madt.append_slice(&entries);
+    madt.as_slice().to_vec()
+}
+
+/// Which local APIC input carries NMIs (MADT structure type 4).
+fn local_apic_nmi(processor_uid: u8, flags: u16, lint: u8) -> [u8; 6] {
+    let [flags_lo, flags_hi] = flags.to_le_bytes();
+    [
+        MADT_LOCAL_APIC_NMI,
+        LOCAL_APIC_NMI_LEN,
+        processor_uid,
+        flags_lo,
+        flags_hi,
+        lint,
+    ]
+}
+
+/// The DSDT: the `\_SB_` scope with one device per virtio-mmio transport.
+fn dsdt(devices: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
+    if devices.len() > MAX_VIRTIO_MMIO_DEVICES {
+        return Err(AcpiError::TooManyDevices {
+            devices: devices.len(),
+        });
+    }
+    let described = devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| VirtioMmioAml::new(index, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let aml_devices: Vec<Device> = described.iter().map(VirtioMmioAml::device).collect();
+    let children: Vec<&dyn Aml> = aml_devices.iter().map(|d| d as &dyn Aml).collect();
+    let scope = Scope::new(Path::new("\\_SB_"), children);
+
+    let mut dsdt = sdt(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION);
+    dsdt.append_slice(&to_bytes(&scope));
+    Ok(dsdt.as_slice().to_vec())
+}
+
+/// The named objects of one virtio-mmio device, which its `Device` object borrows.
+struct VirtioMmioAml {
+    name: String,
+    hid: Name,
+    uid: Name,
+    crs: Name,
+}
+
+impl VirtioMmioAml {
+    fn new(index: usize, device: &VirtioMmioDevice) -> Result<Self, AcpiError> {
+        let out_of_range = || AcpiError::DeviceAddress {
+            index,
+            base: device.base,
+            size: device.size,
+        };
+        let end = device.base.checked_add(device.size);
+        if end.is_none_or(|end| end > FIRST_ADDR_PAST_32BITS) {
+            return Err(out_of_range());
+        }
+        let base = u32::try_from(device.base).map_err(|_| out_of_range())?;
+        let size = u32::try_from(device.size).map_err(|_| out_of_range())?;
+        // `dsdt` caps the count, so the index has at most three hex digits.
+        let uid = index as u32;
+        let memory = Memory32Fixed::new(true, base, size);
+        let interrupt = Interrupt::new(true, true, false, false, device.irq);
+        Ok(Self {
+            name: format!("V{index:03X}"),
+            hid: Name::new(Path::new("_HID"), &VIRTIO_MMIO_HID),
+            uid: Name::new(Path::new("_UID"), &uid),
+            crs: Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![&memory, &interrupt]),
+            ),
+        })
+    }
+
+    fn device(&self) -> Device<'_> {
+        Device::new(Path::new(&self.name), vec![&self.hid, &self.uid, &self.crs])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+    }
+
+    fn u16_at(bytes: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap())
+    }
+
+    fn u32_at(bytes: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(bytes: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+    }
+
+    /// Guest memory holding the tables, read back the way the kernel finds them.
+    struct Guest {
+        mem: GuestMemory,
+    }
+
+    impl Guest {
+        fn with_tables(vcpus: u8, devices: &[VirtioMmioDevice]) -> Self {
+            let mem = memory::create_guest_memory(128 << 20).unwrap();
+            let rsdp = write(&mem, vcpus, devices).unwrap();
+            assert_eq!(rsdp, GuestAddress(RSDP_START));
+            Self { mem }
+        }
+
+        fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0; len];
+            self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            buf
+        }
+
+        fn rsdp(&self) -> Vec<u8> {
+            self.bytes(RSDP_START, 36)
+        }
+
+        /// A system description table: its header's length says how much to read.
+        fn table(&self, addr: u64) -> Vec<u8> {
+            let header = self.bytes(addr, 36);
+            let len = u32_at(&header, 4) as usize;
+            assert!(len >= 36, "table at {addr:#x} is {len} bytes long");
+            let table = self.bytes(addr, len);
+            assert_eq!(sum(&table), 0, "checksum of {:?}", sig(&table));
+            table
+        }
+
+        fn xsdt(&self) -> Vec<u8> {
+            self.table(u64_at(&self.rsdp(), 24))
+        }
+
+        /// The tables the XSDT lists, by signature.
+        fn listed(&self) -> Vec<([u8; 4], u64)> {
+            let xsdt = self.xsdt();
+            (36..xsdt.len())
+                .step_by(8)
+                .map(|at| u64_at(&xsdt, at))
+                .map(|addr| (sig(&self.table(addr)), addr))
+                .collect()
+        }
+
+        fn listed_table(&self, signature: &[u8; 4]) -> Vec<u8> {
+            let (_, addr) = self
+                .listed()
+                .into_iter()
+                .find(|(s, _)| s == signature)
+                .unwrap_or_else(|| panic!("the XSDT does not list {signature:?}"));
+            self.table(addr)
+        }
+
+        fn dsdt(&self) -> Vec<u8> {
+            let fadt = self.listed_table(b"FACP");
+            let x_dsdt = u64_at(&fadt, 140);
+            let dsdt32 = u64::from(u32_at(&fadt, 40));
+            let addr = if x_dsdt != 0 { x_dsdt } else { dsdt32 };
+            self.table(addr)
+        }
+    }
+
+    fn sig(table: &[u8]) -> [u8; 4] {
+        table[..4].try_into().unwrap()
+    }
+
+    /// MADT interrupt controller structures as (type, bytes).
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut at = 44;
+        while at < madt.len() {
+            let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+            assert!(len >= 2 && at + len <= madt.len(), "bad MADT entry at {at}");
+            entries.push((kind, madt[at..at + len].to_vec()));
+            at += len;
+        }
+        entries
+    }
+
+    #[test]
+    fn rsdp_checksums_are_valid_and_it_points_to_the_xsdt() {
+        let guest = Guest::with_tables(1, &[]);
+        let rsdp = guest.rsdp();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "ACPI 1.0 checksum");
+        assert_eq!(rsdp[15], 2, "revision 2: the XSDT address is valid");
+        assert_eq!(u32_at(&rsdp, 20), 36, "length");
+        assert_eq!(sum(&rsdp), 0, "extended checksum");
+        assert_eq!(&guest.xsdt()[..4], b"XSDT");
+    }
+
+    #[test]
+    fn xsdt_lists_fadt_and_madt_and_fadt_points_at_the_dsdt() {
+        let guest = Guest::with_tables(2, &[]);
+        let mut listed: Vec<[u8; 4]> = guest.listed().into_iter().map(|(s, _)| s).collect();
+        listed.sort();
+        assert_eq!(listed, [*b"APIC", *b"FACP"]);
+        let dsdt = guest.dsdt();
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(dsdt[8] >= 2, "DSDT revision 2+ for 64-bit AML integers");
+    }
+
+    #[test]
+    fn every_table_checksum_is_valid_and_tables_do_not_overlap() {
+        let tables = AcpiTables::build(4, &[]).unwrap();
+        let mut previous_end = RSDP_START;
+        for (addr, bytes) in tables.tables() {
+            assert!(addr.0 >= previous_end, "table at {:#x} overlaps", addr.0);
+            previous_end = addr.0 + bytes.len() as u64;
+            if &bytes[..8] == b"RSD PTR " {
+                assert_eq!(sum(&bytes[..20]), 0);
+            } else {
+                assert_eq!(u32_at(bytes, 4) as usize, bytes.len(), "{:?}", sig(bytes));
+            }
+            assert_eq!(sum(bytes), 0, "{:?}", sig(bytes));
+        }
+        assert_eq!(tables.end().0, previous_end);
+        assert!(tables.end().0 <= ACPI_END);
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_only_an_8042() {
+        let fadt = Guest::with_tables(1, &[]).listed_table(b"FACP");
+        assert_eq!(fadt.len(), 276, "an ACPI 6 FADT");
+        assert_eq!(fadt[8], 6, "major revision");
+        assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_eq!(u16_at(&fadt, 109), 0b10_0110, "8042, no VGA, no CMOS RTC");
+        // No legacy fixed-hardware blocks: PM1a event/control, PM timer, GPE0.
+        for offset in [56, 64, 76, 80] {
+            assert_eq!(u32_at(&fadt, offset), 0, "FADT offset {offset}");
+        }
+    }
+
+    #[test]
+    fn madt_has_an_enabled_local_apic_per_vcpu_and_the_ioapic() {
+        for vcpus in [1u8, 2, 7] {
+            let madt = Guest::with_tables(vcpus, &[]).listed_table(b"APIC");
+            assert_eq!(u32_at(&madt, 36), APIC_START as u32);
+            assert_eq!(u32_at(&madt, 40) & 1, 1, "PCAT_COMPAT");
+            let entries = madt_entries(&madt);
+            let apic_ids: Vec<u8> = entries
+                .iter()
+                .filter(|(kind, _)| *kind == 0)
+                .map(|(_, e)| {
+                    assert_eq!(e.len(), 8);
+                    assert_eq!(u32_at(e, 4) & 1, 1, "enabled");
+                    assert_eq!(e[2], e[3], "processor UID = APIC id");
+                    e[3]
+                })
+                .collect();
+            assert_eq!(apic_ids, (0..vcpus).collect::<Vec<_>>());
+
+            let ioapics: Vec<&Vec<u8>> = entries
+                .iter()
+                .filter(|(kind, _)| *kind == 1)
+                .map(|(_, e)| e)
+                .collect();
+            assert_eq!(ioapics.len(), 1);
+            let ioapic = ioapics[0];
+            assert_eq!(ioapic[2], ioapic_id(vcpus));
+            assert_eq!(u32_at(ioapic, 4), IOAPIC_START as u32);
+            assert_eq!(u32_at(ioapic, 8), 0, "GSI base");
+        }
+    }
+
+    #[test]
+    fn madt_keeps_identity_irq_routing_and_wires_nmi_to_lint1() {
+        let madt = Guest::with_tables(2, &[]).listed_table(b"APIC");
+        let entries = madt_entries(&madt);
+        // No Interrupt Source Override (type 2): ISA IRQ n is GSI n, as KVM routes it.
+        assert!(entries.iter().all(|(k, _)| *k != 2), "{entries:?}");
+
+        let nmis: Vec<&Vec<u8>> = entries
+            .iter()
+            .filter(|(k, _)| *k == 4)
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(nmis.len(), 1);
+        let nmi = nmis[0];
+        assert_eq!((nmi.len(), nmi[2], nmi[5]), (6, 0xff, 1), "all CPUs, LINT1");
+    }
+
+    #[test]
+    fn dsdt_without_devices_holds_only_an_empty_system_bus_scope() {
+        let dsdt = Guest::with_tables(1, &[]).dsdt();
+        // ScopeOp, PkgLength 6, "\_SB_".
+        assert_eq!(&dsdt[36..], &[0x10, 0x06, b'\\', b'_', b'S', b'B', b'_']);
+    }
+
+    #[test]
+    fn dsdt_describes_each_virtio_mmio_device_with_memory_and_interrupt() {
+        let devices = [
+            VirtioMmioDevice {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5,
+            },
+            VirtioMmioDevice {
+                base: 0xd000_1000,
+                size: 0x1000,
+                irq: 6,
+            },
+        ];
+        let dsdt = Guest::with_tables(1, &devices).dsdt();
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(find(b"LNRO0005\0"), 2);
+        assert_eq!(find(b"V000"), 1);
+        assert_eq!(find(b"V001"), 1);
+        for device in devices {
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, size.
+            let mut memory = vec![0x86, 9, 0, 1];
+            memory.extend_from_slice(&(device.base as u32).to_le_bytes());
+            memory.extend_from_slice(&(device.size as u32).to_le_bytes());
+            assert_eq!(find(&memory), 1, "{device:?}");
+            // Extended interrupt: tag 0x89, length 6, consumer + edge, one interrupt.
+            let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+            irq.extend_from_slice(&device.irq.to_le_bytes());
+            assert_eq!(find(&irq), 1, "{device:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_devices_it_cannot_describe() {
+        let high = VirtioMmioDevice {
+            base: 1 << 32,
+            size: 0x1000,
+            irq: 5,
+        };
+        assert!(matches!(
+            AcpiTables::build(1, &[high]),
+            Err(AcpiError::DeviceAddress { index: 0, .. })
+        ));
+        let last_page = VirtioMmioDevice {
+            base: 0xffff_f000,
+            size: 0x1000,
+            irq: 5,
+        };
+        assert!(AcpiTables::build(1, &[last_page]).is_ok());
+        let straddling = VirtioMmioDevice {
+            size: 0x2000,
+            ..last_page
+        };
+        assert!(matches!(
+            AcpiTables::build(1, &[last_page, straddling]),
+            Err(AcpiError::DeviceAddress { index: 1, .. })
+        ));
+        let low = VirtioMmioDevice {
+            base: 0xd000_0000,
+            size: 0x1000,
+            irq: 5,
+        };
+        let too_many = vec![low; MAX_VIRTIO_MMIO_DEVICES + 1];
+        assert!(matches!(
+            AcpiTables::build(1, &too_many),
+            Err(AcpiError::TooManyDevices { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_vcpu_counts_without_xapic_ids() {
+        assert!(matches!(
+            AcpiTables::build(0, &[]),
+            Err(AcpiError::VcpuCount { vcpus: 0 })
+        ));
+        assert!(matches!(
+            AcpiTables::build(u8::MAX, &[]),
+            Err(AcpiError::VcpuCount { vcpus: 255 })
+        ));
+        assert!(AcpiTables::build(MAX_VCPUS, &[]).is_ok());
+    }
+
+    #[test]
+    fn too_many_vcpus_for_the_space_is_a_typed_error() {
+        // A window that holds the tables for one vCPU exactly has no room for a second.
+        let one = AcpiTables::build(1, &[]).unwrap();
+        let end = one.end().0;
+        assert!(AcpiTables::build_within(RSDP_START, end, 1, &[]).is_ok());
+        let err = AcpiTables::build_within(RSDP_START, end, 2, &[]).unwrap_err();
+        match err {
+            AcpiError::TooLarge {
+                vcpus: 2,
+                needed,
+                available,
+                ..
+            } => assert!(needed > available, "{needed} > {available}"),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn too_many_devices_for_the_bios_area_is_a_typed_error() {
+        let device = VirtioMmioDevice {
+            base: 0xd000_0000,
+            size: 0x1000,
+            irq: 5,
+        };
+        let err = AcpiTables::build(2, &vec![device; MAX_VIRTIO_MMIO_DEVICES]).unwrap_err();
+        assert!(matches!(err, AcpiError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("bytes"), "{err}");
+    }
+
+    #[test]
+    fn tables_sit_where_the_e820_map_offers_no_ram() {
+        let mem = memory::create_guest_memory(128 << 20).unwrap();
+        let params = super::super::zero_page(&mem, None, 1, None);
+        let tables = AcpiTables::build(2, &[]).unwrap();
+        let (start, end) = (tables.rsdp().0, tables.end().0);
+        for entry in &params.e820_table[..usize::from(params.e820_entries)] {
+            let (addr, size) = (entry.addr, entry.size);
+            assert!(
+                addr + size <= start || addr >= end,
+                "e820 RAM {addr:#x}+{size:#x} covers the ACPI tables {start:#x}..{end:#x}"
+            );
+        }
+    }
+}

@@ -604,6 +604,93 @@ impl<'a> Message<'a> {
     }
 }
 
+/// Blocking frame I/O over any byte stream (vsock, Unix socket, TCP).
+#[cfg(feature = "std")]
+pub mod io {
+    use std::io::{Read, Write};
+
+    use super::{HEADER_LEN, Header, Kind, Message, ProtocolError};
+
+    /// Reading or writing a frame failed.
+    #[derive(Debug)]
+    pub enum FrameError {
+        /// The stream failed or ended.
+        Io(std::io::Error),
+        /// The peer sent a malformed frame; the connection must be closed.
+        Protocol(ProtocolError),
+    }
+
+    impl std::fmt::Display for FrameError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                FrameError::Io(e) => write!(f, "frame I/O failed: {e}"),
+                FrameError::Protocol(e) => write!(f, "malformed frame: {e}"),
+            }
+        }
+    }
+
+    impl std::error::Error for FrameError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            match self {
+                FrameError::Io(e) => Some(e),
+                FrameError::Protocol(e) => Some(e),
+            }
+        }
+    }
+
+    impl From<std::io::Error> for FrameError {
+        fn from(e: std::io::Error) -> Self {
+            FrameError::Io(e)
+        }
+    }
+
+    impl From<ProtocolError> for FrameError {
+        fn from(e: ProtocolError) -> Self {
+            FrameError::Protocol(e)
+        }
+    }
+
+    /// A received frame: its kind and body. Decode it with [`Frame::message`].
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Frame {
+        /// The frame kind.
+        pub kind: Kind,
+        /// The body bytes.
+        pub body: Vec<u8>,
+    }
+
+    impl Frame {
+        /// Decodes the body.
+        pub fn message(&self) -> Result<Message<'_>, ProtocolError> {
+            Message::decode(self.kind, &self.body)
+        }
+    }
+
+    /// Reads one frame. The header is checked before the body is allocated, so a peer cannot
+    /// make this allocate more than `MAX_BODY` bytes.
+    pub fn read_frame(stream: &mut impl Read) -> Result<Frame, FrameError> {
+        let mut header = [0u8; HEADER_LEN];
+        stream.read_exact(&mut header)?;
+        let header = Header::decode(&header)?;
+        let mut body = vec![0u8; header.length as usize];
+        stream.read_exact(&mut body)?;
+        // Decode once so a malformed body is reported here, not later by the consumer.
+        Message::decode(header.kind, &body)?;
+        Ok(Frame {
+            kind: header.kind,
+            body,
+        })
+    }
+
+    /// Writes one message as a frame.
+    pub fn write_message(stream: &mut impl Write, message: &Message) -> Result<(), FrameError> {
+        let frame = message.encode()?;
+        stream.write_all(&frame)?;
+        stream.flush()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,6 +876,40 @@ mod tests {
                 needed: m.frame_len()
             })
         );
+    }
+
+    #[test]
+    fn frames_cross_a_stream_and_malformed_ones_are_refused() {
+        use super::io::{FrameError, read_frame, write_message};
+        let mut wire = Vec::new();
+        for m in all_messages() {
+            write_message(&mut wire, &m).unwrap();
+        }
+        let mut reader = &wire[..];
+        for m in all_messages() {
+            assert_eq!(read_frame(&mut reader).unwrap().message().unwrap(), m);
+        }
+        assert!(matches!(read_frame(&mut reader), Err(FrameError::Io(_))));
+
+        let mut bad = Message::Ready.encode().unwrap();
+        bad[0] = 0;
+        assert!(matches!(
+            read_frame(&mut &bad[..]),
+            Err(FrameError::Protocol(ProtocolError::BadMagic(_)))
+        ));
+        // A Response whose body is cut short is refused before anyone sees it.
+        let mut short = Message::Response {
+            request_id: "r",
+            payload: b"abc",
+        }
+        .encode()
+        .unwrap();
+        short[8] -= 1;
+        short.pop();
+        assert!(matches!(
+            read_frame(&mut &short[..]),
+            Err(FrameError::Protocol(_))
+        ));
     }
 
     #[test]

@@ -26,8 +26,10 @@ pub const INIT_PATH: &str = "/init";
 const PERMISSION_BITS: u32 = 0o7777;
 /// Mode of directories created implicitly as parents.
 const IMPLICIT_DIR_MODE: u32 = 0o755;
-const GZIP_LEVEL: u32 = 9;
-const ZSTD_LEVEL: i32 = 19;
+// The tools' default levels: an initramfs may carry a whole language runtime (100 MB and more),
+// and the kernel unpacks any level equally fast, so the highest levels would only slow builds.
+const GZIP_LEVEL: u32 = 6;
+const ZSTD_LEVEL: i32 = 3;
 
 /// How the archive is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

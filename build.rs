@@ -3,10 +3,11 @@
 //!
 //! The guest is a freestanding image with `panic = "abort"` and a linker script, so it cannot
 //! be a workspace member: this script runs a nested `cargo build` for it with its own target
-//! directory, from the guest's directory so its `.cargo/config.toml` applies.
+//! directory (see `build_support/test_guest_cargo.rs`).
 
 use std::path::PathBuf;
-use std::process::Command;
+
+include!("build_support/test_guest_cargo.rs");
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
@@ -22,28 +23,23 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(input).display());
     }
-
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let target_dir = out_dir.join("test-guest-target");
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guest_dir)
-        .args(["build", "--release", "--locked", "--target-dir"])
-        .arg(&target_dir);
-    // Flags and wrappers meant for the Thaw workspace (RUSTFLAGS from the environment, clippy's
-    // wrapper, coverage instrumentation) must not leak into the freestanding guest build.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_PROFILE_RELEASE_PANIC",
+    // The guest speaks the protocol defined in hooks-sdk.
+    for input in [
+        "hooks-sdk/src/protocol.rs",
+        "hooks-sdk/src/lib.rs",
+        "hooks-sdk/Cargo.toml",
     ] {
-        cmd.env_remove(var);
+        println!(
+            "cargo:rerun-if-changed={}",
+            manifest_dir.join(input).display()
+        );
     }
-    let status = cmd
+    println!("cargo:rerun-if-changed=build_support/test_guest_cargo.rs");
+
+    let target_dir = out_dir.join("test-guest-target");
+    let status = test_guest_cargo(&guest_dir)
+        .args(["build", "--release", "--locked", "--target-dir"])
+        .arg(&target_dir)
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo to build the test guest: {e}"));
     if !status.success() {

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use vmm_core::{ExitReason, Machine, MachineConfig};
 
+mod support;
+use support::{ms, stats};
+
 /// Records when the first console byte arrived.
 #[derive(Clone)]
 struct FirstByte(Arc<Mutex<Option<Instant>>>);
@@ -32,25 +35,6 @@ impl Write for FirstByte {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-struct Stats {
-    median: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    Stats {
-        median: samples[samples.len() / 2],
-        min: samples[0],
-        max: samples[samples.len() - 1],
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 /// Waits until `fd` (the exit eventfd) is readable and returns when that happened.
@@ -75,6 +59,7 @@ fn boot_in_process(vcpus: u8) -> (Duration, Duration, Duration) {
         kernel: thaw::test_guest::kernel(),
         initrd: None,
         cmdline: String::new(),
+        vsock: None,
     };
     let first = FirstByte(Arc::new(Mutex::new(None)));
     let start = Instant::now();
@@ -108,20 +93,7 @@ fn thaw_run_process(vcpus: u8) -> Duration {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let write = args.iter().any(|a| a == "--write");
-    let iterations = args
-        .iter()
-        .position(|a| a == "--iterations")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(30usize);
-    // `cargo bench` passes --bench; `cargo test --benches` runs this once as a smoke test.
-    let iterations = if args.iter().any(|a| a == "--bench") {
-        iterations
-    } else {
-        1
-    };
+    let support::Args { write, iterations } = support::args(30);
 
     let max_vcpus = vmm_core::config::host_cpus().min(2) as u8;
     let mut rows = Vec::new();
@@ -154,15 +126,10 @@ fn main() {
             ));
         }
     }
-    let host = thaw::host_check::check();
-    let flavor = host
-        .kvm_flavor
-        .map(|f| f.to_string())
-        .unwrap_or_else(|| "no KVM".into());
     let mut table = format!(
-        "Machine: {} CPUs ({}), {flavor}; {iterations} runs each, 128 MiB guest, release build.\n\n\
+        "{}; {iterations} runs each, 128 MiB guest, release build.\n\n\
          | guest | measured | median | min | max |\n|---|---|---|---|---|\n",
-        host.host_cpus, host.cpu_vendor
+        support::machine()
     );
     for row in &rows {
         table.push_str(row);
@@ -170,24 +137,6 @@ fn main() {
     }
     print!("{table}");
     if write {
-        write_section("boot", &table).expect("update docs/BENCHMARKS.md");
+        support::write_section("boot", &table).expect("update docs/BENCHMARKS.md");
     }
-}
-
-/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in
-/// docs/BENCHMARKS.md.
-fn write_section(name: &str, body: &str) -> std::io::Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-    let text = std::fs::read_to_string(&path)?;
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    let (Some(b), Some(e)) = (text.find(&begin), text.find(&end)) else {
-        return Err(std::io::Error::other(format!(
-            "markers for {name} not found"
-        )));
-    };
-    let updated = format!("{}{begin}\n{body}{}", &text[..b], &text[e..]);
-    let tmp = path.with_extension("md.tmp");
-    std::fs::write(&tmp, updated)?;
-    std::fs::rename(tmp, path)
 }

@@ -16,6 +16,7 @@ fn create(c: &mut Criterion) {
             kernel: thaw::test_guest::kernel(),
             initrd: None,
             cmdline: String::new(),
+            vsock: None,
         };
         group.bench_function(format!("test_guest_{mem_mib}MiB_1vcpu"), |b| {
             // Tearing the VM down is not part of creating it: drop outside the timing.

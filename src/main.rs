@@ -42,6 +42,18 @@ enum Command {
         /// Number of vCPUs (1 to this host's online CPUs).
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
         vcpus: u8,
+        /// Add a virtio-vsock device whose host side is this Unix socket (Firecracker's hybrid
+        /// vsock `uds_path`). A guest connection to host CID 2, port P is forwarded to the Unix
+        /// socket PATH_P, which a host program must be listening on. A host program reaches guest
+        /// port P by connecting to PATH and writing "CONNECT P\n"; it reads "OK <host_port>\n"
+        /// once the guest accepted, or sees the socket closed if the guest refused. PATH must not
+        /// exist (Thaw creates it and removes it on exit) and must be at most 96 bytes long.
+        #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds)]
+        vsock_uds: Option<PathBuf>,
+        /// The guest's vsock context id (3 to 4294967294).
+        #[arg(long, value_name = "N", default_value_t = vmm_core::config::DEFAULT_GUEST_CID,
+              requires = "vsock_uds", value_parser = parse_vsock_cid)]
+        vsock_cid: u32,
     },
     /// Fetch and cache Debian's cloud kernel (linux-image-cloud-amd64) with apt.
     Kernel {
@@ -124,6 +136,22 @@ fn parse_vcpus(s: &str) -> Result<u8, String> {
     vmm_core::config::validate_vcpus(n).map_err(|e| e.to_string())
 }
 
+fn parse_vsock_uds(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    vmm_core::config::validate_vsock_uds_path(&path).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+fn parse_vsock_cid(s: &str) -> Result<u32, String> {
+    let cid: u32 = s.parse().map_err(|e| format!("{s:?} is not a CID: {e}"))?;
+    let config = vmm_core::config::VsockConfig {
+        guest_cid: cid,
+        uds_path: PathBuf::from("vsock.sock"),
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(cid)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -158,6 +186,8 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             cmdline,
             mem_mib,
             vcpus,
+            vsock_uds,
+            vsock_cid,
         } => {
             let options = RunOptions {
                 kernel,
@@ -165,6 +195,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 cmdline,
                 mem_mib,
                 vcpus,
+                vsock: vsock_uds.map(|uds_path| vmm_core::config::VsockConfig {
+                    guest_cid: vsock_cid,
+                    uds_path,
+                }),
             };
             let reason = thaw::run::run(&options).context("cannot run the guest")?;
             match reason.exit_code() {

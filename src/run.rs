@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use vmm_core::config::{DEFAULT_LINUX_CMDLINE, KernelSource};
+use vmm_core::config::{DEFAULT_LINUX_CMDLINE, KernelSource, VsockConfig};
 use vmm_core::machine::ConsoleInput;
 use vmm_core::{ExitReason, Machine, MachineConfig, MachineError};
 
@@ -20,6 +20,8 @@ pub struct RunOptions {
     pub mem_mib: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// A virtio-vsock device (hybrid vsock over Unix sockets).
+    pub vsock: Option<VsockConfig>,
 }
 
 /// `thaw run` was asked for something it cannot do.
@@ -50,6 +52,7 @@ impl RunOptions {
                 .cmdline
                 .clone()
                 .unwrap_or_else(|| default_cmdline.to_string()),
+            vsock: self.vsock.clone(),
         })
     }
 }

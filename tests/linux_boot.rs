@@ -32,6 +32,7 @@ fn linux(kernel: &thaw::guest_image::DebianKernel, initrd: std::path::PathBuf) -
         initrd: Some(initrd),
         // earlyprintk makes the decompressor and early kernel print before the real console.
         cmdline: format!("{DEFAULT_LINUX_CMDLINE} earlyprintk=serial,ttyS0,115200 nokaslr"),
+        vsock: None,
     }
 }
 

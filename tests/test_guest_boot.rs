@@ -82,6 +82,7 @@ fn boots_with_memory_above_the_mmio_gap() {
         kernel: thaw::test_guest::kernel(),
         initrd: None,
         cmdline: String::new(),
+        vsock: None,
     };
     let run = TestVm::new(vm.clone()).run();
     assert_eq!(run.reason, ExitReason::GuestExit(0), "{}", run.output);

@@ -2,8 +2,14 @@
 //! SDK) and the one piece the host shares with it: the versioned host↔guest protocol.
 //!
 //! With default features off the crate is `no_std` and allocation-free, so the bare-metal test
-//! guest (`test-guest/`) uses the same protocol code as the host and the Linux agent.
+//! guest (`test-guest/`) uses the same protocol code as the host and the Linux agent. The
+//! `agent` feature (on by default) adds `thaw-init` ([`agent`]) and the Rust function SDK
+//! ([`sdk`]).
 
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod protocol;
+#[cfg(feature = "agent")]
+pub mod sdk;

@@ -1,7 +1,8 @@
-//! What the user asked for: memory size, vCPU count, and what to boot. Validated here, once,
-//! so the rest of the VMM can trust it.
+//! What the user asked for: memory size, vCPU count, what to boot and which devices to add.
+//! Validated here, once, so the rest of the VMM can trust it.
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 /// Smallest guest memory Thaw accepts, as AWS Lambda does.
 pub const MIN_MEM_MIB: u64 = 128;
@@ -50,6 +51,58 @@ impl std::fmt::Display for KernelSource {
     }
 }
 
+/// The guest CID a vsock device gets unless told otherwise (the first one not reserved).
+pub const DEFAULT_GUEST_CID: u32 = 3;
+/// Longest vsock socket path: `sockaddr_un` holds 107 bytes and a NUL, and the device also
+/// connects to `<path>_<port>`, up to 11 bytes longer (`_4294967295`).
+pub const MAX_VSOCK_UDS_PATH: usize = 107 - 11;
+
+/// A virtio-vsock device with Firecracker's hybrid vsock on the host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id: 3 or more (0-2 are reserved), below `u32::MAX` (`VMADDR_CID_ANY`).
+    pub guest_cid: u32,
+    /// The Unix socket host programs connect to (writing `CONNECT <port>\n`) to reach a guest
+    /// port. A guest connection to host port P goes to the socket `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Checks the CID and the socket path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < DEFAULT_GUEST_CID || self.guest_cid == u32::MAX {
+            return Err(ConfigError::VsockCid {
+                cid: self.guest_cid,
+            });
+        }
+        validate_vsock_uds_path(&self.uds_path)
+    }
+}
+
+/// Checks a vsock socket path: not empty, no NUL, short enough for `sockaddr_un` with a port
+/// suffix, in a directory that exists. The socket itself must not exist yet.
+pub fn validate_vsock_uds_path(path: &Path) -> Result<(), ConfigError> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.contains(&0) {
+        return Err(ConfigError::VsockPathInvalid {
+            path: path.to_path_buf(),
+        });
+    }
+    if bytes.len() > MAX_VSOCK_UDS_PATH {
+        return Err(ConfigError::VsockPathTooLong {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+        });
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if parent.is_some_and(|p| !p.is_dir()) {
+        return Err(ConfigError::VsockPathNoDirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// A machine to boot.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -63,6 +116,8 @@ pub struct MachineConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// A virtio-vsock device, if wanted.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A configuration that cannot be booted.
@@ -102,6 +157,35 @@ pub enum ConfigError {
     /// The command line has a NUL byte, which would end it early.
     #[error("the kernel command line contains a NUL byte")]
     CmdlineHasNul,
+    /// A vsock CID that is reserved or `VMADDR_CID_ANY`.
+    #[error("vsock guest CID {cid} is invalid: use 3 to 4294967294 (0-2 are reserved)")]
+    VsockCid {
+        /// What was asked for.
+        cid: u32,
+    },
+    /// A vsock socket path that is empty or has a NUL byte.
+    #[error("vsock socket path {path:?} is empty or contains a NUL byte")]
+    VsockPathInvalid {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A vsock socket path too long for `sockaddr_un` once `_<port>` is added.
+    #[error(
+        "vsock socket path {path:?} is {len} bytes; at most {MAX_VSOCK_UDS_PATH} fit a Unix \
+         socket address with the `_<port>` suffix"
+    )]
+    VsockPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// A vsock socket path whose directory does not exist.
+    #[error("the directory of vsock socket path {path:?} does not exist")]
+    VsockPathNoDirectory {
+        /// The path.
+        path: PathBuf,
+    },
 }
 
 /// Number of CPUs the host has online.
@@ -149,6 +233,9 @@ impl MachineConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineHasNul);
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         Ok(())
     }
 
@@ -169,6 +256,7 @@ mod tests {
             kernel: KernelSource::Path("/nonexistent".into()),
             initrd: None,
             cmdline: String::new(),
+            vsock: None,
         }
     }
 
@@ -220,5 +308,42 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::CmdlineHasNul));
         c.cmdline = "console=ttyS0".into();
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validates_vsock_cid_and_socket_path() {
+        let ok = |cid, path: &str| {
+            VsockConfig {
+                guest_cid: cid,
+                uds_path: path.into(),
+            }
+            .validate()
+        };
+        assert_eq!(ok(3, "/tmp/v.sock"), Ok(()));
+        assert_eq!(ok(u32::MAX - 1, "v.sock"), Ok(()));
+        for cid in [0, 1, 2, u32::MAX] {
+            assert_eq!(ok(cid, "/tmp/v.sock"), Err(ConfigError::VsockCid { cid }));
+        }
+        assert!(matches!(
+            ok(3, ""),
+            Err(ConfigError::VsockPathInvalid { .. })
+        ));
+        let long = format!("/tmp/{}", "x".repeat(MAX_VSOCK_UDS_PATH));
+        assert!(matches!(
+            ok(3, &long),
+            Err(ConfigError::VsockPathTooLong { .. })
+        ));
+        let exact = format!("/tmp/{}", "x".repeat(MAX_VSOCK_UDS_PATH - 5));
+        assert_eq!(ok(3, &exact), Ok(()));
+        assert!(matches!(
+            ok(3, "/nonexistent-thaw-dir/v.sock"),
+            Err(ConfigError::VsockPathNoDirectory { .. })
+        ));
+        let mut c = config();
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/v.sock".into(),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::VsockCid { cid: 2 }));
     }
 }

@@ -16,7 +16,7 @@
 //! 0x0009_fc00  EBDA: MP table (the guest's CPU and interrupt topology)
 //! 0x000e_0000  ACPI: RSDP, then DSDT, MADT, FADT, XSDT, up to 0x10_0000 (not RAM in e820)
 //! 0x0010_0000  kernel image (HIMEM_START); initrd goes to the top of low RAM
-//! 0xd000_0000  32-bit MMIO gap (virtio-mmio devices, IOAPIC, LAPIC) up to 4 GiB
+//! 0xd000_0000  32-bit MMIO gap: virtio-mmio devices first (4 KiB each), IOAPIC, LAPIC; to 4 GiB
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3.25 GiB
 //! ```
 
@@ -57,6 +57,18 @@ pub const MMIO_GAP_SIZE: u64 = 768 << 20;
 pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
 /// Start of the 32-bit MMIO hole; RAM stops here and resumes at 4 GiB.
 pub const MMIO_GAP_START: u64 = FIRST_ADDR_PAST_32BITS - MMIO_GAP_SIZE;
+/// The first virtio-mmio device's registers; the next ones follow every [`VIRTIO_MMIO_SIZE`].
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
+/// Size of one virtio-mmio device's register window (registers and configuration space).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The first virtio-mmio device's IRQ (GSI): the first legacy ISA line no PC device uses
+/// (0 PIT, 1 keyboard, 2 cascade, 3-4 COM ports). ISA lines reach both the in-kernel PIC and
+/// IOAPIC through KVM's default routing, and are edge-triggered, active high, as the irqfd
+/// delivers them.
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+/// The last IRQ for virtio-mmio devices: the last ISA line (the PIC has 16 inputs).
+pub const VIRTIO_IRQ_LAST: u32 = 15;
+
 /// Default IOAPIC base, inside the MMIO gap.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Default local APIC base, inside the MMIO gap.
@@ -65,3 +77,9 @@ pub const APIC_START: u64 = 0xfee0_0000;
 /// Address KVM needs for the three pages of its real-mode TSS (Intel only), kept in the MMIO
 /// gap where no RAM lives.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+// The virtio-mmio windows must stay clear of the IOAPIC for every IRQ they can have.
+const _: () = assert!(
+    VIRTIO_MMIO_START + (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as u64 * VIRTIO_MMIO_SIZE
+        <= IOAPIC_START
+);

@@ -6,17 +6,23 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::acpi::VirtioMmioDevice;
 use crate::boot::{self, BootInfo, mptable::CpuSignature};
-use crate::config::{ConfigError, MachineConfig};
+use crate::config::{ConfigError, MachineConfig, VsockConfig};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, ConsoleOutput, SerialConsole};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::mmio::{MmioTransport, VirtioMmioEvents, reg};
+use crate::devices::vsock::{VsockDevice, VsockError};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::layout::KVM_TSS_ADDRESS;
+use crate::layout::{
+    KVM_TSS_ADDRESS, VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{self, Buses, SpawnError, VcpuHandle, setup::SetupError};
 use crate::{cpuid, kvm};
@@ -66,6 +72,15 @@ pub enum MachineError {
     /// The event loop failed.
     #[error("VMM event loop failed")]
     EventLoop(#[source] std::io::Error),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// A virtio transport could not be created.
+    #[error(transparent)]
+    VirtioMmio(#[from] crate::devices::virtio::mmio::MmioError),
+    /// More virtio devices than IRQs set aside for them.
+    #[error("too many virtio devices: IRQs {VIRTIO_IRQ_FIRST} to {VIRTIO_IRQ_LAST} are all taken")]
+    TooManyVirtioDevices,
 }
 
 fn vm_step(step: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
@@ -79,6 +94,11 @@ pub type ConsoleInput = Box<dyn ReadFd + Send>;
 pub trait ReadFd: Read + AsRawFd {}
 impl<T: Read + AsRawFd> ReadFd for T {}
 
+/// A virtio device as the VMM thread's event loop sees it.
+pub type VirtioHandle = Arc<Mutex<dyn VirtioMmioEvents>>;
+/// The vsock device with its transport.
+pub type VsockHandle = Arc<Mutex<MmioTransport<VsockDevice>>>;
+
 /// A built machine, ready to run.
 pub struct Machine {
     // Field order is drop order: vCPU fds and the VM go before the memory KVM maps.
@@ -87,8 +107,94 @@ pub struct Machine {
     memory: GuestMemory,
     buses: Buses,
     serial: Arc<Mutex<SerialConsole>>,
+    virtio: Vec<VirtioHandle>,
+    vsock: Option<VsockHandle>,
     exit: Arc<ExitSignal>,
     boot: BootInfo,
+}
+
+/// Virtio-mmio devices being placed: their bus, their descriptions for ACPI and the command line.
+struct VirtioDevices {
+    mmio: Bus,
+    described: Vec<VirtioMmioDevice>,
+    handles: Vec<VirtioHandle>,
+}
+
+impl VirtioDevices {
+    /// Puts `device` at the next MMIO window and IRQ: wires its irqfd and one ioeventfd per
+    /// queue (QueueNotify with datamatch = queue index, so a notify does not leave KVM).
+    fn add<D: VirtioDevice + 'static>(
+        &mut self,
+        vm: &VmFd,
+        memory: &GuestMemory,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, MachineError> {
+        let index = self.described.len() as u32;
+        let irq = VIRTIO_IRQ_FIRST + index;
+        if irq > VIRTIO_IRQ_LAST {
+            return Err(MachineError::TooManyVirtioDevices);
+        }
+        let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let transport = MmioTransport::new(device, memory.clone())?;
+        vm.register_irqfd(transport.irq_event(), irq)
+            .map_err(vm_step("KVM_IRQFD (virtio)"))?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                queue as u32,
+            )
+            .map_err(vm_step("KVM_IOEVENTFD (virtio)"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(|e| MachineError::Device {
+                device: "virtio-mmio bus",
+                source: std::io::Error::other(e),
+            })?;
+        self.described.push(VirtioMmioDevice {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            irq,
+        });
+        self.handles.push(transport.clone());
+        Ok(transport)
+    }
+
+    /// The command line with a `virtio_mmio.device=<size>@<base>:<irq>` word per device, for
+    /// kernels that take devices from there (Debian's does not; it reads the DSDT).
+    fn cmdline(&self, cmdline: &str) -> String {
+        let mut out = cmdline.to_string();
+        for d in &self.described {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.size >> 10,
+                d.base,
+                d.irq
+            ));
+        }
+        out
+    }
+}
+
+fn create_vsock(
+    devices: &mut VirtioDevices,
+    vm: &VmFd,
+    memory: &GuestMemory,
+    config: &VsockConfig,
+) -> Result<VsockHandle, MachineError> {
+    let device = VsockDevice::new(config.guest_cid, config.uds_path.clone())?;
+    let handle = devices.add(vm, memory, device)?;
+    tracing::info!(
+        guest_cid = config.guest_cid,
+        uds_path = %config.uds_path.display(),
+        "vsock device ready"
+    );
+    Ok(handle)
 }
 
 impl Machine {
@@ -114,21 +220,34 @@ impl Machine {
         let memory = memory::create_guest_memory(config.mem_bytes())?;
         memory::register_with_kvm(&vm, &memory)?;
 
+        // Virtio devices come before the boot tables, which describe them.
+        let mut virtio = VirtioDevices {
+            mmio: Bus::new(),
+            described: Vec::new(),
+            handles: Vec::new(),
+        };
+        let vsock = match &config.vsock {
+            Some(vsock) => Some(create_vsock(&mut virtio, &vm, &memory, vsock)?),
+            None => None,
+        };
+
         let base_cpuid = cpuid::supported(&kvm)?;
         let boot = boot::load(
             &memory,
             &config.kernel,
             config.initrd.as_deref(),
-            &config.cmdline,
+            &virtio.cmdline(&config.cmdline),
             config.vcpus,
             cpu_signature(&base_cpuid),
+            &virtio.described,
         )?;
 
         let exit = Arc::new(ExitSignal::new().map_err(|source| MachineError::Device {
             device: "exit signal",
             source,
         })?);
-        let (buses, serial) = create_devices(&vm, console, &exit)?;
+        let (mut buses, serial) = create_devices(&vm, console, &exit)?;
+        buses.mmio = virtio.mmio;
 
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
@@ -154,9 +273,17 @@ impl Machine {
             memory,
             buses,
             serial,
+            virtio: virtio.handles,
+            vsock,
             exit,
             boot,
         })
+    }
+
+    /// The vsock device, if the machine has one: for a transport reset after a restore
+    /// ([`MmioTransport::reset_vsock_transport`]) or to inspect its state.
+    pub fn vsock(&self) -> Option<VsockHandle> {
+        self.vsock.clone()
     }
 
     /// The signal that stops the machine; `request(ExitReason::Stopped)` from any thread ends
@@ -192,7 +319,7 @@ impl Machine {
         }
         let loop_result = match spawn_error {
             Some(_) => Ok(()),
-            None => event_loop(&self.exit, &self.serial, input),
+            None => event_loop(&self.exit, &self.serial, &self.virtio, input),
         };
         if loop_result.is_err() {
             self.exit.request(ExitReason::Stopped);
@@ -270,11 +397,18 @@ fn stop_vcpus(handles: Vec<VcpuHandle>) {
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_INPUT: u64 = 1;
 const TOKEN_INPUT_DRAINED: u64 = 2;
+/// Virtio device `d` owns tokens `TOKEN_VIRTIO + d * VIRTIO_TOKENS ..`: one per queue, and the
+/// last one for its backend.
+const TOKEN_VIRTIO: u64 = 16;
+const VIRTIO_TOKENS: u64 = 16;
+const VIRTIO_BACKEND_SLOT: u64 = VIRTIO_TOKENS - 1;
 
-/// Waits for the machine to exit while moving console input into the UART.
+/// Waits for the machine to exit while moving console input into the UART and running the
+/// virtio devices' queue and backend work.
 fn event_loop(
     exit: &ExitSignal,
     serial: &Mutex<SerialConsole>,
+    virtio: &[VirtioHandle],
     mut input: Option<ConsoleInput>,
 ) -> Result<(), MachineError> {
     let epoll = Epoll::new().map_err(MachineError::EventLoop)?;
@@ -295,8 +429,21 @@ fn event_loop(
             input = None;
         }
     }
+    for (d, device) in virtio.iter().enumerate() {
+        let base = TOKEN_VIRTIO + d as u64 * VIRTIO_TOKENS;
+        let device = lock(device);
+        for (q, fd) in device.queue_event_fds().into_iter().enumerate() {
+            if q as u64 >= VIRTIO_BACKEND_SLOT {
+                break;
+            }
+            add(fd, base + q as u64).map_err(MachineError::EventLoop)?;
+        }
+        if let Some(fd) = device.backend_fd() {
+            add(fd, base + VIRTIO_BACKEND_SLOT).map_err(MachineError::EventLoop)?;
+        }
+    }
     let mut input_paused = false;
-    let mut events = vec![EpollEvent::default(); 4];
+    let mut events = vec![EpollEvent::default(); 16];
     while !exit.is_set() {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -345,6 +492,19 @@ fn event_loop(
                         input_paused = false;
                     }
                 }
+                token if token >= TOKEN_VIRTIO => {
+                    let d = ((token - TOKEN_VIRTIO) / VIRTIO_TOKENS) as usize;
+                    let slot = (token - TOKEN_VIRTIO) % VIRTIO_TOKENS;
+                    let Some(device) = virtio.get(d) else {
+                        continue;
+                    };
+                    let mut device = lock(device);
+                    if slot == VIRTIO_BACKEND_SLOT {
+                        device.process_backend_event();
+                    } else {
+                        device.process_queue_event(slot as usize);
+                    }
+                }
                 _ => {}
             }
         }
@@ -387,6 +547,7 @@ mod tests {
             },
             initrd: None,
             cmdline: String::new(),
+            vsock: None,
         }
     }
 
@@ -418,5 +579,56 @@ mod tests {
         });
         assert_eq!(machine.run(None).unwrap(), ExitReason::Stopped);
         stopper.join().unwrap();
+    }
+
+    #[test]
+    fn vsock_device_is_on_the_cmdline_in_acpi_and_its_socket_goes_with_the_machine() {
+        if !require_kvm() {
+            return;
+        }
+        use crate::config::VsockConfig;
+        use crate::layout::{ACPI_END, CMDLINE_START, RSDP_START};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut cfg = config(tiny_elf(0x10_0000, &print_ok_and_exit(3)), 1);
+        cfg.cmdline = "console=ttyS0".into();
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        });
+        let machine = Machine::create(&cfg, Box::new(std::io::sink())).unwrap();
+        assert!(uds.exists(), "the host socket is listening");
+        let mut cmdline = vec![0u8; 128];
+        machine
+            .memory()
+            .read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            cmdline.starts_with("console=ttyS0 virtio_mmio.device=4K@0xd0000000:5\0"),
+            "{cmdline}"
+        );
+        let mut acpi = vec![0u8; (ACPI_END - RSDP_START) as usize];
+        machine
+            .memory()
+            .read_slice(&mut acpi, GuestAddress(RSDP_START))
+            .unwrap();
+        assert!(
+            acpi.windows(8).any(|w| w == b"LNRO0005"),
+            "no virtio-mmio device in the DSDT"
+        );
+        let vsock = machine.vsock().unwrap();
+        assert_eq!(lock(&vsock).device().config().guest_cid, 3);
+        drop(vsock);
+        assert_eq!(machine.run(None).unwrap(), ExitReason::GuestExit(3));
+        assert!(!uds.exists(), "the host socket is removed with the machine");
+        // A socket path that exists is refused, not stolen.
+        std::fs::write(&uds, b"").unwrap();
+        assert!(matches!(
+            Machine::create(&cfg, Box::new(std::io::sink())),
+            Err(MachineError::Vsock(_))
+        ));
     }
 }

@@ -1,5 +1,5 @@
-//! Port I/O and the two devices the guest talks to through it: the COM1 console and Thaw's
-//! debug-exit port. Both work at CPL3 because the guest runs with IOPL=3.
+//! Port I/O and the devices the guest talks to through it: the COM1 console, Thaw's debug-exit
+//! port and the legacy PICs. Port I/O works at CPL3 through the TSS I/O permission bitmap.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -10,9 +10,36 @@ const DEBUG_EXIT: u16 = 0x501;
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O has no memory effects; the guest runs with IOPL=3 so this never faults.
+    // SAFETY: port I/O has no memory effects; the TSS I/O bitmap allows the guest's ports at CPL3.
     unsafe {
         core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem))
+    }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`; the ports the guest reads (PIT, speaker) have no memory effects.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nostack, nomem))
+    };
+    value
+}
+
+/// Initializes both 8259 PICs with their vectors at 32-47 (clear of the CPU exceptions), then
+/// masks every line. The guest polls and wants no interrupts, but on PVM user code always runs
+/// with IF=1, and the VMM's devices raise their lines (COM1: 4, virtio-mmio: 5 and up) through
+/// KVM's PIC and the local APIC's LINT0 (ExtINT): unmasked and unprogrammed, the PIC would
+/// deliver IRQ 5 as vector 5, a CPU exception. Anything that still arrives is counted by
+/// `traps`.
+pub fn mask_legacy_pics() {
+    const ICW1_INIT_ICW4: u8 = 0x11;
+    for (cmd, data, base, cascade) in [(0x20, 0x21, 32, 1 << 2), (0xa0, 0xa1, 40, 2)] {
+        outb(cmd, ICW1_INIT_ICW4);
+        outb(data, base); // ICW2: vector base
+        outb(data, cascade); // ICW3: the slave hangs off the master's IRQ 2
+        outb(data, 0x01); // ICW4: 8086 mode
+        outb(data, 0xff); // OCW1: every line masked
     }
 }
 

@@ -2,26 +2,47 @@
 //! `vmlinux` (64-bit entry, `rsi` = zero page), spends as little time at CPL0 as it can (on PVM
 //! every CPL0 instruction is emulated), and does its real work at CPL3 with IOPL=3.
 //!
+//! After its CPU checks it can talk to the host over virtio-vsock with a polling driver that
+//! runs entirely at CPL3 (`virtio_mmio`, and the driver core in the library crate), as Thaw's
+//! agent, as a bench responder, or as a deliberately misbehaving client.
+//!
 //! Command line (`thaw run --cmdline`), space-separated; unknown `thaw.*` keys are an error:
 //! - `thaw.exit=N`  exit status to report when everything succeeded (default 0)
+//! - `thaw.agent=1`  run the Thaw agent over vsock (host CID 2, port 9000); see `agent`
+//! - `thaw.init=on-demand|snap-start`  the init type the agent's `Hello` reports (default
+//!   on-demand, which also sends `Ready`)
+//! - `thaw.vsock-bench=1`  serve the vsock bench (echo, upload, download); see `bench_mode`
+//! - `thaw.vsock-misbehave=KIND`  send the device bad input of KIND (`bad-addr`, `bad-len`,
+//!   `bad-op`, `no-conn`, `flood`, `all`), then run the agent; see `misbehave`
+//! - `virtio_mmio.device=SIZE@BASE:IRQ`  a virtio-mmio device (the VMM appends these)
 //!
-//! Exit statuses: 0 (or `thaw.exit`) success, 1 a check failed, 2 bad command line,
-//! 3 CPU exception, 4 panic.
+//! Exit statuses: 0 (or `thaw.exit`) success (the agent: `Shutdown`; the bench: quit),
+//! 1 a check failed, 2 bad command line, 3 CPU exception, 4 panic, 5 no usable vsock device.
 
 #![no_std]
 #![no_main]
 
+mod agent;
 mod arch;
+mod bench_mode;
 mod boot;
+mod clock;
 mod io;
 mod mem;
+mod misbehave;
 mod smp;
+mod traps;
+mod virtio_mmio;
 
 use core::sync::atomic::{AtomicU32, Ordering};
+
+use thaw_test_guest::cmdline::{self, Mode};
 
 const EXIT_CHECK_FAILED: u8 = 1;
 const EXIT_BAD_CMDLINE: u8 = 2;
 const EXIT_PANIC: u8 = 4;
+/// No vsock device, or it cannot be initialized or recovered.
+pub const EXIT_VSOCK: u8 = 5;
 
 /// How long the BSP waits for APs to come online, in spin-loop iterations (seconds, not
 /// milliseconds: APs normally arrive within a few hundred microseconds).
@@ -42,29 +63,10 @@ fn report_self(cpu: usize) {
     REPORTS[cpu].store(value, Ordering::Release);
 }
 
-struct Options {
-    exit_code: u8,
-}
-
-fn parse_cmdline(cmdline: &str) -> Result<Options, &str> {
-    let mut options = Options { exit_code: 0 };
-    for word in cmdline.split_ascii_whitespace() {
-        let Some(setting) = word.strip_prefix("thaw.") else {
-            continue; // options for other programs (console=, ...) are not ours
-        };
-        match setting.split_once('=') {
-            Some(("exit", value)) => {
-                options.exit_code = value.parse().map_err(|_| word)?;
-            }
-            _ => return Err(word),
-        }
-    }
-    Ok(options)
-}
-
 /// The boot CPU at CPL3.
 pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     arch::fill_idt();
+    io::mask_legacy_pics();
     println!(
         "thaw-test-guest {}: banner from CPL{}",
         env!("CARGO_PKG_VERSION"),
@@ -73,7 +75,7 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     report_self(0);
 
     let cmdline = boot::cmdline(boot_params);
-    let options = match parse_cmdline(cmdline) {
+    let options = match cmdline::parse(cmdline) {
         Ok(o) => o,
         Err(bad) => {
             println!("thaw-test-guest: unknown or invalid option {bad:?}");
@@ -109,14 +111,53 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     if online != expected {
         io::exit(EXIT_CHECK_FAILED);
     }
-    io::exit(options.exit_code)
+    if options.mode == Mode::Checks {
+        io::exit(options.exit_code)
+    }
+    vsock_main(&options)
+}
+
+/// The vsock modes, on the boot CPU.
+fn vsock_main(options: &cmdline::Options) -> ! {
+    arch::paint_user_stack(0);
+    let (khz, sane) = clock::calibrate();
+    println!(
+        "clock: TSC at {}.{:03} MHz{}",
+        khz / 1000,
+        khz % 1000,
+        if sane {
+            ""
+        } else {
+            " (PIT calibration failed; assumed)"
+        }
+    );
+    let Some(mut vsock) = virtio_mmio::Vsock::open(options.devices()) else {
+        println!(
+            "thaw-test-guest: no usable virtio-mmio vsock device among {} on the command line",
+            options.device_count
+        );
+        io::exit(EXIT_VSOCK);
+    };
+    match options.mode {
+        Mode::Agent => agent::run(&mut vsock, options.init_type),
+        Mode::Bench => bench_mode::run(&mut vsock),
+        Mode::Misbehave(kind) => {
+            let mut scratch = [0u8; 64];
+            if misbehave::run(&mut vsock, kind, &mut scratch).is_none() {
+                println!("misbehave {}: the device did not recover", kind.name());
+                io::exit(EXIT_CHECK_FAILED);
+            }
+            agent::run(&mut vsock, options.init_type)
+        }
+        Mode::Checks => io::exit(options.exit_code),
+    }
 }
 
 /// An application processor at CPL3.
 pub extern "C" fn ap_main(cpu: u64) -> ! {
     report_self(cpu as usize);
     smp::ONLINE.fetch_add(1, Ordering::AcqRel);
-    arch::syscall(arch::SYS_HALT_FOREVER, 0);
+    traps::syscall(arch::SYS_HALT_FOREVER, 0);
     unreachable!("the halt syscall never returns")
 }
 

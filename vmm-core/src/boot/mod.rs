@@ -219,7 +219,8 @@ fn load_kernel(
 }
 
 /// Loads the kernel, initrd and command line into `mem` and writes the zero page, the MP table,
-/// the ACPI tables and the boot CPU tables. Nothing here touches KVM.
+/// the ACPI tables (describing `virtio_devices` in the DSDT) and the boot CPU tables. Nothing
+/// here touches KVM. The caller puts the `virtio_mmio.device=` words on the command line.
 pub fn load(
     mem: &GuestMemory,
     kernel: &KernelSource,
@@ -227,6 +228,7 @@ pub fn load(
     cmdline: &str,
     vcpus: u8,
     cpu_signature: mptable::CpuSignature,
+    virtio_devices: &[acpi::VirtioMmioDevice],
 ) -> Result<BootInfo, BootError> {
     let name = kernel.to_string();
     let mut image = Image::open(kernel)?;
@@ -270,8 +272,7 @@ pub fn load(
         None => None,
     };
 
-    // No virtio-mmio devices yet; they will be passed here to appear in the DSDT.
-    let rsdp = acpi::write(mem, vcpus, &[])?;
+    let rsdp = acpi::write(mem, vcpus, virtio_devices)?;
     let mut params = zero_page(mem, loaded.setup_header, cmdline_len, initrd);
     // Saves the kernel its scan of the BIOS area for the RSDP.
     params.acpi_rsdp_addr = rsdp.raw_value();
@@ -408,6 +409,7 @@ mod tests {
             "",
             1,
             mptable::CpuSignature::default(),
+            &[],
         )
     }
 

@@ -1,0 +1,92 @@
+//! What the end-to-end benches share: median/min/max statistics, the `--iterations N` and
+//! `--write` arguments, and writing a section of docs/BENCHMARKS.md.
+
+#![allow(dead_code)] // each bench uses a different part
+
+use std::time::Duration;
+
+/// Median, min and max of a set of timings.
+pub struct Stats {
+    pub median: Duration,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Summarizes `samples` (at least one).
+pub fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    Stats {
+        median: samples[samples.len() / 2],
+        min: samples[0],
+        max: samples[samples.len() - 1],
+    }
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Microseconds with one decimal.
+pub fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// How the bench was invoked.
+pub struct Args {
+    /// Rewrite this bench's section of docs/BENCHMARKS.md.
+    pub write: bool,
+    /// Iterations asked for with `--iterations N` (default `default`); 1 when the bench runs
+    /// as a smoke test under `cargo test --benches`, which does not pass `--bench`.
+    pub iterations: usize,
+}
+
+/// Parses the process arguments.
+pub fn args(default: usize) -> Args {
+    let args: Vec<String> = std::env::args().collect();
+    let iterations = args
+        .iter()
+        .position(|a| a == "--iterations")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default);
+    Args {
+        write: args.iter().any(|a| a == "--write"),
+        iterations: if args.iter().any(|a| a == "--bench") {
+            iterations
+        } else {
+            1
+        },
+    }
+}
+
+/// "Machine: N CPUs (vendor), KVM flavor" for the table captions.
+pub fn machine() -> String {
+    let host = thaw::host_check::check();
+    let flavor = host
+        .kvm_flavor
+        .map(|f| f.to_string())
+        .unwrap_or_else(|| "no KVM".into());
+    format!(
+        "Machine: {} CPUs ({}), {flavor}",
+        host.host_cpus, host.cpu_vendor
+    )
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in
+/// docs/BENCHMARKS.md (written atomically).
+pub fn write_section(name: &str, body: &str) -> std::io::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path)?;
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let (Some(b), Some(e)) = (text.find(&begin), text.find(&end)) else {
+        return Err(std::io::Error::other(format!(
+            "markers for {name} not found"
+        )));
+    };
+    let updated = format!("{}{begin}\n{body}{}", &text[..b], &text[e..]);
+    let tmp = path.with_extension("md.tmp");
+    std::fs::write(&tmp, updated)?;
+    std::fs::rename(tmp, path)
+}

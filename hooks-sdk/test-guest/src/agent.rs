@@ -1,0 +1,245 @@
+//! The Thaw agent (`thaw.agent=1`): speaks the host↔guest protocol of
+//! `hooks_sdk::protocol` over the vsock connection to host port 9000. It says `Hello` (and
+//! `Ready` when on-demand) on every connection, runs the registered hooks on `Checkpoint` and
+//! `Restored`, answers each `Invoke` with the SHA-256 of its payload, and powers off on
+//! `Shutdown`. A malformed frame is logged and the connection reset; then it reconnects.
+
+use hooks_sdk::protocol::{
+    AGENT_PORT, Failure, HEADER_LEN, Header, InitType, Kind, MAX_BODY, Message, ProtocolError,
+    Restored,
+};
+use sha2::{Digest, Sha256};
+use thaw_test_guest::driver::Error;
+use thaw_test_guest::hooks::{GuestState, Hooks};
+
+use crate::arch::Shared;
+use crate::virtio_mmio::Vsock;
+use crate::{io, println};
+
+/// Room for a whole frame: a header and the largest body.
+pub const FRAME_BUF: usize = HEADER_LEN + MAX_BODY;
+
+/// Invocations logged on the console; later ones are not (on PVM every console byte is an
+/// exit to the VMM, which would dominate a small invocation's round trip).
+const LOGGED_INVOCATIONS: u64 = 8;
+
+/// Frames received (and, in bench mode, data sent) live here, in .bss.
+static FRAME: Shared<[u8; FRAME_BUF]> = Shared::new([0; FRAME_BUF]);
+/// Frames sent by the agent: small (responses carry a 32-byte hash).
+static REPLY: Shared<[u8; 64 * 1024]> = Shared::new([0; 64 * 1024]);
+
+/// The frame buffer. Only the boot CPU runs the agent or the bench, and only one of them.
+pub fn frame_buffer() -> &'static mut [u8; FRAME_BUF] {
+    // SAFETY: called once per boot, by whichever of the agent or the bench runs on the boot
+    // CPU; no other code touches FRAME.
+    unsafe { &mut *FRAME.get() }
+}
+
+fn reply_buffer() -> &'static mut [u8; 64 * 1024] {
+    // SAFETY: as for `frame_buffer`: only `run` calls this, once.
+    unsafe { &mut *REPLY.get() }
+}
+
+/// Why a connection ended.
+enum End {
+    /// The stream failed (closed, reset, transport reset, stalled device).
+    Transport(Error),
+    /// The host sent something we cannot accept.
+    Malformed(ProtocolError),
+    /// The host sent a guest-to-host kind.
+    WrongDirection(Kind),
+}
+
+impl From<Error> for End {
+    fn from(e: Error) -> Self {
+        End::Transport(e)
+    }
+}
+
+impl From<ProtocolError> for End {
+    fn from(e: ProtocolError) -> Self {
+        End::Malformed(e)
+    }
+}
+
+fn before_checkpoint(s: &mut GuestState) -> Result<(), &'static str> {
+    s.checkpoint();
+    println!(
+        "hook before-checkpoint: checkpoint #{}, marker {:#018x}",
+        s.checkpoints, s.marker
+    );
+    Ok(())
+}
+
+fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
+    s.restore(r);
+    println!(
+        "hook after-restore: restore id {:?}, wall clock {} ns, {} entropy bytes mixed, \
+         rng now {:02x}{:02x}{:02x}{:02x}..., marker {:#018x} kept",
+        r.restore_id,
+        r.wall_clock_ns,
+        r.entropy.len(),
+        s.rng[0],
+        s.rng[1],
+        s.rng[2],
+        s.rng[3],
+        s.marker
+    );
+    Ok(())
+}
+
+struct Agent {
+    init_type: InitType,
+    hooks: Hooks<GuestState>,
+    state: GuestState,
+    frame: &'static mut [u8; FRAME_BUF],
+    reply: &'static mut [u8; 64 * 1024],
+    invocations: u64,
+}
+
+impl Agent {
+    fn send(&mut self, v: &mut Vsock, m: &Message) -> Result<(), End> {
+        let n = m.encode_into(self.reply)?;
+        v.driver.send(&self.reply[..n])?;
+        Ok(())
+    }
+
+    /// Reads one frame into `self.frame`; returns its kind and body length.
+    fn read_frame(&mut self, v: &mut Vsock) -> Result<(Kind, usize), End> {
+        let mut header = [0u8; HEADER_LEN];
+        v.driver.recv_exact(&mut header)?;
+        let h = Header::decode(&header)?;
+        if h.kind.from_guest() {
+            return Err(End::WrongDirection(h.kind));
+        }
+        let len = h.length as usize; // at most MAX_BODY, checked by decode
+        v.driver.recv_exact(&mut self.frame[..len])?;
+        Ok((h.kind, len))
+    }
+
+    /// One connection, from `Hello` until it fails (a `Shutdown` never returns).
+    fn session(&mut self, v: &mut Vsock) -> End {
+        match self.serve(v) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    fn serve(&mut self, v: &mut Vsock) -> Result<core::convert::Infallible, End> {
+        let agent = concat!("thaw-test-guest/", env!("CARGO_PKG_VERSION"));
+        let init_type = self.init_type;
+        self.send(v, &Message::Hello { agent, init_type })?;
+        if init_type == InitType::OnDemand {
+            self.send(v, &Message::Ready)?;
+        }
+        loop {
+            let (kind, len) = self.read_frame(v)?;
+            // Decoding borrows the frame buffer; answers are built in the reply buffer.
+            let frame: &[u8] = &self.frame[..len];
+            match Message::decode(kind, frame)? {
+                Message::Invoke(i) => {
+                    let digest: [u8; 32] = Sha256::digest(i.payload).into();
+                    self.invocations += 1;
+                    if self.invocations <= LOGGED_INVOCATIONS {
+                        println!(
+                            "agent: invoke #{} {:?}: {} payload bytes, sha-256 \
+                             {:02x}{:02x}{:02x}{:02x}...",
+                            self.invocations,
+                            i.request_id,
+                            i.payload.len(),
+                            digest[0],
+                            digest[1],
+                            digest[2],
+                            digest[3]
+                        );
+                    } else if self.invocations == LOGGED_INVOCATIONS + 1 {
+                        println!("agent: further invocations are not logged");
+                    }
+                    let request_id = i.request_id;
+                    let n = Message::Response {
+                        request_id,
+                        payload: &digest,
+                    }
+                    .encode_into(self.reply)?;
+                    v.driver.send(&self.reply[..n])?;
+                }
+                Message::Checkpoint => {
+                    let reply = match self.hooks.run_before_checkpoint(&mut self.state) {
+                        Ok(_) => Message::SnapshotReady,
+                        Err(e) => Message::CheckpointError(Failure {
+                            error_type: "Runtime.BeforeCheckpointError",
+                            body: e.as_bytes(),
+                        }),
+                    };
+                    self.send(v, &reply)?;
+                }
+                Message::Restored(r) => {
+                    let ran = self.hooks.run_after_restore(&mut self.state, &r);
+                    let n = match ran {
+                        Ok(_) => Message::RestoreDone.encode_into(self.reply)?,
+                        Err(e) => Message::RestoreError(Failure {
+                            error_type: "Runtime.AfterRestoreError",
+                            body: e.as_bytes(),
+                        })
+                        .encode_into(self.reply)?,
+                    };
+                    v.driver.send(&self.reply[..n])?;
+                }
+                Message::Shutdown => {
+                    println!(
+                        "agent: shutdown requested after {} invocations (stray interrupts: {}, \
+                         stack used: {} of {} bytes); powering off",
+                        self.invocations,
+                        crate::traps::STRAY_INTERRUPTS.load(core::sync::atomic::Ordering::Relaxed),
+                        crate::arch::user_stack_used(0),
+                        crate::arch::USER_STACK_BYTES,
+                    );
+                    io::exit(0);
+                }
+                other => return Err(End::WrongDirection(other.kind())),
+            }
+        }
+    }
+}
+
+/// Runs the agent forever (it ends the VM on `Shutdown`).
+pub fn run(vsock: &mut Vsock, init_type: InitType) -> ! {
+    let mut hooks = Hooks::default();
+    // Registration cannot fail: the registry has room for several hooks of each kind.
+    let _ = hooks.before_checkpoint(before_checkpoint);
+    let _ = hooks.after_restore(after_restore);
+    println!("agent: registered 1 before-checkpoint hook and 1 after-restore hook");
+    let mut agent = Agent {
+        init_type,
+        hooks,
+        state: GuestState::default(),
+        frame: frame_buffer(),
+        reply: reply_buffer(),
+        invocations: 0,
+    };
+    loop {
+        if !vsock.connect(AGENT_PORT) {
+            io::exit(crate::EXIT_VSOCK);
+        }
+        match agent.session(vsock) {
+            End::Transport(Error::Stalled) => {
+                println!("agent: the vsock device stalled");
+                if !vsock.reset() {
+                    io::exit(crate::EXIT_VSOCK);
+                }
+            }
+            End::Transport(e) => println!("agent: connection ended ({e:?}); reconnecting"),
+            End::Malformed(e) => {
+                println!("agent: malformed frame from the host: {e}; resetting the connection");
+                vsock.driver.close();
+            }
+            End::WrongDirection(k) => {
+                println!(
+                    "agent: malformed frame from the host: unexpected kind {k:?}; \
+                     resetting the connection"
+                );
+                vsock.driver.close();
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Test fixture shared by hooks-sdk's integration tests: a fake Thaw host (a Unix socket that
+//! speaks the guest protocol with the blocking frame helpers), `thaw-init` started in host
+//! mode as a child process whose log is captured, and a scripted "runtime" for tests that
+//! drive the Runtime API themselves.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hooks_sdk::protocol::io::{Frame, read_frame, write_message};
+use hooks_sdk::protocol::{InitType, Invoke, Message, Restored};
+
+/// How long any single step may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// A frame from the agent, owned, for assertions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Got {
+    Hello(String, InitType),
+    Ready,
+    SnapshotReady,
+    RestoreDone,
+    Response(String, Vec<u8>),
+    InvokeError(String, String, Vec<u8>),
+    InitError(String, Vec<u8>),
+    RestoreError(String, Vec<u8>),
+    CheckpointError(String, Vec<u8>),
+}
+
+impl Got {
+    fn from_frame(frame: &Frame) -> Got {
+        match frame.message().expect("agent sent a malformed frame") {
+            Message::Hello { agent, init_type } => Got::Hello(agent.to_owned(), init_type),
+            Message::Ready => Got::Ready,
+            Message::SnapshotReady => Got::SnapshotReady,
+            Message::RestoreDone => Got::RestoreDone,
+            Message::Response {
+                request_id,
+                payload,
+            } => Got::Response(request_id.to_owned(), payload.to_vec()),
+            Message::InvokeError {
+                request_id,
+                failure,
+            } => Got::InvokeError(
+                request_id.to_owned(),
+                failure.error_type.to_owned(),
+                failure.body.to_vec(),
+            ),
+            Message::InitError(f) => Got::InitError(f.error_type.to_owned(), f.body.to_vec()),
+            Message::RestoreError(f) => Got::RestoreError(f.error_type.to_owned(), f.body.to_vec()),
+            Message::CheckpointError(f) => {
+                Got::CheckpointError(f.error_type.to_owned(), f.body.to_vec())
+            }
+            other => panic!("agent sent a host-to-guest frame: {other:?}"),
+        }
+    }
+}
+
+/// The fake host's listening socket.
+pub struct FakeHost {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl FakeHost {
+    pub fn new() -> FakeHost {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        FakeHost {
+            dir,
+            socket,
+            listener: Some(listener),
+        }
+    }
+
+    /// Stops listening (removes the socket): the agent's connects now fail.
+    pub fn go_away(&mut self) {
+        self.listener = None;
+        std::fs::remove_file(&self.socket).unwrap();
+    }
+
+    /// Listens again on the same path.
+    pub fn come_back(&mut self) {
+        let listener = UnixListener::bind(&self.socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        self.listener = Some(listener);
+    }
+
+    /// Waits for the agent to connect; checks its Hello.
+    pub fn accept(&self, agent: &AgentProcess, init_type: InitType) -> HostConn {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let listener = self.listener.as_ref().expect("the host is away");
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    stream.set_read_timeout(Some(STEP)).unwrap();
+                    let mut conn = HostConn { stream };
+                    match conn.recv(agent) {
+                        Got::Hello(name, t) => {
+                            assert!(name.starts_with("thaw-init/"), "agent name {name}");
+                            assert_eq!(t, init_type, "Hello's init type");
+                        }
+                        other => panic!("first frame was {other:?}, not Hello"),
+                    }
+                    return conn;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        panic!(
+                            "agent did not connect within {STEP:?}; log:\n{}",
+                            agent.log()
+                        );
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+}
+
+/// One connection from the agent.
+pub struct HostConn {
+    pub stream: UnixStream,
+}
+
+impl HostConn {
+    pub fn recv(&mut self, agent: &AgentProcess) -> Got {
+        match read_frame(&mut self.stream) {
+            Ok(frame) => Got::from_frame(&frame),
+            Err(e) => panic!("reading from the agent: {e}; agent log:\n{}", agent.log()),
+        }
+    }
+
+    pub fn send(&mut self, message: &Message) {
+        write_message(&mut self.stream, message).unwrap();
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Whether the agent closed this connection (EOF or a reset within `STEP`).
+    pub fn closed_by_agent(&mut self) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 1];
+        match self.stream.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    pub fn invoke(&mut self, request_id: &str, payload: &[u8]) {
+        self.invoke_with(request_id, payload, "", "");
+    }
+
+    pub fn invoke_with(
+        &mut self,
+        request_id: &str,
+        payload: &[u8],
+        client_context: &str,
+        cognito_identity: &str,
+    ) {
+        let deadline_ms = now_ms() + 60_000;
+        self.send(&Message::Invoke(Invoke {
+            request_id,
+            deadline_ms,
+            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:thaw-test",
+            trace_id: "Root=1-5e1b4151-5ac6c58f5b5daa6532e4f9f3;Parent=1;Sampled=1",
+            client_context,
+            cognito_identity,
+            payload,
+        }));
+    }
+
+    pub fn restored(&mut self, restore_id: &str) {
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        self.send(&Message::Restored(Restored {
+            entropy: &[0x5a; 64],
+            wall_clock_ns: now_ns,
+            restore_id,
+        }));
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `thaw-init --host-mode` as a child; killed when dropped. Its stderr is collected (and
+/// echoed, so `--nocapture` shows it).
+pub struct AgentProcess {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl AgentProcess {
+    /// Starts the agent; `args` go before `--`, `runtime` after it.
+    pub fn start(host: &FakeHost, args: &[&str], runtime: &[&str], cwd: &Path) -> AgentProcess {
+        Self::start_exe(
+            Path::new(env!("CARGO_BIN_EXE_thaw-init")),
+            host,
+            args,
+            runtime,
+            cwd,
+        )
+    }
+
+    /// [`AgentProcess::start`] with another `thaw-init` binary.
+    pub fn start_exe(
+        exe: &Path,
+        host: &FakeHost,
+        args: &[&str],
+        runtime: &[&str],
+        cwd: &Path,
+    ) -> AgentProcess {
+        let mut cmd = Command::new(exe);
+        cmd.arg("--host-mode")
+            .arg("--agent-uds")
+            .arg(&host.socket)
+            .arg("--runtime-api")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .arg("--")
+            .args(runtime)
+            .current_dir(cwd)
+            .env("THAW_LOG", "info,hooks_sdk=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot start thaw-init");
+        let log = Arc::new(Mutex::new(String::new()));
+        // The runtime inherits both streams; everything is echoed to stderr (not the test's
+        // stdout, where a runtime's chatter would mix with the test harness's report).
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        collect(stdout, "[thaw-init stdout]", log.clone());
+        collect(stderr, "[thaw-init]", log.clone());
+        AgentProcess { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + STEP;
+        while !self.log().contains(needle) {
+            if Instant::now() > deadline {
+                panic!("agent never logged {needle:?}; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the agent to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("agent did not exit; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends Shutdown on `conn` and checks the agent exits cleanly.
+    pub fn shutdown(mut self, conn: &mut HostConn) {
+        conn.send(&Message::Shutdown);
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "agent exit status {status}; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+fn collect(
+    stream: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+    sink: Arc<Mutex<String>>,
+) {
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{prefix} {line}");
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A runtime command that only writes `AWS_LAMBDA_RUNTIME_API` to `file` and sleeps, for
+/// tests that play the runtime themselves over HTTP.
+pub fn address_writing_runtime(file: &Path) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"$AWS_LAMBDA_RUNTIME_API\" > \"$0.tmp\" && mv \"$0.tmp\" \"$0\" && exec sleep 600"
+            .into(),
+        file.display().to_string(),
+    ]
+}
+
+/// Waits for the address file written by [`address_writing_runtime`].
+pub fn read_address(file: &Path) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(file) {
+            return addr.trim().to_owned();
+        }
+        if Instant::now() > deadline {
+            panic!("the runtime never wrote its Runtime API address");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Parses a JSON document.
+pub fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}

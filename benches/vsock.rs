@@ -25,6 +25,10 @@ use vmm_core::{ExitReason, Machine, MachineConfig};
 mod support;
 use support::{stats, us};
 
+#[path = "../tests/fixture/mod.rs"]
+mod fixture;
+use fixture::pattern;
+
 const SIX_MIB: usize = hooks_sdk::protocol::MAX_PAYLOAD;
 
 fn ms(d: Duration) -> String {
@@ -75,18 +79,6 @@ fn command(op: u8, len: u64) -> [u8; 16] {
     c[0] = op;
     c[8..].copy_from_slice(&len.to_le_bytes());
     c
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Echo round trips of 64 bytes, and 6 MiB each way.

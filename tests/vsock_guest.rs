@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fixture::{TestVm, VmRun, require_kvm};
+use fixture::{TestVm, VmRun, pattern, require_kvm};
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{self, InitType, Invoke, Kind, Message, Restored};
 use sha2::{Digest, Sha256};
@@ -176,18 +176,6 @@ fn check_invoke(s: &mut UnixStream, id: &str, payload: &[u8]) -> Result<(), Stri
         }) if request_id == id && payload == want => Ok(()),
         other => Err(format!("bad Response to {id}: {other:?}")),
     }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn assert_clean_exit(run: &VmRun) {

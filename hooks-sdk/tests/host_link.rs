@@ -54,12 +54,7 @@ fn echo_once(conn: &mut HostConn, agent: &AgentProcess, id: &str) {
 #[test]
 fn malformed_frames_close_the_connection_and_the_agent_keeps_serving() {
     let host = FakeHost::new();
-    let addr_file = host.dir.path().join("api-addr");
-    let runtime = address_writing_runtime(&addr_file);
-    let runtime: Vec<&str> = runtime.iter().map(String::as_str).collect();
-    let agent = AgentProcess::start(&host, &[], &runtime, host.dir.path());
-    let mut conn = host.accept(&agent, InitType::OnDemand);
-    let api = read_address(&addr_file);
+    let (agent, mut conn, api) = agent_with_test_as_runtime(&host);
     thread::spawn(move || {
         let runtime = Runtime::new(api, false).unwrap();
         let _ = runtime.run(|inv| Ok::<_, FunctionError>(inv.payload));
@@ -118,12 +113,7 @@ fn malformed_frames_close_the_connection_and_the_agent_keeps_serving() {
 #[test]
 fn frames_produced_while_disconnected_are_sent_after_the_next_hello() {
     let mut host = FakeHost::new();
-    let addr_file = host.dir.path().join("api-addr");
-    let runtime = address_writing_runtime(&addr_file);
-    let runtime: Vec<&str> = runtime.iter().map(String::as_str).collect();
-    let agent = AgentProcess::start(&host, &[], &runtime, host.dir.path());
-    let conn = host.accept(&agent, InitType::OnDemand);
-    let api = read_address(&addr_file);
+    let (agent, conn, api) = agent_with_test_as_runtime(&host);
     // The host goes away before the runtime is ready, and stays away while it gets ready.
     host.go_away();
     drop(conn);

@@ -29,12 +29,8 @@ fn response_path(id: &str) -> String {
 #[test]
 fn runtime_api_statuses_headers_and_limits_match_lambda() {
     let host = FakeHost::new();
-    let addr_file = host.dir.path().join("api-addr");
-    let runtime = address_writing_runtime(&addr_file);
-    let runtime: Vec<&str> = runtime.iter().map(String::as_str).collect();
-    let agent = AgentProcess::start(&host, &[], &runtime, host.dir.path());
-    let mut conn = host.accept(&agent, InitType::OnDemand);
-    let mut client = ApiClient::new(read_address(&addr_file)).unwrap();
+    let (agent, mut conn, api) = agent_with_test_as_runtime(&host);
+    let mut client = ApiClient::new(api).unwrap();
 
     // Unknown path: Go's 404; known path, wrong method: 405 with Allow.
     let resp = client

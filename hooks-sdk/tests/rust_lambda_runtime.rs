@@ -20,36 +20,24 @@ const ROLE: &str = "lambda_runtime_function";
 /// A SnapStart resource that logs its hooks to `THAW_TEST_LOG`.
 struct Logged(&'static str);
 
-fn log(line: String) {
-    if let Ok(path) = std::env::var("THAW_TEST_LOG") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
-}
-
 impl SnapStartResource for Logged {
     fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            log(format!("before:{}", self.0));
+            test_log(&format!("before:{}", self.0));
             Ok(())
         })
     }
 
     fn after_restore(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            log(format!("after:{}", self.0));
+            test_log(&format!("after:{}", self.0));
             Ok(())
         })
     }
 }
 
 async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-    log(format!("invoke:{}", event.context.request_id));
+    test_log(&format!("invoke:{}", event.context.request_id));
     if let Some(msg) = event.payload.get("fail").and_then(Value::as_str) {
         return Err(msg.to_owned().into());
     }

@@ -16,21 +16,9 @@ use hooks_sdk::sdk::{FunctionError, Runtime};
 
 const ROLE: &str = "sdk_function";
 
-fn log(line: &str) {
-    if let Ok(path) = std::env::var("THAW_TEST_LOG") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
-}
-
 fn hook(name: &'static str) -> impl FnMut() -> Result<(), FunctionError> + Send + 'static {
     move || {
-        log(name);
+        test_log(name);
         if std::env::var("THAW_TEST_FAIL").as_deref() == Ok(name) {
             return Err(FunctionError::new(
                 "HookError",
@@ -54,7 +42,7 @@ fn function_process() {
         .register_after_restore(hook("after:first"))
         .register_after_restore(hook("after:second"));
     let result = runtime.run(|inv| {
-        log(&format!("invoke:{}", inv.request_id));
+        test_log(&format!("invoke:{}", inv.request_id));
         let event: serde_json::Value = serde_json::from_slice(&inv.payload)?;
         if let Some(msg) = event.get("fail").and_then(|m| m.as_str()) {
             return Err(FunctionError::new("Function.Failed", msg));

@@ -347,6 +347,33 @@ pub fn read_address(file: &Path) -> String {
     }
 }
 
+/// An on-demand agent whose runtime is [`address_writing_runtime`], so the test plays the
+/// runtime itself over HTTP: returns the agent, the host's end of its connection (after
+/// `Hello`), and the Runtime API address.
+pub fn agent_with_test_as_runtime(host: &FakeHost) -> (AgentProcess, HostConn, String) {
+    let addr_file = host.dir.path().join("api-addr");
+    let runtime = address_writing_runtime(&addr_file);
+    let runtime: Vec<&str> = runtime.iter().map(String::as_str).collect();
+    let agent = AgentProcess::start(host, &[], &runtime, host.dir.path());
+    let conn = host.accept(&agent, InitType::OnDemand);
+    let api = read_address(&addr_file);
+    (agent, conn, api)
+}
+
+/// Appends `line` to the file named by `THAW_TEST_LOG`, if set: how runtimes started by the
+/// agent (these test binaries, re-run as the runtime) report what their hooks did.
+pub fn test_log(line: &str) {
+    if let Ok(path) = std::env::var("THAW_TEST_LOG") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
 /// Parses a JSON document.
 pub fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes)

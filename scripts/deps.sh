@@ -1,6 +1,17 @@
-# Shared by scripts/demo and scripts/test: makes sure the Debian packages Thaw's build needs are
-# installed. libclang-dev: bindgen for the userfaultfd crate; libc6-dev: the static libc of the
-# Linux test guest's /init. apt itself fetches Debian's cloud kernel when a test needs it.
+# Shared by scripts/demo and scripts/test: makes sure what Thaw's build and tests need is
+# installed. Debian packages: libclang-dev (bindgen for the userfaultfd crate) and libc6-dev
+# (static libc for thaw-init and the Linux test guest's /init); apt itself fetches Debian's cloud
+# kernel when a test needs it. PyPI: AWS's Lambda runtime clients, which thaw-init's Runtime API
+# is tested against.
+THAW_PIP_PACKAGES="awslambdaric==4.2.2 snapshot-restore-py==1.0.0"
+
+thaw_ensure_python_deps() {
+    python3 -c "import awslambdaric, snapshot_restore_py" 2>/dev/null && return 0
+    echo "installing $THAW_PIP_PACKAGES from PyPI" >&2
+    # shellcheck disable=SC2086 # the list is meant to split into arguments
+    python3 -m pip install --quiet $THAW_PIP_PACKAGES
+}
+
 thaw_ensure_deps() {
     local missing=()
     for pkg in libclang-dev libc6-dev; do

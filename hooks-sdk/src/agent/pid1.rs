@@ -1,7 +1,7 @@
 //! Everything `thaw-init` does only as PID 1 in a guest, kept here so host-process mode runs
 //! all the rest unchanged: mounting the API filesystems, loading the kernel modules the
-//! initramfs builder listed, the privileged after-restore steps (reseeding the kernel RNG,
-//! setting the wall clock) and powering off.
+//! initramfs builder listed, bringing up the loopback interface, the privileged after-restore
+//! steps (reseeding the kernel RNG, setting the wall clock) and ending the machine.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -59,6 +59,15 @@ pub enum Pid1Error {
     /// clock_settime failed.
     #[error("cannot set the wall clock")]
     Clock(#[source] Errno),
+    /// The loopback interface could not be brought up.
+    #[error("cannot bring up the loopback interface ({step})")]
+    Loopback {
+        /// Which call failed.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Mounts /proc, /sys, /dev (devtmpfs), /dev/pts, /dev/shm and /tmp. Already mounted is fine.
@@ -212,10 +221,54 @@ pub fn set_wall_clock(unix_ns: u64) -> Result<(), Pid1Error> {
     clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::new(secs, nanos)).map_err(Pid1Error::Clock)
 }
 
-/// Flushes filesystems and powers the machine off. Never returns unless the kernel refuses.
-pub fn power_off() -> Errno {
+/// Brings up `lo`. A fresh kernel has it down, and with it down 127.0.0.1 is unreachable
+/// (connects fail with ENETUNREACH): the runtime could not reach the Runtime API. Bringing it
+/// up is what gives it 127.0.0.1/8. Already up is fine.
+pub fn bring_up_loopback() -> Result<(), Pid1Error> {
+    let fail = |step| Pid1Error::Loopback {
+        step,
+        source: std::io::Error::last_os_error(),
+    };
+    // SAFETY: socket(2) takes no pointers; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(fail("socket"));
+    }
+    // SAFETY: `raw` is a socket just created and owned by nothing else.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    // SAFETY: an all-zero ifreq is valid: an empty name and zero flags.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `request` is a live ifreq naming an interface; SIOCGIFFLAGS fills its flags.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut request) } < 0 {
+        return Err(fail("SIOCGIFFLAGS"));
+    }
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds the interface's flags.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: `request` is a live ifreq with the interface's name and the new flags.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const request) } < 0 {
+        return Err(fail("SIOCSIFFLAGS"));
+    }
+    Ok(())
+}
+
+/// Flushes filesystems and ends the machine by restarting it. Never returns unless the kernel
+/// refuses.
+///
+/// A restart, not a power-off: Thaw's machines (like Firecracker's) have no ACPI power-off
+/// (their FADT is hardware-reduced, with no sleep registers), so Linux would turn a power-off
+/// into a halt that stops the CPUs but never ends the VM. A restart with `reboot=k` (Thaw's
+/// default command line) resets the machine through the i8042 controller, which the VMM takes as
+/// the machine's end.
+pub fn end_machine() -> Errno {
     nix::unistd::sync();
-    match reboot(RebootMode::RB_POWER_OFF) {
+    match reboot(RebootMode::RB_AUTOBOOT) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -224,4 +277,42 @@ pub fn power_off() -> Errno {
 /// The kernel command line (empty when /proc is not mounted).
 pub fn kernel_cmdline() -> String {
     std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a fresh network namespace `lo` is down and 127.0.0.1 unreachable, as in a freshly
+    /// booted guest, until `bring_up_loopback`. The namespace belongs to one thread of the test
+    /// and goes away with it; creating it needs root.
+    #[test]
+    fn loopback_comes_up_in_a_fresh_network_namespace() {
+        let result = std::thread::spawn(|| {
+            // SAFETY: unshare(2) takes no pointers; CLONE_NEWNET moves only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            assert!(
+                std::net::TcpStream::connect(addr).is_err(),
+                "lo should start down in a new network namespace"
+            );
+            bring_up_loopback().unwrap();
+            bring_up_loopback().unwrap(); // already up is fine
+            std::net::TcpStream::connect(addr).unwrap();
+            Ok(())
+        })
+        .join()
+        .unwrap();
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => println!(
+                "SKIPPED loopback_comes_up_in_a_fresh_network_namespace: creating a network \
+                 namespace needs root ({e})"
+            ),
+            Err(e) => panic!("unshare(CLONE_NEWNET): {e}"),
+        }
+    }
 }

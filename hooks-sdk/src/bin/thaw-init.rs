@@ -1,5 +1,6 @@
 //! `thaw-init`: Thaw's Linux guest agent. As PID 1 in a guest it mounts the API filesystems,
-//! loads the vsock modules, runs the agent and powers off; with `--host-mode` it runs the same
+//! loads the vsock modules, brings up the loopback interface, runs the agent and ends the
+//! machine; with `--host-mode` it runs the same
 //! agent as a normal process against a Unix socket (how Thaw tests it without a VM). See
 //! `docs/runtime-api.md`.
 
@@ -20,8 +21,8 @@ use hooks_sdk::protocol::AGENT_PORT;
 #[derive(Debug, Default, Parser)]
 #[command(name = "thaw-init", version)]
 struct Cli {
-    /// Run as a normal host process: no mounts, modules or power-off, no RNG reseed or clock
-    /// set after a restore, and a Unix socket (--agent-uds) instead of vsock.
+    /// Run as a normal host process: no mounts, modules, loopback or reboot, no RNG reseed or
+    /// clock set after a restore, and a Unix socket (--agent-uds) instead of vsock.
     #[arg(long)]
     host_mode: bool,
     /// The host's Unix socket (host mode).
@@ -101,8 +102,8 @@ fn main() -> ExitCode {
         tracing::error!("{e:#}");
     }
     if guest {
-        let e = pid1::power_off();
-        tracing::error!("power-off failed: {e}");
+        let e = pid1::end_machine();
+        tracing::error!("reboot failed: {e}");
         // PID 1 must not exit (the kernel would panic); wait for someone to stop the VM.
         loop {
             std::thread::park();
@@ -132,6 +133,10 @@ fn init_logging(cmdline_filter: Option<&str>) {
 fn run(cli: Cli, cmdline: Cmdline, guest: bool) -> anyhow::Result<()> {
     if guest {
         pid1::load_modules().context("loading kernel modules")?;
+        // Not fatal: the runtime then fails to reach the Runtime API, which the host hears.
+        if let Err(e) = pid1::bring_up_loopback() {
+            tracing::error!("{e:#}");
+        }
     }
     let file = cli
         .config

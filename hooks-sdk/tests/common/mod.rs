@@ -1,66 +1,25 @@
 //! Test fixture shared by hooks-sdk's integration tests: a fake Thaw host (a Unix socket that
 //! speaks the guest protocol with the blocking frame helpers), `thaw-init` started in host
 //! mode as a child process whose log is captured, and a scripted "runtime" for tests that
-//! drive the Runtime API themselves.
+//! drive the Runtime API themselves. The host's side of the protocol (`protocol_host`) and the
+//! awslambdaric scenario (`awslambdaric`) are also used, as source, by the root package's tests.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, ErrorKind};
-use std::os::unix::net::{UnixListener, UnixStream};
+pub mod awslambdaric;
+pub mod protocol_host;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hooks_sdk::protocol::io::{Frame, read_frame, write_message};
-use hooks_sdk::protocol::{InitType, Invoke, Message, Restored};
+use hooks_sdk::protocol::{InitType, Message};
 
-/// How long any single step may take before the test fails.
-pub const STEP: Duration = Duration::from_secs(30);
-
-/// A frame from the agent, owned, for assertions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Got {
-    Hello(String, InitType),
-    Ready,
-    SnapshotReady,
-    RestoreDone,
-    Response(String, Vec<u8>),
-    InvokeError(String, String, Vec<u8>),
-    InitError(String, Vec<u8>),
-    RestoreError(String, Vec<u8>),
-    CheckpointError(String, Vec<u8>),
-}
-
-impl Got {
-    fn from_frame(frame: &Frame) -> Got {
-        match frame.message().expect("agent sent a malformed frame") {
-            Message::Hello { agent, init_type } => Got::Hello(agent.to_owned(), init_type),
-            Message::Ready => Got::Ready,
-            Message::SnapshotReady => Got::SnapshotReady,
-            Message::RestoreDone => Got::RestoreDone,
-            Message::Response {
-                request_id,
-                payload,
-            } => Got::Response(request_id.to_owned(), payload.to_vec()),
-            Message::InvokeError {
-                request_id,
-                failure,
-            } => Got::InvokeError(
-                request_id.to_owned(),
-                failure.error_type.to_owned(),
-                failure.body.to_vec(),
-            ),
-            Message::InitError(f) => Got::InitError(f.error_type.to_owned(), f.body.to_vec()),
-            Message::RestoreError(f) => Got::RestoreError(f.error_type.to_owned(), f.body.to_vec()),
-            Message::CheckpointError(f) => {
-                Got::CheckpointError(f.error_type.to_owned(), f.body.to_vec())
-            }
-            other => panic!("agent sent a host-to-guest frame: {other:?}"),
-        }
-    }
-}
+pub use protocol_host::*;
 
 /// The fake host's listening socket.
 pub struct FakeHost {
@@ -97,112 +56,9 @@ impl FakeHost {
 
     /// Waits for the agent to connect; checks its Hello.
     pub fn accept(&self, agent: &AgentProcess, init_type: InitType) -> HostConn {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let listener = self.listener.as_ref().expect("the host is away");
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false).unwrap();
-                    stream.set_read_timeout(Some(STEP)).unwrap();
-                    let mut conn = HostConn { stream };
-                    match conn.recv(agent) {
-                        Got::Hello(name, t) => {
-                            assert!(name.starts_with("thaw-init/"), "agent name {name}");
-                            assert_eq!(t, init_type, "Hello's init type");
-                        }
-                        other => panic!("first frame was {other:?}, not Hello"),
-                    }
-                    return conn;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        panic!(
-                            "agent did not connect within {STEP:?}; log:\n{}",
-                            agent.log()
-                        );
-                    }
-                    thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
+        let listener = self.listener.as_ref().expect("the host is away");
+        accept_agent(listener, init_type, STEP, agent)
     }
-}
-
-/// One connection from the agent.
-pub struct HostConn {
-    pub stream: UnixStream,
-}
-
-impl HostConn {
-    pub fn recv(&mut self, agent: &AgentProcess) -> Got {
-        match read_frame(&mut self.stream) {
-            Ok(frame) => Got::from_frame(&frame),
-            Err(e) => panic!("reading from the agent: {e}; agent log:\n{}", agent.log()),
-        }
-    }
-
-    pub fn send(&mut self, message: &Message) {
-        write_message(&mut self.stream, message).unwrap();
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        use std::io::Write;
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    /// Whether the agent closed this connection (EOF or a reset within `STEP`).
-    pub fn closed_by_agent(&mut self) -> bool {
-        use std::io::Read;
-        let mut buf = [0u8; 1];
-        match self.stream.read(&mut buf) {
-            Ok(0) => true,
-            Err(e) => e.kind() == ErrorKind::ConnectionReset,
-            Ok(_) => false,
-        }
-    }
-
-    pub fn invoke(&mut self, request_id: &str, payload: &[u8]) {
-        self.invoke_with(request_id, payload, "", "");
-    }
-
-    pub fn invoke_with(
-        &mut self,
-        request_id: &str,
-        payload: &[u8],
-        client_context: &str,
-        cognito_identity: &str,
-    ) {
-        let deadline_ms = now_ms() + 60_000;
-        self.send(&Message::Invoke(Invoke {
-            request_id,
-            deadline_ms,
-            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:thaw-test",
-            trace_id: "Root=1-5e1b4151-5ac6c58f5b5daa6532e4f9f3;Parent=1;Sampled=1",
-            client_context,
-            cognito_identity,
-            payload,
-        }));
-    }
-
-    pub fn restored(&mut self, restore_id: &str) {
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        self.send(&Message::Restored(Restored {
-            entropy: &[0x5a; 64],
-            wall_clock_ns: now_ns,
-            restore_id,
-        }));
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// `thaw-init --host-mode` as a child; killed when dropped. Its stderr is collected (and
@@ -314,6 +170,12 @@ fn collect(
     });
 }
 
+impl Diagnostics for AgentProcess {
+    fn diagnostics(&self) -> String {
+        self.log()
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -372,10 +234,4 @@ pub fn test_log(line: &str) {
             .unwrap();
         writeln!(f, "{line}").unwrap();
     }
-}
-
-/// Parses a JSON document.
-pub fn json(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
 }

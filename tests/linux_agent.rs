@@ -1,0 +1,565 @@
+//! `thaw-init` as a Linux guest's PID 1, serving AWS's own Python runtime client (`awslambdaric`
+//! with `snapshot-restore-py`, from PyPI, unmodified) through the SnapStart scenario that
+//! hooks-sdk's `python_awslambdaric.rs` runs in host-process mode: init, before-snapshot hooks
+//! (reverse order), the restore, after-restore hooks (in order), three invocations, a handler
+//! that raises, and an after-restore hook that raises.
+//!
+//! The initramfs is the static `thaw-init` as `/init`, the host's CPython with just what the
+//! scenario needs (`fixture::python_rootfs`), the function module and `/etc/thaw/function.json`.
+//!
+//! - `python_bundle_runs_the_snapstart_scenario_in_a_chroot` (runs anywhere, as root): the
+//!   archive's files, unpacked into a directory, with `thaw-init` as PID 1 of new PID, mount and
+//!   network namespaces chrooted into it — the guest's code path (mounts, loopback, function
+//!   file, RNG reseed, reboot), only the transport is a Unix socket instead of vsock. It proves
+//!   the bundle is self-contained and the scenario passes with the files a guest gets.
+//! - `linux_guest_runs_the_awslambdaric_snapstart_scenario` (hardware KVM): Debian's cloud
+//!   kernel boots that initramfs; the host drives the scenario over vsock and simulates a
+//!   restore with the vsock transport reset. On PVM it builds the initramfs, then says SKIPPED.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
+
+mod fixture;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fixture::awslambdaric::{
+    APP, APP_FILE, FAIL_AFTER_ENV, FUNCTION_NAME, HANDLER, ScenarioHost, after_restore_hook_fails,
+    restore_done_and_invocations, snapshot_and_restore,
+};
+use fixture::protocol_host::{Diagnostics, HostConn, STEP, accept_agent};
+use fixture::python_rootfs::{HostPython, PythonBundle, add_python_runtime, host_python};
+use fixture::{RunningVm, TestVm, debian_kernel, hardware_kvm, require_kvm, static_thaw_init};
+use hooks_sdk::protocol::{InitType, Message};
+use thaw::guest_image::{
+    Compression, DebianKernel, GUEST_MODULES, INIT_PATH, InitramfsBuilder, MODULES_LOAD_FILE,
+    supported_compressions,
+};
+use vmm_core::config::{DEFAULT_LINUX_CMDLINE, VsockConfig};
+use vmm_core::{ExitReason, KernelSource, MachineConfig};
+
+/// The distributions the function needs (their requirements come along).
+const DISTRIBUTIONS: &[&str] = &["awslambdaric", "snapshot-restore-py"];
+/// The function file `thaw-init` reads by default.
+const FUNCTION_FILE: &str = "/etc/thaw/function.json";
+/// Lambda's task root, where the function module goes.
+const TASK_ROOT: &str = "/var/task";
+
+/// The initramfs of the scenario's function, not yet written.
+struct FunctionImage {
+    builder: InitramfsBuilder,
+    python: HostPython,
+    bundle: PythonBundle,
+}
+
+/// `/etc/thaw/function.json`: `python3 -m awslambdaric app.handler`, initialized for SnapStart.
+fn function_file(python: &HostPython) -> String {
+    let doc = serde_json::json!({
+        "runtime": [python.guest_python3(), "-m", "awslambdaric", HANDLER],
+        "init_type": "snap-start",
+        "function_name": FUNCTION_NAME,
+        "handler": HANDLER,
+        "env": {
+            // Print as it happens (the console is the log), and write no bytecode into the
+            // guest's memory (and so its snapshot).
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        },
+    });
+    serde_json::to_string_pretty(&doc).unwrap()
+}
+
+/// Base layout, `/init`, the Python bundle, the function and its file; `kernel`'s vsock
+/// modules when given (the chroot has no use for them).
+fn function_image(kernel: Option<&DebianKernel>) -> FunctionImage {
+    let python = host_python(DISTRIBUTIONS);
+    let mut builder = InitramfsBuilder::new();
+    builder.add_base_layout().unwrap();
+    builder
+        .add_file_from_host(static_thaw_init(), INIT_PATH, 0o755)
+        .unwrap();
+    let bundle = add_python_runtime(&mut builder, &python);
+    builder
+        .add_file(&format!("{TASK_ROOT}/{APP_FILE}"), APP, 0o644)
+        .unwrap();
+    builder
+        .add_file(FUNCTION_FILE, function_file(&python), 0o644)
+        .unwrap();
+    if let Some(kernel) = kernel {
+        builder.add_kernel_modules(kernel, GUEST_MODULES).unwrap();
+    }
+    println!(
+        "python bundle: CPython {} from {} with {:?}: {}",
+        python.version,
+        python.executable.display(),
+        python.distributions,
+        bundle.summary()
+    );
+    if !bundle.unloadable.is_empty() {
+        println!(
+            "left out (a library they need is missing on this host too): {:?}",
+            bundle.unloadable
+        );
+    }
+    FunctionImage {
+        builder,
+        python,
+        bundle,
+    }
+}
+
+/// Checks that the archive holds what the guest needs, where `thaw-init` and the loader look.
+fn check_archive(archive: &[u8], image: &FunctionImage) {
+    let entries = fixture::python_rootfs::cpio_entries(archive);
+    let python3 = image.python.guest_python3();
+    let app = format!("{TASK_ROOT}/{APP_FILE}");
+    for path in [INIT_PATH, FUNCTION_FILE, python3.as_str(), app.as_str()] {
+        assert!(
+            entries.contains_key(path),
+            "{path} is missing from the archive"
+        );
+    }
+    for guest in image.bundle.libraries.values() {
+        assert!(entries.contains_key(guest), "{guest} is missing");
+    }
+    for name in ["awslambdaric/__init__.py", "snapshot_restore_py.py"] {
+        let path = format!("{}/{name}", image.python.guest_site_packages());
+        assert!(entries.contains_key(&path), "{path} is missing");
+    }
+    let stdlib = image.python.guest_stdlib();
+    assert!(entries.contains_key(&format!("{stdlib}/os.py")));
+    for skipped in ["test", "idlelib", "tkinter", "ensurepip", "__pycache__"] {
+        let prefix = format!("{stdlib}/{skipped}/");
+        assert!(
+            !entries.keys().any(|p| p.starts_with(&prefix)),
+            "{prefix} should be left out"
+        );
+    }
+}
+
+// ----- in a chroot, as PID 1 of new namespaces ------------------------------------------------
+
+/// Where the host's socket and the function's event log are inside the tree (`/run` is not
+/// mounted over by `thaw-init`, so the host sees both).
+const CHROOT_RUN_DIR: &str = "/run/thaw";
+
+/// The unpacked archive; removed when dropped, unless something is still mounted in it.
+struct ChrootTree {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl ChrootTree {
+    fn unpack(archive: &[u8]) -> ChrootTree {
+        let dir = tempfile::tempdir().unwrap();
+        fixture::python_rootfs::unpack_cpio(archive, dir.path());
+        std::fs::create_dir_all(dir.path().join(&CHROOT_RUN_DIR[1..])).unwrap();
+        ChrootTree { dir: Some(dir) }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for ChrootTree {
+    fn drop(&mut self) {
+        // thaw-init mounts /proc, /sys, /dev... in its own mount namespace, with private
+        // propagation; should any mount have reached this namespace, removing the tree would
+        // descend into it (a devtmpfs is the host's /dev), so then the tree is left alone.
+        let dir = self.dir.take().unwrap();
+        let root = dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let leaked: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        if leaked.is_empty() {
+            drop(dir);
+        } else {
+            eprintln!("mounts left under {root}, not removing it: {leaked:?}");
+            let _ = dir.keep();
+        }
+    }
+}
+
+/// `thaw-init` as PID 1 of new PID, mount, network, IPC and UTS namespaces, chrooted into the
+/// tree, without `CAP_SYS_TIME` (so its wall-clock step fails instead of setting the host's
+/// clock). It runs exactly as in a guest, except that it reaches the host through
+/// `--agent-uds` instead of vsock.
+struct ChrootAgent {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    listener: UnixListener,
+    events: PathBuf,
+}
+
+impl ChrootAgent {
+    fn start(tree: &Path, extra_env: &[String]) -> ChrootAgent {
+        let run_dir = tree.join(&CHROOT_RUN_DIR[1..]);
+        let socket = run_dir.join("agent.sock");
+        let events = run_dir.join("events.log");
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&events);
+        let listener = UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // Full paths: the environment is cleared below.
+        let mut cmd = Command::new(host_program("unshare"));
+        cmd.args([
+            "--fork",
+            "--kill-child",
+            "--pid",
+            "--mount",
+            "--propagation",
+            "private",
+            "--net",
+            "--ipc",
+            "--uts",
+            "--",
+        ])
+        .arg(host_program("setpriv"))
+        .args(["--bounding-set", "-sys_time", "--"])
+        .arg(host_program("chroot"))
+        .arg(tree)
+        .args([
+            INIT_PATH,
+            "--agent-uds",
+            &format!("{CHROOT_RUN_DIR}/agent.sock"),
+            "--env",
+            &format!("THAW_TEST_LOG={CHROOT_RUN_DIR}/events.log"),
+        ]);
+        for e in extra_env {
+            cmd.args(["--env", e]);
+        }
+        // The environment the kernel gives init, plus the log filter (a guest's comes from
+        // `thaw.log=`); nothing of the test's (cargo's LD_LIBRARY_PATH would shadow Lambda's).
+        cmd.env_clear()
+            .env("HOME", "/")
+            .env("TERM", "linux")
+            .env("THAW_LOG", "info,hooks_sdk=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot run unshare");
+        let log = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), "[chroot stdout]", log.clone());
+        collect(child.stderr.take().unwrap(), "[chroot]", log.clone());
+        ChrootAgent {
+            child,
+            log,
+            listener,
+            events,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends `Shutdown` and waits for the namespace's init to end.
+    fn shutdown(mut self, mut conn: HostConn) -> ExitStatus {
+        conn.send(&Message::Shutdown);
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thaw-init did not end after Shutdown; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChrootAgent {
+    fn drop(&mut self) {
+        // `--kill-child`: the namespace's init, and with it everything in the namespace, dies
+        // with unshare.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Diagnostics for ChrootAgent {
+    fn diagnostics(&self) -> String {
+        self.log()
+    }
+}
+
+impl ScenarioHost for ChrootAgent {
+    fn accept(&mut self, init_type: InitType) -> HostConn {
+        accept_agent(&self.listener, init_type, STEP, &*self)
+    }
+
+    /// No VM: the "restore" closes the connection, and the agent reconnects.
+    fn reset_channel(&mut self, conn: HostConn) {
+        drop(conn);
+    }
+
+    fn output(&self) -> String {
+        self.log()
+    }
+
+    /// The function appends to its log file before each step completes: exact order.
+    fn events(&self, _at_least: usize) -> Vec<String> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The agent feeds this to the host kernel's RNG: real random bytes.
+    fn entropy(&self) -> Vec<u8> {
+        random_bytes(64)
+    }
+}
+
+/// A program on the host's `PATH` (util-linux's `unshare` and `setpriv`, coreutils' `chroot`).
+fn host_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([
+            "/usr/sbin".into(),
+            "/usr/bin".into(),
+            "/sbin".into(),
+            "/bin".into(),
+        ])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed (Debian: util-linux, coreutils)"))
+}
+
+fn collect(stream: impl Read + Send + 'static, prefix: &'static str, sink: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{prefix} {line}");
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .unwrap();
+    bytes
+}
+
+/// Checks how the namespace's init ended: `thaw-init` restarts the machine, which in a PID
+/// namespace kills its init with SIGHUP (a power-off would be SIGINT).
+fn assert_rebooted(status: ExitStatus, log: &str) {
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGHUP),
+        "thaw-init should end the machine with a restart (SIGHUP in a PID namespace); status \
+         {status}; log:\n{log}"
+    );
+}
+
+/// What every run of the guest code path must have logged.
+fn assert_guest_steps(log: &str, clock_can_be_set: bool) {
+    assert!(
+        !log.contains("cannot bring up the loopback interface"),
+        "log:\n{log}"
+    );
+    assert!(log.contains("kernel RNG reseeded"), "log:\n{log}");
+    let clock = if clock_can_be_set {
+        "wall clock set"
+    } else {
+        "setting the wall clock failed"
+    };
+    assert!(log.contains(clock), "no {clock:?} in the log:\n{log}");
+}
+
+#[test]
+fn python_bundle_runs_the_snapstart_scenario_in_a_chroot() {
+    const TEST: &str = "python_bundle_runs_the_snapstart_scenario_in_a_chroot";
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED {TEST}: chroot and new namespaces need root");
+        return;
+    }
+    let started = Instant::now();
+    let image = function_image(None);
+    let archive = image.builder.cpio().unwrap();
+    check_archive(&archive, &image);
+    let tree = ChrootTree::unpack(&archive);
+    println!(
+        "archive of {:.1} MiB built and unpacked in {:?}",
+        archive.len() as f64 / (1024.0 * 1024.0),
+        started.elapsed()
+    );
+
+    // The whole scenario, then Shutdown.
+    let mut agent = ChrootAgent::start(tree.path(), &[]);
+    let mut conn = snapshot_and_restore(&mut agent);
+    restore_done_and_invocations(&agent, &mut conn);
+    let log = agent.log();
+    assert_guest_steps(&log, false);
+    let status = agent.shutdown(conn);
+    assert_rebooted(status, &log);
+
+    // An after-restore hook that raises.
+    let fail = vec![format!("{FAIL_AFTER_ENV}=1")];
+    let mut agent = ChrootAgent::start(tree.path(), &fail);
+    let mut conn = snapshot_and_restore(&mut agent);
+    after_restore_hook_fails(&agent, &mut conn);
+    let log = agent.log();
+    let status = agent.shutdown(conn);
+    assert_rebooted(status, &log);
+    println!("{TEST}: both scenarios passed in {:?}", started.elapsed());
+}
+
+// ----- in a Linux guest -----------------------------------------------------------------------
+
+/// How long the guest may take to boot and connect (on hardware KVM: a few seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A booted guest and the host's listener on `<uds>_9000`.
+struct GuestAgent {
+    vm: RunningVm,
+    listener: UnixListener,
+    connected: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl GuestAgent {
+    fn boot(kernel: &DebianKernel, initrd: &Path, extra_cmdline: &str) -> GuestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let uds_path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(format!(
+            "{}_{}",
+            uds_path.display(),
+            hooks_sdk::protocol::AGENT_PORT
+        ))
+        .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let config = MachineConfig {
+            mem_mib: 1024,
+            vcpus: 1,
+            kernel: KernelSource::Path(kernel.bzimage.clone()),
+            initrd: Some(initrd.to_owned()),
+            cmdline: format!(
+                "{DEFAULT_LINUX_CMDLINE} thaw.log=info,hooks_sdk=debug {extra_cmdline}"
+            ),
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path,
+            }),
+        };
+        let vm = TestVm::new(config)
+            .timeout(Duration::from_secs(240))
+            .start();
+        GuestAgent {
+            vm,
+            listener,
+            connected: false,
+            _dir: dir,
+        }
+    }
+
+    /// Sends `Shutdown` and waits for the VM to end.
+    fn shutdown(self, mut conn: HostConn) -> fixture::VmRun {
+        conn.send(&Message::Shutdown);
+        self.vm.wait(STEP)
+    }
+}
+
+impl Diagnostics for GuestAgent {
+    fn diagnostics(&self) -> String {
+        self.vm.console()
+    }
+}
+
+impl ScenarioHost for GuestAgent {
+    fn accept(&mut self, init_type: InitType) -> HostConn {
+        let timeout = if self.connected { STEP } else { BOOT_TIMEOUT };
+        let conn = accept_agent(&self.listener, init_type, timeout, &*self);
+        self.connected = true;
+        conn
+    }
+
+    /// What a restore does: the vsock device resets its transport, which closes every host
+    /// connection and sends the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET; the agent reconnects.
+    fn reset_channel(&mut self, conn: HostConn) {
+        self.vm.vsock().lock().unwrap().reset_vsock_transport();
+        drop(conn);
+    }
+
+    fn output(&self) -> String {
+        self.vm.console()
+    }
+
+    fn entropy(&self) -> Vec<u8> {
+        random_bytes(64)
+    }
+}
+
+#[test]
+fn linux_guest_runs_the_awslambdaric_snapstart_scenario() {
+    const TEST: &str = "linux_guest_runs_the_awslambdaric_snapstart_scenario";
+    if !require_kvm(TEST) {
+        return;
+    }
+    // The initramfs is built (and checked) on every host, so its build path runs here too.
+    let kernel = debian_kernel();
+    let image = function_image(Some(&kernel));
+    let archive = image.builder.cpio().unwrap();
+    check_archive(&archive, &image);
+    let load_list = format!("/lib/modules/{}/{MODULES_LOAD_FILE}", kernel.release);
+    assert!(fixture::python_rootfs::cpio_entries(&archive).contains_key(&load_list));
+    println!(
+        "initramfs for {}: {:.1} MiB uncompressed",
+        kernel.release,
+        archive.len() as f64 / (1024.0 * 1024.0)
+    );
+    if !hardware_kvm() {
+        println!(
+            "SKIPPED {TEST}: this host's KVM is {} — guest kernel code is emulated instruction by \
+             instruction, so Debian's kernel does not finish booting here; the scenario needs \
+             hardware KVM (VT-x or AMD-V). The initramfs was built and checked; the same files \
+             ran the scenario in python_bundle_runs_the_snapstart_scenario_in_a_chroot",
+            vmm_core::kvm::flavor()
+        );
+        return;
+    }
+    // Compressed as `thaw initramfs build` would (zstd when the kernel unpacks it); only here,
+    // since a debug build compresses 60 MiB slowly and the skip above needs none of it.
+    let compression = match &kernel.config {
+        Some(config) => supported_compressions(config).unwrap()[0],
+        None => Compression::Gzip,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join(format!("initramfs.cpio.{compression}"));
+    std::fs::write(&initrd, compression.compress(archive).unwrap()).unwrap();
+
+    // The whole scenario, then Shutdown: thaw-init restarts the machine, which with reboot=k
+    // is an i8042 reset, which ends the VM.
+    let mut guest = GuestAgent::boot(&kernel, &initrd, "");
+    let mut conn = snapshot_and_restore(&mut guest);
+    restore_done_and_invocations(&guest, &mut conn);
+    let run = guest.shutdown(conn);
+    assert_guest_steps(&run.output, true);
+    assert_eq!(run.reason, ExitReason::Reset, "console:\n{}", run.output);
+    assert!(!run.timed_out, "console:\n{}", run.output);
+
+    // An after-restore hook that raises: the same initramfs, the flag on the command line.
+    let mut guest = GuestAgent::boot(&kernel, &initrd, &format!("thaw.env.{FAIL_AFTER_ENV}=1"));
+    let mut conn = snapshot_and_restore(&mut guest);
+    after_restore_hook_fails(&guest, &mut conn);
+    let run = guest.shutdown(conn);
+    assert_eq!(run.reason, ExitReason::Reset, "console:\n{}", run.output);
+}

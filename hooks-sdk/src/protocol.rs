@@ -57,7 +57,7 @@ pub enum Kind {
     Restored = 0x11,
     /// H→G: run one invocation.
     Invoke = 0x12,
-    /// H→G: power off cleanly.
+    /// H→G: stop the runtime and end the VM.
     Shutdown = 0x13,
 }
 

@@ -12,6 +12,7 @@ mod fixture;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -113,20 +114,48 @@ impl Guest {
         }
     }
 
-    /// Accepts connections until one starts with `Hello`; returns it and the Hello frame.
-    /// Others (a misbehaving guest's throwaway connections) must end without a frame.
+    /// Accepts connections until one starts with `Hello`; returns it, the Hello frame and how
+    /// many other connections reached the host. Others (a misbehaving guest's throwaway
+    /// connections) must not carry a frame. Each is read on its own thread: a flooding guest
+    /// may drop its RST for some of them when its control queue is full, and those stay open
+    /// until the VM ends, so reading them one after another would stall behind each timeout.
     fn accept_hello(&self) -> Result<(UnixStream, Frame, usize), String> {
-        let mut junk = 0;
+        let (tx, rx) = mpsc::channel::<(UnixStream, Result<Frame, io::FrameError>)>();
+        let mut accepted = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let mut s = self.accept(Duration::from_secs(30))?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            match io::read_frame(&mut s) {
-                Ok(frame) if frame.kind == Kind::Hello => {
-                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                    return Ok((s, frame, junk));
+            while let Ok((s, read)) = rx.try_recv() {
+                match read {
+                    Ok(frame) if frame.kind == Kind::Hello => {
+                        return Ok((s, frame, accepted - 1));
+                    }
+                    Ok(frame) => {
+                        return Err(format!("first frame is {:?}, not Hello", frame.kind));
+                    }
+                    Err(_) => {} // a throwaway connection ended without a frame
                 }
-                Ok(frame) => return Err(format!("first frame is {:?}, not Hello", frame.kind)),
-                Err(_) => junk += 1,
+            }
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    accepted += 1;
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        let mut s = s;
+                        let read = io::read_frame(&mut s);
+                        let _ = tx.send((s, read));
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "no Hello from the guest within 60 s ({accepted} connections)"
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(format!("accept failed: {e}")),
             }
         }
     }

@@ -9,6 +9,7 @@ use hooks_sdk::protocol::{
     Restored,
 };
 use sha2::{Digest, Sha256};
+use thaw_test_guest::cmdline::Fail;
 use thaw_test_guest::driver::Error;
 use thaw_test_guest::hooks::{GuestState, Hooks};
 
@@ -71,6 +72,20 @@ fn before_checkpoint(s: &mut GuestState) -> Result<(), &'static str> {
     Ok(())
 }
 
+fn failing_before_checkpoint(_: &mut GuestState) -> Result<(), &'static str> {
+    println!("hook before-checkpoint: failing as asked (thaw.fail=checkpoint)");
+    Err("before-checkpoint hook failed on purpose (thaw.fail=checkpoint)")
+}
+
+fn failing_after_restore(_: &mut GuestState, _: &Restored) -> Result<(), &'static str> {
+    println!("hook after-restore: failing as asked (thaw.fail=restore)");
+    Err("after-restore hook failed on purpose (thaw.fail=restore)")
+}
+
+/// The error document a runtime posts to `/runtime/init/error`, for `thaw.fail=init`.
+const INIT_ERROR_TYPE: &str = "Runtime.InitError";
+const INIT_ERROR_BODY: &[u8] = br#"{"errorMessage":"init failed on purpose (thaw.fail=init)","errorType":"Runtime.InitError","stackTrace":[]}"#;
+
 fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
     s.restore(r);
     println!(
@@ -90,6 +105,7 @@ fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
 
 struct Agent {
     init_type: InitType,
+    fail: Fail,
     hooks: Hooks<GuestState>,
     state: GuestState,
     frame: &'static mut [u8; FRAME_BUF],
@@ -129,8 +145,23 @@ impl Agent {
         let agent = concat!("thaw-test-guest/", env!("CARGO_PKG_VERSION"));
         let init_type = self.init_type;
         self.send(v, &Message::Hello { agent, init_type })?;
-        if init_type == InitType::OnDemand {
-            self.send(v, &Message::Ready)?;
+        match self.fail {
+            Fail::Init => {
+                println!("agent: init failing as asked (thaw.fail=init)");
+                self.send(
+                    v,
+                    &Message::InitError(Failure {
+                        error_type: INIT_ERROR_TYPE,
+                        body: INIT_ERROR_BODY,
+                    }),
+                )?;
+            }
+            Fail::Exit => {
+                println!("agent: the runtime exits during init as asked (thaw.fail=exit)");
+                io::exit(1);
+            }
+            _ if init_type == InitType::OnDemand => self.send(v, &Message::Ready)?,
+            _ => {}
         }
         loop {
             let (kind, len) = self.read_frame(v)?;
@@ -203,14 +234,21 @@ impl Agent {
 }
 
 /// Runs the agent forever (it ends the VM on `Shutdown`).
-pub fn run(vsock: &mut Vsock, init_type: InitType) -> ! {
+pub fn run(vsock: &mut Vsock, init_type: InitType, fail: Fail) -> ! {
     let mut hooks = Hooks::default();
     // Registration cannot fail: the registry has room for several hooks of each kind.
-    let _ = hooks.before_checkpoint(before_checkpoint);
-    let _ = hooks.after_restore(after_restore);
+    let _ = hooks.before_checkpoint(match fail {
+        Fail::Checkpoint => failing_before_checkpoint,
+        _ => before_checkpoint,
+    });
+    let _ = hooks.after_restore(match fail {
+        Fail::Restore => failing_after_restore,
+        _ => after_restore,
+    });
     println!("agent: registered 1 before-checkpoint hook and 1 after-restore hook");
     let mut agent = Agent {
         init_type,
+        fail,
         hooks,
         state: GuestState::default(),
         frame: frame_buffer(),

@@ -5,6 +5,11 @@
 const CMD_LINE_PTR: usize = 0x228;
 const EXT_CMD_LINE_PTR: usize = 0x0c8;
 const MAX_CMDLINE: usize = 2048;
+const E820_ENTRIES: usize = 0x1e8;
+const E820_TABLE: usize = 0x2d0;
+const E820_MAX: usize = 128;
+const E820_ENTRY_SIZE: u64 = 20;
+const E820_RAM: u32 = 1;
 
 fn read_u32(addr: u64) -> u32 {
     // SAFETY: `addr` lies in identity-mapped guest RAM (the zero page or the MP table), which
@@ -15,6 +20,23 @@ fn read_u32(addr: u64) -> u32 {
 fn read_u8(addr: u64) -> u8 {
     // SAFETY: as for `read_u32`.
     unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+fn read_u64(addr: u64) -> u64 {
+    u64::from(read_u32(addr)) | u64::from(read_u32(addr + 4)) << 32
+}
+
+/// Whether the zero page's e820 map has RAM covering `[start, start + len)`.
+pub fn is_ram(boot_params: u64, start: u64, len: u64) -> bool {
+    let entries = usize::from(read_u8(boot_params + E820_ENTRIES as u64)).min(E820_MAX);
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    (0..entries as u64).any(|i| {
+        let entry = boot_params + E820_TABLE as u64 + i * E820_ENTRY_SIZE;
+        let (addr, size, kind) = (read_u64(entry), read_u64(entry + 8), read_u32(entry + 16));
+        kind == E820_RAM && addr <= start && addr.saturating_add(size) >= end
+    })
 }
 
 /// The kernel command line named by the zero page at `boot_params`.

@@ -5,6 +5,8 @@ use hooks_sdk::protocol::InitType;
 
 /// Most virtio-mmio devices the guest keeps track of.
 pub const MAX_DEVICES: usize = 8;
+/// Most memory `thaw.fill-mib` may ask for (Lambda's largest function has 10 GiB).
+pub const MAX_FILL_MIB: u32 = 10 * 1024;
 
 /// One virtio-mmio device from the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,6 +30,9 @@ pub enum Mode {
     Bench,
     /// Send the device bad input, then serve as the agent (`thaw.vsock-misbehave=KIND`).
     Misbehave(Misbehavior),
+    /// Say so on the console and keep counting at CPL3 until the host stops the VM
+    /// (`thaw.idle=1`): a guest to snapshot when a console line appears.
+    Idle,
 }
 
 /// Kinds of deliberately bad input for the vsock device.
@@ -83,6 +88,35 @@ impl Misbehavior {
     }
 }
 
+/// A failure the agent fakes on purpose (`thaw.fail=WHAT`), so the host's handling of each
+/// runtime failure can be tested.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fail {
+    /// Nothing fails.
+    #[default]
+    Nothing,
+    /// Init fails: the agent sends `InitError` instead of `Ready` / waiting (`init`).
+    Init,
+    /// The runtime dies during init: the guest exits with status 1 (`exit`).
+    Exit,
+    /// The before-checkpoint hook fails (`checkpoint`).
+    Checkpoint,
+    /// The after-restore hook fails (`restore`).
+    Restore,
+}
+
+impl Fail {
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "init" => Fail::Init,
+            "exit" => Fail::Exit,
+            "checkpoint" => Fail::Checkpoint,
+            "restore" => Fail::Restore,
+            _ => return None,
+        })
+    }
+}
+
 /// Everything the command line says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -96,6 +130,10 @@ pub struct Options {
     pub devices: [MmioDevice; MAX_DEVICES],
     /// How many of `devices` are valid.
     pub device_count: usize,
+    /// `thaw.fill-mib`: MiB of memory to fill with the workload before the mode starts.
+    pub fill_mib: u32,
+    /// `thaw.fail`: what the agent fails on purpose.
+    pub fail: Fail,
 }
 
 impl Options {
@@ -153,6 +191,8 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
         init_type: InitType::OnDemand,
         devices: [MmioDevice::default(); MAX_DEVICES],
         device_count: 0,
+        fill_mib: 0,
+        fail: Fail::Nothing,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(spec) = word.strip_prefix("virtio_mmio.device=") {
@@ -182,6 +222,19 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
             }
             Some(("agent", value)) => flag(value).ok_or(word)?.then_some(Mode::Agent),
             Some(("vsock-bench", value)) => flag(value).ok_or(word)?.then_some(Mode::Bench),
+            Some(("idle", value)) => flag(value).ok_or(word)?.then_some(Mode::Idle),
+            Some(("fail", what)) => {
+                o.fail = Fail::from_name(what).ok_or(word)?;
+                None
+            }
+            Some(("fill-mib", value)) => {
+                o.fill_mib = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= MAX_FILL_MIB)
+                    .ok_or(word)?;
+                None
+            }
             Some(("vsock-misbehave", kind)) => {
                 Some(Mode::Misbehave(Misbehavior::from_name(kind).ok_or(word)?))
             }
@@ -211,6 +264,18 @@ mod tests {
         assert_eq!(o.init_type, InitType::SnapStart);
         assert_eq!(parse("thaw.agent=0").unwrap().mode, Mode::Checks);
         assert_eq!(parse("thaw.vsock-bench=1").unwrap().mode, Mode::Bench);
+        let o = parse("thaw.idle=1 thaw.fill-mib=256").unwrap();
+        assert_eq!((o.mode, o.fill_mib), (Mode::Idle, 256));
+        assert_eq!(parse("thaw.agent=1").unwrap().fill_mib, 0);
+        assert_eq!(parse("thaw.agent=1").unwrap().fail, Fail::Nothing);
+        for (name, fail) in [
+            ("init", Fail::Init),
+            ("exit", Fail::Exit),
+            ("checkpoint", Fail::Checkpoint),
+            ("restore", Fail::Restore),
+        ] {
+            assert_eq!(parse(&format!("thaw.fail={name}")).unwrap().fail, fail);
+        }
         let o = parse("thaw.vsock-misbehave=flood").unwrap();
         assert_eq!(o.mode, Mode::Misbehave(Misbehavior::Flood));
         for m in Misbehavior::EACH.iter().chain([&Misbehavior::All]) {
@@ -224,6 +289,10 @@ mod tests {
         assert_eq!(parse("thaw.nope=1"), Err("thaw.nope=1"));
         assert_eq!(parse("thaw.agent=yes"), Err("thaw.agent=yes"));
         assert_eq!(parse("thaw.init=lazy"), Err("thaw.init=lazy"));
+        assert_eq!(parse("thaw.fill-mib=-1"), Err("thaw.fill-mib=-1"));
+        assert_eq!(parse("thaw.fail=sometimes"), Err("thaw.fail=sometimes"));
+        assert_eq!(parse("thaw.fill-mib=10241"), Err("thaw.fill-mib=10241"));
+        assert_eq!(parse("thaw.idle=1 thaw.agent=1"), Err("thaw.agent=1"));
         assert_eq!(
             parse("thaw.vsock-misbehave=x"),
             Err("thaw.vsock-misbehave=x")

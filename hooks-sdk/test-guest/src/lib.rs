@@ -1,7 +1,7 @@
 //! The test guest's logic that touches no hardware directly: command-line parsing, the
-//! virtqueue and vsock driver core, the connection's credit accounting, the hook registry and
-//! the bench wire format. The guest image links it; `cargo test` runs its tests on the host,
-//! where a simulated vsock device stands in for the VMM's.
+//! virtqueue and vsock driver core, the connection's credit accounting, the hook registry, the
+//! bench wire format and the memory workload. The guest image links it; `cargo test` runs its
+//! tests on the host, where a simulated vsock device stands in for the VMM's.
 
 #![cfg_attr(not(test), no_std)]
 
@@ -13,3 +13,4 @@ pub mod hooks;
 pub mod ring;
 pub mod virtq;
 pub mod vsock;
+pub mod workload;

@@ -14,6 +14,10 @@
 //! - `thaw.vsock-bench=1`  serve the vsock bench (echo, upload, download); see `bench_mode`
 //! - `thaw.vsock-misbehave=KIND`  send the device bad input of KIND (`bad-addr`, `bad-len`,
 //!   `bad-op`, `no-conn`, `flood`, `all`), then run the agent; see `misbehave`
+//! - `thaw.fill-mib=N`  first fill N MiB at `FILL_BASE` with the memory workload and print its
+//!   checksum (see the library's `workload`)
+//! - `thaw.idle=1`  say `idle` on the console and count at CPL3 until the host stops the VM
+//! - `thaw.fail=init|exit|checkpoint|restore`  the agent fails that step on purpose
 //! - `virtio_mmio.device=SIZE@BASE:IRQ`  a virtio-mmio device (the VMM appends these)
 //!
 //! Exit statuses: 0 (or `thaw.exit`) success (the agent: `Shutdown`; the bench: quit),
@@ -37,12 +41,17 @@ mod virtio_mmio;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use thaw_test_guest::cmdline::{self, Mode};
+use thaw_test_guest::workload;
 
 const EXIT_CHECK_FAILED: u8 = 1;
 const EXIT_BAD_CMDLINE: u8 = 2;
 const EXIT_PANIC: u8 = 4;
 /// No vsock device, or it cannot be initialized or recovered.
 pub const EXIT_VSOCK: u8 = 5;
+
+/// Where `thaw.fill-mib` memory starts: above the image, the zero page and an initrd's usual
+/// place, inside the identity map.
+const FILL_BASE: u64 = 64 << 20;
 
 /// How long the BSP waits for APs to come online, in spin-loop iterations (seconds, not
 /// milliseconds: APs normally arrive within a few hundred microseconds).
@@ -111,10 +120,52 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     if online != expected {
         io::exit(EXIT_CHECK_FAILED);
     }
-    if options.mode == Mode::Checks {
-        io::exit(options.exit_code)
+    if options.fill_mib > 0 {
+        fill_memory(boot_params, options.fill_mib);
     }
-    vsock_main(&options)
+    match options.mode {
+        Mode::Checks => io::exit(options.exit_code),
+        Mode::Idle => idle(),
+        _ => vsock_main(&options),
+    }
+}
+
+/// Fills `mib` MiB at [`FILL_BASE`] with the workload and prints the mix and checksum.
+fn fill_memory(boot_params: u64, mib: u32) {
+    let len = u64::from(mib) << 20;
+    if !boot::is_ram(boot_params, FILL_BASE, len) {
+        println!(
+            "thaw-test-guest: thaw.fill-mib={mib} needs RAM at {FILL_BASE:#x}..{:#x}; give the VM \
+             at least {} MiB",
+            FILL_BASE + len,
+            (FILL_BASE + len) >> 20
+        );
+        io::exit(EXIT_BAD_CMDLINE);
+    }
+    // SAFETY: the e820 map says this range is RAM, it is identity-mapped and user-accessible,
+    // and nothing else in the guest uses memory above FILL_BASE.
+    let buf = unsafe { core::slice::from_raw_parts_mut(FILL_BASE as *mut u8, len as usize) };
+    let start = clock::rdtsc();
+    let mix = workload::fill(buf);
+    let sum = workload::checksum(buf);
+    println!(
+        "fill: {mib} MiB at {FILL_BASE:#x}: {} zero, {} text, {} random pages; checksum {sum:#018x} \
+         ({} M TSC ticks)",
+        mix.zero,
+        mix.text,
+        mix.random,
+        clock::rdtsc().wrapping_sub(start) / 1_000_000
+    );
+}
+
+/// Counts forever at CPL3 (the count lives in memory, so a snapshot holds it).
+fn idle() -> ! {
+    static COUNTER: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    println!("thaw-test-guest: idle");
+    loop {
+        COUNTER.fetch_add(1, Ordering::Relaxed);
+        core::hint::spin_loop();
+    }
 }
 
 /// The vsock modes, on the boot CPU.
@@ -139,7 +190,7 @@ fn vsock_main(options: &cmdline::Options) -> ! {
         io::exit(EXIT_VSOCK);
     };
     match options.mode {
-        Mode::Agent => agent::run(&mut vsock, options.init_type),
+        Mode::Agent => agent::run(&mut vsock, options.init_type, options.fail),
         Mode::Bench => bench_mode::run(&mut vsock),
         Mode::Misbehave(kind) => {
             let mut scratch = [0u8; 64];
@@ -147,9 +198,9 @@ fn vsock_main(options: &cmdline::Options) -> ! {
                 println!("misbehave {}: the device did not recover", kind.name());
                 io::exit(EXIT_CHECK_FAILED);
             }
-            agent::run(&mut vsock, options.init_type)
+            agent::run(&mut vsock, options.init_type, options.fail)
         }
-        Mode::Checks => io::exit(options.exit_code),
+        Mode::Checks | Mode::Idle => io::exit(options.exit_code),
     }
 }
 

@@ -1,7 +1,14 @@
 //! The `thaw` command's library: everything the CLI, the integration tests and the benches
 //! share that is not the VMM itself (which is `vmm-core`).
 
+pub mod agent_checkpoint;
+pub mod console_watch;
 pub mod guest_image;
 pub mod host_check;
+pub mod host_key;
 pub mod run;
+pub mod snapshot_create;
+pub mod snapshot_state;
+pub mod snapshot_verify;
 pub mod test_guest;
+pub mod xdg;

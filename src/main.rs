@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use thaw::run::RunOptions;
 
@@ -26,34 +26,13 @@ enum Command {
     /// value written to the debug-exit port 0x501, 0 when the guest resets or powers off, 125
     /// when a vCPU triple-faults and 126 when a vCPU fails.
     Run {
-        /// Kernel image: ELF vmlinux or bzImage. Omit to boot the built-in test guest.
-        #[arg(long, value_name = "PATH")]
-        kernel: Option<PathBuf>,
-        /// Initramfs (cpio, optionally compressed) loaded at the top of low memory.
-        #[arg(long, value_name = "PATH", requires = "kernel")]
-        initrd: Option<PathBuf>,
-        /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off
-        /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"; empty for the test guest].
-        #[arg(long, value_name = "STR")]
-        cmdline: Option<String>,
-        /// Guest memory in MiB (128 to 10240, as AWS Lambda allows).
-        #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_mem_mib)]
-        mem_mib: u64,
-        /// Number of vCPUs (1 to this host's online CPUs).
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
-        vcpus: u8,
-        /// Add a virtio-vsock device whose host side is this Unix socket (Firecracker's hybrid
-        /// vsock `uds_path`). A guest connection to host CID 2, port P is forwarded to the Unix
-        /// socket PATH_P, which a host program must be listening on. A host program reaches guest
-        /// port P by connecting to PATH and writing "CONNECT P\n"; it reads "OK <host_port>\n"
-        /// once the guest accepted, or sees the socket closed if the guest refused. PATH must not
-        /// exist (Thaw creates it and removes it on exit) and must be at most 96 bytes long.
-        #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds)]
-        vsock_uds: Option<PathBuf>,
-        /// The guest's vsock context id (3 to 4294967294).
-        #[arg(long, value_name = "N", default_value_t = vmm_core::config::DEFAULT_GUEST_CID,
-              requires = "vsock_uds", value_parser = parse_vsock_cid)]
-        vsock_cid: u32,
+        #[command(flatten)]
+        boot: BootArgs,
+    },
+    /// Create, inspect and verify snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
     },
     /// Fetch and cache Debian's cloud kernel (linux-image-cloud-amd64) with apt.
     Kernel {
@@ -72,6 +51,143 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What to boot: shared by `thaw run` and `thaw snapshot create`.
+#[derive(Args, Clone, Debug)]
+struct BootArgs {
+    /// Kernel image: ELF vmlinux or bzImage. Omit to boot the built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs (cpio, optionally compressed) loaded at the top of low memory.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off
+    /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"; empty for the test guest].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory in MiB (128 to 10240, as AWS Lambda allows).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_mem_mib)]
+    mem_mib: u64,
+    /// Number of vCPUs (1 to this host's online CPUs).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+    vcpus: u8,
+    /// Add a virtio-vsock device whose host side is this Unix socket (Firecracker's hybrid
+    /// vsock `uds_path`). A guest connection to host CID 2, port P is forwarded to the Unix
+    /// socket PATH_P, which a host program must be listening on. A host program reaches guest
+    /// port P by connecting to PATH and writing "CONNECT P\n"; it reads "OK <host_port>\n"
+    /// once the guest accepted, or sees the socket closed if the guest refused. PATH must not
+    /// exist (Thaw creates it and removes it on exit) and must be at most 96 bytes long.
+    #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id (3 to 4294967294).
+    #[arg(long, value_name = "N", default_value_t = vmm_core::config::DEFAULT_GUEST_CID,
+          requires = "vsock_uds", value_parser = parse_vsock_cid)]
+    vsock_cid: u32,
+}
+
+impl BootArgs {
+    fn into_run_options(self) -> RunOptions {
+        RunOptions {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            vsock: self
+                .vsock_uds
+                .map(|uds_path| vmm_core::config::VsockConfig {
+                    guest_cid: self.vsock_cid,
+                    uds_path,
+                }),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Boot a guest, wait until its runtime is ready, and write a snapshot of the whole VM.
+    ///
+    /// Ready means, by default, that the guest's agent (thaw-init, or the test guest with
+    /// thaw.agent=1 thaw.init=snap-start) reports its runtime finished init and ran its
+    /// before-checkpoint hooks: with thaw-init, the runtime is waiting in
+    /// GET /runtime/restore/next. A vsock device is added for the agent if --vsock-uds is not
+    /// given. With --ready-on-serial STR, ready means the guest printed STR on its console.
+    ///
+    /// Then every vCPU is paused and its state captured on its own thread, with the VM's and
+    /// devices' state, and memory is written in zero-elided, zstd-compressed chunks sealed with
+    /// AES-256-GCM under a fresh data key, itself wrapped by the master key (--key-file, else
+    /// the host key, created 0600 on first use). The snapshot directory appears atomically:
+    /// complete, or not at all. If init fails, times out, or a before-checkpoint hook fails,
+    /// nothing is written and the error carries the runtime's message.
+    Create {
+        #[command(flatten)]
+        boot: BootArgs,
+        /// The snapshot directory to create.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an existing snapshot at --out (atomically: the old one stays until the new
+        /// one is complete).
+        #[arg(long)]
+        replace: bool,
+        /// Take the snapshot when the guest prints this text on its serial console, instead of
+        /// waiting for the agent.
+        #[arg(long, value_name = "STR", value_parser = parse_marker)]
+        ready_on_serial: Option<String>,
+        /// Seconds the guest's init may take before giving up (AWS Lambda allows 130).
+        #[arg(long, value_name = "SECS", default_value_t = 130, value_parser = parse_init_timeout)]
+        init_timeout: u64,
+        /// Master key file (32 random bytes; see `thaw snapshot create --help`) [default:
+        /// $THAW_KEY_FILE, else $XDG_CONFIG_HOME/thaw/host.key, else ~/.config/thaw/host.key,
+        /// created on first use]. A file named here must exist.
+        #[arg(long, value_name = "FILE", conflicts_with = "insecure_plaintext")]
+        key_file: Option<PathBuf>,
+        /// Do not encrypt or authenticate the snapshot. FOR BENCHMARKING ONLY: anyone who can
+        /// read the file reads the guest's memory, and anyone who can write it controls the
+        /// guest that is restored from it.
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
+    /// Show what a snapshot holds: format version, host fingerprint, vCPUs, memory size,
+    /// stored bytes, zero-page share, compression ratio and chunks. The header, state and
+    /// manifest are authenticated first (chunks are not read; see `verify`).
+    Inspect {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Master key file [default: the host key, if there is one].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Check a whole snapshot without starting a VM: the header, state and manifest are
+    /// authenticated, then every chunk is decrypted, authenticated, decompressed and checked
+    /// against its hash. Exits non-zero with the first problem found.
+    Verify {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Master key file [default: the host key, if there is one].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+}
+
+fn parse_marker(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the marker must not be empty".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_init_timeout(s: &str) -> Result<u64, String> {
+    let secs: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if !(1..=3600).contains(&secs) {
+        return Err(format!("{secs} s is out of range (1 to 3600)"));
+    }
+    Ok(secs)
 }
 
 #[derive(Subcommand)]
@@ -180,26 +296,8 @@ fn fetch_kernel(cache_dir: Option<PathBuf>) -> anyhow::Result<thaw::guest_image:
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run {
-            kernel,
-            initrd,
-            cmdline,
-            mem_mib,
-            vcpus,
-            vsock_uds,
-            vsock_cid,
-        } => {
-            let options = RunOptions {
-                kernel,
-                initrd,
-                cmdline,
-                mem_mib,
-                vcpus,
-                vsock: vsock_uds.map(|uds_path| vmm_core::config::VsockConfig {
-                    guest_cid: vsock_cid,
-                    uds_path,
-                }),
-            };
+        Command::Run { boot } => {
+            let options = boot.into_run_options();
             let reason = thaw::run::run(&options).context("cannot run the guest")?;
             match reason.exit_code() {
                 0 => tracing::info!(%reason, "guest finished"),
@@ -207,6 +305,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(reason.exit_code().clamp(0, 255) as u8))
         }
+        Command::Snapshot { command } => snapshot_command(command),
         Command::Kernel {
             command: KernelCommand::Fetch { cache_dir },
         } => {
@@ -271,6 +370,77 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+    }
+}
+
+fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
+    use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+    match command {
+        SnapshotCommand::Create {
+            boot,
+            out,
+            replace,
+            ready_on_serial,
+            init_timeout,
+            key_file,
+            insecure_plaintext,
+        } => {
+            let sealing = if insecure_plaintext {
+                eprintln!(
+                    "thaw: WARNING: --insecure-plaintext: the snapshot is neither encrypted nor \
+                     authenticated; use it for benchmarks only"
+                );
+                Sealing::InsecurePlaintext
+            } else {
+                Sealing::Encrypted(thaw::host_key::for_sealing(key_file.as_deref())?)
+            };
+            let options = CreateOptions {
+                boot: boot.into_run_options(),
+                out,
+                replace,
+                ready: ready_on_serial.map_or(Readiness::Agent, Readiness::Serial),
+                init_timeout: std::time::Duration::from_secs(init_timeout),
+                sealing,
+            };
+            let created = snapshot_create::create(options, Box::new(std::io::stdout()))
+                .context("no snapshot was written")?;
+            let s = &created.summary;
+            eprintln!(
+                "thaw: snapshot {} written to {}: {} MiB of memory in {} bytes ({} zero pages); \
+                 init {:.1?}, capture {:.1?}, write {:.1?}",
+                s.snapshot_id,
+                s.path.display(),
+                s.memory_bytes >> 20,
+                s.file_bytes,
+                s.zero_pages,
+                created.init,
+                created.capture,
+                s.elapsed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Inspect {
+            dir,
+            json,
+            key_file,
+        } => {
+            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let snap = snapshot::Snapshot::open(&dir, key.as_ref())
+                .with_context(|| format!("cannot open snapshot {}", dir.display()))?;
+            let info = snap.info();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{info}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Verify { dir, key_file } => {
+            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let summary = thaw::snapshot_verify::verify(&dir, key.as_ref())?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

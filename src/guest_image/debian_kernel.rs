@@ -239,11 +239,9 @@ fn cache_dir_from(
     xdg: Option<OsString>,
     home: Option<OsString>,
 ) -> Option<PathBuf> {
-    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
-    set(thaw)
-        // The XDG spec says a relative XDG_CACHE_HOME is invalid and to be ignored.
-        .or_else(|| set(xdg).filter(|p| p.is_absolute()).map(|p| p.join("thaw")))
-        .or_else(|| set(home).map(|p| p.join(".cache").join("thaw")))
+    crate::xdg::resolve(thaw, xdg, home, ".cache").map(|r| match r {
+        crate::xdg::Resolved::Explicit(dir) | crate::xdg::Resolved::Dir(dir) => dir,
+    })
 }
 
 /// The most recently fetched complete kernel in the cache, without asking apt (for offline

@@ -1,0 +1,109 @@
+//! `thaw snapshot verify`: everything a restore would check before a guest runs, without
+//! starting one — the snapshot layer's authentication of header, state, manifest and every
+//! chunk, and that the state blob is a machine state agreeing with the header.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use snapshot::{MasterKey, Snapshot, VerifySummary};
+
+use crate::snapshot_state::{self, StateCodecError};
+
+/// The snapshot is not sound.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The snapshot layer refused it.
+    #[error("snapshot {} is not valid", path.display())]
+    Snapshot {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: snapshot::ReadError,
+    },
+    /// The state blob is not a machine state.
+    #[error("snapshot {}: its machine state is unusable", path.display())]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: StateCodecError,
+    },
+    /// The state and the header disagree.
+    #[error("snapshot {}: the header says {header}, the machine state says {state}", path.display())]
+    Mismatch {
+        /// The directory.
+        path: PathBuf,
+        /// The header's claim.
+        header: String,
+        /// The state's claim.
+        state: String,
+    },
+}
+
+/// A snapshot that verified.
+#[derive(Debug)]
+pub struct Verified {
+    /// What the chunk check covered.
+    pub chunks: VerifySummary,
+    /// Whether this host could restore it, and if not why.
+    pub host: Result<(), String>,
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl fmt::Display for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.chunks;
+        writeln!(
+            f,
+            "snapshot {} is intact: header, state and manifest authenticated; {} chunks ({} with \
+             data, {} MiB of memory from {} stored bytes) decrypted and checked in {:.1?}",
+            self.path.display(),
+            c.chunks_checked,
+            c.data_chunks,
+            c.memory_bytes >> 20,
+            c.stored_bytes,
+            c.elapsed
+        )?;
+        match &self.host {
+            Ok(()) => write!(f, "this host can restore it"),
+            Err(why) => write!(f, "this host cannot restore it: {why}"),
+        }
+    }
+}
+
+/// Verifies the snapshot at `dir` (with `key` if it is encrypted).
+pub fn verify(dir: &Path, key: Option<&MasterKey>) -> Result<Verified, VerifyError> {
+    let refused = |source| VerifyError::Snapshot {
+        path: dir.to_owned(),
+        source,
+    };
+    let snap = Snapshot::open(dir, key).map_err(refused)?;
+    let state = snapshot_state::decode(snap.state()).map_err(|source| VerifyError::State {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let info = snap.info();
+    if state.vcpus.len() != usize::from(info.vcpus) || state.mem_bytes != info.memory_bytes {
+        return Err(VerifyError::Mismatch {
+            path: dir.to_owned(),
+            header: format!("{} vCPUs, {} bytes of memory", info.vcpus, info.memory_bytes),
+            state: format!("{} vCPUs, {} bytes of memory", state.vcpus.len(), state.mem_bytes),
+        });
+    }
+    let chunks = snap.verify(0).map_err(refused)?;
+    Ok(Verified {
+        chunks,
+        host: host_compatibility(&info.fingerprint),
+        path: dir.to_owned(),
+    })
+}
+
+/// Whether this host could restore a snapshot with `fingerprint`.
+pub fn host_compatibility(fingerprint: &snapshot::Fingerprint) -> Result<(), String> {
+    let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
+    let host = snapshot_state::host_facts(&kvm).map_err(|e| e.to_string())?;
+    fingerprint.check_compatible(&host).map_err(|e| e.to_string())
+}

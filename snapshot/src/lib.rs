@@ -51,5 +51,5 @@ pub use format::{
 };
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
-pub use reader::{Snapshot, VerifySummary};
+pub use reader::{FileLayout, Snapshot, VerifySummary};
 pub use writer::{MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write};

@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,6 +42,20 @@ impl std::fmt::Debug for Snapshot {
             .field("chunks", &self.chunks.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Where each part of `snapshot.thaw` lies (byte ranges), for inspection tools and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FileLayout {
+    pub file_len: u64,
+    pub preamble: Range<u64>,
+    pub header: Range<u64>,
+    pub header_tag: Range<u64>,
+    pub chunks: Range<u64>,
+    pub state: Range<u64>,
+    pub manifest: Range<u64>,
+    /// (chunk index, sealed bytes) of every Data chunk, in file order.
+    pub data_chunks: Vec<(usize, Range<u64>)>,
 }
 
 /// What `verify` checked.
@@ -234,6 +249,29 @@ impl Snapshot {
 
     pub fn chunk_size(&self) -> u32 {
         self.header.chunk_size
+    }
+
+    pub fn layout(&self) -> FileLayout {
+        let header_end = PREAMBLE_LEN as u64 + u64::from(self.preamble.header_len);
+        let range = |s: format::SectionRef| s.offset..s.offset + s.len;
+        FileLayout {
+            file_len: self.file_len,
+            preamble: 0..PREAMBLE_LEN as u64,
+            header: PREAMBLE_LEN as u64..header_end,
+            header_tag: header_end..self.header.chunks.offset,
+            chunks: range(self.header.chunks),
+            state: range(self.header.state),
+            manifest: range(self.header.manifest),
+            data_chunks: self
+                .manifest
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| match e {
+                    ChunkEntry::Data(d) => Some((i, d.offset..d.offset + u64::from(d.stored_len))),
+                    ChunkEntry::Zero => None,
+                })
+                .collect(),
+        }
     }
 
     pub fn info(&self) -> Info {

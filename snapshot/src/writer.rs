@@ -580,3 +580,7 @@ fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), std::io::E
         Err(std::io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

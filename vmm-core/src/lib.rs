@@ -10,7 +10,9 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
+pub mod vm_state;
 
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -18,3 +20,4 @@ pub(crate) mod test_support;
 pub use config::{KernelSource, MachineConfig};
 pub use exit::{ExitReason, ExitSignal};
 pub use machine::{Machine, MachineError};
+pub use persist::Persist;

@@ -273,6 +273,7 @@ impl EventLoop<'_> {
             version: MACHINE_STATE_VERSION,
             mem_bytes: self.ctx.mem_bytes,
             boot: self.ctx.boot,
+            vcpu_count: self.ctx.vcpus.len() as u8,
             vcpus,
             vm,
             devices,

@@ -353,4 +353,6 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
+mod persist_tests;
+#[cfg(test)]
 mod tests;

@@ -103,6 +103,8 @@ pub struct MachineState {
     pub mem_bytes: u64,
     /// Where the guest was loaded.
     pub boot: BootState,
+    /// How many vCPUs the guest was told of (MP table, ACPI); `vcpus` has one state for each.
+    pub vcpu_count: u8,
     /// Each vCPU, by index.
     pub vcpus: Vec<VcpuState>,
     /// The VM's in-kernel devices.
@@ -142,8 +144,8 @@ pub enum StateError {
         /// How many.
         count: usize,
     },
-    /// The state's vCPU count differs from what the caller expects.
-    #[error("the state has {found} vCPUs, expected {expected}")]
+    /// The state carries another number of vCPU states than the machine had vCPUs.
+    #[error("the machine had {expected} vCPUs but the state carries {found}")]
     VcpuMismatch {
         /// Expected.
         expected: usize,
@@ -180,11 +182,6 @@ pub fn virtio_placement(n: u32) -> VirtioPlacement {
 }
 
 impl MachineState {
-    /// The number of vCPUs.
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
-    }
-
     /// Checks everything restore relies on, against the memory (`ram`: its regions as
     /// `(start, size)`) it will be restored into.
     pub fn validate(&self, ram: &[(u64, u64)]) -> Result<(), StateError> {
@@ -212,6 +209,12 @@ impl MachineState {
         let count = self.vcpus.len();
         if count == 0 || count > MAX_VCPUS {
             return Err(StateError::VcpuCount { count });
+        }
+        if count != usize::from(self.vcpu_count) {
+            return Err(StateError::VcpuMismatch {
+                expected: usize::from(self.vcpu_count),
+                found: count,
+            });
         }
         for (index, vcpu) in self.vcpus.iter().enumerate() {
             vcpu.validate(index as u8)?;

@@ -10,20 +10,22 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MAX_XCRS, KVM_MP_STATE_SUSPENDED, Msrs,
-    Xsave, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::persist::Persist;
 
+#[path = "fpu_state.rs"]
+mod fpu;
+pub use fpu::{FpuRegs, FpuState, XSAVE_LEGACY_WORDS};
+
 /// MSRs read per `KVM_GET_MSRS` call.
 const MSR_BATCH: usize = 64;
 /// Most MSRs a saved vCPU may carry (KVM lists well under a hundred).
 pub const MAX_SAVED_MSRS: usize = 1024;
-/// Size of the legacy `struct kvm_xsave` region, in 32-bit words.
-const XSAVE_LEGACY_WORDS: usize = 1024;
 /// Largest XSAVE area accepted from a state file (AMX needs about 11 KiB).
 pub const MAX_XSAVE_BYTES: usize = 64 * 1024;
 
@@ -126,71 +128,6 @@ pub struct MsrValue {
     pub index: u32,
     /// Its value.
     pub data: u64,
-}
-
-/// The legacy FPU state (`struct kvm_fpu`), for hosts without XSAVE.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct FpuRegs {
-    pub fpr: [[u8; 16]; 8],
-    pub fcw: u16,
-    pub fsw: u16,
-    pub ftwx: u8,
-    pub last_opcode: u16,
-    pub last_ip: u64,
-    pub last_dp: u64,
-    pub xmm: [[u8; 16]; 16],
-    pub mxcsr: u32,
-}
-
-impl From<kvm_fpu> for FpuRegs {
-    fn from(f: kvm_fpu) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
-    }
-}
-
-impl From<FpuRegs> for kvm_fpu {
-    fn from(f: FpuRegs) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
-}
-
-/// The x87/SSE/AVX (and later) register state, in the form it was read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FpuState {
-    /// From `KVM_GET_XSAVE2`: the XSAVE area at `KVM_CAP_XSAVE2`'s size (4 KiB or more).
-    Xsave2 {
-        /// The area as 32-bit words.
-        region: Vec<u32>,
-    },
-    /// From `KVM_GET_XSAVE`: the 4 KiB XSAVE area.
-    Xsave {
-        /// The area as 32-bit words.
-        region: Vec<u32>,
-    },
-    /// From `KVM_GET_FPU`, when KVM has no XSAVE.
-    Fpu(Box<FpuRegs>),
 }
 
 /// Everything KVM holds for one vCPU.
@@ -340,87 +277,6 @@ impl Vcpu {
         }
         Ok(saved)
     }
-
-    fn read_fpu(&self) -> Result<FpuState, VcpuStateError> {
-        let vcpu = self.index;
-        if let Some(bytes) = self.caps.xsave2_bytes {
-            let mut xsave = new_xsave2(vcpu, bytes)?;
-            // SAFETY: `xsave` was allocated with the size KVM_CAP_XSAVE2 reports for this VM,
-            // which is the most KVM_GET_XSAVE2 writes.
-            unsafe { self.fd.get_xsave2(&mut xsave) }.map_err(kvm_err(vcpu, "KVM_GET_XSAVE2"))?;
-            let fam = xsave.as_fam_struct_ref();
-            let mut region = fam.xsave.region.to_vec();
-            region.extend_from_slice(xsave.as_slice());
-            Ok(FpuState::Xsave2 { region })
-        } else if self.caps.xsave {
-            let xsave = self
-                .fd
-                .get_xsave()
-                .map_err(kvm_err(vcpu, "KVM_GET_XSAVE"))?;
-            Ok(FpuState::Xsave {
-                region: xsave.region.to_vec(),
-            })
-        } else {
-            tracing::info!(vcpu, "KVM has no XSAVE; saving the legacy FPU state only");
-            let fpu = self.fd.get_fpu().map_err(kvm_err(vcpu, "KVM_GET_FPU"))?;
-            Ok(FpuState::Fpu(Box::new(fpu.into())))
-        }
-    }
-
-    fn write_fpu(&self, fpu: &FpuState) -> Result<(), VcpuStateError> {
-        let vcpu = self.index;
-        match fpu {
-            FpuState::Fpu(regs) => self
-                .fd
-                .set_fpu(&kvm_fpu::from(**regs))
-                .map_err(kvm_err(vcpu, "KVM_SET_FPU")),
-            FpuState::Xsave { region } | FpuState::Xsave2 { region } => {
-                if let Some(bytes) = self.caps.xsave2_bytes {
-                    // KVM_SET_XSAVE reads as many bytes as KVM_CAP_XSAVE2 says, so the buffer
-                    // must have that size whatever form was saved.
-                    if region.len() * 4 > bytes {
-                        return Err(invalid(
-                            vcpu,
-                            format!(
-                                "saved XSAVE area has {} bytes, this host takes {bytes}",
-                                region.len() * 4
-                            ),
-                        ));
-                    }
-                    let mut xsave = new_xsave2(vcpu, bytes)?;
-                    let (legacy, extra) = region.split_at(XSAVE_LEGACY_WORDS.min(region.len()));
-                    // SAFETY: only the fixed 4 KiB region is written; the length field, which
-                    // must match the allocation, is left alone.
-                    let fixed = unsafe { xsave.as_mut_fam_struct() };
-                    fixed.xsave.region[..legacy.len()].copy_from_slice(legacy);
-                    xsave.as_mut_slice()[..extra.len()].copy_from_slice(extra);
-                    // SAFETY: `xsave` has the size KVM_CAP_XSAVE2 reports for this VM, the most
-                    // KVM_SET_XSAVE reads.
-                    unsafe { self.fd.set_xsave2(&xsave) }.map_err(kvm_err(vcpu, "KVM_SET_XSAVE"))
-                } else if self.caps.xsave && region.len() == XSAVE_LEGACY_WORDS {
-                    let mut xsave = kvm_xsave::default();
-                    xsave.region.copy_from_slice(region);
-                    // SAFETY: without KVM_CAP_XSAVE2 the kernel predates larger XSAVE areas and
-                    // reads exactly `struct kvm_xsave`'s 4 KiB.
-                    unsafe { self.fd.set_xsave(&xsave) }.map_err(kvm_err(vcpu, "KVM_SET_XSAVE"))
-                } else {
-                    Err(invalid(
-                        vcpu,
-                        "saved XSAVE state but this host has no XSAVE",
-                    ))
-                }
-            }
-        }
-    }
-}
-
-/// An XSAVE buffer of `bytes` (at least the legacy 4 KiB).
-fn new_xsave2(vcpu: u8, bytes: usize) -> Result<Xsave, VcpuStateError> {
-    let extra_words = bytes.saturating_sub(XSAVE_LEGACY_WORDS * 4).div_ceil(4);
-    Xsave::new(extra_words).map_err(|_| VcpuStateError::List {
-        vcpu,
-        what: "XSAVE",
-    })
 }
 
 impl Persist for Vcpu {
@@ -440,7 +296,7 @@ impl Persist for Vcpu {
             .map_err(kvm_err(vcpu, "KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(kvm_err(vcpu, "KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(kvm_err(vcpu, "KVM_GET_SREGS"))?;
-        let fpu = self.read_fpu()?;
+        let fpu = fpu::read(&self.fd, vcpu, &self.caps)?;
         let xcrs = if self.caps.xcrs {
             Some(fd.get_xcrs().map_err(kvm_err(vcpu, "KVM_GET_XCRS"))?)
         } else {
@@ -556,7 +412,7 @@ impl Vcpu {
         // 5. MSRs (TSC, kvmclock, SYSCALL, KERNEL_GS_BASE, TSC deadline, ...).
         self.write_msrs(&state.msrs)?;
         // 6. Extended state, then XCR0 (both checked against CPUID, set above).
-        self.write_fpu(&state.fpu)?;
+        fpu::write(fd, vcpu, &self.caps, &state.fpu)?;
         match state.xcrs {
             Some(xcrs) if self.caps.xcrs => {
                 fd.set_xcrs(&xcrs).map_err(kvm_err(vcpu, "KVM_SET_XCRS"))?

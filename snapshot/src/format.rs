@@ -367,6 +367,88 @@ mod tests {
         assert_eq!(bytes, [2, 1, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]);
     }
 
+    /// Golden bytes of a manifest entry, as shown in docs/snapshot-format.md.
+    #[test]
+    fn manifest_entry_encoding_is_pinned() {
+        let entries = vec![
+            ChunkEntry::Zero,
+            ChunkEntry::Data(DataChunk {
+                offset: 0x1000,
+                stored_len: 0x210,
+                raw: false,
+                page_bitmap: vec![0x05],
+                hash: [0xee; 32],
+            }),
+        ];
+        let bytes = bincode::serde::encode_to_vec(&entries, encode_config()).unwrap();
+        let mut expected = vec![2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        expected.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0, 0x10, 2, 0, 0, 0]);
+        expected.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 5]);
+        expected.extend_from_slice(&[0xee; 32]);
+        assert_eq!(bytes, expected);
+        let back: (Vec<ChunkEntry>, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode_config::<1024>()).unwrap();
+        assert_eq!(back, (entries, bytes.len()));
+    }
+
+    /// The header's leading fields and its fixed size for a given content: the writer relies on
+    /// the size not depending on the offsets.
+    #[test]
+    fn header_encoding_is_pinned_and_offset_independent() {
+        use crate::fingerprint::{CpuIdentity, CpuidEntry};
+        let mut h = Header {
+            snapshot_id: [0xab; 16],
+            created_unix_nanos: 1,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            page_size: 4096,
+            vcpus: 2,
+            zstd_level: 1,
+            regions: vec![RegionDesc {
+                guest_addr: 0,
+                size: 1 << 20,
+            }],
+            fingerprint: Fingerprint {
+                cpu: CpuIdentity {
+                    vendor: "AuthenticAMD".into(),
+                    family: 25,
+                    model: 1,
+                    stepping: 1,
+                },
+                guest_cpuid: vec![CpuidEntry {
+                    function: 1,
+                    index: 0,
+                    flags: 0,
+                    eax: 0,
+                    ebx: 0,
+                    ecx: 0,
+                    edx: 0,
+                }],
+                kvm_flavor: "pvm".into(),
+                host_page_size: 4096,
+            },
+            chunk_count: 4,
+            chunks: SectionRef::default(),
+            state: SectionRef::default(),
+            manifest: SectionRef::default(),
+        };
+        let a = bincode::serde::encode_to_vec(&h, encode_config()).unwrap();
+        assert_eq!(&a[..16], &[0xab; 16]);
+        assert_eq!(&a[16..24], &1u64.to_le_bytes());
+        assert_eq!(&a[24..28], &DEFAULT_CHUNK_SIZE.to_le_bytes());
+        assert_eq!(&a[28..32], &4096u32.to_le_bytes());
+        assert_eq!(a[32], 2);
+        assert_eq!(&a[33..37], &1i32.to_le_bytes());
+        assert_eq!(&a[37..45], &1u64.to_le_bytes());
+        // 16+8+4+4+1+4 + (8+16) + (8+12+12) + (8+28) + (8+3) + 4 + 8 + 3*16
+        assert_eq!(a.len(), 37 + 24 + 32 + 36 + 11 + 4 + 8 + 48);
+        h.manifest = SectionRef {
+            offset: u64::MAX,
+            len: u64::MAX,
+        };
+        let b = bincode::serde::encode_to_vec(&h, encode_config()).unwrap();
+        assert_eq!(a.len(), b.len());
+    }
+
     #[test]
     fn layout_splits_regions_and_keeps_short_last_chunk() {
         let regions = [

@@ -57,6 +57,8 @@ pub enum KeyError {
     },
     #[error("the system random number generator failed")]
     Random,
+    #[error("AES-256-GCM refused to wrap the data key")]
+    Wrap,
 }
 
 /// Identifies a master key without revealing it: the first 16 bytes of a BLAKE3 derived key.
@@ -303,7 +305,7 @@ impl DataKey {
     /// Seals the data key under the master key with a random nonce: the master key seals many
     /// keys over its life, so a counter would need state kept across processes.
     pub fn wrap(&self, master: &MasterKey) -> Result<WrappedKey, KeyError> {
-        let aead = master.aead().ok_or(KeyError::Random)?;
+        let aead = master.aead().ok_or(KeyError::Wrap)?;
         let mut nonce = [0u8; NONCE_LEN];
         random(&mut nonce)?;
         let mut buf = Zeroizing::new(self.0.to_vec());
@@ -312,10 +314,10 @@ impl DataKey {
             Aad::from(wrap_aad(master.id())),
             &mut *buf,
         )
-        .map_err(|_| KeyError::Random)?;
+        .map_err(|_| KeyError::Wrap)?;
         let mut sealed = [0u8; WRAPPED_KEY_LEN];
         if buf.len() != WRAPPED_KEY_LEN {
-            return Err(KeyError::Random);
+            return Err(KeyError::Wrap);
         }
         sealed.copy_from_slice(&buf);
         Ok(WrappedKey { nonce, sealed })

@@ -40,6 +40,71 @@ mod seal;
 mod writer;
 
 pub use chunk::is_zero;
+
+/// The chunk codec alone, for `benches/codec.rs`; not part of the API.
+#[doc(hidden)]
+pub mod bench_support {
+    use crate::chunk::{Encoded, Encoder, decode};
+    use crate::format::DataChunk;
+    use crate::keys::DataKey;
+    use crate::seal::Sealer;
+
+    pub struct ChunkCodec {
+        sealer: Sealer,
+        encoder: Encoder,
+        scratch: Vec<u8>,
+    }
+
+    pub struct EncodedChunk(DataChunk, Vec<u8>);
+
+    impl EncodedChunk {
+        pub fn stored_len(&self) -> usize {
+            self.1.len()
+        }
+    }
+
+    const ID: [u8; 16] = [0x42; 16];
+
+    impl ChunkCodec {
+        /// A codec with a fresh random data key (AES-256-GCM), as a snapshot writer has.
+        pub fn new(zstd_level: i32) -> Option<Self> {
+            let key = DataKey::generate().ok()?;
+            Some(ChunkCodec {
+                sealer: Sealer::aead(&key)?,
+                encoder: Encoder::new(zstd_level),
+                scratch: Vec::new(),
+            })
+        }
+
+        /// Zero elision, compression and sealing of one chunk; `None` for an all-zero chunk.
+        pub fn encode(&mut self, plain: &[u8]) -> Option<EncodedChunk> {
+            match self
+                .encoder
+                .encode(&self.sealer, &ID, 1, 0x10_0000, plain)
+                .ok()?
+            {
+                Encoded::Zero => None,
+                Encoded::Data { chunk, sealed, .. } => Some(EncodedChunk(chunk, sealed)),
+            }
+        }
+
+        /// The read path from the stored bytes (copied first, as `pread` would) to `out`.
+        pub fn decode(&mut self, chunk: &EncodedChunk, out: &mut [u8]) -> bool {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&chunk.1);
+            decode(
+                &self.sealer,
+                &ID,
+                1,
+                0x10_0000,
+                &chunk.0,
+                &mut self.scratch,
+                out,
+            )
+            .is_ok()
+        }
+    }
+}
 pub use error::{ReadError, WriteError};
 pub use fingerprint::{
     CpuIdentity, CpuidEntry, FeatureRegister, Fingerprint, HostFacts, Incompatibility,

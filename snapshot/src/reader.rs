@@ -488,39 +488,5 @@ fn check_manifest(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_is_send_and_sync() {
-        fn assert_sync<T: Send + Sync>() {}
-        assert_sync::<Snapshot>();
-    }
-
-    #[test]
-    fn refuses_a_directory_without_a_snapshot_file() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            Snapshot::open(dir.path(), None),
-            Err(ReadError::Io { .. })
-        ));
-    }
-
-    #[test]
-    fn refuses_a_file_that_is_not_a_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(SNAPSHOT_FILE), b"#!/bin/sh\necho hello\n").unwrap();
-        assert!(matches!(
-            Snapshot::open(dir.path(), None),
-            Err(ReadError::NotASnapshot)
-        ));
-        std::fs::write(dir.path().join(SNAPSHOT_FILE), b"THA").unwrap();
-        assert!(matches!(
-            Snapshot::open(dir.path(), None),
-            Err(ReadError::Truncated {
-                expected: 112,
-                found: 3
-            })
-        ));
-    }
-}
+#[path = "reader_tests.rs"]
+mod tests;

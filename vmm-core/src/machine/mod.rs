@@ -242,8 +242,8 @@ impl Machine {
         })
     }
 
-    /// The vsock device, if the machine has one: for a transport reset after a restore
-    /// ([`MmioTransport::reset_vsock_transport`]) or to inspect its state.
+    /// The vsock device, if the machine has one, to inspect it. (A restored machine has already
+    /// reset its transport: [`MmioTransport::reset_vsock_transport`].)
     pub fn vsock(&self) -> Option<VsockHandle> {
         self.vsock.as_ref().map(|v| v.handle.clone())
     }

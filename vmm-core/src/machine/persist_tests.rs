@@ -328,8 +328,17 @@ fn saved_vsock_machine(dir: &std::path::Path) -> (MachineState, GuestMemory) {
         uds_path: dir.join("first.sock"),
     });
     let run = start(Machine::create(&cfg, Box::new(std::io::sink())).unwrap());
-    run.control.pause().unwrap();
-    let state = run.control.save().unwrap();
+    // Saved once the guest sits in its `hlt`, so a restored copy has nothing left to run and
+    // saves the same registers again.
+    let state = loop {
+        run.control.pause().unwrap();
+        let state = run.control.save().unwrap();
+        if state.vcpus[0].mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED {
+            break state;
+        }
+        run.control.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let mem = copy_memory(&run.mem);
     run.control.stop();
     assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);

@@ -19,5 +19,8 @@ pub(crate) mod test_support;
 
 pub use config::{KernelSource, MachineConfig};
 pub use exit::{ExitReason, ExitSignal};
-pub use machine::{Machine, MachineError};
+pub use machine::{
+    ControlError, Machine, MachineController, MachineError, MachineState, RestoreConfig,
+    RestoreError,
+};
 pub use persist::Persist;

@@ -8,7 +8,7 @@
 //! Either way the thread sees the request, so there is no window where a kick is lost.
 //!
 //! Pausing uses the same kick: the VMM thread queues a [`VcpuRequest::Pause`] and kicks; the
-//! vCPU thread finishes any half-done I/O (see [`park`]), acknowledges, and then only serves
+//! vCPU thread finishes any half-done I/O (see `park`), acknowledges, and then only serves
 //! requests (save its state, resume) until told to resume or the machine stops.
 
 pub mod setup;

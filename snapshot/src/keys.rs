@@ -91,7 +91,12 @@ impl fmt::Debug for MasterKey {
 
 impl MasterKey {
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        let bytes = Zeroizing::new(bytes);
+        Self::from_secret(Zeroizing::new(bytes))
+    }
+
+    /// Takes ownership of an already-zeroizing buffer, so loading and generating leave no
+    /// unzeroized copy behind.
+    fn from_secret(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
         let derived = Zeroizing::new(blake3::derive_key(KEY_ID_CONTEXT, &*bytes));
         let mut id = [0u8; 16];
         id.copy_from_slice(&derived[..16]);
@@ -104,7 +109,7 @@ impl MasterKey {
     pub fn generate() -> Result<Self, KeyError> {
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
         random(&mut *bytes)?;
-        Ok(Self::from_bytes(*bytes))
+        Ok(Self::from_secret(bytes))
     }
 
     pub fn id(&self) -> KeyId {
@@ -155,7 +160,7 @@ impl MasterKey {
                 reason,
             },
         })?;
-        Ok(Self::from_bytes(*bytes))
+        Ok(Self::from_secret(bytes))
     }
 
     /// Loads the key file, or creates it with a fresh random key (mode 0600) if it does not

@@ -247,6 +247,23 @@ impl Snapshot {
         &self.chunks
     }
 
+    pub fn id(&self) -> format::SnapshotId {
+        format::SnapshotId(self.header.snapshot_id)
+    }
+
+    /// The host and guest CPU facts to check with `Fingerprint::check_compatible` before restoring.
+    pub fn fingerprint(&self) -> &crate::fingerprint::Fingerprint {
+        &self.header.fingerprint
+    }
+
+    pub fn regions(&self) -> &[format::RegionDesc] {
+        &self.header.regions
+    }
+
+    pub fn vcpus(&self) -> u8 {
+        self.header.vcpus
+    }
+
     pub fn chunk_size(&self) -> u32 {
         self.header.chunk_size
     }

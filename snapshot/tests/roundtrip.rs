@@ -73,6 +73,9 @@ fn encrypted_mixed_memory_round_trips_byte_exact() {
     assert!(ratio > 0.3 && ratio < 1.0, "ratio {ratio}");
     assert_eq!(info.fingerprint, meta().fingerprint);
     assert_eq!(info.vcpus, 2);
+    assert_eq!((snap.vcpus(), snap.id()), (2, summary.snapshot_id));
+    assert_eq!(snap.fingerprint(), &meta().fingerprint);
+    assert_eq!(snap.regions().len(), 2);
 
     let verified = snap.verify(2).unwrap();
     assert_eq!(verified.chunks_checked, 8);

@@ -10,11 +10,17 @@ pub mod kvm;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
+pub mod vm_state;
 
 #[cfg(test)]
 pub(crate) mod test_support;
 
 pub use config::{KernelSource, MachineConfig};
 pub use exit::{ExitReason, ExitSignal};
-pub use machine::{Machine, MachineError};
+pub use machine::{
+    ControlError, Machine, MachineController, MachineError, MachineState, RestoreConfig,
+    RestoreError,
+};
+pub use persist::Persist;

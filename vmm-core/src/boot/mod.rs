@@ -37,7 +37,7 @@ const E820_RAM: u32 = 1;
 const PAGE_SIZE: u64 = 4096;
 
 /// What kind of image was booted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelFormat {
     /// An ELF `vmlinux` (or the test guest), entered at `e_entry` in 64-bit mode.
     Elf,

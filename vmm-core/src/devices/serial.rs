@@ -6,11 +6,13 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::ByteRegisters;
+use crate::persist::Persist;
 
 /// COM1's first port.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -87,6 +89,95 @@ impl SerialConsole {
     }
 }
 
+/// COM1's registers and receive FIFO (vm-superio's `SerialState`, which is not serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO the guest has not read yet.
+    pub rx_fifo: Vec<u8>,
+}
+
+/// The UART could not be rebuilt from a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// The eventfd for input flow control could not be created.
+    #[error("cannot create the serial input eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// vm-superio refused the state (a receive FIFO larger than the UART's).
+    #[error("invalid serial state")]
+    Invalid(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
+/// What a restored UART is built on: its irqfd and console output.
+pub struct SerialArgs {
+    /// The eventfd registered as COM1's irqfd.
+    pub irq: EventFd,
+    /// Where output goes.
+    pub output: ConsoleOutput,
+}
+
+impl Persist for SerialConsole {
+    type State = SerialConsoleState;
+    type ConstructorArgs<'a> = SerialArgs;
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialConsoleState, SerialStateError> {
+        let s = self.uart.state();
+        Ok(SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        })
+    }
+
+    fn restore(args: SerialArgs, state: &SerialConsoleState) -> Result<Self, SerialStateError> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.rx_fifo.clone(),
+        };
+        let drained = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(SerialStateError::EventFd)?;
+        // vm-superio raises the interrupt again if the state says one is due. The irqchip
+        // state restored afterwards overrides that edge with the one saved, which already
+        // reflects this interrupt.
+        let uart = Serial::from_state(&s, IrqTrigger(args.irq), InputDrained(drained), args.output)
+            .map_err(SerialStateError::Invalid)?;
+        Ok(Self { uart })
+    }
+}
+
 impl ByteRegisters for SerialConsole {
     fn read_register(&mut self, offset: u8) -> u8 {
         self.uart.read(offset)
@@ -137,6 +228,40 @@ mod tests {
         assert_eq!(byte[0] & 1, 1);
         com1.read(0, &mut byte);
         assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn serial_state_round_trips_with_registers_and_fifo() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut com1 = SerialConsole::new(irq, Box::new(std::io::sink())).unwrap();
+        com1.write(3, &[0x80]); // LCR: DLAB on
+        com1.write(0, &[0x0c]); // divisor low: 9600 baud
+        com1.write(3, &[0x03]); // LCR: 8N1, DLAB off
+        com1.write(1, &[0x01]); // IER
+        com1.write(7, &[0x5a]); // scratch
+        com1.push_input(b"queued");
+        let saved = com1.save().unwrap();
+        assert_eq!(saved.rx_fifo, b"queued");
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let args = SerialArgs {
+            irq: irq.try_clone().unwrap(),
+            output: Box::new(std::io::sink()),
+        };
+        let mut restored = SerialConsole::restore(args, &saved).unwrap();
+        assert_eq!(restored.save().unwrap(), saved);
+        // The pending received-data interrupt is raised again, and the FIFO reads back.
+        assert!(irq.read().unwrap() > 0);
+        let mut byte = [0u8];
+        restored.read(0, &mut byte);
+        assert_eq!(byte[0], b'q');
+        let mut too_long = saved.clone();
+        too_long.rx_fifo = vec![0; 1000];
+        let args = SerialArgs {
+            irq,
+            output: Box::new(std::io::sink()),
+        };
+        assert!(SerialConsole::restore(args, &too_long).is_err());
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub mod reg {
 
 /// The transport's registers as plain data: with [`Queue::state`] for each queue, everything a
 /// snapshot needs to recreate the transport as the guest left it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioRegisters {
     /// Device status (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, ...).
     pub status: u32,
@@ -542,6 +542,10 @@ impl<D: VirtioDevice> VirtioMmioEvents for MmioTransport<D> {
         self.with_context(|device, ctx| device.process_backend(ctx));
     }
 }
+
+#[path = "mmio_persist.rs"]
+mod persist;
+pub use persist::{MmioArgs, MmioStateError, QueueSnapshot, VirtioMmioState};
 
 #[cfg(test)]
 #[path = "mmio_tests.rs"]

@@ -30,6 +30,7 @@ macro_rules! guest_warn {
 pub mod connection;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 pub mod unix;
 
 use std::os::fd::RawFd;

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod flows;
+mod persist;
 mod robustness;
 
 use std::collections::HashMap;

@@ -1,0 +1,509 @@
+//! Opening a snapshot: every check (sizes, magic, version, key, header, state, manifest) runs in
+//! `open` before anything is returned, and nothing is deserialized before it is authenticated.
+//! Chunks are then read on demand with `pread`, from any number of threads.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::chunk::{self, DecodeError};
+use crate::error::ReadError;
+use crate::format::{
+    self, ChunkEntry, ChunkInfo, ChunkKind, FORMAT_VERSION, Header, MAGIC, MAX_FILE_LEN,
+    MAX_HEADER_LEN, MAX_MANIFEST_LEN, MAX_STATE_LEN, PAGE_SIZE, PREAMBLE_LEN,
+    PROTECTION_AES_256_GCM, PROTECTION_INSECURE_PLAINTEXT, Preamble, SNAPSHOT_FILE,
+};
+use crate::info::Info;
+use crate::keys::{DataKey, MasterKey, WrappedKey};
+use crate::seal::{Domain, Sealer, nonce_bytes, section_aad};
+use crate::writer::is_temp_name;
+
+/// An opened, verified snapshot. `Sync`: chunks can be read from many threads at once.
+pub struct Snapshot {
+    path: PathBuf,
+    file: File,
+    file_len: u64,
+    preamble: Preamble,
+    header: Header,
+    sealer: Sealer,
+    state: Vec<u8>,
+    manifest: Vec<ChunkEntry>,
+    chunks: Vec<ChunkInfo>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("path", &self.path)
+            .field("snapshot_id", &format::SnapshotId(self.header.snapshot_id))
+            .field("chunks", &self.chunks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where each part of `snapshot.thaw` lies (byte ranges), for inspection tools and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FileLayout {
+    pub file_len: u64,
+    pub preamble: Range<u64>,
+    pub header: Range<u64>,
+    pub header_tag: Range<u64>,
+    pub chunks: Range<u64>,
+    pub state: Range<u64>,
+    pub manifest: Range<u64>,
+    /// (chunk index, sealed bytes) of every Data chunk, in file order.
+    pub data_chunks: Vec<(usize, Range<u64>)>,
+}
+
+/// What `verify` checked.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VerifySummary {
+    pub chunks_checked: u64,
+    pub data_chunks: u64,
+    pub memory_bytes: u64,
+    pub stored_bytes: u64,
+    pub elapsed: Duration,
+}
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Snapshot {
+    /// Opens and verifies the snapshot directory `dir`. An encrypted snapshot needs its master
+    /// key; a plaintext one must be opened without a key (a caller holding a key expects the
+    /// guarantees only encryption gives).
+    pub fn open(dir: &Path, key: Option<&MasterKey>) -> Result<Snapshot, ReadError> {
+        if dir.file_name().is_some_and(is_temp_name) {
+            return Err(ReadError::UnpublishedTemp {
+                path: dir.to_owned(),
+            });
+        }
+        let path = dir.join(SNAPSHOT_FILE);
+        let io = |source| ReadError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        let found = file.metadata().map_err(io)?.len();
+        if found > MAX_FILE_LEN {
+            return Err(ReadError::TooLarge {
+                found,
+                max: MAX_FILE_LEN,
+            });
+        }
+
+        // 1. Preamble: magic, version, then the length it promises.
+        let mut pre = [0u8; PREAMBLE_LEN];
+        let avail = usize::try_from(found).map_or(PREAMBLE_LEN, |f| f.min(PREAMBLE_LEN));
+        let got = pre.get_mut(..avail).unwrap_or_default();
+        file.read_exact_at(got, 0).map_err(io)?;
+        let magic_len = avail.min(MAGIC.len());
+        if pre.get(..magic_len) != MAGIC.get(..magic_len) {
+            return Err(ReadError::NotASnapshot);
+        }
+        if avail >= 12 {
+            let version = format::le_u32(&pre, 8);
+            if version != FORMAT_VERSION {
+                return Err(ReadError::UnsupportedVersion {
+                    found: version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        if avail < PREAMBLE_LEN {
+            let promised = if avail >= 24 {
+                format::le_u64(&pre, 16)
+            } else {
+                0
+            };
+            let expected = promised.max(PREAMBLE_LEN as u64);
+            return Err(ReadError::Truncated { expected, found });
+        }
+        let preamble = Preamble::from_bytes(&pre);
+        if found < preamble.file_len {
+            return Err(ReadError::Truncated {
+                expected: preamble.file_len,
+                found,
+            });
+        }
+        if found > preamble.file_len {
+            return Err(ReadError::TrailingData {
+                expected: preamble.file_len,
+                found,
+            });
+        }
+
+        // 2. Key: the id is compared first so a wrong key is named as such, not as tampering.
+        let sealer = match (preamble.protection, key) {
+            (PROTECTION_AES_256_GCM, None) => {
+                return Err(ReadError::KeyRequired {
+                    key_id: preamble.key_id,
+                });
+            }
+            (PROTECTION_AES_256_GCM, Some(master)) => {
+                if master.id() != preamble.key_id {
+                    return Err(ReadError::WrongKey {
+                        sealed_with: preamble.key_id,
+                        given: master.id(),
+                    });
+                }
+                let wrapped = WrappedKey {
+                    nonce: preamble.wrap_nonce,
+                    sealed: preamble.wrapped_key,
+                };
+                let data_key =
+                    DataKey::unwrap_with(master, &wrapped).map_err(|_| ReadError::KeyUnwrap)?;
+                Sealer::aead(&data_key).ok_or(ReadError::KeyUnwrap)?
+            }
+            (PROTECTION_INSECURE_PLAINTEXT, None) => Sealer::Plaintext,
+            (PROTECTION_INSECURE_PLAINTEXT, Some(_)) => return Err(ReadError::PlaintextWithKey),
+            (other, _) => return Err(ReadError::UnknownProtection { found: other }),
+        };
+        let tag_len = sealer.tag_len() as u64;
+
+        // 3. Header: authenticated over the preamble and the header bytes, then decoded.
+        let header_len = preamble.header_len;
+        let front_len = (PREAMBLE_LEN as u64) + u64::from(header_len);
+        if header_len > MAX_HEADER_LEN || front_len + tag_len > preamble.file_len {
+            return Err(ReadError::HeaderLength {
+                len: header_len,
+                max: MAX_HEADER_LEN,
+            });
+        }
+        let mut front = vec![0u8; (front_len + tag_len) as usize];
+        file.read_exact_at(&mut front, 0).map_err(io)?;
+        let (aad, tag) = front.split_at_mut(front_len as usize);
+        sealer
+            .open(nonce_bytes(Domain::Header, 0), aad, tag)
+            .map_err(|_| ReadError::HeaderTampered)?;
+        let header_bytes = aad.get(PREAMBLE_LEN..).unwrap_or_default();
+        let (header, used): (Header, usize) = bincode::serde::decode_from_slice(
+            header_bytes,
+            format::bincode_config::<{ MAX_HEADER_LEN as usize }>(),
+        )
+        .map_err(|source| ReadError::HeaderMalformed { source })?;
+        if used != header_bytes.len() {
+            return Err(invalid_header("bytes left after the header"));
+        }
+        check_header(&header, &preamble, front_len + tag_len, tag_len)?;
+
+        // 4. State and manifest, each authenticated before use.
+        let mut state = read_section(&file, header.state).map_err(io)?;
+        let state_len = sealer
+            .open(
+                nonce_bytes(Domain::State, 0),
+                &section_aad(Domain::State, &header.snapshot_id),
+                &mut state,
+            )
+            .map_err(|_| ReadError::StateTampered)?
+            .len();
+        state.truncate(state_len);
+
+        let mut manifest_bytes = read_section(&file, header.manifest).map_err(io)?;
+        let manifest_plain = sealer
+            .open(
+                nonce_bytes(Domain::Manifest, 0),
+                &section_aad(Domain::Manifest, &header.snapshot_id),
+                &mut manifest_bytes,
+            )
+            .map_err(|_| ReadError::ManifestTampered)?;
+        let (manifest, used): (Vec<ChunkEntry>, usize) = bincode::serde::decode_from_slice(
+            manifest_plain,
+            format::bincode_config::<{ MAX_MANIFEST_LEN as usize }>(),
+        )
+        .map_err(|e| invalid_manifest(format!("does not decode: {e}")))?;
+        if used != manifest_plain.len() {
+            return Err(invalid_manifest("bytes left after the manifest".into()));
+        }
+        let chunks = check_manifest(&header, &manifest, tag_len)?;
+
+        let snapshot = Snapshot {
+            path,
+            file,
+            file_len: found,
+            preamble,
+            header,
+            sealer,
+            state,
+            manifest,
+            chunks,
+        };
+        if !snapshot.sealer.is_encrypted() {
+            tracing::warn!(path = %dir.display(), "opened an INSECURE PLAINTEXT snapshot: not encrypted, not authenticated");
+        }
+        Ok(snapshot)
+    }
+
+    /// The VM state blob the writer was given.
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    pub fn chunks(&self) -> &[ChunkInfo] {
+        &self.chunks
+    }
+
+    pub fn id(&self) -> format::SnapshotId {
+        format::SnapshotId(self.header.snapshot_id)
+    }
+
+    /// The host and guest CPU facts to check with `Fingerprint::check_compatible` before restoring.
+    pub fn fingerprint(&self) -> &crate::fingerprint::Fingerprint {
+        &self.header.fingerprint
+    }
+
+    pub fn regions(&self) -> &[format::RegionDesc] {
+        &self.header.regions
+    }
+
+    pub fn vcpus(&self) -> u8 {
+        self.header.vcpus
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.header.chunk_size
+    }
+
+    pub fn layout(&self) -> FileLayout {
+        let header_end = PREAMBLE_LEN as u64 + u64::from(self.preamble.header_len);
+        let range = |s: format::SectionRef| s.offset..s.offset + s.len;
+        FileLayout {
+            file_len: self.file_len,
+            preamble: 0..PREAMBLE_LEN as u64,
+            header: PREAMBLE_LEN as u64..header_end,
+            header_tag: header_end..self.header.chunks.offset,
+            chunks: range(self.header.chunks),
+            state: range(self.header.state),
+            manifest: range(self.header.manifest),
+            data_chunks: self
+                .manifest
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| match e {
+                    ChunkEntry::Data(d) => Some((i, d.offset..d.offset + u64::from(d.stored_len))),
+                    ChunkEntry::Zero => None,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn info(&self) -> Info {
+        Info::new(
+            &self.preamble,
+            &self.header,
+            &self.manifest,
+            self.file_len,
+            self.sealer.is_encrypted(),
+        )
+    }
+
+    /// Decrypts, authenticates, decompresses and checks chunk `index` into `out`, whose length
+    /// must be the chunk's.
+    pub fn read_chunk(&self, index: usize, out: &mut [u8]) -> Result<(), ReadError> {
+        let count = self.chunks.len();
+        let (Some(info), Some(entry)) = (self.chunks.get(index), self.manifest.get(index)) else {
+            return Err(ReadError::NoSuchChunk { index, count });
+        };
+        if out.len() != info.len as usize {
+            return Err(ReadError::OutputLength {
+                index,
+                expected: info.len as usize,
+                found: out.len(),
+            });
+        }
+        let data = match entry {
+            ChunkEntry::Zero => {
+                out.fill(0);
+                return Ok(());
+            }
+            ChunkEntry::Data(data) => data,
+        };
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.clear();
+            buf.resize(data.stored_len as usize, 0);
+            self.file
+                .read_exact_at(&mut buf, data.offset)
+                .map_err(|source| ReadError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            chunk::decode(
+                &self.sealer,
+                &self.header.snapshot_id,
+                index as u64,
+                info.guest_addr,
+                data,
+                &mut buf,
+                out,
+            )
+            .map_err(|e| match e {
+                DecodeError::Tampered => ReadError::ChunkTampered { index },
+                DecodeError::Corrupt(reason) => ReadError::ChunkCorrupt { index, reason },
+            })
+        })
+    }
+
+    /// Reads and checks every chunk on `threads` threads (0: one per CPU), keeping one chunk
+    /// buffer per thread. Returns the first error found.
+    pub fn verify(&self, threads: usize) -> Result<VerifySummary, ReadError> {
+        use rayon::prelude::*;
+        let started = Instant::now();
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|source| ReadError::ThreadPool { threads, source })?;
+        let chunk_size = self.header.chunk_size as usize;
+        pool.install(|| {
+            (0..self.chunks.len()).into_par_iter().try_for_each_init(
+                || vec![0u8; chunk_size],
+                |buf, index| {
+                    let len = self.chunks.get(index).map_or(0, |c| c.len as usize);
+                    let out = buf
+                        .get_mut(..len)
+                        .ok_or(ReadError::NoSuchChunk { index, count: 0 })?;
+                    self.read_chunk(index, out)
+                },
+            )
+        })?;
+        let data: Vec<_> = self
+            .manifest
+            .iter()
+            .filter_map(|e| match e {
+                ChunkEntry::Data(d) => Some(u64::from(d.stored_len)),
+                ChunkEntry::Zero => None,
+            })
+            .collect();
+        Ok(VerifySummary {
+            chunks_checked: self.chunks.len() as u64,
+            data_chunks: data.len() as u64,
+            memory_bytes: self.chunks.iter().map(|c| u64::from(c.len)).sum(),
+            stored_bytes: data.iter().sum(),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn read_section(file: &File, section: format::SectionRef) -> Result<Vec<u8>, std::io::Error> {
+    // Lengths were checked against the caps and the file length by `check_header`.
+    let mut buf = vec![0u8; section.len as usize];
+    file.read_exact_at(&mut buf, section.offset)?;
+    Ok(buf)
+}
+
+fn invalid_header(reason: &str) -> ReadError {
+    ReadError::HeaderInvalid {
+        reason: reason.to_owned(),
+    }
+}
+
+fn invalid_manifest(reason: String) -> ReadError {
+    ReadError::ManifestInvalid { reason }
+}
+
+/// An authenticated header can still be wrong (a writer bug); check every number the reader
+/// will use as a size or offset.
+fn check_header(
+    h: &Header,
+    p: &Preamble,
+    chunks_start: u64,
+    tag_len: u64,
+) -> Result<(), ReadError> {
+    if h.page_size as usize != PAGE_SIZE {
+        return Err(invalid_header("zero-elision page size is not 4096"));
+    }
+    format::check_layout(&h.regions, h.chunk_size)
+        .map_err(|reason| ReadError::HeaderInvalid { reason })?;
+    if format::chunk_count(&h.regions, h.chunk_size) != Some(h.chunk_count) {
+        return Err(invalid_header(
+            "chunk count does not match the memory regions",
+        ));
+    }
+    let in_order = h.chunks.offset == chunks_start
+        && h.chunks.end() == Some(h.state.offset)
+        && h.state.end() == Some(h.manifest.offset)
+        && h.manifest.end() == Some(p.file_len);
+    if !in_order {
+        return Err(invalid_header("sections do not tile the file"));
+    }
+    if !(tag_len..=MAX_STATE_LEN + tag_len).contains(&h.state.len) {
+        return Err(invalid_header("state section length out of bounds"));
+    }
+    if !(tag_len..=MAX_MANIFEST_LEN).contains(&h.manifest.len) {
+        return Err(invalid_header("manifest section length out of bounds"));
+    }
+    Ok(())
+}
+
+/// The manifest must describe exactly the header's chunks, each stored inside the chunk area,
+/// in order, without overlaps, with a bitmap and length consistent with its pages.
+fn check_manifest(
+    h: &Header,
+    manifest: &[ChunkEntry],
+    tag_len: u64,
+) -> Result<Vec<ChunkInfo>, ReadError> {
+    let layout = format::chunk_layout(&h.regions, h.chunk_size)
+        .ok_or_else(|| invalid_manifest("chunk layout overflows".into()))?;
+    if layout.len() != manifest.len() {
+        return Err(invalid_manifest(format!(
+            "{} entries for {} chunks",
+            manifest.len(),
+            layout.len()
+        )));
+    }
+    let area_end = h.chunks.end().unwrap_or(0);
+    let mut next_free = h.chunks.offset;
+    let mut infos = Vec::with_capacity(layout.len());
+    for (index, ((guest_addr, len), entry)) in layout.iter().zip(manifest).enumerate() {
+        let bad = |what: &str| invalid_manifest(format!("chunk {index}: {what}"));
+        let kind = match entry {
+            ChunkEntry::Zero => ChunkKind::Zero,
+            ChunkEntry::Data(d) => {
+                let pages = (*len as usize).div_ceil(PAGE_SIZE);
+                if d.page_bitmap.len() != pages.div_ceil(8) {
+                    return Err(bad("bitmap length does not match its pages"));
+                }
+                let present = chunk::count_present(&d.page_bitmap, pages);
+                let all_bits: usize = d.page_bitmap.iter().map(|b| b.count_ones() as usize).sum();
+                if present == 0 || all_bits != present {
+                    return Err(bad("bitmap marks no pages, or pages past the chunk's end"));
+                }
+                let packed = (present * PAGE_SIZE) as u64;
+                let stored = u64::from(d.stored_len);
+                let payload = stored
+                    .checked_sub(tag_len)
+                    .ok_or_else(|| bad("shorter than its tag"))?;
+                if (d.raw && payload != packed) || (!d.raw && (payload == 0 || payload >= packed)) {
+                    return Err(bad("stored length does not fit its pages"));
+                }
+                let end = d
+                    .offset
+                    .checked_add(stored)
+                    .ok_or_else(|| bad("offset overflows"))?;
+                if d.offset < next_free || end > area_end {
+                    return Err(bad("overlaps another chunk or lies outside the chunk area"));
+                }
+                next_free = end;
+                ChunkKind::Data
+            }
+        };
+        infos.push(ChunkInfo {
+            guest_addr: *guest_addr,
+            len: *len,
+            kind,
+        });
+    }
+    Ok(infos)
+}
+
+#[cfg(test)]
+#[path = "reader_tests.rs"]
+mod tests;

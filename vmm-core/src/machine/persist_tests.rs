@@ -1,0 +1,428 @@
+//! Pause, save, resume and restore of whole machines on real KVM, with a tiny guest that counts:
+//! the proof that a restored machine continues where the saved one stopped.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::*;
+use crate::config::KernelSource;
+use crate::test_support::{Capture, require_kvm, tiny_elf};
+
+/// The guest's memory counter.
+const COUNTER: u64 = 0x20_0000;
+/// The count at which the guest stops; the host sets it.
+const TARGET: u64 = 0x20_0008;
+/// What the guest exits with when its register and memory counters agree.
+const AGREE: u8 = 42;
+
+/// Counts in r12 and in memory at [`COUNTER`] until r12 reaches the value at [`TARGET`],
+/// printing a '.' to COM1 every 1024 steps, then exits with [`AGREE`] if both counts are equal
+/// (1 otherwise). A restore that lost registers or memory shows up as exit code 1.
+fn counting_guest() -> Vec<u8> {
+    vec![
+        0x45, 0x31, 0xe4, // xor r12d, r12d
+        // loop:
+        0x49, 0xff, 0xc4, // inc r12
+        0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, // inc qword [0x200000]
+        0x41, 0xf7, 0xc4, 0xff, 0x03, 0x00, 0x00, // test r12d, 0x3ff
+        0x75, 0x07, // jnz check
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'.', 0xee, // mov al, '.'; out dx, al
+        // check:
+        0x4c, 0x3b, 0x24, 0x25, 0x08, 0x00, 0x20, 0x00, // cmp r12, [0x200008]
+        0x72, 0xdb, // jb loop
+        0xb0, 0x01, // mov al, 1
+        0x4c, 0x3b, 0x24, 0x25, 0x00, 0x00, 0x20, 0x00, // cmp r12, [0x200000]
+        0x75, 0x02, // jne done
+        0xb0, AGREE, // mov al, 42
+        // done:
+        0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+        0xee, // out dx, al
+        0xf4, // hlt
+    ]
+}
+
+fn config(image: Vec<u8>, vcpus: u8) -> MachineConfig {
+    MachineConfig {
+        mem_mib: 128,
+        vcpus,
+        kernel: KernelSource::Bytes {
+            name: "counter".into(),
+            image: image.into(),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vsock: None,
+    }
+}
+
+fn read_u64(mem: &GuestMemory, addr: u64) -> u64 {
+    mem.read_obj(GuestAddress(addr)).unwrap()
+}
+
+fn write_u64(mem: &GuestMemory, addr: u64, value: u64) {
+    mem.write_obj(value, GuestAddress(addr)).unwrap();
+}
+
+struct Running {
+    mem: GuestMemory,
+    control: MachineController,
+    thread: JoinHandle<Result<ExitReason, MachineError>>,
+}
+
+fn start(machine: Machine) -> Running {
+    let mem = machine.memory().clone();
+    let control = machine.controller();
+    let thread = std::thread::spawn(move || machine.run(None));
+    Running {
+        mem,
+        control,
+        thread,
+    }
+}
+
+/// Waits until the guest's counter passes `value`.
+fn wait_for_count(mem: &GuestMemory, value: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = read_u64(mem, COUNTER);
+        if now > value {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest stuck at {now}, waiting for {value}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A copy of `mem` in fresh guest memory, as a snapshot's memory file would provide it.
+fn copy_memory(mem: &GuestMemory) -> GuestMemory {
+    let copy = memory::create_guest_memory(memory::total_bytes(mem)).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for region in mem.iter() {
+        let mut at = region.start_addr().0;
+        let end = at + region.len();
+        while at < end {
+            let n = chunk.len().min((end - at) as usize);
+            mem.read_slice(&mut chunk[..n], GuestAddress(at)).unwrap();
+            // Untouched memory stays unallocated in the copy too.
+            if chunk[..n].iter().any(|&b| b != 0) {
+                copy.write_slice(&chunk[..n], GuestAddress(at)).unwrap();
+            }
+            at += n as u64;
+        }
+    }
+    copy
+}
+
+#[test]
+fn restored_machine_continues_counting_where_the_saved_one_stopped() {
+    if !require_kvm() {
+        return;
+    }
+    // Two vCPUs: the boot CPU counts, the other waits for a SIPI that never comes, which puts
+    // a second run state through save and restore.
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &counting_guest()), 2),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    write_u64(machine.memory(), TARGET, u64::MAX);
+    let first = start(machine);
+    wait_for_count(&first.mem, 3000);
+
+    first.control.pause().unwrap();
+    let paused_at = read_u64(&first.mem, COUNTER);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        read_u64(&first.mem, COUNTER),
+        paused_at,
+        "a paused guest does not run"
+    );
+    let state = first.control.save().unwrap();
+    let memory_copy = copy_memory(&first.mem);
+    first.control.stop();
+    assert_eq!(first.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+    assert_eq!(state.vcpus.len(), 2);
+    // The pause can fall between the two increments: r12 may be one ahead, never more.
+    let r12 = state.vcpus[0].regs.r12;
+    assert!(
+        r12 == paused_at || r12 == paused_at + 1,
+        "r12 {r12}, memory {paused_at}"
+    );
+
+    // Through serde, as the snapshot file carries it.
+    let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
+    let (state, _): (MachineState, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+
+    let steps = 2048;
+    write_u64(&memory_copy, TARGET, paused_at + steps);
+    let out = Capture::default();
+    let restored = Machine::restore(
+        &RestoreConfig::default(),
+        Box::new(out.clone()),
+        &state,
+        memory_copy,
+    )
+    .unwrap();
+    let second = start(restored);
+    let reason = second.thread.join().unwrap().unwrap();
+    assert_eq!(
+        reason,
+        ExitReason::GuestExit(AGREE),
+        "register and memory counts disagree"
+    );
+    assert_eq!(read_u64(&second.mem, COUNTER), paused_at + steps);
+    // The restored guest printed its progress for the steps it took after the restore.
+    let dots = out.text().chars().filter(|&c| c == '.').count() as u64;
+    let expected = (paused_at + steps) / 1024 - paused_at / 1024;
+    // (One more if the pause fell between a step's increments and its '.'.)
+    assert!(
+        dots == expected || dots == expected + 1,
+        "{dots} dots, expected {expected}: {:?}",
+        out.text()
+    );
+}
+
+#[test]
+fn many_pauses_and_resumes_lose_no_progress_and_saving_needs_a_pause() {
+    if !require_kvm() {
+        return;
+    }
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &counting_guest()), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    write_u64(machine.memory(), TARGET, u64::MAX);
+    let run = start(machine);
+    wait_for_count(&run.mem, 100);
+    assert!(matches!(run.control.save(), Err(ControlError::NotPaused)));
+    run.control.resume().unwrap(); // resuming a running machine does nothing
+    for _ in 0..20 {
+        run.control.pause().unwrap();
+        run.control.pause().unwrap(); // pausing twice does nothing
+        let at = read_u64(&run.mem, COUNTER);
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(read_u64(&run.mem, COUNTER), at);
+        let state = run.control.save().unwrap();
+        let r12 = state.vcpus[0].regs.r12;
+        assert!(r12 == at || r12 == at + 1, "r12 {r12}, memory {at}");
+        run.control.resume().unwrap();
+        wait_for_count(&run.mem, at + 10);
+    }
+    let now = read_u64(&run.mem, COUNTER);
+    write_u64(&run.mem, TARGET, now + 100);
+    assert_eq!(
+        run.thread.join().unwrap().unwrap(),
+        ExitReason::GuestExit(AGREE)
+    );
+}
+
+/// Runs `f` on another thread and fails if it takes longer than a few seconds (a hang).
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("a controller request hung")
+}
+
+#[test]
+fn requests_after_the_machine_exited_fail_instead_of_hanging() {
+    if !require_kvm() {
+        return;
+    }
+    // out 7 to the debug-exit port right away.
+    let exit_now = vec![0x66, 0xba, 0x01, 0x05, 0xb0, 7, 0xee, 0xf4];
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &exit_now), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    let control = machine.controller();
+    assert_eq!(machine.run(None).unwrap(), ExitReason::GuestExit(7));
+    let c = control.clone();
+    let paused = within_seconds(move || c.pause());
+    assert!(
+        matches!(
+            paused,
+            Err(ControlError::Exited {
+                reason: Some(ExitReason::GuestExit(7))
+            })
+        ),
+        "{paused:?}"
+    );
+    let c = control.clone();
+    assert!(matches!(
+        within_seconds(move || c.save()),
+        Err(ControlError::Exited { .. })
+    ));
+    let c = control.clone();
+    assert!(matches!(
+        within_seconds(move || c.resume()),
+        Err(ControlError::Exited { .. })
+    ));
+
+    // A machine dropped without running answers too.
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &exit_now), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    let control = machine.controller();
+    let waiting = std::thread::spawn(move || control.pause());
+    std::thread::sleep(Duration::from_millis(50));
+    drop(machine);
+    assert!(matches!(
+        waiting.join().unwrap(),
+        Err(ControlError::Exited { .. })
+    ));
+}
+
+#[test]
+fn a_guest_exiting_while_pausing_is_an_exit_not_a_hang() {
+    if !require_kvm() {
+        return;
+    }
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &counting_guest()), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    write_u64(machine.memory(), TARGET, 1 << 14);
+    let run = start(machine);
+    // Pause over and over while the guest runs to its end: each pause either parks it or
+    // reports that it exited; none hangs.
+    let mut exited = false;
+    for _ in 0..100_000 {
+        match run.control.pause() {
+            Ok(()) => run.control.resume().unwrap(),
+            Err(ControlError::Exited { reason }) => {
+                assert_eq!(reason, Some(ExitReason::GuestExit(AGREE)));
+                exited = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(exited);
+    assert_eq!(
+        run.thread.join().unwrap().unwrap(),
+        ExitReason::GuestExit(AGREE)
+    );
+}
+
+/// A saved state of a halted single-vCPU machine with a vsock device.
+fn saved_vsock_machine(dir: &std::path::Path) -> (MachineState, GuestMemory) {
+    let mut cfg = config(tiny_elf(0x10_0000, &[0xfa, 0xf4, 0xeb, 0xfd]), 1);
+    cfg.vsock = Some(crate::config::VsockConfig {
+        guest_cid: 5,
+        uds_path: dir.join("first.sock"),
+    });
+    let run = start(Machine::create(&cfg, Box::new(std::io::sink())).unwrap());
+    // Saved once the guest sits in its `hlt`, so a restored copy has nothing left to run and
+    // saves the same registers again.
+    let state = loop {
+        run.control.pause().unwrap();
+        let state = run.control.save().unwrap();
+        if state.vcpus[0].mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED {
+            break state;
+        }
+        run.control.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mem = copy_memory(&run.mem);
+    run.control.stop();
+    assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+    (state, mem)
+}
+
+#[test]
+fn restore_checks_the_state_against_the_memory_and_config() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (state, mem) = saved_vsock_machine(dir.path());
+    let vsock = state.devices.vsock.as_ref().unwrap();
+    assert_eq!(vsock.state.device.guest_cid, 5);
+    assert_eq!(vsock.placement, state::virtio_placement(0));
+    let config = RestoreConfig {
+        vsock_uds_path: Some(dir.path().join("restored.sock")),
+    };
+    let restore = |state: &MachineState, mem: GuestMemory, config: &RestoreConfig| {
+        Machine::restore(config, Box::new(std::io::sink()), state, mem).err()
+    };
+    let invalid = |e: Option<MachineError>| match e {
+        Some(MachineError::Restore(RestoreError::Invalid(e))) => e,
+        other => panic!("expected an invalid state, got {other:?}"),
+    };
+
+    let mut two = state.clone();
+    two.vcpu_count = 2;
+    assert!(matches!(
+        invalid(restore(&two, copy_memory(&mem), &config)),
+        StateError::VcpuMismatch {
+            expected: 2,
+            found: 1
+        }
+    ));
+    let mut extra = state.clone();
+    extra.vcpus.push(extra.vcpus[0].clone());
+    assert!(matches!(
+        invalid(restore(&extra, copy_memory(&mem), &config)),
+        StateError::VcpuMismatch { .. }
+    ));
+    let mut none = state.clone();
+    none.vcpus.clear();
+    assert!(matches!(
+        invalid(restore(&none, copy_memory(&mem), &config)),
+        StateError::VcpuCount { count: 0 }
+    ));
+    let bigger = memory::create_guest_memory(256 << 20).unwrap();
+    assert!(matches!(
+        invalid(restore(&state, bigger, &config)),
+        StateError::MemorySize { .. }
+    ));
+    let mut version = state.clone();
+    version.version += 1;
+    assert!(matches!(
+        invalid(restore(&version, copy_memory(&mem), &config)),
+        StateError::Version { .. }
+    ));
+    let mut moved = state.clone();
+    if let Some(v) = moved.devices.vsock.as_mut() {
+        v.placement.irq = 9;
+    }
+    assert!(matches!(
+        invalid(restore(&moved, copy_memory(&mem), &config)),
+        StateError::VirtioPlacement { .. }
+    ));
+    assert!(matches!(
+        restore(&state, copy_memory(&mem), &RestoreConfig::default()),
+        Some(MachineError::Restore(RestoreError::VsockPathMissing))
+    ));
+
+    // The untouched state restores, with the vsock device listening on its new path.
+    let restored = Machine::restore(&config, Box::new(std::io::sink()), &state, mem).unwrap();
+    assert!(dir.path().join("restored.sock").exists());
+    let vsock = restored.vsock().unwrap();
+    assert_eq!(lock(&vsock).device().config().guest_cid, 5);
+    drop(vsock);
+    let run = start(restored);
+    run.control.pause().unwrap();
+    let again = run.control.save().unwrap();
+    assert_eq!(again.devices, state.devices);
+    assert_eq!(again.vcpus[0].regs, state.vcpus[0].regs);
+    assert_eq!(again.vcpus[0].sregs, state.vcpus[0].sregs);
+    run.control.stop();
+    assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+}

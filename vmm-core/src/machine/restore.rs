@@ -1,0 +1,165 @@
+//! Rebuilding a machine from a [`MachineState`] and guest memory the caller provides.
+//!
+//! Order, and why:
+//!
+//! 1. Check the state against the memory before touching KVM (a state file is untrusted).
+//! 2. The VM as [`Machine::create`] makes it: `KVM_CREATE_VM`, TSS, irqchip, PIT.
+//! 3. Guest memory slots (the caller filled the memory; later it will fault pages in lazily).
+//! 4. Devices from their saved state, at their saved places, each with fresh irqfd and
+//!    ioeventfds; no guest loader runs.
+//! 5. vCPUs, each created and written in `vcpu::state`'s order.
+//! 6. The VM's in-kernel devices (PIT, kvmclock, PIC, IOAPIC) after the vCPUs, so interrupts the
+//!    IOAPIC re-injects reach restored LAPICs (see `vm_state`).
+//! 7. The vsock transport reset, last: it writes an event into guest memory and raises the
+//!    device's interrupt, which must land in the restored irqchip rather than be overwritten by
+//!    it.
+//!
+//! The returned machine runs nothing until [`Machine::run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::devices::{self, PlacedVsock, VirtioDevices};
+use super::state::{MachineState, StateError};
+use super::{Machine, MachineError, create_vm, lock, new_exit_signal, vm_step};
+use crate::devices::legacy::I8042;
+use crate::devices::serial::{ConsoleOutput, SerialArgs, SerialConsole, SerialStateError};
+use crate::devices::virtio::mmio::{MmioArgs, MmioStateError, MmioTransport};
+use crate::devices::vsock::VsockDevice;
+use crate::kvm;
+use crate::memory::{self, GuestMemory};
+use crate::persist::Persist;
+use crate::vcpu::state::{Vcpu, VcpuArgs, VcpuCaps, VcpuStateError};
+use crate::vm_state::{InKernelDevices, VmStateError};
+
+/// What a restored machine gets that is not part of its state: host resources.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreConfig {
+    /// The Unix socket for the vsock device's host side, if the saved machine has one (it
+    /// cannot reuse the original's path while that machine lives).
+    pub vsock_uds_path: Option<PathBuf>,
+}
+
+/// A machine could not be restored; the variant names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The state does not fit the memory given, or is invalid.
+    #[error("invalid machine state")]
+    Invalid(#[from] StateError),
+    /// The state has a vsock device but no socket path was given.
+    #[error("the saved machine has a vsock device: RestoreConfig::vsock_uds_path is required")]
+    VsockPathMissing,
+    /// A vCPU's state could not be written.
+    #[error("restoring a vCPU failed")]
+    Vcpu(#[from] VcpuStateError),
+    /// The VM's in-kernel devices could not be written.
+    #[error("restoring the VM's irqchip, PIT or clock failed")]
+    Vm(#[from] VmStateError),
+    /// COM1 could not be restored.
+    #[error("restoring the serial console failed")]
+    Serial(#[source] SerialStateError),
+    /// The vsock device could not be restored.
+    #[error("restoring the vsock device failed")]
+    Vsock(#[source] MmioStateError),
+}
+
+/// The guest-physical `(start, size)` of each memory region.
+fn ram_regions(memory: &GuestMemory) -> Vec<(u64, u64)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+impl Machine {
+    /// Builds a machine from `state` over `memory`, which holds the saved guest memory and must
+    /// be laid out as [`memory::create_guest_memory`] lays out `state.mem_bytes`. The machine
+    /// continues where the saved one was once [`Machine::run`] is called.
+    pub fn restore(
+        config: &RestoreConfig,
+        console: ConsoleOutput,
+        state: &MachineState,
+        memory: GuestMemory,
+    ) -> Result<Self, MachineError> {
+        state
+            .validate(&ram_regions(&memory))
+            .map_err(RestoreError::from)?;
+        if state.devices.vsock.is_some() && config.vsock_uds_path.is_none() {
+            return Err(RestoreError::VsockPathMissing.into());
+        }
+        let kvm = kvm::open()?;
+        let vm = create_vm(&kvm)?;
+        memory::register_with_kvm(&vm, &memory)?;
+
+        let mut virtio = VirtioDevices::new();
+        let vsock = match (&state.devices.vsock, &config.vsock_uds_path) {
+            (Some(saved), Some(path)) => {
+                let args = MmioArgs {
+                    device: path.clone(),
+                    mem: memory.clone(),
+                };
+                let transport = MmioTransport::<VsockDevice>::restore(args, &saved.state)
+                    .map_err(RestoreError::Vsock)?;
+                let handle = virtio.add(&vm, transport)?;
+                let place = virtio.described[virtio.described.len() - 1];
+                Some(PlacedVsock { handle, place })
+            }
+            _ => None,
+        };
+
+        let (exit, control) = new_exit_signal()?;
+        let serial_args = SerialArgs {
+            irq: devices::serial_irq(&vm)?,
+            output: console,
+        };
+        let serial = SerialConsole::restore(serial_args, &state.devices.serial)
+            .map_err(RestoreError::Serial)?;
+        let i8042 = match I8042::restore(exit.clone(), &state.devices.i8042) {
+            Ok(d) => d,
+            Err(never) => match never {},
+        };
+        let mut legacy = devices::legacy_devices(serial, i8042, &exit)?;
+        legacy.buses.mmio = virtio.mmio;
+
+        let caps = Arc::new(VcpuCaps::probe(&kvm, &vm).map_err(vm_step("KVM_GET_MSR_INDEX_LIST"))?);
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            let args = VcpuArgs {
+                vm: &vm,
+                index: index as u8,
+                caps: caps.clone(),
+            };
+            vcpus.push(Vcpu::restore(args, saved).map_err(RestoreError::from)?);
+        }
+        InKernelDevices::restore(&vm, &state.vm).map_err(RestoreError::from)?;
+        for vcpu in &vcpus {
+            // Tell a guest that uses kvmclock it was stopped, so its watchdogs do not take the
+            // gap for a hang. A guest without kvmclock makes KVM refuse this; that is fine.
+            if let Err(e) = vcpu.fd().kvmclock_ctrl() {
+                tracing::debug!(vcpu = vcpu.index(), error = %e, "KVM_KVMCLOCK_CTRL not applied");
+            }
+        }
+        if let Some(v) = &vsock {
+            let mut transport = lock(&v.handle);
+            if transport.state().registers.activated {
+                // No host connection survived: the guest must drop its side too.
+                transport.reset_vsock_transport();
+            }
+        }
+        tracing::info!(
+            vcpus = vcpus.len(),
+            mem_bytes = state.mem_bytes,
+            vsock = vsock.is_some(),
+            "machine restored"
+        );
+        Ok(Self {
+            vcpus,
+            vm,
+            memory,
+            legacy,
+            virtio: virtio.handles,
+            vsock,
+            exit,
+            control,
+            boot: state.boot.into(),
+        })
+    }
+}

@@ -183,7 +183,10 @@ impl Drop for Running {
 
 /// Boots the guest, waits for readiness, and writes the snapshot. The guest's console goes to
 /// `console`. The VM is stopped before this returns, whatever happened.
-pub fn create(options: CreateOptions, console: Box<dyn Write + Send>) -> Result<Created, CreateError> {
+pub fn create(
+    options: CreateOptions,
+    console: Box<dyn Write + Send>,
+) -> Result<Created, CreateError> {
     if !options.replace && std::fs::symlink_metadata(&options.out).is_ok() {
         return Err(CreateError::TargetExists(options.out.clone()));
     }

@@ -89,8 +89,15 @@ pub fn verify(dir: &Path, key: Option<&MasterKey>) -> Result<Verified, VerifyErr
     if state.vcpus.len() != usize::from(info.vcpus) || state.mem_bytes != info.memory_bytes {
         return Err(VerifyError::Mismatch {
             path: dir.to_owned(),
-            header: format!("{} vCPUs, {} bytes of memory", info.vcpus, info.memory_bytes),
-            state: format!("{} vCPUs, {} bytes of memory", state.vcpus.len(), state.mem_bytes),
+            header: format!(
+                "{} vCPUs, {} bytes of memory",
+                info.vcpus, info.memory_bytes
+            ),
+            state: format!(
+                "{} vCPUs, {} bytes of memory",
+                state.vcpus.len(),
+                state.mem_bytes
+            ),
         });
     }
     let chunks = snap.verify(0).map_err(refused)?;
@@ -105,5 +112,7 @@ pub fn verify(dir: &Path, key: Option<&MasterKey>) -> Result<Verified, VerifyErr
 pub fn host_compatibility(fingerprint: &snapshot::Fingerprint) -> Result<(), String> {
     let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
     let host = snapshot_state::host_facts(&kvm).map_err(|e| e.to_string())?;
-    fingerprint.check_compatible(&host).map_err(|e| e.to_string())
+    fingerprint
+        .check_compatible(&host)
+        .map_err(|e| e.to_string())
 }

@@ -35,7 +35,12 @@ fn key(dir: &Path) -> (PathBuf, snapshot::MasterKey) {
     (path, key)
 }
 
-fn options(boot: RunOptions, out: &Path, ready: Readiness, key: snapshot::MasterKey) -> CreateOptions {
+fn options(
+    boot: RunOptions,
+    out: &Path,
+    ready: Readiness,
+    key: snapshot::MasterKey,
+) -> CreateOptions {
     CreateOptions {
         boot,
         out: out.to_path_buf(),
@@ -70,7 +75,10 @@ fn text(out: &Output) -> String {
 fn fill_checksum(console: &str) -> String {
     console
         .lines()
-        .find_map(|l| l.strip_prefix("fill: ").and_then(|l| l.split("checksum ").nth(1)))
+        .find_map(|l| {
+            l.strip_prefix("fill: ")
+                .and_then(|l| l.split("checksum ").nth(1))
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no fill line in:\n{console}"))
         .to_string()
@@ -85,10 +93,18 @@ fn agent_ready_test_guest_with_256_mib_is_snapshotted_and_verifies() {
     let out = dir.path().join("snap");
     let (key_path, key) = key(dir.path());
     let cmdline = format!("thaw.agent=1 thaw.init=snap-start thaw.fill-mib={FILL_MIB}");
-    let (result, console) = create(options(boot(&cmdline, MEM_MIB), &out, Readiness::Agent, key));
+    let (result, console) = create(options(
+        boot(&cmdline, MEM_MIB),
+        &out,
+        Readiness::Agent,
+        key,
+    ));
     let created = result.unwrap_or_else(|e| panic!("{e:#}\nconsole:\n{console}"));
     fill_checksum(&console);
-    assert!(console.contains("hook before-checkpoint: checkpoint #1"), "{console}");
+    assert!(
+        console.contains("hook before-checkpoint: checkpoint #1"),
+        "{console}"
+    );
     assert_eq!(created.agent.as_deref(), Some("thaw-test-guest/0.1.0"));
     assert_eq!(created.summary.memory_bytes, MEM_MIB << 20);
 
@@ -98,7 +114,14 @@ fn agent_ready_test_guest_with_256_mib_is_snapshotted_and_verifies() {
     assert!(verified.status.success(), "{}", text(&verified));
     assert!(text(&verified).contains("is intact"), "{}", text(&verified));
 
-    let inspected = thaw(&["snapshot", "inspect", out_arg, "--key-file", key_arg, "--json"]);
+    let inspected = thaw(&[
+        "snapshot",
+        "inspect",
+        out_arg,
+        "--key-file",
+        key_arg,
+        "--json",
+    ]);
     assert!(inspected.status.success(), "{}", text(&inspected));
     let info: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
     let share = info["zero_page_share"].as_f64().unwrap();
@@ -114,10 +137,7 @@ fn agent_ready_test_guest_with_256_mib_is_snapshotted_and_verifies() {
     println!(
         "256 MiB workload: init {:.1?}, capture {:.1?}, write {:.1?}; zero-page share {share:.3}, \
          stored/non-zero {ratio:.3}, file {} bytes",
-        created.init,
-        created.capture,
-        created.summary.elapsed,
-        info["file_bytes"]
+        created.init, created.capture, created.summary.elapsed, info["file_bytes"]
     );
 }
 
@@ -130,7 +150,12 @@ fn serial_ready_idle_guest_is_snapshotted() {
     let out = dir.path().join("snap");
     let (_, key) = key(dir.path());
     let ready = Readiness::Serial("thaw-test-guest: idle".into());
-    let (result, console) = create(options(boot("thaw.idle=1 thaw.fill-mib=8", 128), &out, ready, key));
+    let (result, console) = create(options(
+        boot("thaw.idle=1 thaw.fill-mib=8", 128),
+        &out,
+        ready,
+        key,
+    ));
     let created = result.unwrap_or_else(|e| panic!("{e:#}\nconsole:\n{console}"));
     assert_eq!(created.agent, None);
     assert!(out.join(snapshot::SNAPSHOT_FILE).is_file());
@@ -170,7 +195,11 @@ fn init_error_leaves_no_snapshot_and_carries_the_runtime_message() {
     );
     match &err {
         CreateError::NotReady {
-            source: CheckpointError::Init { error_type, message },
+            source:
+                CheckpointError::Init {
+                    error_type,
+                    message,
+                },
             ..
         } => {
             assert_eq!(error_type, "Runtime.InitError");
@@ -193,7 +222,11 @@ fn failing_before_checkpoint_hook_aborts_with_its_error() {
     );
     match &err {
         CreateError::NotReady {
-            source: CheckpointError::BeforeCheckpoint { error_type, message },
+            source:
+                CheckpointError::BeforeCheckpoint {
+                    error_type,
+                    message,
+                },
             ..
         } => {
             assert_eq!(error_type, "Runtime.BeforeCheckpointError");
@@ -258,7 +291,10 @@ fn init_timeout_and_missing_marker_and_on_demand_agents_are_refused() {
         Readiness::Serial("never printed".into()),
         Duration::from_secs(30),
     );
-    assert!(matches!(err, CreateError::MarkerNeverPrinted { .. }), "{err:#}");
+    assert!(
+        matches!(err, CreateError::MarkerNeverPrinted { .. }),
+        "{err:#}"
+    );
     assert!(err.to_string().contains("exit"), "{err:#}");
     // An on-demand runtime cannot be checkpointed.
     let (err, _) = create_fails("thaw.agent=1", Readiness::Agent, Duration::from_secs(60));

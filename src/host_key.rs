@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use snapshot::{KeyError, MasterKey};
 
+use crate::snapshot_verify::KeyChoice;
+
 /// The host key file: `$THAW_KEY_FILE`, else `$XDG_CONFIG_HOME/thaw/host.key`, else
 /// `~/.config/thaw/host.key`.
 pub fn default_key_file() -> Option<PathBuf> {
@@ -71,17 +73,16 @@ pub fn for_sealing(explicit: Option<&Path>) -> Result<MasterKey, HostKeyError> {
 
 /// The key to open a snapshot with: `explicit`, else the host key if there is one (a plaintext
 /// snapshot needs none).
-pub fn for_opening(explicit: Option<&Path>) -> Result<Option<MasterKey>, HostKeyError> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
+pub fn for_opening(explicit: Option<&Path>) -> Result<KeyChoice, HostKeyError> {
+    let load =
+        |path: PathBuf| MasterKey::load(&path).map_err(|source| HostKeyError::Key { path, source });
+    Ok(match explicit {
+        Some(p) => KeyChoice::Given(load(p.to_path_buf())?),
         None => match default_key_file() {
-            Some(p) if p.exists() => p,
-            _ => return Ok(None),
+            Some(p) if p.exists() => KeyChoice::HostDefault(load(p)?),
+            _ => KeyChoice::None,
         },
-    };
-    MasterKey::load(&path)
-        .map(Some)
-        .map_err(|source| HostKeyError::Key { path, source })
+    })
 }
 
 #[cfg(test)]

@@ -426,8 +426,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             key_file,
         } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let snap = snapshot::Snapshot::open(&dir, key.as_ref())
-                .with_context(|| format!("cannot open snapshot {}", dir.display()))?;
+            let snap = thaw::snapshot_verify::open(&dir, &key)?;
             let info = snap.info();
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -438,7 +437,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
         }
         SnapshotCommand::Verify { dir, key_file } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let summary = thaw::snapshot_verify::verify(&dir, key.as_ref())?;
+            let summary = thaw::snapshot_verify::verify(&dir, &key)?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

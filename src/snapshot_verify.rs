@@ -74,13 +74,42 @@ impl fmt::Display for Verified {
     }
 }
 
-/// Verifies the snapshot at `dir` (with `key` if it is encrypted).
-pub fn verify(dir: &Path, key: Option<&MasterKey>) -> Result<Verified, VerifyError> {
+/// Where the key to open a snapshot came from.
+pub enum KeyChoice {
+    /// `--key-file`: the snapshot must be sealed with it.
+    Given(MasterKey),
+    /// The host key, found in its default place: used if the snapshot is encrypted.
+    HostDefault(MasterKey),
+    /// No key.
+    None,
+}
+
+/// Opens (and authenticates) the snapshot at `dir`. A plaintext snapshot is refused when a key
+/// was given explicitly — the user expects an encrypted one, and a flipped protection field
+/// must not downgrade it silently — but opened without the host's default key.
+pub fn open(dir: &Path, key: &KeyChoice) -> Result<Snapshot, VerifyError> {
     let refused = |source| VerifyError::Snapshot {
         path: dir.to_owned(),
         source,
     };
-    let snap = Snapshot::open(dir, key).map_err(refused)?;
+    match key {
+        KeyChoice::Given(k) => Snapshot::open(dir, Some(k)),
+        KeyChoice::None => Snapshot::open(dir, None),
+        KeyChoice::HostDefault(k) => match Snapshot::open(dir, Some(k)) {
+            Err(snapshot::ReadError::PlaintextWithKey) => Snapshot::open(dir, None),
+            other => other,
+        },
+    }
+    .map_err(refused)
+}
+
+/// Verifies the snapshot at `dir`.
+pub fn verify(dir: &Path, key: &KeyChoice) -> Result<Verified, VerifyError> {
+    let refused = |source| VerifyError::Snapshot {
+        path: dir.to_owned(),
+        source,
+    };
+    let snap = open(dir, key)?;
     let state = snapshot_state::decode(snap.state()).map_err(|source| VerifyError::State {
         path: dir.to_owned(),
         source,

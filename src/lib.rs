@@ -2,6 +2,7 @@
 //! share that is not the VMM itself (which is `vmm-core`).
 
 pub mod agent_checkpoint;
+pub mod api_server;
 pub mod console_watch;
 pub mod guest_image;
 pub mod host_check;

@@ -28,6 +28,25 @@ enum Command {
     Run {
         #[command(flatten)]
         boot: BootArgs,
+        /// Serve a control API on this Unix socket (HTTP, shaped like Firecracker's):
+        /// `PATCH /vm {"state": "Paused"|"Resumed"}`, `PUT /snapshot/create {"snapshot_path":
+        /// DIR}` (VM paused first), `PUT /actions {"action_type": "Stop"}`, `GET /`. See
+        /// docs/api.md. The path must not exist; it is removed on exit.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+        /// Master key for snapshots made through --api-sock (see `thaw snapshot create --help`)
+        /// [default: the host key, created on first use].
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "api_sock",
+            conflicts_with = "insecure_plaintext"
+        )]
+        key_file: Option<PathBuf>,
+        /// Snapshots made through --api-sock are neither encrypted nor authenticated. FOR
+        /// BENCHMARKING ONLY.
+        #[arg(long, requires = "api_sock")]
+        insecure_plaintext: bool,
     },
     /// Create, inspect and verify snapshots.
     Snapshot {
@@ -296,9 +315,21 @@ fn fetch_kernel(cache_dir: Option<PathBuf>) -> anyhow::Result<thaw::guest_image:
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { boot } => {
+        Command::Run {
+            boot,
+            api_sock,
+            key_file,
+            insecure_plaintext,
+        } => {
             let options = boot.into_run_options();
-            let reason = thaw::run::run(&options).context("cannot run the guest")?;
+            let api = match api_sock {
+                Some(path) => Some(thaw::run::ApiOptions {
+                    path,
+                    sealing: sealing(key_file.as_deref(), insecure_plaintext)?,
+                }),
+                None => None,
+            };
+            let reason = thaw::run::run(&options, api).context("cannot run the guest")?;
             match reason.exit_code() {
                 0 => tracing::info!(%reason, "guest finished"),
                 _ => eprintln!("thaw: {reason}"),
@@ -375,7 +406,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
-    use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+    use thaw::snapshot_create::{self, CreateOptions, Readiness};
     match command {
         SnapshotCommand::Create {
             boot,
@@ -386,15 +417,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             key_file,
             insecure_plaintext,
         } => {
-            let sealing = if insecure_plaintext {
-                eprintln!(
-                    "thaw: WARNING: --insecure-plaintext: the snapshot is neither encrypted nor \
-                     authenticated; use it for benchmarks only"
-                );
-                Sealing::InsecurePlaintext
-            } else {
-                Sealing::Encrypted(thaw::host_key::for_sealing(key_file.as_deref())?)
-            };
+            let sealing = sealing(key_file.as_deref(), insecure_plaintext)?;
             let options = CreateOptions {
                 boot: boot.into_run_options(),
                 out,
@@ -442,4 +465,20 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// How snapshots are sealed, from `--key-file` and `--insecure-plaintext`.
+fn sealing(
+    key_file: Option<&std::path::Path>,
+    insecure_plaintext: bool,
+) -> anyhow::Result<thaw::snapshot_create::Sealing> {
+    use thaw::snapshot_create::Sealing;
+    if insecure_plaintext {
+        eprintln!(
+            "thaw: WARNING: --insecure-plaintext: snapshots are neither encrypted nor \
+             authenticated; use them for benchmarks only"
+        );
+        return Ok(Sealing::InsecurePlaintext);
+    }
+    Ok(Sealing::Encrypted(thaw::host_key::for_sealing(key_file)?))
 }

@@ -7,6 +7,9 @@ use vmm_core::config::{DEFAULT_LINUX_CMDLINE, KernelSource, VsockConfig};
 use vmm_core::machine::ConsoleInput;
 use vmm_core::{ExitReason, Machine, MachineConfig, MachineError};
 
+use crate::api_server::{self, ApiContext, ApiError};
+use crate::snapshot_create::Sealing;
+
 /// What `thaw run` was asked to boot.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -33,6 +36,9 @@ pub enum RunError {
     /// The machine could not be built or run.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The control socket could not be started.
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
 
 impl RunOptions {
@@ -57,11 +63,34 @@ impl RunOptions {
     }
 }
 
+/// The control socket `thaw run --api-sock` serves.
+#[derive(Debug)]
+pub struct ApiOptions {
+    /// The Unix socket to create.
+    pub path: PathBuf,
+    /// How snapshots made through it are sealed.
+    pub sealing: Sealing,
+}
+
 /// Boots and runs the machine until the guest exits; console output goes to stdout and stdin is
-/// forwarded to the guest.
-pub fn run(options: &RunOptions) -> Result<ExitReason, RunError> {
+/// forwarded to the guest. With `api`, the control socket serves while the machine runs.
+pub fn run(options: &RunOptions, api: Option<ApiOptions>) -> Result<ExitReason, RunError> {
     let config = options.machine_config()?;
+    if let Some(api) = &api {
+        api_server::check_path(&api.path)?;
+    }
     let machine = Machine::create(&config, Box::new(std::io::stdout()))?;
+    let _server = match api {
+        Some(api) => Some(api_server::start(
+            &api.path,
+            ApiContext {
+                controller: machine.controller(),
+                memory: machine.memory().clone(),
+                sealing: api.sealing,
+            },
+        )?),
+        None => None,
+    };
     let input: ConsoleInput = Box::new(std::io::stdin());
     Ok(machine.run(Some(input))?)
 }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use snapshot::{MasterKey, MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary};
 use vmm_core::config::{DEFAULT_GUEST_CID, VsockConfig};
-use vmm_core::machine::{ControlError, MachineState};
+use vmm_core::machine::{ControlError, MachineController};
+use vmm_core::memory::GuestMemory;
 use vmm_core::{ExitReason, Machine, MachineError};
 
 use crate::agent_checkpoint::{self, CheckpointError};
@@ -154,7 +155,7 @@ enum Waiter {
 /// A running machine on its own thread.
 struct Running {
     thread: Option<JoinHandle<Result<ExitReason, MachineError>>>,
-    controller: vmm_core::machine::MachineController,
+    controller: MachineController,
 }
 
 impl Running {
@@ -263,11 +264,15 @@ pub fn create(
     };
     let init = started.elapsed();
 
-    let capture_start = Instant::now();
     running.controller.pause().map_err(CreateError::Capture)?;
-    let state = running.controller.save().map_err(CreateError::Capture)?;
-    let capture = capture_start.elapsed();
-    let summary = write_snapshot(&options, &state, &memory)?;
+    let target = SnapshotTarget {
+        out: &options.out,
+        replace: options.replace,
+        sealing: &options.sealing,
+    };
+    // SAFETY: only this thread holds the controller, and it does not resume the machine: it
+    // stops it below.
+    let (summary, capture) = unsafe { snapshot_paused(&running.controller, &memory, &target)? };
     running.stop();
     drop(socket_dir);
     Ok(Created {
@@ -317,18 +322,39 @@ fn wait_for_marker(
     })
 }
 
-fn write_snapshot(
-    options: &CreateOptions,
-    state: &MachineState,
-    memory: &vmm_core::memory::GuestMemory,
-) -> Result<WriteSummary, CreateError> {
-    let state_bytes = snapshot_state::encode(state)?;
+/// Where and how a snapshot is written.
+pub struct SnapshotTarget<'a> {
+    /// The snapshot directory.
+    pub out: &'a Path,
+    /// Replace an existing snapshot there.
+    pub replace: bool,
+    /// Encryption.
+    pub sealing: &'a Sealing,
+}
+
+/// Captures a paused machine's state and writes it with `memory` to `target`; returns what was
+/// written and how long the capture took. Fails (with nothing written) unless the machine is
+/// paused.
+///
+/// # Safety
+///
+/// Guest memory is read in place: no thread may resume the machine before this returns.
+pub unsafe fn snapshot_paused(
+    controller: &MachineController,
+    memory: &GuestMemory,
+    target: &SnapshotTarget<'_>,
+) -> Result<(WriteSummary, Duration), CreateError> {
+    let capture_start = Instant::now();
+    // Refuses a running machine, so the memory read below happens while it is paused.
+    let state = controller.save().map_err(CreateError::Capture)?;
+    let capture = capture_start.elapsed();
+    let state_bytes = snapshot_state::encode(&state)?;
     let meta = SnapshotMeta {
-        fingerprint: snapshot_state::fingerprint(state),
+        fingerprint: snapshot_state::fingerprint(&state),
         vcpus: state.vcpus.len() as u8,
     };
-    // SAFETY: the machine is paused — every vCPU parked outside KVM_RUN and the event loop
-    // doing no device work — and stays paused until `create` stops it after this returns, so
+    // SAFETY: the machine is paused (`save` succeeded) — every vCPU parked outside KVM_RUN and
+    // the event loop doing no device work — and the caller keeps it so until this returns, so
     // nothing writes guest memory while these slices are read.
     let regions = unsafe { vmm_core::memory::host_slices(memory) };
     let regions: Vec<MemoryRegion<'_>> = regions
@@ -338,20 +364,21 @@ fn write_snapshot(
             bytes,
         })
         .collect();
-    let protection = match &options.sealing {
+    let protection = match target.sealing {
         Sealing::Encrypted(key) => Protection::Encrypted(key),
         Sealing::InsecurePlaintext => Protection::InsecurePlaintext,
     };
     let write_options = WriteOptions {
-        replace: options.replace,
+        replace: target.replace,
         ..WriteOptions::default()
     };
-    Ok(snapshot::write(
-        &options.out,
+    let summary = snapshot::write(
+        target.out,
         &meta,
         &state_bytes,
         &regions,
         &protection,
         &write_options,
-    )?)
+    )?;
+    Ok((summary, capture))
 }

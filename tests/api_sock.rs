@@ -1,0 +1,200 @@
+//! `thaw run --api-sock`: a guest without an agent (the test guest counting at CPL3) paused,
+//! snapshotted and resumed over the control socket, the snapshot verified, and every bad
+//! request answered with a clear status and message.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fixture;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use fixture::{require_kvm, thaw_bin, vm_slot};
+
+/// One request over a new connection; returns (status, body).
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {reply:?}"));
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "thaw run exited early");
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pause_snapshot_resume_and_stop_over_the_api_socket() {
+    if !require_kvm("pause_snapshot_resume_and_stop_over_the_api_socket") {
+        return;
+    }
+    let _slot = vm_slot();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let key = dir.path().join("k");
+    snapshot::MasterKey::load_or_create(&key).unwrap();
+    let mut child = thaw_bin()
+        .args([
+            "run",
+            "--cmdline",
+            "thaw.idle=1 thaw.fill-mib=8",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    // The console, collected as it comes: the guest is snapshotted once it is idle.
+    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = {
+        let console = console.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                console
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+
+    let (status, body) = request(&sock, "GET", "/", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"Running\""), "{body}");
+    let snap = dir.path().join("snap");
+    let create = format!("{{\"snapshot_path\": \"{}\"}}", snap.display());
+    // Not paused yet.
+    let (status, body) = request(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("must be paused"), "{body}");
+    assert!(!snap.exists());
+
+    assert_eq!(
+        request(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#).0,
+        204
+    );
+    assert!(request(&sock, "GET", "/", "").1.contains("Paused"));
+    let (status, body) = request(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("snapshot_id"), "{body}");
+    // A second one to the same place is refused; nothing is lost.
+    let (status, body) = request(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("exists"), "{body}");
+    assert_eq!(
+        request(&sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#).0,
+        204
+    );
+
+    // Bad requests.
+    let bad = [
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state":"Sleeping"}"#,
+            400,
+            "\\\"Paused\\\" or",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state":"Paused","extra":1}"#,
+            400,
+            "unknown field",
+        ),
+        ("PATCH", "/vm", "not json", 400, "invalid JSON"),
+        ("GET", "/vm", "", 405, "takes PATCH"),
+        ("GET", "/nowhere", "", 404, "no such resource"),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type":"Explode"}"#,
+            400,
+            "unknown action_type",
+        ),
+    ];
+    for (method, path, body, want, needle) in bad {
+        let (status, reply) = request(&sock, method, path, body);
+        assert_eq!(status, want, "{method} {path} {body}: {reply}");
+        assert!(reply.contains(needle), "{method} {path}: {reply}");
+    }
+    let huge = format!("{{\"state\":\"{}\"}}", "x".repeat(20_000));
+    assert_eq!(request(&sock, "PATCH", "/vm", &huge).0, 413);
+
+    assert_eq!(
+        request(&sock, "PUT", "/actions", r#"{"action_type":"Stop"}"#).0,
+        204
+    );
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert!(status.code().is_some(), "{status:?}");
+    assert!(!sock.exists(), "the socket is removed on exit");
+
+    let verified = thaw_bin()
+        .args([
+            "snapshot",
+            "verify",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}
+
+#[test]
+fn an_existing_path_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    std::fs::write(&sock, b"mine").unwrap();
+    let out = thaw_bin()
+        .args([
+            "run",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--insecure-plaintext",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&sock).unwrap(), b"mine");
+}

@@ -48,6 +48,25 @@ enum Command {
         #[arg(long, requires = "api_sock")]
         insecure_plaintext: bool,
     },
+    /// Restore a snapshot and continue its guest, with the console on this terminal.
+    ///
+    /// The snapshot is authenticated (header, state, manifest, then every chunk as its memory
+    /// is decrypted) and checked against this host (CPU vendor and features, KVM flavor, page
+    /// size) before any guest instruction runs; memory is restored eagerly, on all cores. A
+    /// guest with a vsock device gets --vsock-uds as its host socket, and its driver is told
+    /// the transport was reset, so its agent reconnects. Exits with the guest's status, as
+    /// `thaw run` does.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Master key file [default: the host key, if there is one].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Host socket for the guest's vsock device (needed if the snapshot has one; see
+        /// `thaw run --help`).
+        #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds)]
+        vsock_uds: Option<PathBuf>,
+    },
     /// Create, inspect and verify snapshots.
     Snapshot {
         #[command(subcommand)]
@@ -337,6 +356,28 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(reason.exit_code().clamp(0, 255) as u8))
         }
         Command::Snapshot { command } => snapshot_command(command),
+        Command::Restore {
+            dir,
+            key_file,
+            vsock_uds,
+        } => {
+            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let restored =
+                thaw::restore::restore_eager(&dir, &key, vsock_uds, Box::new(std::io::stdout()))
+                    .context("nothing was restored")?;
+            tracing::info!(
+                open = ?restored.open,
+                memory = ?restored.memory,
+                machine = ?restored.machine_restore,
+                "snapshot restored"
+            );
+            let input: vmm_core::machine::ConsoleInput = Box::new(std::io::stdin());
+            let reason = restored.machine.run(Some(input))?;
+            if reason.exit_code() != 0 {
+                eprintln!("thaw: {reason}");
+            }
+            Ok(ExitCode::from(reason.exit_code().clamp(0, 255) as u8))
+        }
         Command::Kernel {
             command: KernelCommand::Fetch { cache_dir },
         } => {

@@ -83,11 +83,12 @@ pub fn fingerprint(state: &MachineState) -> Fingerprint {
     Fingerprint::of_this_host(guest_cpuid, flavor_id(vmm_core::kvm::flavor()))
 }
 
-/// What this host offers, to check a snapshot's fingerprint against before restoring it.
+/// What this host offers, to check a snapshot's fingerprint against before restoring it: the
+/// CPUID its vCPUs really present (see [`vmm_core::cpuid::effective`]).
 pub fn host_facts(kvm: &kvm_ioctls::Kvm) -> Result<HostFacts, vmm_core::cpuid::CpuidError> {
-    let supported = vmm_core::cpuid::supported(kvm)?;
+    let offered = vmm_core::cpuid::effective(kvm)?;
     Ok(HostFacts::of_this_host(
         flavor_id(vmm_core::kvm::flavor()),
-        entries(supported.as_slice()),
+        entries(offered.as_slice()),
     ))
 }

@@ -32,13 +32,27 @@ const EDX_HTT: u32 = 1 << 28;
 
 /// CPUID could not be read from KVM.
 #[derive(Debug, thiserror::Error)]
-#[error("KVM_GET_SUPPORTED_CPUID failed")]
+#[error("cannot read CPUID from KVM")]
 pub struct CpuidError(#[source] pub kvm_ioctls::Error);
 
 /// Reads the CPUID KVM supports on this host.
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError)
+}
+
+/// The CPUID a vCPU of this host actually presents to its guest: set on a scratch vCPU as
+/// [`Machine::create`](crate::Machine::create) sets it, then read back. This, not
+/// `KVM_GET_SUPPORTED_CPUID`, is what a snapshot's guest must find again: on PVM, KVM hands
+/// guests the host CPU's own feature bits (its user mode runs natively), many more than it
+/// lists as supported.
+pub fn effective(kvm: &Kvm) -> Result<CpuId, CpuidError> {
+    let base = supported(kvm)?;
+    let vm = kvm.create_vm().map_err(CpuidError)?;
+    let vcpu = vm.create_vcpu(0).map_err(CpuidError)?;
+    vcpu.set_cpuid2(&for_vcpu(&base, 0, 1))
+        .map_err(CpuidError)?;
+    vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError)
 }
 
 /// The vendor named in leaf 0 of `cpuid`.
@@ -220,5 +234,21 @@ mod tests {
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(3), 2);
         assert_eq!(id_bits(8), 3);
+    }
+
+    #[test]
+    fn effective_cpuid_keeps_what_a_vcpu_is_given() {
+        if !crate::test_support::require_kvm() {
+            return;
+        }
+        let kvm = crate::kvm::open().unwrap();
+        let supported = supported(&kvm).unwrap();
+        let effective = effective(&kvm).unwrap();
+        let leaf = |c: &CpuId, f: u32| c.as_slice().iter().find(|e| e.function == f).copied();
+        let (s1, e1) = (leaf(&supported, 1).unwrap(), leaf(&effective, 1).unwrap());
+        // Whatever KVM adds, every supported feature a vCPU was given is still there.
+        assert_eq!(e1.edx & s1.edx & !EDX_HTT, s1.edx & !EDX_HTT);
+        assert_ne!(e1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(vendor(&effective), vendor(&supported));
     }
 }

@@ -1,0 +1,260 @@
+//! A snapshot written by `thaw snapshot create` comes back with `thaw restore`: the test guest's
+//! agent, snapshotted at its checkpoint after filling memory, reconnects over the reset vsock
+//! transport, runs its after-restore hook with the host's entropy and clock, answers an
+//! invocation and shuts down cleanly. And a snapshot that is tampered with, or sealed with
+//! another key, is refused before any guest runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fixture;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
+use hooks_sdk::protocol::io::{self, Frame};
+use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
+use sha2::{Digest, Sha256};
+use thaw::run::RunOptions;
+use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use vmm_core::config::VsockConfig;
+
+fn make_snapshot(dir: &std::path::Path, key: &std::path::Path) -> (std::path::PathBuf, String) {
+    let out = dir.join("snap");
+    let options = CreateOptions {
+        boot: RunOptions {
+            cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.fill-mib=32".into()),
+            mem_mib: 128,
+            vcpus: 1,
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join("create.sock"),
+            }),
+            ..RunOptions::default()
+        },
+        out: out.clone(),
+        replace: false,
+        ready: Readiness::Agent,
+        init_timeout: Duration::from_secs(60),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
+    };
+    let console = Console::default();
+    let _slot = vm_slot();
+    snapshot_create::create(options, Box::new(console.clone()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
+    (out, console.text())
+}
+
+fn expect(s: &mut std::os::unix::net::UnixStream, kind: Kind) -> Frame {
+    let frame = io::read_frame(s).unwrap_or_else(|e| panic!("expected {kind:?}: {e}"));
+    assert_eq!(frame.kind, kind, "{:?}", frame.message());
+    frame
+}
+
+#[test]
+fn restored_agent_reconnects_runs_its_hook_and_answers() {
+    if !require_kvm("restored_agent_reconnects_runs_its_hook_and_answers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, created_console) = make_snapshot(dir.path(), &key);
+    let checksum_line = created_console
+        .lines()
+        .find(|l| l.starts_with("fill: "))
+        .unwrap()
+        .to_string();
+
+    let uds = dir.path().join("restore.sock");
+    let listener = UnixListener::bind(format!("{}_9000", uds.display())).unwrap();
+    let _slot = vm_slot();
+    let started = Instant::now();
+    let mut child = thaw_bin()
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The restored agent's connection; if thaw restore ends first, say why.
+    listener.set_nonblocking(true).unwrap();
+    let mut s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if child.try_wait().unwrap().is_some()
+                    || started.elapsed() > Duration::from_secs(60)
+                {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().unwrap();
+                    panic!(
+                        "the restored agent did not connect:\n{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let reconnected = started.elapsed();
+    let hello = expect(&mut s, Kind::Hello);
+    assert!(matches!(
+        hello.message(),
+        Ok(Message::Hello {
+            init_type: InitType::SnapStart,
+            ..
+        })
+    ));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let entropy = pattern(64, 7);
+    io::write_message(
+        &mut s,
+        &Message::Restored(Restored {
+            entropy: &entropy,
+            wall_clock_ns: now,
+            restore_id: "restore-1",
+        }),
+    )
+    .unwrap();
+    expect(&mut s, Kind::RestoreDone);
+    let payload = pattern(100_000, 3);
+    io::write_message(
+        &mut s,
+        &Message::Invoke(Invoke {
+            request_id: "after-restore",
+            deadline_ms: now / 1_000_000 + 60_000,
+            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f",
+            trace_id: "",
+            client_context: "",
+            cognito_identity: "",
+            payload: &payload,
+        }),
+    )
+    .unwrap();
+    let response = expect(&mut s, Kind::Response);
+    let want: [u8; 32] = Sha256::digest(&payload).into();
+    match response.message().unwrap() {
+        Message::Response {
+            request_id,
+            payload,
+        } => {
+            assert_eq!(request_id, "after-restore");
+            assert_eq!(payload, want);
+        }
+        other => panic!("{other:?}"),
+    }
+    io::write_message(&mut s, &Message::Shutdown).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The restored guest continues the snapshotted one: no new boot banner, the hook ran with
+    // the values the host sent, and the marker set before the checkpoint was kept.
+    assert!(!console.contains("banner from CPL3"), "{console}");
+    assert!(console.contains("restore id \"restore-1\""), "{console}");
+    assert!(console.contains(" kept"), "{console}");
+    println!(
+        "restored (eager, 128 MiB, 32 MiB filled; {checksum_line}); agent reconnected after \
+         {reconnected:.1?}"
+    );
+}
+
+fn restore(args: &[&str]) -> Output {
+    thaw_bin()
+        .arg("restore")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tampered_or_wrong_key_snapshots_are_refused_before_the_guest_runs() {
+    if !require_kvm("tampered_or_wrong_key_snapshots_are_refused_before_the_guest_runs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot(dir.path(), &key);
+    let master = snapshot::MasterKey::load(&key).unwrap();
+    let layout = snapshot::Snapshot::open(&snap, Some(&master))
+        .unwrap()
+        .layout();
+    let file = std::fs::read(snap.join(snapshot::SNAPSHOT_FILE)).unwrap();
+    let other_key = dir.path().join("other");
+    snapshot::MasterKey::load_or_create(&other_key).unwrap();
+    let mid = |r: &std::ops::Range<u64>| (r.start + (r.end - r.start) / 2) as usize;
+    let cases = [
+        (
+            "header",
+            mid(&layout.header),
+            "header failed authentication",
+        ),
+        (
+            "state",
+            mid(&layout.state),
+            "VM state failed authentication",
+        ),
+        (
+            "manifest",
+            mid(&layout.manifest),
+            "manifest failed authentication",
+        ),
+        (
+            "chunk",
+            mid(&layout.data_chunks[1].1),
+            "failed authentication (tampered, swapped",
+        ),
+    ];
+    let uds = dir.path().join("r.sock");
+    for (case, at, needle) in cases {
+        let copy = dir.path().join(format!("t-{case}"));
+        std::fs::create_dir(&copy).unwrap();
+        let mut bytes = file.clone();
+        bytes[at] ^= 0x80;
+        std::fs::write(copy.join(snapshot::SNAPSHOT_FILE), bytes).unwrap();
+        let out = restore(&[
+            copy.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+        assert!(stderr.contains(needle), "{case}: {stderr}");
+        assert!(stdout.is_empty(), "{case}: the guest printed {stdout}");
+        assert!(!uds.exists(), "{case}: a VM was created");
+    }
+    let out = restore(&[
+        snap.to_str().unwrap(),
+        "--key-file",
+        other_key.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the key given has id"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}

@@ -8,10 +8,9 @@
 mod fixture;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use fixture::{Console, require_kvm, thaw_bin, vm_slot};
+use fixture::{Console, output_text, require_kvm, thaw_output, vm_slot};
 use thaw::agent_checkpoint::CheckpointError;
 use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateError, CreateOptions, Readiness, Sealing};
@@ -59,18 +58,6 @@ fn create(options: CreateOptions) -> (Result<snapshot_create::Created, CreateErr
     (result, console.text())
 }
 
-fn thaw(args: &[&str]) -> Output {
-    thaw_bin().args(args).output().expect("run thaw")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// The console's `fill:` line's checksum.
 fn fill_checksum(console: &str) -> String {
     console
@@ -110,11 +97,15 @@ fn agent_ready_test_guest_with_256_mib_is_snapshotted_and_verifies() {
 
     let key_arg = key_path.to_str().unwrap();
     let out_arg = out.to_str().unwrap();
-    let verified = thaw(&["snapshot", "verify", out_arg, "--key-file", key_arg]);
-    assert!(verified.status.success(), "{}", text(&verified));
-    assert!(text(&verified).contains("is intact"), "{}", text(&verified));
+    let verified = thaw_output(&["snapshot", "verify", out_arg, "--key-file", key_arg]);
+    assert!(verified.status.success(), "{}", output_text(&verified));
+    assert!(
+        output_text(&verified).contains("is intact"),
+        "{}",
+        output_text(&verified)
+    );
 
-    let inspected = thaw(&[
+    let inspected = thaw_output(&[
         "snapshot",
         "inspect",
         out_arg,
@@ -122,7 +113,7 @@ fn agent_ready_test_guest_with_256_mib_is_snapshotted_and_verifies() {
         key_arg,
         "--json",
     ]);
-    assert!(inspected.status.success(), "{}", text(&inspected));
+    assert!(inspected.status.success(), "{}", output_text(&inspected));
     let info: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
     let share = info["zero_page_share"].as_f64().unwrap();
     let ratio = info["compression_ratio"].as_f64().unwrap();

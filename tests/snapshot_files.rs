@@ -14,25 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Instant;
 
-use fixture::{require_kvm, thaw_bin, vm_slot};
+use fixture::{output_text, require_kvm, thaw_bin, thaw_output, vm_slot};
 
 const SNAP_CMDLINE: &str = "thaw.agent=1 thaw.init=snap-start thaw.fill-mib=16";
 
-fn run(args: &[&str]) -> Output {
-    thaw_bin().args(args).output().expect("run thaw")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn create(out: &Path, key: &Path, cmdline: &str) -> Output {
     let _slot = vm_slot();
-    run(&[
+    thaw_output(&[
         "snapshot",
         "create",
         "--mem-mib",
@@ -47,7 +35,7 @@ fn create(out: &Path, key: &Path, cmdline: &str) -> Output {
 }
 
 fn verify(dir: &Path, key: &Path) -> Output {
-    run(&[
+    thaw_output(&[
         "snapshot",
         "verify",
         dir.to_str().unwrap(),
@@ -58,7 +46,7 @@ fn verify(dir: &Path, key: &Path) -> Output {
 
 /// Fails unless `out` is a clean refusal naming `needle`.
 fn assert_refused(out: &Output, needle: &str, case: &str) {
-    let all = text(out);
+    let all = output_text(out);
     assert!(!out.status.success(), "{case}: accepted\n{all}");
     assert!(out.status.code().is_some(), "{case}: killed by a signal");
     assert!(!all.contains("panicked"), "{case}: panicked\n{all}");
@@ -96,10 +84,10 @@ fn tampered_truncated_swapped_spliced_and_wrong_key_snapshots_are_refused() {
     let second = dir.path().join("second");
     for out in [&good, &second] {
         let made = create(out, &key, SNAP_CMDLINE);
-        assert!(made.status.success(), "{}", text(&made));
+        assert!(made.status.success(), "{}", output_text(&made));
     }
     let ok = verify(&good, &key);
-    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(ok.status.success(), "{}", output_text(&ok));
 
     let snap =
         snapshot::Snapshot::open(&good, Some(&snapshot::MasterKey::load(&key).unwrap())).unwrap();
@@ -213,7 +201,7 @@ fn tampered_truncated_swapped_spliced_and_wrong_key_snapshots_are_refused() {
     }
     // inspect authenticates header, state and manifest too.
     for (case, path, needle) in cases.iter().take(3) {
-        let out = run(&[
+        let out = thaw_output(&[
             "snapshot",
             "inspect",
             path.to_str().unwrap(),
@@ -286,7 +274,7 @@ fn sigkill_during_create_never_leaves_an_incomplete_snapshot_that_verifies() {
             assert!(
                 v.status.success(),
                 "kill at {fraction}: a target that does not verify:\n{}",
-                text(&v)
+                output_text(&v)
             );
             complete += 1;
         } else {

@@ -65,3 +65,18 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// A 128 MiB machine booting the in-memory image `image` (see [`tiny_elf`]) on `vcpus` vCPUs.
+pub fn tiny_config(image: Vec<u8>, vcpus: u8) -> crate::MachineConfig {
+    crate::MachineConfig {
+        mem_mib: 128,
+        vcpus,
+        kernel: crate::KernelSource::Bytes {
+            name: "tiny".into(),
+            image: image.into(),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vsock: None,
+    }
+}

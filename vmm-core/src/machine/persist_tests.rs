@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::*;
-use crate::config::KernelSource;
 use crate::test_support::{Capture, require_kvm, tiny_elf};
 
 /// The guest's memory counter.
@@ -46,17 +45,7 @@ fn counting_guest() -> Vec<u8> {
 }
 
 fn config(image: Vec<u8>, vcpus: u8) -> MachineConfig {
-    MachineConfig {
-        mem_mib: 128,
-        vcpus,
-        kernel: KernelSource::Bytes {
-            name: "counter".into(),
-            image: image.into(),
-        },
-        initrd: None,
-        cmdline: String::new(),
-        vsock: None,
-    }
+    crate::test_support::tiny_config(image, vcpus)
 }
 
 fn read_u64(mem: &GuestMemory, addr: u64) -> u64 {

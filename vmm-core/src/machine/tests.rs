@@ -1,7 +1,6 @@
 //! Machine tests on real KVM: booting, stopping, devices on the command line and in ACPI.
 
 use super::*;
-use crate::config::KernelSource;
 use crate::test_support::{Capture, require_kvm, tiny_elf};
 
 /// `out` "OK" to COM1, then `code` to the debug-exit port.
@@ -17,17 +16,7 @@ fn print_ok_and_exit(code: u8) -> Vec<u8> {
 }
 
 fn config(image: Vec<u8>, vcpus: u8) -> MachineConfig {
-    MachineConfig {
-        mem_mib: 128,
-        vcpus,
-        kernel: KernelSource::Bytes {
-            name: "tiny".into(),
-            image: image.into(),
-        },
-        initrd: None,
-        cmdline: String::new(),
-        vsock: None,
-    }
+    crate::test_support::tiny_config(image, vcpus)
 }
 
 #[test]

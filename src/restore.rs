@@ -41,7 +41,10 @@ pub enum RestoreError {
         source: StateCodecError,
     },
     /// The snapshot's memory regions are not the layout of a machine of its size.
-    #[error("snapshot {}: memory regions {found:?} are not the layout of {mem_bytes} bytes of RAM", path.display())]
+    #[error(
+        "snapshot {}: memory regions {found:?} are not the layout of {mem_bytes} bytes of RAM",
+        path.display()
+    )]
     MemoryLayout {
         /// The snapshot.
         path: PathBuf,

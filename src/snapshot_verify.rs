@@ -31,7 +31,10 @@ pub enum VerifyError {
         source: StateCodecError,
     },
     /// The state and the header disagree.
-    #[error("snapshot {}: the header says {header}, the machine state says {state}", path.display())]
+    #[error(
+        "snapshot {}: the header says {header}, the machine state says {state}",
+        path.display()
+    )]
     Mismatch {
         /// The directory.
         path: PathBuf,

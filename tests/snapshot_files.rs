@@ -1,9 +1,9 @@
 //! Snapshots of a real VM, made by the `thaw` binary, refused when they are not what was
-//! written: `thaw snapshot verify` (and `inspect`) on copies with a flipped byte in each section,
-//! truncated at several points, with two chunks swapped, with a chunk spliced in from another
-//! snapshot, and opened with the wrong key — each with its specific error, never a panic. And
-//! `thaw snapshot create` killed with SIGKILL at many points never leaves a directory that
-//! verifies but is incomplete.
+//! written: `thaw snapshot verify` and `thaw restore` (and `inspect`) on copies with a flipped
+//! byte in each section, truncated at several points, with two chunks swapped, with a chunk
+//! spliced in from another snapshot, and opened with the wrong key — each with its specific
+//! error, never a panic, and restore before any VM exists. And `thaw snapshot create` killed
+//! with SIGKILL at many points never leaves a directory that verifies but is incomplete.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -196,8 +196,22 @@ fn tampered_truncated_swapped_spliced_and_wrong_key_snapshots_are_refused() {
             "failed authentication (tampered, swapped",
         ),
     ];
+    // Refused by verify, and by restore before any VM exists (no vsock socket appears, the
+    // guest prints nothing).
+    let uds = t("restore.sock");
     for (case, path, needle) in &cases {
         assert_refused(&verify(path, &key), needle, case);
+        let restore = thaw_output(&[
+            "restore",
+            path.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+        ]);
+        assert_refused(&restore, needle, case);
+        assert!(restore.stdout.is_empty(), "{case}: the guest ran");
+        assert!(!uds.exists(), "{case}: a VM was created");
     }
     // inspect authenticates header, state and manifest too.
     for (case, path, needle) in cases.iter().take(3) {

@@ -495,7 +495,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print!("{info}");
+                println!("{info}");
             }
             Ok(ExitCode::SUCCESS)
         }

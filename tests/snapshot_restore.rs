@@ -20,12 +20,17 @@ use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
 use vmm_core::config::VsockConfig;
 
+/// The guest's workload: 256 MiB of mixed memory, checksummed before and after.
+const FILL_MIB: u64 = 256;
+
 fn make_snapshot(dir: &std::path::Path, key: &std::path::Path) -> (std::path::PathBuf, String) {
     let out = dir.join("snap");
     let options = CreateOptions {
         boot: RunOptions {
-            cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.fill-mib=32".into()),
-            mem_mib: 128,
+            cmdline: Some(format!(
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={FILL_MIB}"
+            )),
+            mem_mib: 64 + FILL_MIB + 64,
             vcpus: 1,
             vsock: Some(VsockConfig {
                 guest_cid: 3,
@@ -60,10 +65,11 @@ fn restored_agent_reconnects_runs_its_hook_and_answers() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
     let (snap, created_console) = make_snapshot(dir.path(), &key);
-    let checksum_line = created_console
+    let checksum = created_console
         .lines()
-        .find(|l| l.starts_with("fill: "))
-        .unwrap()
+        .find_map(|l| l.strip_prefix("fill: ")?.split("checksum ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fill line:\n{created_console}"))
         .to_string();
 
     let uds = dir.path().join("restore.sock");
@@ -171,9 +177,13 @@ fn restored_agent_reconnects_runs_its_hook_and_answers() {
     assert!(!console.contains("banner from CPL3"), "{console}");
     assert!(console.contains("restore id \"restore-1\""), "{console}");
     assert!(console.contains(" kept"), "{console}");
+    // Every byte of the workload came back in its place.
+    let after = format!("workload of {FILL_MIB} MiB has checksum {checksum}");
+    assert!(console.contains(&after), "want {after:?} in\n{console}");
     println!(
-        "restored (eager, 128 MiB, 32 MiB filled; {checksum_line}); agent reconnected after \
-         {reconnected:.1?}"
+        "restored (eager, {} MiB, {FILL_MIB} MiB workload, checksum {checksum} before and \
+         after); agent reconnected {reconnected:.1?} after thaw restore started",
+        64 + FILL_MIB + 64
     );
 }
 

@@ -100,6 +100,9 @@ fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
         s.rng[3],
         s.marker
     );
+    if let Some((mib, sum)) = crate::workload_checksum() {
+        println!("hook after-restore: workload of {mib} MiB has checksum {sum:#018x}");
+    }
     Ok(())
 }
 

@@ -148,6 +148,7 @@ fn fill_memory(boot_params: u64, mib: u32) {
     let start = clock::rdtsc();
     let mix = workload::fill(buf);
     let sum = workload::checksum(buf);
+    FILLED_MIB.store(mib, Ordering::Release);
     println!(
         "fill: {mib} MiB at {FILL_BASE:#x}: {} zero, {} text, {} random pages; checksum {sum:#018x} \
          ({} M TSC ticks)",
@@ -156,6 +157,24 @@ fn fill_memory(boot_params: u64, mib: u32) {
         mix.random,
         clock::rdtsc().wrapping_sub(start) / 1_000_000
     );
+}
+
+/// MiB at [`FILL_BASE`] the workload filled (0: none), for the after-restore check.
+static FILLED_MIB: AtomicU32 = AtomicU32::new(0);
+
+/// The checksum of the filled workload now, if there is one: after a restore it must equal
+/// the one printed at fill time.
+pub fn workload_checksum() -> Option<(u32, u64)> {
+    let mib = FILLED_MIB.load(Ordering::Acquire);
+    if mib == 0 {
+        return None;
+    }
+    // SAFETY: `fill_memory` checked this range is RAM and filled it; only this boot CPU reads
+    // it afterwards, and nothing writes it.
+    let buf = unsafe {
+        core::slice::from_raw_parts(FILL_BASE as *const u8, (u64::from(mib) << 20) as usize)
+    };
+    Some((mib, workload::checksum(buf)))
 }
 
 /// Counts forever at CPL3 (the count lives in memory, so a snapshot holds it).

@@ -101,6 +101,10 @@ pub fn start(path: &Path, ctx: ApiContext) -> Result<ApiServer, ApiError> {
         source,
     };
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(listen_err)?;
+    // Whoever can connect can read the guest's memory (through a snapshot) and stop it: only
+    // this user may.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(listen_err)?;
     std_listener.set_nonblocking(true).map_err(listen_err)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()

@@ -89,6 +89,13 @@ fn pause_snapshot_resume_and_stop_over_the_api_socket() {
         })
     };
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "only this user may use the control socket"
+    );
     let (status, body) = request(&sock, "GET", "/", "");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"Running\""), "{body}");

@@ -32,6 +32,8 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     blocks.remainder().iter().all(|b| *b == 0)
 }
 
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// A chunk ready to be written. The writer fills in the file offset.
 pub(crate) enum Encoded {
     Zero,
@@ -66,11 +68,37 @@ impl Encoder {
         guest_addr: u64,
         plain: &[u8],
     ) -> Result<Encoded, SealFailed> {
+        self.encode_resident(sealer, snapshot_id, index, guest_addr, plain, &[])
+    }
+
+    /// [`encode`](Self::encode), told which pages may hold data (`populated`, one flag per
+    /// page; empty: all may). Pages flagged false are never read: they are zero.
+    pub fn encode_resident(
+        &mut self,
+        sealer: &Sealer,
+        snapshot_id: &[u8; 16],
+        index: u64,
+        guest_addr: u64,
+        plain: &[u8],
+        populated: &[bool],
+    ) -> Result<Encoded, SealFailed> {
+        let may_hold_data = |i: usize| populated.get(i).copied().unwrap_or(true);
         let pages = plain.len().div_ceil(PAGE_SIZE);
+        if (0..pages).all(|i| !may_hold_data(i)) {
+            return Ok(Encoded::Zero);
+        }
         let mut bitmap = vec![0u8; pages.div_ceil(8)];
         self.packed.clear();
         let mut nonzero_pages = 0u32;
+        // The hash covers the whole chunk as a reader will see it; never-populated pages are
+        // hashed as the zeros they are, without being read.
+        let mut hasher = blake3::Hasher::new();
         for (i, page) in plain.chunks(PAGE_SIZE).enumerate() {
+            if !may_hold_data(i) {
+                hasher.update(&ZERO_PAGE[..page.len()]);
+                continue;
+            }
+            hasher.update(page);
             if !is_zero(page) {
                 if let Some(byte) = bitmap.get_mut(i / 8) {
                     *byte |= 1 << (i % 8);
@@ -105,7 +133,7 @@ impl Encoder {
             stored_len: u32::try_from(out.len()).map_err(|_| SealFailed)?,
             raw: !compressed,
             page_bitmap: bitmap,
-            hash: *blake3::hash(plain).as_bytes(),
+            hash: *hasher.finalize().as_bytes(),
         };
         Ok(Encoded::Data {
             chunk,

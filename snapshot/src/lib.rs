@@ -36,6 +36,7 @@ mod format;
 mod info;
 mod keys;
 mod reader;
+mod residency;
 mod seal;
 mod writer;
 

@@ -19,6 +19,7 @@ use crate::format::{
     WRAPPED_KEY_LEN,
 };
 use crate::keys::{DataKey, KeyId, MasterKey, hex, random};
+use crate::residency::Residency;
 use crate::seal::{Domain, Sealer, nonce_bytes, section_aad};
 
 /// Guest memory to capture: a guest-physical address and the bytes mapped there.
@@ -235,6 +236,7 @@ pub(crate) fn write_unpublished(
         .build()
         .map_err(|source| WriteError::ThreadPool { threads, source })?;
     let jobs = chunk_jobs(memory, options.chunk_size);
+    let residency = Residency::open();
     let mut writer = ChunkWriter {
         file: &file,
         offset: chunks_offset,
@@ -248,7 +250,7 @@ pub(crate) fn write_unpublished(
             // Write the previous batch on this thread while the pool encodes the next one.
             let (written, encoded) = rayon::join(
                 || writer.write_batch(pending.take()),
-                || encode_batch(&sealer, &id, options.zstd_level, jobs),
+                || encode_batch(&sealer, &id, options.zstd_level, &residency, jobs),
             );
             written.map_err(write_err)?;
             pending = Some(encoded);
@@ -412,14 +414,16 @@ fn encode_batch(
     sealer: &Sealer,
     id: &[u8; 16],
     level: i32,
+    residency: &Residency,
     jobs: &[(u64, u64, &[u8])],
 ) -> Vec<Result<Encoded, WriteError>> {
     use rayon::prelude::*;
     jobs.par_iter()
         .map_init(
-            || Encoder::new(level),
-            |enc, (index, addr, bytes)| {
-                enc.encode(sealer, id, *index, *addr, bytes)
+            || (Encoder::new(level), Vec::new()),
+            |(enc, populated), (index, addr, bytes)| {
+                residency.populated(bytes, populated);
+                enc.encode_resident(sealer, id, *index, *addr, bytes, populated)
                     .map_err(|_| WriteError::Seal {
                         what: "a memory chunk",
                     })

@@ -1,2 +1,4 @@
-//! Thaw's restore path, the userfaultfd page server and `thawd`. They arrive with the restore
-//! and daemon issues; this crate exists now so the workspace has its final shape.
+//! Thaw's restore path, the userfaultfd page server and `thawd`. So far: the page server
+//! (`pager`), which lazy restore builds on; restore itself and the daemon follow.
+
+pub mod pager;

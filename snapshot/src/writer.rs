@@ -268,24 +268,24 @@ pub(crate) fn write_unpublished(
         len: chunks_end - chunks_offset,
     };
 
-    let mut state_buf = state.to_vec();
-    sealer
-        .seal(
-            nonce_bytes(Domain::State, 0),
-            &section_aad(Domain::State, &id),
-            &mut state_buf,
-        )
-        .map_err(|_| WriteError::Seal {
-            what: "the VM state",
-        })?;
-    header.state = SectionRef {
-        offset: chunks_end,
-        len: state_buf.len() as u64,
+    // State, then manifest: each sealed under its own domain and written where the last ended.
+    let seal_at = |domain, mut bytes: Vec<u8>, what, offset| -> Result<SectionRef, WriteError> {
+        sealer
+            .seal(
+                nonce_bytes(domain, 0),
+                &section_aad(domain, &id),
+                &mut bytes,
+            )
+            .map_err(|_| WriteError::Seal { what })?;
+        file.write_all_at(&bytes, offset).map_err(write_err)?;
+        Ok(SectionRef {
+            offset,
+            len: bytes.len() as u64,
+        })
     };
-    file.write_all_at(&state_buf, chunks_end)
-        .map_err(write_err)?;
+    header.state = seal_at(Domain::State, state.to_vec(), "the VM state", chunks_end)?;
 
-    let mut manifest =
+    let manifest =
         bincode::serde::encode_to_vec(&entries, format::encode_config()).map_err(|source| {
             WriteError::Encode {
                 what: "manifest",
@@ -297,23 +297,9 @@ pub(crate) fn write_unpublished(
             reason: "manifest exceeds the format's cap".into(),
         });
     }
-    sealer
-        .seal(
-            nonce_bytes(Domain::Manifest, 0),
-            &section_aad(Domain::Manifest, &id),
-            &mut manifest,
-        )
-        .map_err(|_| WriteError::Seal {
-            what: "the manifest",
-        })?;
     let manifest_offset = header.state.offset + header.state.len;
-    header.manifest = SectionRef {
-        offset: manifest_offset,
-        len: manifest.len() as u64,
-    };
-    file.write_all_at(&manifest, manifest_offset)
-        .map_err(write_err)?;
-    let file_len = manifest_offset + manifest.len() as u64;
+    header.manifest = seal_at(Domain::Manifest, manifest, "the manifest", manifest_offset)?;
+    let file_len = manifest_offset + header.manifest.len;
 
     // Preamble and header go last: until now offset 0 holds zeros, so a file cut short by a
     // crash is not even recognised as a snapshot.

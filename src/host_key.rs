@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use snapshot::{KeyError, MasterKey};
 
-use crate::snapshot_verify::KeyChoice;
+use restore_daemon::verify::KeyChoice;
 
 /// The host key file: `$THAW_KEY_FILE`, else `$XDG_CONFIG_HOME/thaw/host.key`, else
 /// `~/.config/thaw/host.key`.

@@ -7,10 +7,8 @@ pub mod console_watch;
 pub mod guest_image;
 pub mod host_check;
 pub mod host_key;
-pub mod restore;
 pub mod run;
 pub mod snapshot_create;
-pub mod snapshot_state;
-pub mod snapshot_verify;
 pub mod test_guest;
 pub mod xdg;
+

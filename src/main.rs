@@ -363,7 +363,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
             let restored =
-                thaw::restore::restore_eager(&dir, &key, vsock_uds, Box::new(std::io::stdout()))
+                restore_daemon::restore::restore_eager(&dir, &key, vsock_uds, Box::new(std::io::stdout()))
                     .context("nothing was restored")?;
             tracing::info!(
                 open = ?restored.open,
@@ -490,7 +490,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             key_file,
         } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let snap = thaw::snapshot_verify::open(&dir, &key)?;
+            let snap = restore_daemon::verify::open(&dir, &key)?;
             let info = snap.info();
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -501,7 +501,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
         }
         SnapshotCommand::Verify { dir, key_file } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let summary = thaw::snapshot_verify::verify(&dir, &key)?;
+            let summary = restore_daemon::verify::verify(&dir, &key)?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

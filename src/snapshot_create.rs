@@ -21,7 +21,7 @@ use vmm_core::{ExitReason, Machine, MachineError};
 use crate::agent_checkpoint::{self, CheckpointError};
 use crate::console_watch::{self, ConsoleWatch};
 use crate::run::{RunError, RunOptions};
-use crate::snapshot_state;
+use restore_daemon::state_codec;
 
 /// Lambda's init phase limit for SnapStart functions.
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(130);
@@ -138,7 +138,7 @@ pub enum CreateError {
     Capture(#[source] ControlError),
     /// The state could not be encoded.
     #[error(transparent)]
-    State(#[from] snapshot_state::StateCodecError),
+    State(#[from] state_codec::StateCodecError),
     /// Writing the snapshot failed (nothing is left at the target).
     #[error(transparent)]
     Write(#[from] snapshot::WriteError),
@@ -348,9 +348,9 @@ pub unsafe fn snapshot_paused(
     // Refuses a running machine, so the memory read below happens while it is paused.
     let state = controller.save().map_err(CreateError::Capture)?;
     let capture = capture_start.elapsed();
-    let state_bytes = snapshot_state::encode(&state)?;
+    let state_bytes = state_codec::encode(&state)?;
     let meta = SnapshotMeta {
-        fingerprint: snapshot_state::fingerprint(&state),
+        fingerprint: state_codec::fingerprint(&state),
         vcpus: state.vcpus.len() as u8,
     };
     // SAFETY: the machine is paused (`save` succeeded) — every vCPU parked outside KVM_RUN and

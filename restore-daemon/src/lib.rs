@@ -1,4 +1,8 @@
-//! Thaw's restore path, the userfaultfd page server and `thawd`. So far: the page server
-//! (`pager`), which lazy restore builds on; restore itself and the daemon follow.
+//! Thaw's restore path: verifying a snapshot and checking this host can run it (`verify`,
+//! `state_codec`), rebuilding the machine from it (`restore`) with memory filled eagerly or
+//! paged in lazily by the userfaultfd page server (`pager`). `thawd` follows.
 
 pub mod pager;
+pub mod restore;
+pub mod state_codec;
+pub mod verify;

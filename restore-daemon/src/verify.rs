@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use snapshot::{MasterKey, Snapshot, VerifySummary};
 
-use crate::snapshot_state::{self, StateCodecError};
+use crate::state_codec::{self as snapshot_state, StateCodecError};
 
 /// The snapshot is not sound.
 #[derive(Debug, thiserror::Error)]

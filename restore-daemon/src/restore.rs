@@ -14,8 +14,8 @@ use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::machine::RestoreConfig;
 use vmm_core::{Machine, MachineError};
 
-use crate::snapshot_state::{self, StateCodecError};
-use crate::snapshot_verify::{self, KeyChoice, VerifyError};
+use crate::state_codec::{self as snapshot_state, StateCodecError};
+use crate::verify::{self as snapshot_verify, KeyChoice, VerifyError};
 
 /// The snapshot could not be restored; no guest ran.
 #[derive(Debug, thiserror::Error)]

@@ -5,16 +5,11 @@
 //! out).
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hooks_sdk::protocol::io::{self, Frame, FrameError};
-use hooks_sdk::protocol::{Failure, InitType, Message};
-
-/// How often waits look at the clock and at whether the guest is still running.
-const POLL: Duration = Duration::from_millis(10);
-/// Longest runtime error message quoted in an error.
-const MAX_QUOTED: usize = 2048;
+use hooks_sdk::protocol::io::{self, FrameError};
+use hooks_sdk::protocol::{InitType, Message};
+use restore_daemon::agent::{Frames, Waited, accept, failure};
 
 /// The guest did not reach its checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -76,78 +71,6 @@ pub struct ReadyAgent {
     pub connection: UnixStream,
 }
 
-/// Frames read on a helper thread, so waiting can also watch the clock and the guest.
-struct Frames {
-    rx: mpsc::Receiver<Result<Frame, FrameError>>,
-}
-
-impl Frames {
-    fn start(stream: &UnixStream) -> Result<Self, CheckpointError> {
-        let mut reader = stream.try_clone().map_err(CheckpointError::Socket)?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("agent-frames".into())
-            .spawn(move || {
-                loop {
-                    let frame = io::read_frame(&mut reader);
-                    let failed = frame.is_err();
-                    if tx.send(frame).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(CheckpointError::Socket)?;
-        Ok(Self { rx })
-    }
-}
-
-/// What a wait produced.
-enum Waited<T> {
-    Got(T),
-    TimedOut,
-    GuestEnded,
-}
-
-fn wait<T>(
-    deadline: Instant,
-    guest_ended: &dyn Fn() -> bool,
-    mut poll: impl FnMut() -> Option<T>,
-) -> Waited<T> {
-    loop {
-        if let Some(v) = poll() {
-            return Waited::Got(v);
-        }
-        if guest_ended() {
-            return Waited::GuestEnded;
-        }
-        if Instant::now() >= deadline {
-            return Waited::TimedOut;
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// The runtime's message from a Lambda error document (`errorMessage`), else the body itself;
-/// cut to a readable length.
-fn quote(body: &[u8]) -> String {
-    let message = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("errorMessage")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-    match message.char_indices().nth(MAX_QUOTED) {
-        Some((cut, _)) => format!("{}…", &message[..cut]),
-        None => message,
-    }
-}
-
-fn failure(f: &Failure) -> (String, String) {
-    (f.error_type.to_owned(), quote(f.body))
-}
-
 /// Waits on `listener` (the host side of the agent port) for the agent, asks it to checkpoint
 /// and waits until it is ready. `timeout` is the init timeout, counted from `started`;
 /// `guest_ended` says whether the VM has stopped.
@@ -158,25 +81,14 @@ pub fn checkpoint(
     guest_ended: &dyn Fn() -> bool,
 ) -> Result<ReadyAgent, CheckpointError> {
     let deadline = started + timeout;
-    listener
-        .set_nonblocking(true)
-        .map_err(CheckpointError::Socket)?;
     loop {
         let stage = "waiting for the agent to connect";
-        let accepted = wait(deadline, guest_ended, || match listener.accept() {
-            Ok((s, _)) => Some(Ok(s)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Err(e)),
-        });
-        let stream = match accepted {
+        let stream = match accept(listener, deadline, guest_ended) {
             Waited::Got(Ok(s)) => s,
             Waited::Got(Err(e)) => return Err(CheckpointError::Socket(e)),
             Waited::TimedOut => return Err(CheckpointError::InitTimeout { timeout, stage }),
             Waited::GuestEnded => return Err(CheckpointError::GuestEnded { stage }),
         };
-        stream
-            .set_nonblocking(false)
-            .map_err(CheckpointError::Socket)?;
         match session(stream, deadline, timeout, guest_ended)? {
             Some(ready) => return Ok(ready),
             None => tracing::info!("the agent's connection ended; waiting for it to reconnect"),
@@ -192,18 +104,14 @@ fn session(
     timeout: Duration,
     guest_ended: &dyn Fn() -> bool,
 ) -> Result<Option<ReadyAgent>, CheckpointError> {
-    let frames = Frames::start(&stream)?;
+    let frames = Frames::start(&stream).map_err(CheckpointError::Socket)?;
     let mut agent: Option<String> = None;
     loop {
         let stage = match agent {
             None => "waiting for the agent's Hello",
             Some(_) => "waiting for the runtime to reach its checkpoint",
         };
-        let frame = match wait(deadline, guest_ended, || match frames.rx.try_recv() {
-            Ok(f) => Some(Some(f)),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some(None),
-        }) {
+        let frame = match frames.next(deadline, guest_ended) {
             Waited::Got(Some(Ok(frame))) => frame,
             Waited::Got(Some(Err(FrameError::Protocol(e)))) => {
                 return Err(CheckpointError::Protocol(format!("malformed frame: {e}")));
@@ -276,20 +184,5 @@ fn session(
                 )));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quotes_the_error_message_of_a_lambda_error_document() {
-        let doc =
-            br#"{"errorMessage":"no module named x","errorType":"Runtime.ImportModuleError"}"#;
-        assert_eq!(quote(doc), "no module named x");
-        assert_eq!(quote(b"plain text"), "plain text");
-        let long = "x".repeat(MAX_QUOTED + 10);
-        assert_eq!(quote(long.as_bytes()).chars().count(), MAX_QUOTED + 1);
     }
 }

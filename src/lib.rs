@@ -7,8 +7,8 @@ pub mod console_watch;
 pub mod guest_image;
 pub mod host_check;
 pub mod host_key;
+pub mod restore_cli;
 pub mod run;
 pub mod snapshot_create;
 pub mod test_guest;
 pub mod xdg;
-

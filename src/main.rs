@@ -48,24 +48,50 @@ enum Command {
         #[arg(long, requires = "api_sock")]
         insecure_plaintext: bool,
     },
-    /// Restore a snapshot and continue its guest, with the console on this terminal.
+    /// Restore a snapshot and continue its guest.
     ///
-    /// The snapshot is authenticated (header, state, manifest, then every chunk as its memory
-    /// is decrypted) and checked against this host (CPU vendor and features, KVM flavor, page
-    /// size) before any guest instruction runs; memory is restored eagerly, on all cores. A
-    /// guest with a vsock device gets --vsock-uds as its host socket, and its driver is told
-    /// the transport was reset, so its agent reconnects. Exits with the guest's status, as
-    /// `thaw run` does.
+    /// The snapshot is authenticated (header, state, manifest) and checked against this host
+    /// (CPU vendor and features, KVM flavor, page size) before any guest instruction runs.
+    /// Memory comes back lazily by default: guest memory starts empty, registered with
+    /// userfaultfd, and each chunk is decrypted, authenticated and installed when the guest first
+    /// touches it; the snapshot's recorded working set (`thaw snapshot record-ws`) is installed
+    /// first, and the rest in the background once the first burst of faults is over. With
+    /// --memory eager, all of memory is decrypted on all cores before the guest runs.
+    ///
+    /// A guest with an agent (a vsock device) is then driven as Lambda would: its agent
+    /// reconnects over the reset vsock transport, gets fresh entropy, the wall clock and a new
+    /// restore id, and runs its after-restore hooks within --after-restore-timeout. Each
+    /// --invoke then sends one invocation and prints its response on stdout (the guest's
+    /// console goes to stderr), and the guest is shut down; without --invoke the guest keeps
+    /// running. With --vsock-uds, Thaw leaves the agent to whatever listens on that socket.
+    /// Exits with the guest's status, as `thaw run` does.
     Restore {
         /// The snapshot directory.
         dir: PathBuf,
         /// Master key file [default: the host key, if there is one].
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
-        /// Host socket for the guest's vsock device (needed if the snapshot has one; see
-        /// `thaw run --help`).
-        #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds)]
+        /// How guest memory comes back: lazy (on first touch, through userfaultfd) or eager
+        /// (all of it before the guest runs).
+        #[arg(long, value_name = "MODE", default_value = "lazy")]
+        memory: restore_daemon::restore::MemoryMode,
+        /// Lazy only: do not fill the rest of memory in the background; only what the guest
+        /// touches is installed.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Lazy only: ignore the snapshot's recorded working set.
+        #[arg(long)]
+        no_working_set: bool,
+        /// Host socket for the guest's vsock device; the agent is then yours to drive (see
+        /// docs/guest-protocol.md).
+        #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds, conflicts_with_all = ["invoke", "after_restore_timeout"])]
         vsock_uds: Option<PathBuf>,
+        /// Invoke the restored function with PAYLOAD (repeatable) and print each response.
+        #[arg(long, value_name = "PAYLOAD")]
+        invoke: Vec<String>,
+        /// Seconds the after-restore hooks may take (Lambda allows 10).
+        #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+        after_restore_timeout: Option<u64>,
     },
     /// Create, inspect and verify snapshots.
     Snapshot {
@@ -173,7 +199,7 @@ enum SnapshotCommand {
         #[arg(long, value_name = "STR", value_parser = parse_marker)]
         ready_on_serial: Option<String>,
         /// Seconds the guest's init may take before giving up (AWS Lambda allows 130).
-        #[arg(long, value_name = "SECS", default_value_t = 130, value_parser = parse_init_timeout)]
+        #[arg(long, value_name = "SECS", default_value_t = 130, value_parser = parse_seconds)]
         init_timeout: u64,
         /// Master key file (32 random bytes; see `thaw snapshot create --help`) [default:
         /// $THAW_KEY_FILE, else $XDG_CONFIG_HOME/thaw/host.key, else ~/.config/thaw/host.key,
@@ -218,7 +244,7 @@ fn parse_marker(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_init_timeout(s: &str) -> Result<u64, String> {
+fn parse_seconds(s: &str) -> Result<u64, String> {
     let secs: u64 = s
         .parse()
         .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
@@ -359,24 +385,31 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Restore {
             dir,
             key_file,
+            memory,
+            no_prefetch,
+            no_working_set,
             vsock_uds,
+            invoke,
+            after_restore_timeout,
         } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let restored =
-                restore_daemon::restore::restore_eager(&dir, &key, vsock_uds, Box::new(std::io::stdout()))
-                    .context("nothing was restored")?;
-            tracing::info!(
-                open = ?restored.open,
-                memory = ?restored.memory,
-                machine = ?restored.machine_restore,
-                "snapshot restored"
-            );
-            let input: vmm_core::machine::ConsoleInput = Box::new(std::io::stdin());
-            let reason = restored.machine.run(Some(input))?;
-            if reason.exit_code() != 0 {
-                eprintln!("thaw: {reason}");
-            }
-            Ok(ExitCode::from(reason.exit_code().clamp(0, 255) as u8))
+            let options = restore_daemon::restore::RestoreOptions {
+                memory,
+                prefetch: !no_prefetch,
+                use_working_set: !no_working_set,
+                record_working_set: false,
+                vsock_uds,
+            };
+            thaw::restore_cli::run(
+                &dir,
+                &key,
+                options,
+                thaw::restore_cli::AgentUse {
+                    invoke,
+                    after_restore_timeout: after_restore_timeout
+                        .map(std::time::Duration::from_secs),
+                },
+            )
         }
         Command::Kernel {
             command: KernelCommand::Fetch { cache_dir },

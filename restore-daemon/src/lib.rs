@@ -2,6 +2,8 @@
 //! `state_codec`), rebuilding the machine from it (`restore`) with memory filled eagerly or
 //! paged in lazily by the userfaultfd page server (`pager`). `thawd` follows.
 
+pub mod agent;
+pub mod environment;
 pub mod pager;
 pub mod restore;
 pub mod state_codec;

@@ -1,23 +1,33 @@
-//! Restoring a snapshot eagerly: authenticate it, check this host can run it, decrypt and
-//! decompress all of its memory (both cores) into fresh guest memory, and rebuild the machine
-//! from its state — all before any guest instruction runs, so a tampered, truncated or
-//! wrong-key snapshot never reaches KVM. Lazy paging through userfaultfd comes with the restore
-//! issue and belongs with it in `restore-daemon`.
+//! Restoring a snapshot into a new machine. Everything the snapshot says is checked before any
+//! guest instruction runs: the snapshot layer authenticates header, state and manifest (and,
+//! eagerly, every chunk), this host is checked against its fingerprint, and the state must
+//! decode and describe the memory layout the snapshot holds. Then memory is either filled
+//! completely (eager: decrypt and decompress on all cores) or handed to the userfaultfd page
+//! server (lazy: chunks arrive when first touched, and in the background), and the machine is
+//! rebuilt from its state (`Machine::restore`, in its documented order).
+//!
+//! Lazily restored memory stays tied to the page server: [`Restored::run`] keeps the server
+//! alive for as long as the guest runs, stops the machine if the server fails (its memory would
+//! no longer be the snapshot's) and reports that failure instead of the guest's exit.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use snapshot::{ChunkKind, Snapshot};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::devices::serial::ConsoleOutput;
-use vmm_core::machine::RestoreConfig;
+use vmm_core::exit::{ExitReason, ExitSignal};
+use vmm_core::machine::{ConsoleInput, MachineController, RestoreConfig};
+use vmm_core::memory::GuestMemory;
 use vmm_core::{Machine, MachineError};
 
-use crate::state_codec::{self as snapshot_state, StateCodecError};
-use crate::verify::{self as snapshot_verify, KeyChoice, VerifyError};
+use crate::pager::{HostRegion, PageServer, PagerError, PagerStats};
+use crate::state_codec::{self, StateCodecError};
+use crate::verify::{self, KeyChoice, VerifyError};
 
-/// The snapshot could not be restored; no guest ran.
+/// The snapshot could not be restored, or its restored guest could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// The snapshot layer refused it.
@@ -53,7 +63,7 @@ pub enum RestoreError {
         /// The state's memory size.
         mem_bytes: u64,
     },
-    /// A chunk failed to decrypt, authenticate or decompress.
+    /// A chunk failed to decrypt, authenticate or decompress (eager restore).
     #[error("snapshot {}: memory could not be read", path.display())]
     Chunk {
         /// The snapshot.
@@ -65,48 +75,206 @@ pub enum RestoreError {
     /// Guest memory could not be made or filled.
     #[error("cannot set up guest memory for the restore: {0}")]
     Memory(String),
-    /// The machine could not be rebuilt.
+    /// The page server could not start.
+    #[error("cannot start the page server")]
+    PagerStart(#[source] PagerError),
+    /// The page server failed while the guest ran: the guest was stopped, since its memory is
+    /// no longer the snapshot's.
+    #[error("the page server failed, so the restored guest was stopped: {0}")]
+    PagerFailed(String),
+    /// The machine could not be rebuilt or run.
     #[error(transparent)]
     Machine(#[from] MachineError),
 }
 
-/// A restored machine, not yet running.
-pub struct Restored {
-    /// Call `run` to continue the guest.
-    pub machine: Machine,
-    /// Opening and authenticating the snapshot, and the host check.
+/// How guest memory comes back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryMode {
+    /// All of it, decrypted and decompressed on all cores, before the guest runs.
+    Eager,
+    /// Registered empty with userfaultfd and installed chunk by chunk as the guest touches it.
+    #[default]
+    Lazy,
+}
+
+impl std::str::FromStr for MemoryMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "eager" => Ok(MemoryMode::Eager),
+            "lazy" => Ok(MemoryMode::Lazy),
+            other => Err(format!("unknown memory mode {other:?}: use lazy or eager")),
+        }
+    }
+}
+
+/// How to restore.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// Eager or lazy memory.
+    pub memory: MemoryMode,
+    /// Lazy only: fill the memory the guest has not touched in the background, once its first
+    /// burst of faults is over.
+    pub prefetch: bool,
+    /// Lazy only: install the snapshot's recorded working set first, if it has one.
+    pub use_working_set: bool,
+    /// Lazy only: record the order in which chunks are first faulted.
+    pub record_working_set: bool,
+    /// The host socket for the guest's vsock device (required if it has one).
+    pub vsock_uds: Option<PathBuf>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self {
+            memory: MemoryMode::Lazy,
+            prefetch: true,
+            use_working_set: true,
+            record_working_set: false,
+            vsock_uds: None,
+        }
+    }
+}
+
+/// Where the restore's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreTimings {
+    /// Opening and authenticating the snapshot, the host check, decoding the state.
     pub open: Duration,
-    /// Decrypting and decompressing all memory.
+    /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
+    /// page server.
     pub memory: Duration,
     /// Rebuilding the VM from its state.
     pub machine_restore: Duration,
 }
 
-/// Restores the snapshot at `dir`: the guest's console goes to `console`, its vsock device (if
-/// it had one) gets the host socket `vsock_uds`.
-pub fn restore_eager(
+impl RestoreTimings {
+    /// From the start of the restore until the machine can run.
+    pub fn total(&self) -> Duration {
+        self.open + self.memory + self.machine_restore
+    }
+}
+
+/// The failure the page server reported, and the machine to stop when it does.
+#[derive(Default)]
+struct PagerWatch {
+    controller: OnceLock<MachineController>,
+    failure: Mutex<Option<String>>,
+}
+
+impl PagerWatch {
+    fn failed(&self, e: &PagerError) {
+        let mut failure = match self.failure.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        failure.get_or_insert_with(|| e.to_string());
+        if let Some(c) = self.controller.get() {
+            c.stop();
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        match self.failure.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// A restored machine, not yet running.
+pub struct Restored {
+    machine: Machine,
+    // Field order is drop order: the page server stops before the memory it serves is unmapped.
+    pager: Option<Arc<PageServer>>,
+    watch: Arc<PagerWatch>,
+    _memory: GuestMemory,
+    snapshot: Arc<Snapshot>,
+    /// Where the time went.
+    pub timings: RestoreTimings,
+}
+
+/// How the restored guest's run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the machine stopped.
+    pub reason: ExitReason,
+    /// What the page server did, for a lazy restore.
+    pub pager: Option<PagerStats>,
+}
+
+impl Restored {
+    /// The snapshot it came from.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Controls the machine (pause, resume, save, stop) while it runs.
+    pub fn controller(&self) -> MachineController {
+        self.machine.controller()
+    }
+
+    /// Set when the machine stops.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.machine.exit_signal()
+    }
+
+    /// Its memory (shared with the machine).
+    pub fn memory(&self) -> &GuestMemory {
+        self.machine.memory()
+    }
+
+    /// The page server, for a lazy restore.
+    pub fn pager(&self) -> Option<Arc<PageServer>> {
+        self.pager.clone()
+    }
+
+    /// Whether the guest has a vsock device (and so, normally, an agent).
+    pub fn has_vsock(&self) -> bool {
+        self.machine.vsock().is_some()
+    }
+
+    /// Runs the guest until its machine stops. A page-server failure stops it and is the
+    /// error, whatever the guest did meanwhile.
+    pub fn run(self, input: Option<ConsoleInput>) -> Result<RunOutcome, RestoreError> {
+        let Restored {
+            machine,
+            pager,
+            watch,
+            _memory,
+            snapshot: _,
+            timings: _,
+        } = self;
+        let reason = machine.run(input);
+        let stats = pager.as_ref().map(|p| p.stats());
+        drop(pager);
+        if let Some(failure) = watch.failure() {
+            return Err(RestoreError::PagerFailed(failure));
+        }
+        Ok(RunOutcome {
+            reason: reason?,
+            pager: stats,
+        })
+    }
+}
+
+/// Opens the snapshot at `dir` and checks everything a restore needs before building anything.
+fn open_checked(
     dir: &Path,
     key: &KeyChoice,
-    vsock_uds: Option<PathBuf>,
-    console: ConsoleOutput,
-) -> Result<Restored, RestoreError> {
-    let started = Instant::now();
-    let snap = snapshot_verify::open(dir, key)?;
-    snapshot_verify::host_compatibility(snap.fingerprint()).map_err(|reason| {
+) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
+    let snap = verify::open(dir, key)?;
+    verify::host_compatibility(snap.fingerprint()).map_err(|reason| {
         RestoreError::IncompatibleHost {
             path: dir.to_owned(),
             reason,
         }
     })?;
-    let state = snapshot_state::decode(snap.state()).map_err(|source| RestoreError::State {
+    let state = state_codec::decode(snap.state()).map_err(|source| RestoreError::State {
         path: dir.to_owned(),
         source,
     })?;
-    let open = started.elapsed();
-
-    let started = Instant::now();
-    let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
-        .map_err(|e| RestoreError::Memory(e.to_string()))?;
     let layout: Vec<(u64, u64)> = vmm_core::memory::ram_ranges(state.mem_bytes)
         .into_iter()
         .map(|(start, size)| (start.0, size))
@@ -123,31 +291,90 @@ pub fn restore_eager(
             mem_bytes: state.mem_bytes,
         });
     }
-    fill_memory(&snap, &memory).map_err(|source| RestoreError::Chunk {
-        path: dir.to_owned(),
-        source,
-    })?;
+    Ok((snap, state))
+}
+
+/// Restores the snapshot at `dir`: the guest's console goes to `console`.
+pub fn restore(
+    dir: &Path,
+    key: &KeyChoice,
+    options: &RestoreOptions,
+    console: ConsoleOutput,
+) -> Result<Restored, RestoreError> {
+    let started = Instant::now();
+    let (snap, state) = open_checked(dir, key)?;
+    let snap = Arc::new(snap);
+    let open = started.elapsed();
+
+    let started = Instant::now();
+    let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
+        .map_err(|e| RestoreError::Memory(e.to_string()))?;
+    let watch = Arc::new(PagerWatch::default());
+    let pager = match options.memory {
+        MemoryMode::Eager => {
+            fill_memory(&snap, &memory).map_err(|source| RestoreError::Chunk {
+                path: dir.to_owned(),
+                source,
+            })?;
+            None
+        }
+        MemoryMode::Lazy => Some(Arc::new(start_pager(&snap, &memory, options, &watch)?)),
+    };
     let memory_elapsed = started.elapsed();
 
     let started = Instant::now();
     let config = RestoreConfig {
-        vsock_uds_path: vsock_uds,
+        vsock_uds_path: options.vsock_uds.clone(),
     };
-    let machine = Machine::restore(&config, console, &state, memory)?;
+    let machine = Machine::restore(&config, console, &state, memory.clone())?;
+    // A failure before this point surfaced in this thread (Machine::restore itself touches no
+    // guest memory); from here on it stops the machine.
+    let _ = watch.controller.set(machine.controller());
+    if let Some(failure) = watch.failure() {
+        return Err(RestoreError::PagerFailed(failure));
+    }
     Ok(Restored {
         machine,
-        open,
-        memory: memory_elapsed,
-        machine_restore: started.elapsed(),
+        pager,
+        watch,
+        _memory: memory,
+        snapshot: snap,
+        timings: RestoreTimings {
+            open,
+            memory: memory_elapsed,
+            machine_restore: started.elapsed(),
+        },
     })
+}
+
+fn start_pager(
+    snap: &Arc<Snapshot>,
+    memory: &GuestMemory,
+    options: &RestoreOptions,
+    watch: &Arc<PagerWatch>,
+) -> Result<PageServer, RestoreError> {
+    let mut regions = Vec::new();
+    for region in memory.iter() {
+        let start = region.start_addr();
+        let host = memory
+            .get_host_address(start)
+            .map_err(|e| RestoreError::Memory(e.to_string()))?;
+        let len = usize::try_from(region.len())
+            .map_err(|_| RestoreError::Memory("a memory region is too large".into()))?;
+        regions.push(HostRegion {
+            guest_addr: start.0,
+            host_addr: host as usize,
+            len,
+        });
+    }
+    // MERGE: switch to PagerOptions (working set, recording, on_failure) with the pager branch.
+    let _ = watch;
+    PageServer::start(snap.clone(), regions, options.prefetch).map_err(RestoreError::PagerStart)
 }
 
 /// Decrypts every data chunk into guest memory, on all cores. Zero chunks need nothing: fresh
 /// anonymous memory reads as zero.
-fn fill_memory(
-    snap: &Snapshot,
-    memory: &vmm_core::memory::GuestMemory,
-) -> Result<(), snapshot::ReadError> {
+fn fill_memory(snap: &Snapshot, memory: &GuestMemory) -> Result<(), snapshot::ReadError> {
     snap.chunks()
         .par_iter()
         .enumerate()

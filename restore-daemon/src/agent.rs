@@ -1,0 +1,486 @@
+//! The host's half of the guest protocol (docs/guest-protocol.md) once a guest is restored:
+//! accept the agent's new connection, send it `Restored` (fresh entropy, the host's wall clock,
+//! a new restore id), give its after-restore hooks their budget, then invoke it. Shared pieces
+//! — reading frames on a helper thread so every wait can also watch the clock and the guest —
+//! are used by snapshot creation too.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hooks_sdk::protocol::io::{self, Frame, FrameError};
+use hooks_sdk::protocol::{Failure, InitType, Invoke, Message, Restored};
+
+/// How often waits look at the clock and at whether the guest is still running.
+const POLL: Duration = Duration::from_millis(1);
+/// Longest runtime error message quoted in an error.
+const MAX_QUOTED: usize = 2048;
+/// Bytes of entropy sent with `Restored` (the protocol asks for at least 32).
+pub const ENTROPY_BYTES: usize = 64;
+/// Lambda's budget for after-restore hooks.
+pub const AFTER_RESTORE_BUDGET: Duration = Duration::from_secs(10);
+
+/// Frames read on a helper thread, so that waiting can also watch the clock and the guest.
+pub struct Frames {
+    rx: mpsc::Receiver<Result<Frame, FrameError>>,
+}
+
+impl Frames {
+    /// Starts reading `stream` (a clone of it) until it fails or the receiver is dropped.
+    pub fn start(stream: &UnixStream) -> std::io::Result<Self> {
+        let mut reader = stream.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("agent-frames".into())
+            .spawn(move || {
+                loop {
+                    let frame = io::read_frame(&mut reader);
+                    let failed = frame.is_err();
+                    if tx.send(frame).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { rx })
+    }
+
+    /// The next frame by `deadline`: `Got(None)` when the connection ended.
+    pub fn next(
+        &self,
+        deadline: Instant,
+        guest_ended: &dyn Fn() -> bool,
+    ) -> Waited<Option<Result<Frame, FrameError>>> {
+        wait(deadline, guest_ended, || match self.rx.try_recv() {
+            Ok(f) => Some(Some(f)),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(None),
+        })
+    }
+}
+
+/// What a wait produced.
+pub enum Waited<T> {
+    /// The value.
+    Got(T),
+    /// The deadline passed first.
+    TimedOut,
+    /// The guest stopped first.
+    GuestEnded,
+}
+
+/// Polls `poll` until it yields, the deadline passes or the guest ends.
+pub fn wait<T>(
+    deadline: Instant,
+    guest_ended: &dyn Fn() -> bool,
+    mut poll: impl FnMut() -> Option<T>,
+) -> Waited<T> {
+    // Start with short sleeps: a restored agent answers within milliseconds, and this wait is
+    // on the path the restore bench measures.
+    let mut pause = Duration::from_micros(50);
+    loop {
+        if let Some(v) = poll() {
+            return Waited::Got(v);
+        }
+        if guest_ended() {
+            return Waited::GuestEnded;
+        }
+        if Instant::now() >= deadline {
+            return Waited::TimedOut;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL);
+    }
+}
+
+/// Accepts the agent's connection on `listener` by `deadline`.
+pub fn accept(
+    listener: &UnixListener,
+    deadline: Instant,
+    guest_ended: &dyn Fn() -> bool,
+) -> Waited<std::io::Result<UnixStream>> {
+    if let Err(e) = listener.set_nonblocking(true) {
+        return Waited::Got(Err(e));
+    }
+    let accepted = wait(deadline, guest_ended, || match listener.accept() {
+        Ok((s, _)) => Some(Ok(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => Some(Err(e)),
+    });
+    match accepted {
+        Waited::Got(Ok(s)) => Waited::Got(s.set_nonblocking(false).map(|()| s)),
+        other => other,
+    }
+}
+
+/// The runtime's message from a Lambda error document (`errorMessage`), else the body itself;
+/// cut to a readable length.
+pub fn quote(body: &[u8]) -> String {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("errorMessage")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    match message.char_indices().nth(MAX_QUOTED) {
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+        None => message,
+    }
+}
+
+/// A failure frame's error type and quoted message.
+pub fn failure(f: &Failure) -> (String, String) {
+    (f.error_type.to_owned(), quote(f.body))
+}
+
+/// The restored guest's agent did not get through its after-restore step.
+#[derive(Debug, thiserror::Error)]
+pub enum AfterRestoreError {
+    /// The agent did not reconnect in time.
+    #[error("the restored guest's agent did not reconnect within {0:?}")]
+    ConnectTimeout(Duration),
+    /// The after-restore hooks ran out of time.
+    #[error(
+        "the after-restore hooks did not finish within {0:?} (Lambda's limit is 10 s); the \
+         restore failed"
+    )]
+    HookTimeout(Duration),
+    /// An after-restore hook failed: `Runtime.AfterRestoreError` (or the runtime's own type).
+    #[error("an after-restore hook failed with {error_type}: {message}; the restore failed")]
+    Hook {
+        /// Lambda's error type.
+        error_type: String,
+        /// The runtime's message.
+        message: String,
+    },
+    /// The guest stopped while we waited.
+    #[error("the restored guest stopped {stage}")]
+    GuestEnded {
+        /// How far it got.
+        stage: &'static str,
+    },
+    /// The agent broke the protocol.
+    #[error("the restored guest's agent broke the protocol: {0}")]
+    Protocol(String),
+    /// The host side of the agent's socket failed.
+    #[error("the agent's socket failed")]
+    Socket(#[source] std::io::Error),
+}
+
+/// What the host tells a restored guest: everything that must differ between clones.
+#[derive(Clone, Debug)]
+pub struct Uniqueness {
+    /// Fresh random bytes for the guest's RNG.
+    pub entropy: [u8; ENTROPY_BYTES],
+    /// Unique to this restore.
+    pub restore_id: String,
+}
+
+impl Uniqueness {
+    /// Draws fresh entropy and a restore id from the host's CSPRNG.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut entropy = [0u8; ENTROPY_BYTES];
+        getrandom::fill(&mut entropy)?;
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id)?;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self {
+            entropy,
+            restore_id: format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            ),
+        })
+    }
+}
+
+fn unix_nanos_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A restored agent, past its after-restore hooks, ready for invocations.
+pub struct AgentConnection {
+    stream: UnixStream,
+    frames: Frames,
+    /// The agent's name from its `Hello`.
+    pub agent: String,
+    /// The id sent with `Restored`.
+    pub restore_id: String,
+    /// From `Restored` sent to `RestoreDone` received: the hooks' time.
+    pub hooks: Duration,
+}
+
+/// Waits for the restored guest's agent on `listener`, sends it `Restored` with `unique` and
+/// the wall clock, and waits up to `budget` for its after-restore hooks. `connect_timeout`
+/// bounds the reconnection; `guest_ended` says whether the VM has stopped.
+pub fn after_restore(
+    listener: &UnixListener,
+    unique: &Uniqueness,
+    connect_timeout: Duration,
+    budget: Duration,
+    guest_ended: &dyn Fn() -> bool,
+) -> Result<AgentConnection, AfterRestoreError> {
+    let deadline = Instant::now() + connect_timeout;
+    loop {
+        let mut stream = match accept(listener, deadline, guest_ended) {
+            Waited::Got(Ok(s)) => s,
+            Waited::Got(Err(e)) => return Err(AfterRestoreError::Socket(e)),
+            Waited::TimedOut => return Err(AfterRestoreError::ConnectTimeout(connect_timeout)),
+            Waited::GuestEnded => {
+                return Err(AfterRestoreError::GuestEnded {
+                    stage: "before its agent reconnected",
+                });
+            }
+        };
+        let frames = Frames::start(&stream).map_err(AfterRestoreError::Socket)?;
+        let agent = match frames.next(deadline, guest_ended) {
+            Waited::Got(Some(Ok(frame))) => match frame.message() {
+                Ok(Message::Hello { agent, init_type }) => {
+                    if init_type != InitType::SnapStart {
+                        tracing::warn!(agent, "a restored agent said it started on-demand");
+                    }
+                    agent.to_owned()
+                }
+                Ok(other) => {
+                    return Err(AfterRestoreError::Protocol(format!(
+                        "the first frame was {:?}, not Hello",
+                        other.kind()
+                    )));
+                }
+                Err(e) => {
+                    return Err(AfterRestoreError::Protocol(format!("malformed frame: {e}")));
+                }
+            },
+            Waited::Got(Some(Err(FrameError::Protocol(e)))) => {
+                return Err(AfterRestoreError::Protocol(format!("malformed frame: {e}")));
+            }
+            // The connection ended before Hello: the agent reconnects.
+            Waited::Got(Some(Err(FrameError::Io(_)))) | Waited::Got(None) => continue,
+            Waited::TimedOut => return Err(AfterRestoreError::ConnectTimeout(connect_timeout)),
+            Waited::GuestEnded => {
+                return Err(AfterRestoreError::GuestEnded {
+                    stage: "before its agent said Hello",
+                });
+            }
+        };
+        let restored = Message::Restored(Restored {
+            entropy: &unique.entropy,
+            wall_clock_ns: unix_nanos_now(),
+            restore_id: &unique.restore_id,
+        });
+        let sent = Instant::now();
+        match io::write_message(&mut stream, &restored) {
+            Ok(()) => {}
+            Err(FrameError::Io(e)) => {
+                tracing::info!(error = %e, "the agent's connection closed; waiting for it again");
+                continue;
+            }
+            Err(FrameError::Protocol(e)) => return Err(AfterRestoreError::Protocol(e.to_string())),
+        }
+        let hooks_deadline = sent + budget;
+        let frame = match frames.next(hooks_deadline, guest_ended) {
+            Waited::Got(Some(Ok(frame))) => frame,
+            Waited::Got(Some(Err(FrameError::Protocol(e)))) => {
+                return Err(AfterRestoreError::Protocol(format!("malformed frame: {e}")));
+            }
+            Waited::Got(Some(Err(FrameError::Io(e)))) => {
+                return Err(AfterRestoreError::Socket(e));
+            }
+            Waited::Got(None) => {
+                return Err(AfterRestoreError::Protocol(
+                    "the connection closed during the after-restore hooks".into(),
+                ));
+            }
+            Waited::TimedOut => return Err(AfterRestoreError::HookTimeout(budget)),
+            Waited::GuestEnded => {
+                return Err(AfterRestoreError::GuestEnded {
+                    stage: "during its after-restore hooks",
+                });
+            }
+        };
+        return match frame.message() {
+            Ok(Message::RestoreDone) => Ok(AgentConnection {
+                stream,
+                frames,
+                agent,
+                restore_id: unique.restore_id.clone(),
+                hooks: sent.elapsed(),
+            }),
+            Ok(Message::RestoreError(f)) => {
+                let (error_type, message) = failure(&f);
+                Err(AfterRestoreError::Hook {
+                    error_type,
+                    message,
+                })
+            }
+            Ok(other) => Err(AfterRestoreError::Protocol(format!(
+                "expected RestoreDone, got {:?}",
+                other.kind()
+            ))),
+            Err(e) => Err(AfterRestoreError::Protocol(format!("malformed frame: {e}"))),
+        };
+    }
+}
+
+/// One invocation, as the Invoke frame carries it.
+#[derive(Clone, Debug, Default)]
+pub struct InvokeRequest {
+    /// Lambda's request id.
+    pub request_id: String,
+    /// The invocation's deadline, Unix milliseconds.
+    pub deadline_ms: u64,
+    /// The function's ARN.
+    pub function_arn: String,
+    /// X-Ray trace id, or empty.
+    pub trace_id: String,
+    /// Client context, or empty.
+    pub client_context: String,
+    /// Cognito identity, or empty.
+    pub cognito_identity: String,
+    /// The event.
+    pub payload: Vec<u8>,
+}
+
+/// What the function answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InvokeOutcome {
+    /// Its response payload.
+    Response(Vec<u8>),
+    /// A function error: Lambda's error type and the runtime's error document.
+    Error {
+        /// E.g. `Function.ResponseSizeTooLarge` or the runtime's own type.
+        error_type: String,
+        /// The error document.
+        body: Vec<u8>,
+    },
+}
+
+/// An invocation got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The deadline passed.
+    #[error("the function did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The guest stopped.
+    #[error("the guest stopped during the invocation")]
+    GuestEnded,
+    /// The connection closed or failed.
+    #[error("the agent's connection failed during the invocation")]
+    Socket(#[source] std::io::Error),
+    /// The agent broke the protocol.
+    #[error("the agent broke the protocol: {0}")]
+    Protocol(String),
+}
+
+impl AgentConnection {
+    /// Sends `request` and waits up to `timeout` for its answer.
+    pub fn invoke(
+        &mut self,
+        request: &InvokeRequest,
+        timeout: Duration,
+        guest_ended: &dyn Fn() -> bool,
+    ) -> Result<InvokeOutcome, InvokeError> {
+        let message = Message::Invoke(Invoke {
+            request_id: &request.request_id,
+            deadline_ms: request.deadline_ms,
+            function_arn: &request.function_arn,
+            trace_id: &request.trace_id,
+            client_context: &request.client_context,
+            cognito_identity: &request.cognito_identity,
+            payload: &request.payload,
+        });
+        let deadline = Instant::now() + timeout;
+        match io::write_message(&mut self.stream, &message) {
+            Ok(()) => {}
+            Err(FrameError::Io(e)) => return Err(InvokeError::Socket(e)),
+            Err(FrameError::Protocol(e)) => return Err(InvokeError::Protocol(e.to_string())),
+        }
+        let frame = match self.frames.next(deadline, guest_ended) {
+            Waited::Got(Some(Ok(frame))) => frame,
+            Waited::Got(Some(Err(FrameError::Io(e)))) => return Err(InvokeError::Socket(e)),
+            Waited::Got(Some(Err(FrameError::Protocol(e)))) => {
+                return Err(InvokeError::Protocol(format!("malformed frame: {e}")));
+            }
+            Waited::Got(None) => {
+                return Err(InvokeError::Socket(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Waited::TimedOut => return Err(InvokeError::Timeout(timeout)),
+            Waited::GuestEnded => return Err(InvokeError::GuestEnded),
+        };
+        let answer = frame
+            .message()
+            .map_err(|e| InvokeError::Protocol(format!("malformed frame: {e}")))?;
+        let (request_id, outcome) = match answer {
+            Message::Response {
+                request_id,
+                payload,
+            } => (request_id, InvokeOutcome::Response(payload.to_vec())),
+            Message::InvokeError {
+                request_id,
+                failure: f,
+            } => (
+                request_id,
+                InvokeOutcome::Error {
+                    error_type: f.error_type.to_owned(),
+                    body: f.body.to_vec(),
+                },
+            ),
+            other => {
+                return Err(InvokeError::Protocol(format!(
+                    "expected the invocation's answer, got {:?}",
+                    other.kind()
+                )));
+            }
+        };
+        if request_id != request.request_id {
+            return Err(InvokeError::Protocol(format!(
+                "answer for request {request_id:?}, expected {:?}",
+                request.request_id
+            )));
+        }
+        Ok(outcome)
+    }
+
+    /// Asks the agent to stop its runtime and end the VM.
+    pub fn shutdown(&mut self) -> Result<(), InvokeError> {
+        match io::write_message(&mut self.stream, &Message::Shutdown) {
+            Ok(()) => Ok(()),
+            Err(FrameError::Io(e)) => Err(InvokeError::Socket(e)),
+            Err(FrameError::Protocol(e)) => Err(InvokeError::Protocol(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_the_error_message_of_a_lambda_error_document() {
+        let doc =
+            br#"{"errorMessage":"no module named x","errorType":"Runtime.ImportModuleError"}"#;
+        assert_eq!(quote(doc), "no module named x");
+        assert_eq!(quote(b"plain text"), "plain text");
+        let long = "x".repeat(MAX_QUOTED + 10);
+        assert_eq!(quote(long.as_bytes()).chars().count(), MAX_QUOTED + 1);
+    }
+
+    #[test]
+    fn every_restore_gets_its_own_entropy_and_id() {
+        let a = Uniqueness::generate().unwrap();
+        let b = Uniqueness::generate().unwrap();
+        assert_ne!(a.entropy, b.entropy);
+        assert_ne!(a.restore_id, b.restore_id);
+        assert_eq!(a.restore_id.len(), 36);
+    }
+}

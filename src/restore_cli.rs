@@ -1,0 +1,144 @@
+//! `thaw restore`: restore a snapshot, drive its agent through the after-restore step, invoke
+//! it if asked, and report where the time went.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use restore_daemon::environment::{EnvironmentOptions, Prepared};
+use restore_daemon::restore::{RestoreOptions, RunOutcome};
+use restore_daemon::verify::KeyChoice;
+use vmm_core::exit::ExitReason;
+
+/// How long one `--invoke` may take.
+const INVOKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to do with the restored guest's agent.
+pub struct AgentUse {
+    /// Payloads to invoke the function with, in order.
+    pub invoke: Vec<String>,
+    /// The after-restore hooks' budget (default: Lambda's 10 s).
+    pub after_restore_timeout: Option<Duration>,
+}
+
+fn exit_code(reason: &ExitReason) -> ExitCode {
+    if reason.exit_code() != 0 {
+        eprintln!("thaw: {reason}");
+    }
+    ExitCode::from(reason.exit_code().clamp(0, 255) as u8)
+}
+
+fn report(outcome: &RunOutcome) {
+    if let Some(stats) = &outcome.pager {
+        tracing::info!(?stats, "page server");
+    }
+}
+
+/// Restores the snapshot at `dir` and runs it as `agent` says.
+pub fn run(
+    dir: &Path,
+    key: &KeyChoice,
+    options: RestoreOptions,
+    agent: AgentUse,
+) -> anyhow::Result<ExitCode> {
+    if options.vsock_uds.is_some() {
+        // Someone else drives the agent: restore and run, with the console on this terminal.
+        let restored =
+            restore_daemon::restore::restore(dir, key, &options, Box::new(std::io::stdout()))
+                .context("nothing was restored")?;
+        tracing::info!(timings = ?restored.timings, "snapshot restored");
+        let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
+        report(&outcome);
+        return Ok(exit_code(&outcome.reason));
+    }
+    // Responses go to stdout; so, when there are any, the console goes to stderr.
+    let console: vmm_core::devices::serial::ConsoleOutput = if agent.invoke.is_empty() {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::stderr())
+    };
+    let prepared =
+        Prepared::restore(dir, key, &options, console).context("nothing was restored")?;
+    if !prepared.has_agent() {
+        anyhow::ensure!(
+            agent.invoke.is_empty(),
+            "the snapshot's guest has no vsock device, so it has no agent to invoke"
+        );
+        let restored = prepared.into_restored();
+        tracing::info!(timings = ?restored.timings, "snapshot restored");
+        let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
+        report(&outcome);
+        return Ok(exit_code(&outcome.reason));
+    }
+    let env_options = EnvironmentOptions {
+        restore: options,
+        after_restore_budget: agent
+            .after_restore_timeout
+            .unwrap_or(restore_daemon::agent::AFTER_RESTORE_BUDGET),
+        ..EnvironmentOptions::default()
+    };
+    let mut env = prepared
+        .start(&env_options)
+        .context("the restored guest did not become ready")?;
+    tracing::info!(
+        restore_id = env.restore_id(),
+        agent = env.agent(),
+        timings = ?env.timings,
+        "restored guest ready"
+    );
+    eprintln!(
+        "thaw: restored {} in {:.1?}: ready (after-restore hooks done) {:.1?} after start; \
+         restore id {}",
+        dir.display(),
+        env.timings.restore.total(),
+        env.timings.ready,
+        env.restore_id()
+    );
+    if agent.invoke.is_empty() {
+        let outcome = env.wait()?;
+        report(&outcome);
+        return Ok(exit_code(&outcome.reason));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = false;
+    for (n, payload) in agent.invoke.iter().enumerate() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let request = InvokeRequest {
+            request_id: format!("{}-{n}", env.restore_id()),
+            deadline_ms: now_ms + INVOKE_TIMEOUT.as_millis() as u64,
+            function_arn: "arn:aws:lambda:local:000000000000:function:thaw-restore".into(),
+            payload: payload.as_bytes().to_vec(),
+            ..InvokeRequest::default()
+        };
+        match env.invoke(&request, INVOKE_TIMEOUT)? {
+            InvokeOutcome::Response(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => writeln!(stdout, "{text}")?,
+                // Binary responses are shown in hex, so the terminal stays usable.
+                Err(_) => {
+                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    writeln!(stdout, "{hex}")?;
+                }
+            },
+            InvokeOutcome::Error { error_type, body } => {
+                failed = true;
+                eprintln!(
+                    "thaw: invocation {n} failed with {error_type}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+    }
+    stdout.flush()?;
+    let outcome = env.shutdown()?;
+    report(&outcome);
+    if failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(exit_code(&outcome.reason))
+}

@@ -235,6 +235,27 @@ enum SnapshotCommand {
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
     },
+    /// Record the memory a function needs until it answers, so later restores fetch it first.
+    ///
+    /// Restores the snapshot once, lazily and without prefetching, while the page server notes
+    /// the order in which the guest first touches each chunk of memory — while its agent
+    /// reconnects, its after-restore hooks run, and it answers one invocation with --payload.
+    /// That order (the working set, after REAP, ASPLOS'21) is stored beside the snapshot,
+    /// sealed with the snapshot's key and bound to it, replacing any earlier one. Later lazy
+    /// restores install it first, in that order, while the guest runs.
+    RecordWs {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Master key file [default: the host key, if there is one].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// The invocation's payload: what a typical request looks like.
+        #[arg(long, value_name = "PAYLOAD", default_value = "{}")]
+        payload: String,
+        /// Seconds the invocation may take.
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_seconds)]
+        timeout: u64,
+    },
 }
 
 fn parse_marker(s: &str) -> Result<String, String> {
@@ -530,6 +551,31 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{info}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::RecordWs {
+            dir,
+            key_file,
+            payload,
+            timeout,
+        } => {
+            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let recorded = thaw::record_ws::record(
+                &dir,
+                &key,
+                payload.as_bytes(),
+                std::time::Duration::from_secs(timeout),
+                Box::new(std::io::stderr()),
+            )?;
+            println!(
+                "working set of {} recorded: {} of {} chunks ({} MiB), first answer after {:.1?} \
+                 while recording",
+                dir.display(),
+                recorded.working_set.chunks.len(),
+                recorded.chunks,
+                recorded.bytes >> 20,
+                recorded.first_answer
+            );
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Verify { dir, key_file } => {

@@ -13,6 +13,10 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
+use restore_daemon::agent::{AfterRestoreError, InvokeOutcome, InvokeRequest};
+use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
+use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::verify::KeyChoice;
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
 use sha2::{Digest, Sha256};
@@ -24,11 +28,20 @@ use vmm_core::config::VsockConfig;
 const FILL_MIB: u64 = 256;
 
 fn make_snapshot(dir: &std::path::Path, key: &std::path::Path) -> (std::path::PathBuf, String) {
+    make_snapshot_with(dir, key, "")
+}
+
+/// A snapshot of the agent after a `FILL_MIB` fill, with `extra` on the guest's command line.
+fn make_snapshot_with(
+    dir: &std::path::Path,
+    key: &std::path::Path,
+    extra: &str,
+) -> (std::path::PathBuf, String) {
     let out = dir.join("snap");
     let options = CreateOptions {
         boot: RunOptions {
             cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={FILL_MIB}"
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={FILL_MIB} {extra}"
             )),
             mem_mib: 64 + FILL_MIB + 64,
             vcpus: 1,
@@ -80,6 +93,8 @@ fn restored_agent_reconnects_runs_its_hook_and_answers() {
         .args([
             "restore",
             snap.to_str().unwrap(),
+            "--memory",
+            "eager",
             "--key-file",
             key.to_str().unwrap(),
             "--vsock-uds",
@@ -267,4 +282,137 @@ fn tampered_or_wrong_key_snapshots_are_refused_before_the_guest_runs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the key given has id"), "{stderr}");
     assert!(out.stdout.is_empty());
+}
+
+/// The checksum the guest printed after its fill.
+fn fill_checksum(console: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("fill: ")?.split("checksum ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fill line:\n{console}"))
+        .to_string()
+}
+
+fn invoke_request(id: &str, payload: &[u8]) -> InvokeRequest {
+    InvokeRequest {
+        request_id: id.into(),
+        deadline_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 60_000,
+        function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
+        payload: payload.to_vec(),
+        ..InvokeRequest::default()
+    }
+}
+
+#[test]
+fn every_memory_mode_gives_back_the_same_256_mib() {
+    if !require_kvm("every_memory_mode_gives_back_the_same_256_mib") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, created_console) = make_snapshot(dir.path(), &key);
+    let checksum = fill_checksum(&created_console);
+    let modes = [
+        ("eager", MemoryMode::Eager, false),
+        ("lazy", MemoryMode::Lazy, false),
+        ("lazy+prefetch", MemoryMode::Lazy, true),
+    ];
+    for (name, memory, prefetch) in modes {
+        let options = EnvironmentOptions {
+            restore: RestoreOptions {
+                memory,
+                prefetch,
+                ..RestoreOptions::default()
+            },
+            ..EnvironmentOptions::default()
+        };
+        let console = Console::default();
+        let _slot = vm_slot();
+        let key = KeyChoice::Given(snapshot::MasterKey::load(&key).unwrap());
+        let mut env = Environment::start(&snap, &key, &options, Box::new(console.clone()))
+            .unwrap_or_else(|e| panic!("{name}: {e:#}\n{}", console.text()));
+        let payload = pattern(10_000, 11);
+        let answer = env
+            .invoke(&invoke_request("r1", &payload), Duration::from_secs(30))
+            .unwrap();
+        let want: [u8; 32] = Sha256::digest(&payload).into();
+        assert_eq!(answer, InvokeOutcome::Response(want.to_vec()), "{name}");
+        let pager = env.pager().map(|p| p.stats());
+        let timings = env.timings;
+        let outcome = env.shutdown().unwrap();
+        let text = console.text();
+        assert_eq!(outcome.reason.exit_code(), 0, "{name}: {:?}\n{text}", outcome.reason);
+        let after = format!("workload of {FILL_MIB} MiB has checksum {checksum}");
+        assert!(text.contains(&after), "{name}: want {after:?} in\n{text}");
+        match (memory, prefetch) {
+            (MemoryMode::Eager, _) => assert!(pager.is_none()),
+            (MemoryMode::Lazy, false) => {
+                let stats = outcome.pager.unwrap();
+                assert!(stats.faults > 0, "{name}: {stats:?}");
+                assert_eq!(stats.prefetched, 0, "{name}: {stats:?}");
+            }
+            (MemoryMode::Lazy, true) => assert!(outcome.pager.is_some()),
+        }
+        println!(
+            "{name}: checksum {checksum} before and after; restore {:.1?}, ready {:.1?} \
+             (hooks {:.1?}); pager {:?}",
+            timings.restore.total(),
+            timings.ready,
+            timings.hooks,
+            outcome.pager
+        );
+    }
+}
+
+#[test]
+fn a_failing_after_restore_hook_fails_the_restore() {
+    if !require_kvm("a_failing_after_restore_hook_fails_the_restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_with(dir.path(), &key, "thaw.fail=restore");
+    let _slot = vm_slot();
+    let console = Console::default();
+    let key_choice = KeyChoice::Given(snapshot::MasterKey::load(&key).unwrap());
+    let err = Environment::start(
+        &snap,
+        &key_choice,
+        &EnvironmentOptions::default(),
+        Box::new(console.clone()),
+    )
+    .err()
+    .expect("the restore must fail");
+    match &err {
+        EnvironmentError::AfterRestore(AfterRestoreError::Hook {
+            error_type,
+            message,
+        }) => {
+            assert_eq!(error_type, "Runtime.AfterRestoreError");
+            assert!(message.contains("failed on purpose"), "{message}");
+        }
+        other => panic!("{other:?}\n{}", console.text()),
+    }
+    // The command line says the same and fails.
+    let out = thaw_bin()
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--invoke",
+            "never answered",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Runtime.AfterRestoreError"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
 }

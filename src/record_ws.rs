@@ -1,0 +1,109 @@
+//! `thaw snapshot record-ws`: learn which memory a function needs to answer (REAP, ASPLOS'21).
+//! The snapshot is restored once, lazily, with no prefetching, while the page server records
+//! the order in which chunks are first faulted — through the agent's reconnection, its
+//! after-restore hooks and the first invocation — until that invocation answers. The order is
+//! stored, sealed and authenticated, beside the snapshot; later lazy restores install those
+//! chunks first, in that order, in parallel with the guest.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use restore_daemon::environment::{EnvironmentOptions, Prepared};
+use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::verify::KeyChoice;
+use snapshot::{RecordingEnd, WorkingSet};
+
+/// What was recorded and stored.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The stored working set.
+    pub working_set: WorkingSet,
+    /// Chunks in the snapshot.
+    pub chunks: usize,
+    /// Bytes of guest memory the working set covers.
+    pub bytes: u64,
+    /// From the start of the restore to the first answer, while recording.
+    pub first_answer: Duration,
+}
+
+/// Records the working set of the snapshot at `dir` by invoking it once with `payload`, and
+/// stores it in the snapshot (replacing any earlier one).
+pub fn record(
+    dir: &Path,
+    key: &KeyChoice,
+    payload: &[u8],
+    invoke_timeout: Duration,
+    console: vmm_core::devices::serial::ConsoleOutput,
+) -> anyhow::Result<Recorded> {
+    let started = Instant::now();
+    let options = EnvironmentOptions {
+        restore: RestoreOptions {
+            memory: MemoryMode::Lazy,
+            // Only what the guest faults is recorded: no background installs may hide it.
+            prefetch: false,
+            use_working_set: false,
+            record_working_set: true,
+            vsock_uds: None,
+        },
+        ..EnvironmentOptions::default()
+    };
+    let prepared = Prepared::restore(dir, key, &options.restore, console)
+        .context("the snapshot could not be restored for recording")?;
+    anyhow::ensure!(
+        prepared.has_agent(),
+        "the snapshot's guest has no vsock device, so it has no agent to invoke"
+    );
+    let mut env = prepared
+        .start(&options)
+        .context("the restored guest did not become ready")?;
+    let pager = env
+        .pager()
+        .cloned()
+        .context("a lazy restore has a page server")?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let request = InvokeRequest {
+        request_id: format!("{}-record-ws", env.restore_id()),
+        deadline_ms: now_ms + invoke_timeout.as_millis() as u64,
+        function_arn: "arn:aws:lambda:local:000000000000:function:thaw-record-ws".into(),
+        payload: payload.to_vec(),
+        ..InvokeRequest::default()
+    };
+    let answer = env.invoke(&request, invoke_timeout);
+    pager.stop_recording();
+    let first_answer = started.elapsed();
+    let chunks = pager.recorded();
+    let faults = pager.stats().faults;
+    let ended_by = match &answer {
+        Ok(_) => RecordingEnd::FirstResponse,
+        Err(_) => RecordingEnd::Stopped,
+    };
+    // A function error still touched what an invocation touches; no answer at all is a failure.
+    match answer.context("the recording invocation got no answer")? {
+        InvokeOutcome::Response(_) => {}
+        InvokeOutcome::Error { error_type, .. } => {
+            tracing::warn!(%error_type, "the recording invocation answered with a function error");
+        }
+    }
+    let outcome = env.shutdown().context("the recording guest did not end cleanly")?;
+    tracing::debug!(reason = %outcome.reason, "recording guest ended");
+    let snap = restore_daemon::verify::open(dir, key)?;
+    let bytes = chunks
+        .iter()
+        .filter_map(|&c| snap.chunks().get(c as usize))
+        .map(|c| u64::from(c.len))
+        .sum();
+    let working_set = WorkingSet::new(chunks, faults, ended_by);
+    snap.write_working_set(dir, &working_set)
+        .context("cannot store the working set")?;
+    Ok(Recorded {
+        working_set,
+        chunks: snap.chunks().len(),
+        bytes,
+        first_answer,
+    })
+}

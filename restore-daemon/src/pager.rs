@@ -2,27 +2,54 @@
 //! (missing mode); the first touch of any page — by a vCPU through KVM or by the VMM itself —
 //! stops the toucher until the server installs the whole snapshot chunk around it, decrypted
 //! and decompressed (`UFFDIO_COPY`), or maps zeros for a chunk the snapshot elided
-//! (`UFFDIO_ZEROPAGE`). A prefetcher installs every other chunk in the background, so the
-//! guest runs while its memory arrives.
+//! (`UFFDIO_ZEROPAGE`). A background thread installs the snapshot's working set first (the
+//! chunks a recorded restore touched, in that order) and, once the guest's first burst of faults
+//! is over, every other chunk, so the guest runs while its memory arrives.
 //!
 //! Each chunk is installed once: a per-chunk state (missing → installing → installed) decides
 //! who installs it. Whoever loses that race, or gets `EEXIST` from the kernel, only wakes the
 //! range, since the winner's copy wakes the waiters too.
+//!
+//! **Discarded memory.** The uffd is opened with `UFFD_FEATURE_EVENT_REMOVE`: when anyone
+//! `madvise(MADV_DONTNEED)`s registered memory (a balloon, the VMM dropping pages) the kernel
+//! reports the range before zapping it. Those pages must read as zeros from then on, as
+//! anonymous memory does, never as snapshot contents again, so the server keeps a per-4 KiB
+//! "removed" bit: a fault in a removed page gets a zero page, and a chunk installed later skips
+//! its removed pages. Installers on other threads copy only while holding a shared gate that
+//! the fault thread takes exclusively to read events, so no copy can start between the kernel
+//! handing over a remove event and the removed bits being set (a copy landing after the zap
+//! would resurrect snapshot data).
+//!
+//! **Failure.** If the server cannot go on (a chunk does not authenticate, an ioctl fails, a
+//! fault lands outside guest memory, a server thread panics) it records the error, calls
+//! [`PagerOptions::on_failure`] once and unregisters all guest memory, which wakes every blocked
+//! faulter: from then on untouched pages are ordinary anonymous memory (zeros), so **guest memory
+//! is no longer the snapshot's and the VM must not run on**. The owner stops it from
+//! `on_failure`; the server only guarantees nothing hangs.
 
-use std::os::fd::AsRawFd;
+mod serve;
+mod shared;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use snapshot::{ChunkKind, Snapshot};
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use snapshot::Snapshot;
+use userfaultfd::{FeatureFlags, UffdBuilder};
 
-const MISSING: u8 = 0;
-const INSTALLING: u8 = 1;
-const INSTALLED: u8 = 2;
+use shared::Shared;
 
-/// How long the fault thread sleeps in `poll` before it looks at the stop flag.
-const POLL_MS: i32 = 50;
+/// After the guest's first fault, the full prefetch waits until no fault has arrived for this
+/// long. A restored guest first touches the pages its next instructions need, in a dense burst;
+/// prefetching the whole snapshot during it would compete with those faults for the CPU and the
+/// disk (this host has two cores), while a few milliseconds of silence mean the guest is running
+/// on what it has.
+pub const PREFETCH_QUIET: Duration = Duration::from_millis(2);
+/// The full prefetch starts at the latest this long after the server starts, burst or not: a
+/// guest that keeps faulting steadily (or never faults) must still get its memory in the
+/// background instead of paying a fault per chunk for ever.
+pub const PREFETCH_DEADLINE: Duration = Duration::from_millis(50);
 
 /// The page server could not start or failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +60,14 @@ pub enum PagerError {
     /// A region of guest memory is not what the snapshot describes.
     #[error("guest memory does not match the snapshot: {0}")]
     Layout(String),
+    /// The working set names a chunk the snapshot does not have.
+    #[error("working set names chunk {index}; the snapshot has {chunks}")]
+    WorkingSet {
+        /// The chunk named.
+        index: u32,
+        /// Chunks in the snapshot.
+        chunks: usize,
+    },
     /// A chunk could not be read from the snapshot.
     #[error("chunk {index} could not be read")]
     Chunk {
@@ -56,6 +91,17 @@ pub enum PagerError {
         /// Host address.
         addr: usize,
     },
+    /// Reading userfaultfd events failed.
+    #[error("reading userfaultfd events failed: {0}")]
+    Events(String),
+    /// A server thread panicked.
+    #[error("page server thread {thread} panicked: {message}")]
+    Panic {
+        /// The thread's name.
+        thread: &'static str,
+        /// The panic's message, if it had one.
+        message: String,
+    },
     /// A server thread could not start.
     #[error("cannot start the page server's threads")]
     Thread(#[source] std::io::Error),
@@ -72,6 +118,52 @@ pub struct HostRegion {
     pub len: usize,
 }
 
+/// Called once, from the server thread that failed, with the error.
+pub type FailureHook = Box<dyn Fn(&PagerError) + Send + Sync>;
+
+/// How the server fills memory besides answering faults.
+pub struct PagerOptions {
+    /// Install every chunk not yet installed in the background, starting after the guest's
+    /// first burst of faults ([`PREFETCH_QUIET`], [`PREFETCH_DEADLINE`]).
+    pub prefetch: bool,
+    /// Chunk indices to install first, in this order, starting at once and in parallel with
+    /// the guest; installed even if `prefetch` is false. Typically the snapshot's recorded
+    /// working set. Each must be below the snapshot's chunk count.
+    pub working_set: Vec<u32>,
+    /// Record the order in which the fault thread first installs chunks for faults (see
+    /// [`PageServer::recorded`]). Chunks installed by the background thread are not recorded,
+    /// so record with `prefetch` off and an empty `working_set` to capture everything the guest
+    /// touches.
+    pub record: bool,
+    /// Called once when the server fails, from the failing server thread, before faulting
+    /// threads are released. It must stop the VM (kick the vCPUs and make them exit) and must
+    /// not wait for vCPU threads: they may be blocked in faults that are released only after
+    /// it returns.
+    pub on_failure: Option<FailureHook>,
+}
+
+impl Default for PagerOptions {
+    fn default() -> Self {
+        PagerOptions {
+            prefetch: true,
+            working_set: Vec::new(),
+            record: false,
+            on_failure: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PagerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagerOptions")
+            .field("prefetch", &self.prefetch)
+            .field("working_set", &self.working_set.len())
+            .field("record", &self.record)
+            .field("on_failure", &self.on_failure.is_some())
+            .finish()
+    }
+}
+
 /// Counts of what the server did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PagerStats {
@@ -81,186 +173,40 @@ pub struct PagerStats {
     pub data_chunks: u64,
     /// Chunks answered with zero pages.
     pub zero_chunks: u64,
-    /// Chunks installed by the prefetcher.
+    /// Chunks installed by the background thread from the working set.
+    pub working_set: u64,
+    /// Chunks installed by the background thread's full prefetch.
     pub prefetched: u64,
-    /// Installs the kernel answered with `EEXIST` (lost races).
+    /// Pages the kernel refused as already present (`EEXIST`).
     pub lost_races: u64,
+    /// Remove events (memory discarded with `MADV_DONTNEED` and the like).
+    pub removes: u64,
+    /// Pages newly marked removed by those events.
+    pub removed_pages: u64,
+    /// Faults in removed pages, answered with a zero page.
+    pub zero_page_faults: u64,
+    /// Installs retried because the kernel answered `EAGAIN` while it processed a remove.
+    pub retries: u64,
     /// Chunks in the snapshot.
     pub chunks: u64,
 }
 
-/// Why the kernel did not install a range.
-enum Refused {
-    /// A page in it is already present: someone else installed it.
-    Exists,
-    /// Anything else.
-    Other(String),
-}
-
-impl From<userfaultfd::Error> for Refused {
-    fn from(e: userfaultfd::Error) -> Self {
-        match e {
-            userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno)
-                if errno as i32 == libc::EEXIST =>
-            {
-                Refused::Exists
-            }
-            other => Refused::Other(other.to_string()),
-        }
-    }
-}
-
-struct Shared {
-    snapshot: Arc<Snapshot>,
-    uffd: Uffd,
-    regions: Vec<HostRegion>,
-    state: Vec<AtomicU8>,
-    stop: AtomicBool,
-    faults: AtomicU64,
-    data_chunks: AtomicU64,
-    zero_chunks: AtomicU64,
-    prefetched: AtomicU64,
-    lost_races: AtomicU64,
-    failure: std::sync::Mutex<Option<PagerError>>,
-}
-
-/// A running page server. Dropping it stops its threads; the memory stays registered until it
-/// is unmapped (any page not yet installed then faults forever, so drop the VM first).
+/// A running page server. Dropping it stops its threads and closes the userfaultfd, which
+/// unregisters the memory: pages not installed by then read as zeros, so drop it only after the
+/// VM has stopped (or once [`PageServer::complete`]).
 pub struct PageServer {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Shared {
-    /// The host range of chunk `index`.
-    fn host_range(&self, index: usize) -> Option<(usize, usize)> {
-        let chunk = self.snapshot.chunks().get(index)?;
-        let region = self.regions.iter().find(|r| {
-            chunk.guest_addr >= r.guest_addr
-                && chunk.guest_addr + u64::from(chunk.len) <= r.guest_addr + r.len as u64
-        })?;
-        let host = region.host_addr + (chunk.guest_addr - region.guest_addr) as usize;
-        Some((host, chunk.len as usize))
-    }
-
-    /// The chunk holding host address `addr`.
-    fn chunk_at(&self, addr: usize) -> Option<usize> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.len)?;
-        let guest = region.guest_addr + (addr - region.host_addr) as u64;
-        let chunks = self.snapshot.chunks();
-        let after = chunks.partition_point(|c| c.guest_addr <= guest);
-        let index = after.checked_sub(1)?;
-        let c = chunks.get(index)?;
-        (guest < c.guest_addr + u64::from(c.len)).then_some(index)
-    }
-
-    fn wake(&self, host: usize, len: usize) {
-        if let Err(e) = self.uffd.wake(host as *mut libc::c_void, len) {
-            tracing::debug!(error = %e, "UFFDIO_WAKE failed");
-        }
-    }
-
-    /// Installs chunk `index` unless someone else has or is; `buf` is scratch.
-    fn install(&self, index: usize, buf: &mut Vec<u8>) -> Result<bool, PagerError> {
-        let Some((host, len)) = self.host_range(index) else {
-            return Err(PagerError::Layout(format!(
-                "chunk {index} is outside guest memory"
-            )));
-        };
-        let Some(state) = self.state.get(index) else {
-            return Ok(false);
-        };
-        if state
-            .compare_exchange(MISSING, INSTALLING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Installed: its copy woke the waiters, but a fault may have been queued after
-            // that; waking again is harmless. Installing: the installer's copy wakes them.
-            if state.load(Ordering::Acquire) == INSTALLED {
-                self.wake(host, len);
-            }
-            return Ok(false);
-        }
-        let kind = self.snapshot.chunks()[index].kind;
-        let result = match kind {
-            // SAFETY: [host, host + len) is registered guest memory of this process, and
-            // UFFDIO_ZEROPAGE only maps zero pages where none are present.
-            ChunkKind::Zero => unsafe { self.uffd.zeropage(host as *mut libc::c_void, len, true) }
-                .map(|_| ())
-                .map_err(Refused::from),
-            ChunkKind::Data => {
-                buf.resize(len, 0);
-                self.snapshot
-                    .read_chunk(index, buf)
-                    .map_err(|source| PagerError::Chunk { index, source })?;
-                self.copy_all(host, buf)
-            }
-        };
-        match result {
-            Ok(()) => {}
-            Err(Refused::Exists) => {
-                self.lost_races.fetch_add(1, Ordering::Relaxed);
-                self.wake(host, len);
-            }
-            Err(Refused::Other(reason)) => {
-                return Err(PagerError::Install { index, reason });
-            }
-        }
-        state.store(INSTALLED, Ordering::Release);
-        match kind {
-            ChunkKind::Zero => self.zero_chunks.fetch_add(1, Ordering::Relaxed),
-            ChunkKind::Data => self.data_chunks.fetch_add(1, Ordering::Relaxed),
-        };
-        Ok(true)
-    }
-
-    /// UFFDIO_COPY of `data` to `host`, resuming after a partial copy (`EAGAIN`).
-    fn copy_all(&self, host: usize, data: &[u8]) -> Result<(), Refused> {
-        let mut done = 0;
-        while done < data.len() {
-            // SAFETY: `data` is a live buffer of the chunk's length and [host, host + len) is
-            // registered guest memory; UFFDIO_COPY only fills pages that are not present.
-            let copied = unsafe {
-                self.uffd.copy(
-                    data[done..].as_ptr().cast(),
-                    (host + done) as *mut libc::c_void,
-                    data.len() - done,
-                    true,
-                )
-            };
-            match copied {
-                Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
-                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
-                    return Err(Refused::Other("UFFDIO_COPY made no progress".into()));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    fn fail(&self, e: PagerError) {
-        tracing::error!(error = %e, "page server failed");
-        let mut failure = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        failure.get_or_insert(e);
-        self.stop.store(true, Ordering::Release);
-    }
-}
-
 impl PageServer {
     /// Registers `regions` (empty, private anonymous memory laid out as the snapshot's regions)
-    /// with userfaultfd and starts serving faults from `snapshot`; with `prefetch`, also installs
-    /// every chunk in the background.
+    /// with userfaultfd and starts serving faults from `snapshot`, filling memory in the
+    /// background as `options` say.
     pub fn start(
         snapshot: Arc<Snapshot>,
         regions: Vec<HostRegion>,
-        prefetch: bool,
+        options: PagerOptions,
     ) -> Result<PageServer, PagerError> {
         let described: Vec<(u64, u64)> = snapshot
             .regions()
@@ -276,78 +222,92 @@ impl PageServer {
                 "snapshot regions {described:x?}, guest memory {given:x?}"
             )));
         }
+        let chunks = snapshot.chunks().len();
+        if let Some(&index) = options.working_set.iter().find(|&&i| i as usize >= chunks) {
+            return Err(PagerError::WorkingSet { index, chunks });
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
+            .require_features(FeatureFlags::EVENT_REMOVE)
             .create()
             .map_err(|e| PagerError::Setup(format!("cannot open userfaultfd: {e}")))?;
         for r in &regions {
+            // Registration failing half-way needs no undo: dropping the uffd unregisters.
             uffd.register(r.host_addr as *mut libc::c_void, r.len)
                 .map_err(|e| PagerError::Setup(format!("cannot register guest memory: {e}")))?;
         }
-        let chunks = snapshot.chunks().len();
-        let shared = Arc::new(Shared {
-            snapshot,
-            uffd,
-            regions,
-            state: (0..chunks).map(|_| AtomicU8::new(MISSING)).collect(),
-            stop: AtomicBool::new(false),
-            faults: AtomicU64::new(0),
-            data_chunks: AtomicU64::new(0),
-            zero_chunks: AtomicU64::new(0),
-            prefetched: AtomicU64::new(0),
-            lost_races: AtomicU64::new(0),
-            failure: std::sync::Mutex::new(None),
-        });
-        let mut threads = Vec::new();
+        let PagerOptions {
+            prefetch,
+            working_set,
+            record,
+            on_failure,
+        } = options;
+        let shared = Arc::new(Shared::new(snapshot, uffd, &regions, record, on_failure)?);
+        let mut server = PageServer {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
+        // On a spawn error `server` is dropped, which stops the threads already started.
         let faults = shared.clone();
-        threads.push(
+        server.threads.push(
             std::thread::Builder::new()
                 .name("uffd-faults".into())
-                .spawn(move || serve_faults(&faults))
+                .spawn(move || serve::fault_thread(&faults))
                 .map_err(PagerError::Thread)?,
         );
-        if prefetch {
-            let pre = shared.clone();
-            threads.push(
+        if prefetch || !working_set.is_empty() {
+            server.threads.push(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
-                    .spawn(move || prefetch_all(&pre))
+                    .spawn(move || serve::background_thread(&shared, &working_set, prefetch))
                     .map_err(PagerError::Thread)?,
             );
         }
-        Ok(PageServer { shared, threads })
+        Ok(server)
     }
 
     /// What the server has done so far.
     pub fn stats(&self) -> PagerStats {
-        let s = &self.shared;
-        PagerStats {
-            faults: s.faults.load(Ordering::Relaxed),
-            data_chunks: s.data_chunks.load(Ordering::Relaxed),
-            zero_chunks: s.zero_chunks.load(Ordering::Relaxed),
-            prefetched: s.prefetched.load(Ordering::Relaxed),
-            lost_races: s.lost_races.load(Ordering::Relaxed),
-            chunks: s.state.len() as u64,
-        }
+        self.shared.stats()
     }
 
     /// Whether every chunk has been installed (the final accounting: nothing left to fault).
     pub fn complete(&self) -> bool {
-        self.shared
-            .state
-            .iter()
-            .all(|s| s.load(Ordering::Acquire) == INSTALLED)
+        self.shared.complete()
+    }
+
+    /// Waits until every chunk is installed, the server fails, or `timeout` passes; returns
+    /// whether every chunk is installed. For benchmarks and tests.
+    pub fn wait_complete(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.complete() {
+                return true;
+            }
+            let now = Instant::now();
+            if self.shared.failed() || now >= deadline {
+                return false;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(1)));
+        }
     }
 
     /// The error that stopped the server, if one did.
-    pub fn failure(&self) -> Option<String> {
-        let failure = match self.shared.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        failure.as_ref().map(|e| e.to_string())
+    pub fn failure(&self) -> Option<Arc<PagerError>> {
+        self.shared.failure()
+    }
+
+    /// The chunks the fault thread installed for faults so far, in order, each once (empty
+    /// unless [`PagerOptions::record`]).
+    pub fn recorded(&self) -> Vec<u32> {
+        self.shared.recorded()
+    }
+
+    /// Stops recording; [`PageServer::recorded`] keeps what was recorded until now.
+    pub fn stop_recording(&self) {
+        self.shared.recording.store(false, Ordering::Release);
     }
 }
 
@@ -358,64 +318,4 @@ impl Drop for PageServer {
             let _ = t.join();
         }
     }
-}
-
-fn serve_faults(shared: &Shared) {
-    let mut buf = Vec::new();
-    let mut pfd = libc::pollfd {
-        fd: shared.uffd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    while !shared.stop.load(Ordering::Acquire) {
-        // SAFETY: polls one descriptor owned by `shared`, which outlives this call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
-        if ready <= 0 {
-            continue;
-        }
-        loop {
-            match shared.uffd.read_event() {
-                Ok(Some(Event::Pagefault { addr, .. })) => {
-                    shared.faults.fetch_add(1, Ordering::Relaxed);
-                    let addr = addr as usize;
-                    let Some(index) = shared.chunk_at(addr) else {
-                        shared.fail(PagerError::StrayFault { addr });
-                        return;
-                    };
-                    if let Err(e) = shared.install(index, &mut buf) {
-                        shared.fail(e);
-                        return;
-                    }
-                }
-                Ok(Some(other)) => tracing::debug!(?other, "userfaultfd event ignored"),
-                Ok(None) => break,
-                Err(e) => {
-                    shared.fail(PagerError::Setup(format!(
-                        "reading userfaultfd events: {e}"
-                    )));
-                    return;
-                }
-            }
-        }
-    }
-}
-
-fn prefetch_all(shared: &Shared) {
-    let mut buf = Vec::new();
-    for index in 0..shared.state.len() {
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        match shared.install(index, &mut buf) {
-            Ok(true) => {
-                shared.prefetched.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => {}
-            Err(e) => {
-                shared.fail(e);
-                return;
-            }
-        }
-    }
-    tracing::debug!("prefetch complete");
 }

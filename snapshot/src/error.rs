@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::format::SnapshotId;
 use crate::keys::{KeyError, KeyId};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,49 @@ pub enum WriteError {
         #[source]
         source: rayon::ThreadPoolBuildError,
     },
+    #[error("invalid working set")]
+    WorkingSet {
+        #[source]
+        source: WorkingSetError,
+    },
+    #[error("{dir} does not hold the snapshot this working set is for")]
+    NotThisSnapshot { dir: PathBuf },
+}
+
+/// What is wrong with a working-set file (or a working set about to be written).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkingSetError {
+    #[error("cannot read it")]
+    Io(#[source] std::io::Error),
+    #[error("it is {found} bytes; a working set of this snapshot is at most {max}")]
+    TooLarge { found: u64, max: u64 },
+    #[error("it is truncated: expected {expected} bytes, found {found}")]
+    Truncated { expected: u64, found: u64 },
+    #[error("it has trailing data: expected {expected} bytes, found {found}")]
+    TrailingData { expected: u64, found: u64 },
+    #[error("not a Thaw working-set file (bad magic)")]
+    NotAWorkingSet,
+    #[error("working-set format version {found} is not supported (this build reads {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("it is sealed with protection {file}; the snapshot uses {snapshot}")]
+    ProtectionMismatch { snapshot: u32, file: u32 },
+    #[error("it belongs to snapshot {found}, not {expected}")]
+    Foreign {
+        expected: SnapshotId,
+        found: SnapshotId,
+    },
+    #[error("it failed authentication (tampered or corrupt)")]
+    Tampered,
+    #[error("it is malformed: {reason}")]
+    Malformed { reason: String },
+    #[error("entry {position} names chunk {chunk}; the snapshot has {count}")]
+    ChunkOutOfRange {
+        position: usize,
+        chunk: u32,
+        count: u64,
+    },
+    #[error("entry {position} names chunk {chunk} a second time")]
+    Duplicate { position: usize, chunk: u32 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,5 +173,11 @@ pub enum ReadError {
         threads: usize,
         #[source]
         source: rayon::ThreadPoolBuildError,
+    },
+    #[error("working set {path} is refused: {source}")]
+    WorkingSet {
+        path: PathBuf,
+        #[source]
+        source: WorkingSetError,
     },
 }

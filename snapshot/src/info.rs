@@ -41,6 +41,10 @@ pub struct Info {
     pub memory_payload_bytes: u64,
     /// memory_payload_bytes ÷ non-zero memory bytes; `None` when all memory is zero.
     pub compression_ratio: Option<f64>,
+    /// Chunks in the recorded working set; `None` when none is recorded.
+    pub working_set_chunks: Option<u64>,
+    /// Guest memory those chunks cover.
+    pub working_set_bytes: Option<u64>,
 }
 
 impl Info {
@@ -50,6 +54,7 @@ impl Info {
         manifest: &[ChunkEntry],
         file_bytes: u64,
         encrypted: bool,
+        working_set: Option<(u64, u64)>,
     ) -> Info {
         let memory_bytes: u64 = header.regions.iter().map(|r| r.size).sum();
         let total_pages = memory_bytes / PAGE_SIZE as u64;
@@ -95,6 +100,8 @@ impl Info {
             file_bytes,
             memory_payload_bytes: payload,
             compression_ratio: (nonzero_bytes > 0).then(|| payload as f64 / nonzero_bytes as f64),
+            working_set_chunks: working_set.map(|(chunks, _)| chunks),
+            working_set_bytes: working_set.map(|(_, bytes)| bytes),
         }
     }
 }
@@ -160,6 +167,14 @@ impl fmt::Display for Info {
             "stored: {} bytes on disk, {} bytes of memory payload (ratio {ratio} of non-zero memory)",
             self.file_bytes, self.memory_payload_bytes
         )?;
+        match (self.working_set_chunks, self.working_set_bytes) {
+            (Some(chunks), Some(bytes)) => write!(
+                f,
+                "\nworking set: {chunks} chunks ({} KiB of memory), installed first on restore",
+                bytes / 1024
+            )?,
+            _ => write!(f, "\nworking set: none recorded")?,
+        }
         if let Some(w) = self.warning {
             write!(f, "\n!!! {w} !!!")?;
         }

@@ -3,8 +3,8 @@
 //! with the host fingerprint, written atomically and verified before anything is trusted. It
 //! knows nothing of KVM: memory arrives as byte slices and state as bytes.
 //!
-//! A snapshot is a directory holding one file, `snapshot.thaw` (docs/snapshot-format.md has
-//! every field):
+//! A snapshot is a directory holding `snapshot.thaw` and, once one is recorded, its working set
+//! `working-set.thaw` (docs/snapshot-format.md has every field):
 //!
 //! ```text
 //! offset 0  ┌──────────────────────────────┐
@@ -38,6 +38,7 @@ mod keys;
 mod reader;
 mod residency;
 mod seal;
+mod working_set;
 mod writer;
 
 pub use chunk::is_zero;
@@ -106,7 +107,7 @@ pub mod bench_support {
         }
     }
 }
-pub use error::{ReadError, WriteError};
+pub use error::{ReadError, WorkingSetError, WriteError};
 pub use fingerprint::{
     CpuIdentity, CpuidEntry, FeatureRegister, Fingerprint, HostFacts, Incompatibility,
     MissingFeature, Reg, decode_signature, host_page_size,
@@ -118,4 +119,8 @@ pub use format::{
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
 pub use reader::{FileLayout, Snapshot, VerifySummary};
+pub use working_set::{
+    RecordingEnd, WORKING_SET_FILE, WORKING_SET_MAGIC, WORKING_SET_PREAMBLE_LEN,
+    WORKING_SET_VERSION, WorkingSet,
+};
 pub use writer::{MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write};

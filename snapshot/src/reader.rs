@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::chunk::{self, DecodeError};
-use crate::error::ReadError;
+use crate::error::{ReadError, WriteError};
 use crate::format::{
     self, ChunkEntry, ChunkInfo, ChunkKind, FORMAT_VERSION, Header, MAGIC, MAX_FILE_LEN,
     MAX_HEADER_LEN, MAX_MANIFEST_LEN, MAX_STATE_LEN, PAGE_SIZE, PREAMBLE_LEN,
@@ -19,6 +19,7 @@ use crate::format::{
 use crate::info::Info;
 use crate::keys::{DataKey, MasterKey, WrappedKey};
 use crate::seal::{Domain, Sealer, nonce_bytes, section_aad};
+use crate::working_set::{self, WorkingSet};
 use crate::writer::is_temp_name;
 
 /// An opened, verified snapshot. `Sync`: chunks can be read from many threads at once.
@@ -32,6 +33,7 @@ pub struct Snapshot {
     state: Vec<u8>,
     manifest: Vec<ChunkEntry>,
     chunks: Vec<ChunkInfo>,
+    working_set: Option<WorkingSet>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -221,6 +223,17 @@ impl Snapshot {
         }
         let chunks = check_manifest(&header, &manifest, tag_len)?;
 
+        // 5. The working set, if one was recorded: verified like the sections above.
+        let working_set = working_set::load(
+            dir,
+            &working_set::Context {
+                snapshot_id: &header.snapshot_id,
+                protection: preamble.protection,
+                sealer: &sealer,
+                chunk_count: chunks.len() as u64,
+            },
+        )?;
+
         let snapshot = Snapshot {
             path,
             file,
@@ -231,6 +244,7 @@ impl Snapshot {
             state,
             manifest,
             chunks,
+            working_set,
         };
         if !snapshot.sealer.is_encrypted() {
             tracing::warn!(path = %dir.display(), "opened an INSECURE PLAINTEXT snapshot: not encrypted, not authenticated");
@@ -298,7 +312,52 @@ impl Snapshot {
             &self.manifest,
             self.file_len,
             self.sealer.is_encrypted(),
+            self.working_set.as_ref().map(|ws| {
+                let bytes = ws
+                    .chunks
+                    .iter()
+                    .filter_map(|&c| self.chunks.get(c as usize))
+                    .map(|c| u64::from(c.len))
+                    .sum();
+                (ws.chunks.len() as u64, bytes)
+            }),
         )
+    }
+
+    /// The working set recorded for this snapshot, as loaded and verified by `open`.
+    pub fn working_set(&self) -> Option<&WorkingSet> {
+        self.working_set.as_ref()
+    }
+
+    /// Seals `ws` for this snapshot and writes it into `dir` (the directory this snapshot was
+    /// opened from; anything else is refused), atomically replacing any previous working set.
+    /// This `Snapshot` keeps the working set it was opened with; open again to use the new one.
+    pub fn write_working_set(&self, dir: &Path, ws: &WorkingSet) -> Result<(), WriteError> {
+        working_set::write(dir, &self.file, ws, &self.working_set_context(), true)
+    }
+
+    /// Seals `ws` without checking its indices, so tests can make an authentic but invalid set.
+    #[cfg(test)]
+    pub(crate) fn write_working_set_unchecked(
+        &self,
+        dir: &Path,
+        ws: &WorkingSet,
+    ) -> Result<(), WriteError> {
+        working_set::write(dir, &self.file, ws, &self.working_set_context(), false)
+    }
+
+    /// Removes the working set of the snapshot in `dir`, atomically; whether there was one.
+    pub fn remove_working_set(dir: &Path) -> Result<bool, WriteError> {
+        working_set::remove(dir)
+    }
+
+    fn working_set_context(&self) -> working_set::Context<'_> {
+        working_set::Context {
+            snapshot_id: &self.header.snapshot_id,
+            protection: self.preamble.protection,
+            sealer: &self.sealer,
+            chunk_count: self.chunks.len() as u64,
+        }
     }
 
     /// Decrypts, authenticates, decompresses and checks chunk `index` into `out`, whose length

@@ -17,6 +17,8 @@ pub(crate) enum Domain {
     State = 2,
     Manifest = 3,
     Chunk = 4,
+    /// `working-set.thaw`. Its counter half is random instead (see `working_set.rs`).
+    WorkingSet = 5,
 }
 
 pub(crate) fn nonce_bytes(domain: Domain, counter: u64) -> [u8; NONCE_LEN] {
@@ -34,6 +36,7 @@ pub(crate) fn section_aad(domain: Domain, snapshot_id: &[u8; 16]) -> Vec<u8> {
         Domain::State => b"thaw/state",
         Domain::Manifest => b"thaw/manifest",
         Domain::Chunk => b"thaw/chunk",
+        Domain::WorkingSet => b"thaw/working-set",
     };
     let mut aad = Vec::with_capacity(label.len() + 16);
     aad.extend_from_slice(label);

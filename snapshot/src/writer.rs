@@ -496,7 +496,7 @@ pub(crate) fn is_temp_name(name: &std::ffi::OsStr) -> bool {
     pos > 0 && suffix.len() == 16 && suffix.iter().all(|c| c.is_ascii_hexdigit())
 }
 
-fn sync_dir(path: &Path) -> Result<(), WriteError> {
+pub(crate) fn sync_dir(path: &Path) -> Result<(), WriteError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(|source| WriteError::Sync {

@@ -1,0 +1,174 @@
+//! The server's two threads: the fault thread (reads every userfaultfd event and serves faults)
+//! and the background thread (working set, then the full prefetch). Each runs under
+//! `catch_unwind` so that a panic becomes a recorded failure that releases the guest instead
+//! of a dead thread leaving faulters blocked for ever.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::shared::{Halt, Outcome, Role, Shared};
+use super::{PREFETCH_DEADLINE, PREFETCH_QUIET, PagerError};
+
+/// How long the fault thread sleeps in `poll` before it looks at the stop flag.
+const POLL_MS: i32 = 50;
+
+/// How often the background thread looks whether the first fault burst is over.
+const BURST_CHECK: Duration = Duration::from_micros(500);
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+pub(super) fn fault_thread(shared: &Shared) {
+    match catch_unwind(AssertUnwindSafe(|| serve_faults(shared))) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => shared.fail(e),
+        Err(panic) => shared.fail(PagerError::Panic {
+            thread: "uffd-faults",
+            message: panic_message(&*panic),
+        }),
+    }
+    if shared.failed() {
+        drain_until_stopped(shared);
+    }
+}
+
+fn poll_events(shared: &Shared) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: shared.uffd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one descriptor owned by `shared`, which outlives this call.
+    unsafe { libc::poll(&mut pfd, 1, POLL_MS) > 0 }
+}
+
+fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
+    let mut buf = Vec::new();
+    let mut pending = VecDeque::new();
+    let mut seen = vec![false; shared.chunk_count()];
+    loop {
+        if shared.stop.load(Ordering::Acquire) || shared.failed() {
+            return Ok(());
+        }
+        if !poll_events(shared) {
+            continue;
+        }
+        shared.drain_events(&mut pending)?;
+        while let Some(addr) = pending.pop_front() {
+            match shared.handle_fault(addr, &mut buf, &mut pending, &mut seen) {
+                Ok(()) => {}
+                Err(Halt::Stopped) => return Ok(()),
+                Err(Halt::Failed(e)) => return Err(e),
+            }
+            shared.note_fault_activity();
+        }
+        shared.busy.store(false, Ordering::Release);
+    }
+}
+
+/// After a failure memory is unregistered, but a thread that discarded memory just before may
+/// still wait for its remove event to be read; keep reading (and ignoring) events until the
+/// server is dropped, which closes the uffd.
+fn drain_until_stopped(shared: &Shared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        if !poll_events(shared) {
+            continue;
+        }
+        loop {
+            match shared.uffd().read_event() {
+                Ok(Some(event)) => tracing::debug!(?event, "event after failure ignored"),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading events after failure");
+                    std::thread::sleep(Duration::from_millis(POLL_MS as u64));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn background_thread(shared: &Shared, working_set: &[u32], prefetch: bool) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        fill_in_background(shared, working_set, prefetch)
+    })) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => shared.fail(e),
+        Err(panic) => shared.fail(PagerError::Panic {
+            thread: "uffd-prefetch",
+            message: panic_message(&*panic),
+        }),
+    }
+}
+
+fn fill_in_background(
+    shared: &Shared,
+    working_set: &[u32],
+    prefetch: bool,
+) -> Result<(), PagerError> {
+    let mut buf = Vec::new();
+    let install = |index: usize, buf: &mut Vec<u8>| -> Result<Option<bool>, PagerError> {
+        match shared.install(index, buf, &mut Role::Background, || {}) {
+            Ok(Outcome::Installed) => Ok(Some(true)),
+            Ok(Outcome::Skipped) => Ok(Some(false)),
+            Err(Halt::Stopped) => Ok(None),
+            Err(Halt::Failed(e)) => Err(e),
+        }
+    };
+    for &index in working_set {
+        match install(index as usize, &mut buf)? {
+            Some(true) => {
+                shared.counters.working_set.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(false) => {}
+            None => return Ok(()),
+        }
+    }
+    tracing::debug!(chunks = working_set.len(), "working set installed");
+    if !prefetch || !wait_for_first_burst(shared) {
+        return Ok(());
+    }
+    for index in 0..shared.chunk_count() {
+        match install(index, &mut buf)? {
+            Some(true) => {
+                shared.counters.prefetched.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(false) => {}
+            None => return Ok(()),
+        }
+    }
+    tracing::debug!("prefetch complete");
+    Ok(())
+}
+
+/// Waits until the guest's first burst of faults is over (see `PREFETCH_QUIET`) or the deadline
+/// passes; false if the server stops first.
+fn wait_for_first_burst(shared: &Shared) -> bool {
+    loop {
+        if shared.stop.load(Ordering::Acquire) || shared.failed() {
+            return false;
+        }
+        let now = shared.since_start();
+        if now >= PREFETCH_DEADLINE {
+            return true;
+        }
+        let faulted = shared.counters.faults.load(Ordering::Relaxed) > 0;
+        let idle = !shared.busy.load(Ordering::Acquire)
+            && now.saturating_sub(shared.last_fault_activity()) >= PREFETCH_QUIET;
+        if faulted && idle {
+            return true;
+        }
+        std::thread::sleep(BURST_CHECK);
+    }
+}

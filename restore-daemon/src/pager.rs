@@ -196,7 +196,7 @@ pub struct PagerStats {
 /// VM has stopped (or once [`PageServer::complete`]).
 pub struct PageServer {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl PageServer {
@@ -245,20 +245,20 @@ impl PageServer {
             on_failure,
         } = options;
         let shared = Arc::new(Shared::new(snapshot, uffd, &regions, record, on_failure)?);
-        let mut server = PageServer {
+        let server = PageServer {
             shared: shared.clone(),
-            threads: Vec::new(),
+            threads: std::sync::Mutex::new(Vec::new()),
         };
         // On a spawn error `server` is dropped, which stops the threads already started.
         let faults = shared.clone();
-        server.threads.push(
+        server.adopt(
             std::thread::Builder::new()
                 .name("uffd-faults".into())
                 .spawn(move || serve::fault_thread(&faults))
                 .map_err(PagerError::Thread)?,
         );
         if prefetch || !working_set.is_empty() {
-            server.threads.push(
+            server.adopt(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
                     .spawn(move || serve::background_thread(&shared, &working_set, prefetch))
@@ -305,6 +305,39 @@ impl PageServer {
         self.shared.recorded()
     }
 
+    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        match self.threads.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn adopt(&self, thread: JoinHandle<()>) {
+        self.threads().push(thread);
+    }
+
+    /// Stops the server's threads and waits for them; memory stays registered until the server
+    /// is dropped. Owners that share the server call this once the VM has stopped, so no
+    /// background copy races the unmapping of guest memory.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let threads: Vec<_> = self.threads().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Installs every chunk not yet installed, from the calling thread, and returns once all
+    /// memory is the snapshot's: for callers about to read all of guest memory themselves
+    /// (a new snapshot of a lazily restored guest). Fails if the server has failed.
+    pub fn install_all(&self) -> Result<(), Arc<PagerError>> {
+        serve::install_all(&self.shared);
+        match self.shared.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Stops recording; [`PageServer::recorded`] keeps what was recorded until now.
     pub fn stop_recording(&self) {
         self.shared.recording.store(false, Ordering::Release);
@@ -313,9 +346,6 @@ impl PageServer {
 
 impl Drop for PageServer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }

@@ -23,7 +23,7 @@ use vmm_core::machine::{ConsoleInput, MachineController, RestoreConfig};
 use vmm_core::memory::GuestMemory;
 use vmm_core::{Machine, MachineError};
 
-use crate::pager::{HostRegion, PageServer, PagerError, PagerStats};
+use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats};
 use crate::state_codec::{self, StateCodecError};
 use crate::verify::{self, KeyChoice, VerifyError};
 
@@ -247,7 +247,11 @@ impl Restored {
             timings: _,
         } = self;
         let reason = machine.run(input);
-        let stats = pager.as_ref().map(|p| p.stats());
+        let stats = pager.as_ref().map(|p| {
+            // Others may hold the server; its threads stop here, before memory is unmapped.
+            p.stop();
+            p.stats()
+        });
         drop(pager);
         if let Some(failure) = watch.failure() {
             return Err(RestoreError::PagerFailed(failure));
@@ -367,9 +371,18 @@ fn start_pager(
             len,
         });
     }
-    // MERGE: switch to PagerOptions (working set, recording, on_failure) with the pager branch.
-    let _ = watch;
-    PageServer::start(snap.clone(), regions, options.prefetch).map_err(RestoreError::PagerStart)
+    let working_set = match (options.use_working_set, snap.working_set()) {
+        (true, Some(ws)) => ws.chunks.clone(),
+        _ => Vec::new(),
+    };
+    let on_failure = watch.clone();
+    let pager_options = PagerOptions {
+        prefetch: options.prefetch,
+        working_set,
+        record: options.record_working_set,
+        on_failure: Some(Box::new(move |e: &PagerError| on_failure.failed(e))),
+    };
+    PageServer::start(snap.clone(), regions, pager_options).map_err(RestoreError::PagerStart)
 }
 
 /// Decrypts every data chunk into guest memory, on all cores. Zero chunks need nothing: fresh

@@ -101,7 +101,7 @@ fn drain_until_stopped(shared: &Shared) {
 
 pub(super) fn background_thread(shared: &Shared, working_set: &[u32], prefetch: bool) {
     match catch_unwind(AssertUnwindSafe(|| {
-        fill_in_background(shared, working_set, prefetch)
+        fill_in_background(shared, working_set, prefetch, true)
     })) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
@@ -112,10 +112,13 @@ pub(super) fn background_thread(shared: &Shared, working_set: &[u32], prefetch: 
     }
 }
 
+/// Installs `working_set`, then with `prefetch` every other chunk — after the guest's first
+/// burst of faults if `after_burst`.
 fn fill_in_background(
     shared: &Shared,
     working_set: &[u32],
     prefetch: bool,
+    after_burst: bool,
 ) -> Result<(), PagerError> {
     let mut buf = Vec::new();
     let install = |index: usize, buf: &mut Vec<u8>| -> Result<Option<bool>, PagerError> {
@@ -136,7 +139,7 @@ fn fill_in_background(
         }
     }
     tracing::debug!(chunks = working_set.len(), "working set installed");
-    if !prefetch || !wait_for_first_burst(shared) {
+    if !prefetch || (after_burst && !wait_for_first_burst(shared)) {
         return Ok(());
     }
     for index in 0..shared.chunk_count() {
@@ -150,6 +153,13 @@ fn fill_in_background(
     }
     tracing::debug!("prefetch complete");
     Ok(())
+}
+
+/// Installs every chunk still missing from the calling thread (counted as prefetched).
+pub(super) fn install_all(shared: &Shared) {
+    if let Err(e) = fill_in_background(shared, &[], true, false) {
+        shared.fail(e);
+    }
 }
 
 /// Waits until the guest's first burst of faults is over (see `PREFETCH_QUIET`) or the deadline

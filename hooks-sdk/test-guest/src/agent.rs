@@ -1,21 +1,28 @@
 //! The Thaw agent (`thaw.agent=1`): speaks the host↔guest protocol of
 //! `hooks_sdk::protocol` over the vsock connection to host port 9000. It says `Hello` (and
 //! `Ready` when on-demand) on every connection, runs the registered hooks on `Checkpoint` and
-//! `Restored`, answers each `Invoke` with the SHA-256 of its payload, and powers off on
-//! `Shutdown`. A malformed frame is logged and the connection reset; then it reconnects.
+//! `Restored`, answers each `Invoke` with the SHA-256 of its payload (or, for the payload
+//! `thaw:status`, with a JSON status document), and powers off on `Shutdown`. A malformed frame
+//! is logged and the connection reset; then it reconnects.
+
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use hooks_sdk::protocol::{
     AGENT_PORT, Failure, HEADER_LEN, Header, InitType, Kind, MAX_BODY, Message, ProtocolError,
     Restored,
 };
 use sha2::{Digest, Sha256};
-use thaw_test_guest::cmdline::Fail;
+use thaw_test_guest::cmdline::{Fail, Options};
 use thaw_test_guest::driver::Error;
 use thaw_test_guest::hooks::{GuestState, Hooks};
+use thaw_test_guest::status::{MAX_STATUS_JSON, STATUS_PAYLOAD, Status};
 
 use crate::arch::Shared;
 use crate::virtio_mmio::Vsock;
-use crate::{io, println};
+use crate::{clock, io, keeper_cpu, println};
+
+/// `thaw.restore-hook-ms`, for the after-restore hook (hooks are plain functions).
+static RESTORE_HOOK_MS: AtomicU32 = AtomicU32::new(0);
 
 /// Room for a whole frame: a header and the largest body.
 pub const FRAME_BUF: usize = HEADER_LEN + MAX_BODY;
@@ -69,6 +76,10 @@ fn before_checkpoint(s: &mut GuestState) -> Result<(), &'static str> {
         "hook before-checkpoint: checkpoint #{}, marker {:#018x}",
         s.checkpoints, s.marker
     );
+    let keeper = keeper_cpu::report();
+    if keeper.vector_bits != 0 {
+        println!("hook before-checkpoint: {keeper}");
+    }
     Ok(())
 }
 
@@ -103,7 +114,44 @@ fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
     if let Some((mib, sum)) = crate::workload_checksum() {
         println!("hook after-restore: workload of {mib} MiB has checksum {sum:#018x}");
     }
+    let keeper = keeper_cpu::report();
+    if keeper.vector_bits != 0 {
+        println!("hook after-restore: {keeper}");
+    }
+    let ms = RESTORE_HOOK_MS.load(Ordering::Relaxed);
+    if ms > 0 {
+        println!("hook after-restore: busy-waiting {ms} ms as asked (thaw.restore-hook-ms)");
+        let start = clock::now_ns();
+        while clock::now_ns().wrapping_sub(start) < u64::from(ms) * 1_000_000 {
+            core::hint::spin_loop();
+        }
+        println!("hook after-restore: done waiting");
+    }
     Ok(())
+}
+
+/// The `thaw:status` document, formatted into `out`; returns its length. `restored_at_ns`:
+/// when the last `Restored` arrived, on the TSC's time line.
+fn status(state: &mut GuestState, restored_at_ns: u64, out: &mut [u8]) -> usize {
+    let keeper = keeper_cpu::report();
+    let wall_clock_ns = if state.restores == 0 {
+        0
+    } else {
+        let since = clock::now_ns().saturating_sub(restored_at_ns);
+        state.wall_clock_ns.saturating_add(since)
+    };
+    let status = Status {
+        counter: keeper.counter,
+        checks: keeper.checks,
+        registers: keeper.registers,
+        vector_bits: keeper.vector_bits,
+        random: state.draw(),
+        wall_clock_ns,
+        restores: state.restores,
+        restore_id: state.restore_id.as_str(),
+    };
+    // MAX_STATUS_JSON covers the longest restore id kept, fully escaped.
+    status.write_json(out).unwrap_or(0)
 }
 
 struct Agent {
@@ -114,6 +162,9 @@ struct Agent {
     frame: &'static mut [u8; FRAME_BUF],
     reply: &'static mut [u8; 64 * 1024],
     invocations: u64,
+    /// When the last `Restored` arrived, on the TSC's time line: the guest's wall clock is the
+    /// host's from that frame plus the time since.
+    restored_at_ns: u64,
 }
 
 impl Agent {
@@ -172,27 +223,44 @@ impl Agent {
             let frame: &[u8] = &self.frame[..len];
             match Message::decode(kind, frame)? {
                 Message::Invoke(i) => {
-                    let digest: [u8; 32] = Sha256::digest(i.payload).into();
+                    let mut buf = [0u8; MAX_STATUS_JSON];
+                    let digest: [u8; 32];
+                    let answer: &[u8] = if i.payload == STATUS_PAYLOAD {
+                        let n = status(&mut self.state, self.restored_at_ns, &mut buf);
+                        &buf[..n]
+                    } else {
+                        digest = Sha256::digest(i.payload).into();
+                        &digest
+                    };
                     self.invocations += 1;
                     if self.invocations <= LOGGED_INVOCATIONS {
-                        println!(
-                            "agent: invoke #{} {:?}: {} payload bytes, sha-256 \
-                             {:02x}{:02x}{:02x}{:02x}...",
-                            self.invocations,
-                            i.request_id,
-                            i.payload.len(),
-                            digest[0],
-                            digest[1],
-                            digest[2],
-                            digest[3]
-                        );
+                        if i.payload == STATUS_PAYLOAD {
+                            println!(
+                                "agent: invoke #{} {:?}: status, {} bytes of JSON",
+                                self.invocations,
+                                i.request_id,
+                                answer.len()
+                            );
+                        } else {
+                            println!(
+                                "agent: invoke #{} {:?}: {} payload bytes, sha-256 \
+                                 {:02x}{:02x}{:02x}{:02x}...",
+                                self.invocations,
+                                i.request_id,
+                                i.payload.len(),
+                                answer[0],
+                                answer[1],
+                                answer[2],
+                                answer[3]
+                            );
+                        }
                     } else if self.invocations == LOGGED_INVOCATIONS + 1 {
                         println!("agent: further invocations are not logged");
                     }
                     let request_id = i.request_id;
                     let n = Message::Response {
                         request_id,
-                        payload: &digest,
+                        payload: answer,
                     }
                     .encode_into(self.reply)?;
                     v.driver.send(&self.reply[..n])?;
@@ -208,6 +276,7 @@ impl Agent {
                     self.send(v, &reply)?;
                 }
                 Message::Restored(r) => {
+                    self.restored_at_ns = clock::now_ns();
                     let ran = self.hooks.run_after_restore(&mut self.state, &r);
                     let n = match ran {
                         Ok(_) => Message::RestoreDone.encode_into(self.reply)?,
@@ -237,7 +306,9 @@ impl Agent {
 }
 
 /// Runs the agent forever (it ends the VM on `Shutdown`).
-pub fn run(vsock: &mut Vsock, init_type: InitType, fail: Fail) -> ! {
+pub fn run(vsock: &mut Vsock, options: &Options) -> ! {
+    let (init_type, fail) = (options.init_type, options.fail);
+    RESTORE_HOOK_MS.store(options.restore_hook_ms, Ordering::Relaxed);
     let mut hooks = Hooks::default();
     // Registration cannot fail: the registry has room for several hooks of each kind.
     let _ = hooks.before_checkpoint(match fail {
@@ -257,6 +328,7 @@ pub fn run(vsock: &mut Vsock, init_type: InitType, fail: Fail) -> ! {
         frame: frame_buffer(),
         reply: reply_buffer(),
         invocations: 0,
+        restored_at_ns: 0,
     };
     loop {
         if !vsock.connect(AGENT_PORT) {

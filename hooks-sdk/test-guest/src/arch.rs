@@ -5,7 +5,7 @@
 //! and the drop to CPL3 with IOPL=3.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Most CPUs the guest can run.
 pub const MAX_CPUS: usize = 64;
@@ -381,6 +381,64 @@ extern "C" fn ap_kernel_main(cpu: u32) -> ! {
     }
 }
 
+const CR4_OSXSAVE: u64 = 1 << 18;
+const CPUID_1_ECX_XSAVE: u32 = 1 << 26;
+const CPUID_1_ECX_AVX: u32 = 1 << 28;
+/// XCR0's x87, SSE and AVX state components.
+const XCR0_X87_SSE_AVX: u32 = 0b111;
+
+/// CPUs (bit per CPU index) whose `cpu_init` enabled AVX: CR4.OSXSAVE set, XCR0 = x87|SSE|AVX.
+static AVX_CPUS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether CPU `cpu` may use AVX registers (see `cpu_init`).
+pub fn avx_enabled(cpu: usize) -> bool {
+    cpu < MAX_CPUS && AVX_CPUS.load(Ordering::Relaxed) & (1 << cpu) != 0
+}
+
+/// XCR0, read at CPL3. Only on a CPU where [`avx_enabled`] holds: without CR4.OSXSAVE,
+/// `xgetbv` raises #UD.
+pub fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller checked CR4.OSXSAVE is set, so xgetbv only reads XCR0.
+    unsafe {
+        core::arch::asm!(
+            "xgetbv",
+            in("ecx") 0,
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack, nomem, preserves_flags),
+        );
+    }
+    u64::from(lo) | u64::from(hi) << 32
+}
+
+/// CPUID leaf `leaf`, subleaf 0: (eax, ecx).
+fn cpuid(leaf: u32) -> (u32, u32) {
+    let (eax, ecx): (u32, u32);
+    // SAFETY: CPUID only reads; rbx, which it also writes, is saved and restored around it
+    // because LLVM reserves it.
+    unsafe {
+        core::arch::asm!(
+            "mov {rbx_save}, rbx",
+            "cpuid",
+            "mov rbx, {rbx_save}",
+            rbx_save = out(reg) _,
+            inout("eax") leaf => eax,
+            inout("ecx") 0 => ecx,
+            out("edx") _,
+            options(nostack, nomem, preserves_flags),
+        );
+    }
+    (eax, ecx)
+}
+
+/// Whether the guest's CPUID allows XSAVE with the AVX state in XCR0. Call at CPL0.
+fn avx_usable() -> bool {
+    let wanted = CPUID_1_ECX_XSAVE | CPUID_1_ECX_AVX;
+    // Leaf 0xd's EAX lists the XCR0 bits the hypervisor lets the guest set.
+    cpuid(1).1 & wanted == wanted && cpuid(0xd).0 & XCR0_X87_SSE_AVX == XCR0_X87_SSE_AVX
+}
+
 /// Loads this CPU's control registers, GDT, TSS and IDT.
 ///
 /// # Safety
@@ -398,7 +456,24 @@ unsafe fn cpu_init(cpu: usize) {
         let mut cr4: u64;
         core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nostack, nomem));
         cr4 |= (1 << 9) | (1 << 10); // OSFXSR, OSXMMEXCPT
+        // CPUID here, not at CPL3: at CPL0 KVM answers with the guest's CPUID, which is what
+        // decides whether CR4.OSXSAVE and XCR0 may be set (at CPL3 PVM shows the host CPU's).
+        let avx = avx_usable();
+        if avx {
+            cr4 |= CR4_OSXSAVE;
+        }
         core::arch::asm!("mov cr4, {}", in(reg) cr4, options(nostack, nomem));
+        if avx {
+            // XCR0 may only be written once CR4.OSXSAVE is set.
+            core::arch::asm!(
+                "xsetbv",
+                in("ecx") 0,
+                in("eax") XCR0_X87_SSE_AVX,
+                in("edx") 0,
+                options(nostack, nomem),
+            );
+            AVX_CPUS.fetch_or(1 << cpu, Ordering::Relaxed);
+        }
 
         let tss = &raw mut (*TSS.get())[cpu];
         (*tss).rsp0 = kernel_stack_top(cpu);

@@ -7,6 +7,8 @@ use hooks_sdk::protocol::InitType;
 pub const MAX_DEVICES: usize = 8;
 /// Most memory `thaw.fill-mib` may ask for (Lambda's largest function has 10 GiB).
 pub const MAX_FILL_MIB: u32 = 10 * 1024;
+/// Longest `thaw.restore-hook-ms` (10 minutes: far beyond any host's hook budget).
+pub const MAX_RESTORE_HOOK_MS: u32 = 600_000;
 
 /// One virtio-mmio device from the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,6 +136,10 @@ pub struct Options {
     pub fill_mib: u32,
     /// `thaw.fail`: what the agent fails on purpose.
     pub fail: Fail,
+    /// `thaw.keeper`: cpu1 runs the register keeper instead of halting.
+    pub keeper: bool,
+    /// `thaw.restore-hook-ms`: how long the after-restore hook busy-waits before it finishes.
+    pub restore_hook_ms: u32,
 }
 
 impl Options {
@@ -193,6 +199,8 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
         device_count: 0,
         fill_mib: 0,
         fail: Fail::Nothing,
+        keeper: false,
+        restore_hook_ms: 0,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(spec) = word.strip_prefix("virtio_mmio.device=") {
@@ -232,6 +240,18 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
                     .parse()
                     .ok()
                     .filter(|n| *n <= MAX_FILL_MIB)
+                    .ok_or(word)?;
+                None
+            }
+            Some(("keeper", value)) => {
+                o.keeper = flag(value).ok_or(word)?;
+                None
+            }
+            Some(("restore-hook-ms", value)) => {
+                o.restore_hook_ms = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= MAX_RESTORE_HOOK_MS)
                     .ok_or(word)?;
                 None
             }
@@ -276,6 +296,15 @@ mod tests {
         ] {
             assert_eq!(parse(&format!("thaw.fail={name}")).unwrap().fail, fail);
         }
+        let o = parse("thaw.agent=1").unwrap();
+        assert_eq!((o.keeper, o.restore_hook_ms), (false, 0));
+        let o = parse("thaw.agent=1 thaw.keeper=1 thaw.restore-hook-ms=1500").unwrap();
+        assert_eq!(
+            (o.mode, o.keeper, o.restore_hook_ms),
+            (Mode::Agent, true, 1500)
+        );
+        assert!(!parse("thaw.keeper=1 thaw.keeper=0").unwrap().keeper);
+        assert!(parse("thaw.idle=1 thaw.keeper=1").unwrap().keeper);
         let o = parse("thaw.vsock-misbehave=flood").unwrap();
         assert_eq!(o.mode, Mode::Misbehave(Misbehavior::Flood));
         for m in Misbehavior::EACH.iter().chain([&Misbehavior::All]) {
@@ -292,6 +321,22 @@ mod tests {
         assert_eq!(parse("thaw.fill-mib=-1"), Err("thaw.fill-mib=-1"));
         assert_eq!(parse("thaw.fail=sometimes"), Err("thaw.fail=sometimes"));
         assert_eq!(parse("thaw.fill-mib=10241"), Err("thaw.fill-mib=10241"));
+        assert_eq!(parse("thaw.keeper=yes"), Err("thaw.keeper=yes"));
+        assert_eq!(parse("thaw.keeper"), Err("thaw.keeper"));
+        assert_eq!(
+            parse("thaw.restore-hook-ms=600001"),
+            Err("thaw.restore-hook-ms=600001")
+        );
+        assert_eq!(
+            parse("thaw.restore-hook-ms=1.5"),
+            Err("thaw.restore-hook-ms=1.5")
+        );
+        assert_eq!(
+            parse("thaw.restore-hook-ms=600000")
+                .unwrap()
+                .restore_hook_ms,
+            600_000
+        );
         assert_eq!(parse("thaw.idle=1 thaw.agent=1"), Err("thaw.agent=1"));
         assert_eq!(
             parse("thaw.vsock-misbehave=x"),

@@ -5,6 +5,8 @@
 use hooks_sdk::protocol::Restored;
 use sha2::{Digest, Sha256};
 
+use crate::status::RestoreId;
+
 /// Most hooks of each kind.
 pub const MAX_HOOKS: usize = 4;
 
@@ -80,10 +82,17 @@ pub struct GuestState {
     pub marker: u64,
     /// Restores handled.
     pub restores: u32,
-    /// The guest's random state; every restore mixes the host's entropy into it.
+    /// The guest's random state; every restore mixes the host's entropy into it. Before the
+    /// first restore it is only as good as its boot seed, which for this guest is all zeros:
+    /// every boot draws the same values, and so does every clone of a snapshot until its
+    /// `Restored` entropy is mixed in.
     pub rng: [u8; 32],
+    /// Values drawn from `rng` so far (see [`GuestState::draw`]).
+    pub draws: u64,
     /// The host's wall clock at the last restore, Unix nanoseconds.
     pub wall_clock_ns: u64,
+    /// The last restore's id (empty before any).
+    pub restore_id: RestoreId,
 }
 
 impl GuestState {
@@ -111,6 +120,20 @@ impl GuestState {
         h.update(r.wall_clock_ns.to_le_bytes());
         self.rng = h.finalize().into();
         self.wall_clock_ns = r.wall_clock_ns;
+        self.restore_id.set(r.restore_id);
+    }
+
+    /// Draws 16 random bytes: SHA-256(rng, draw number), so the state itself never leaves the
+    /// guest and successive draws differ.
+    pub fn draw(&mut self) -> [u8; 16] {
+        self.draws += 1;
+        let mut h = Sha256::new();
+        h.update(self.rng);
+        h.update(self.draws.to_le_bytes());
+        let d: [u8; 32] = h.finalize().into();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&d[..16]);
+        out
     }
 }
 
@@ -187,5 +210,25 @@ mod tests {
         };
         c.restore(&restored(&[1; 32]));
         assert_eq!(c.rng, a.rng, "the same inputs give the same state");
+        assert_eq!(a.restore_id.as_str(), "r-1");
+    }
+
+    #[test]
+    fn draws_advance_and_clones_draw_apart_after_their_restores() {
+        let mut a = GuestState::default();
+        let (first, second) = (a.draw(), a.draw());
+        assert_ne!(first, second);
+        assert_eq!(a.draws, 2);
+        let mut b = a;
+        assert_eq!(
+            a.draw(),
+            b.draw(),
+            "a clone repeats its parent until restored"
+        );
+        a.restore(&restored(&[1; 32]));
+        b.restore(&restored(&[2; 32]));
+        let (x, y) = (a.draw(), b.draw());
+        assert_ne!(x, y);
+        assert!(!a.rng.starts_with(&x), "a draw is not the state itself");
     }
 }

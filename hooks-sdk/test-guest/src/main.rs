@@ -18,6 +18,9 @@
 //!   checksum (see the library's `workload`)
 //! - `thaw.idle=1`  say `idle` on the console and count at CPL3 until the host stops the VM
 //! - `thaw.fail=init|exit|checkpoint|restore`  the agent fails that step on purpose
+//! - `thaw.keeper=1`  cpu1 runs the register keeper (x87, MXCSR, xmm/ymm patterns and a
+//!   counter, checked in a loop) instead of halting; see `keeper_cpu`
+//! - `thaw.restore-hook-ms=N`  the agent's after-restore hook busy-waits N ms before finishing
 //! - `virtio_mmio.device=SIZE@BASE:IRQ`  a virtio-mmio device (the VMM appends these)
 //!
 //! Exit statuses: 0 (or `thaw.exit`) success (the agent: `Shutdown`; the bench: quit),
@@ -32,6 +35,7 @@ mod bench_mode;
 mod boot;
 mod clock;
 mod io;
+mod keeper_cpu;
 mod mem;
 mod misbehave;
 mod smp;
@@ -104,6 +108,7 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
         );
     }
     let expected = cpus.count as u32;
+    keeper_cpu::WANTED.store(options.keeper, Ordering::Release);
     smp::start_aps(&cpus.apic_ids[1..cpus.count]);
     let online = smp::wait_online(expected, AP_WAIT_SPINS);
     for (cpu, report) in REPORTS.iter().enumerate().take(online as usize) {
@@ -120,6 +125,9 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     if online != expected {
         io::exit(EXIT_CHECK_FAILED);
     }
+    if options.keeper {
+        announce_keeper();
+    }
     if options.fill_mib > 0 {
         fill_memory(boot_params, options.fill_mib);
     }
@@ -128,6 +136,24 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
         Mode::Idle => idle(),
         _ => vsock_main(&options),
     }
+}
+
+/// Says what the register keeper keeps, or why there is none.
+fn announce_keeper() {
+    let bits = keeper_cpu::report().vector_bits;
+    if bits == 0 {
+        println!("keeper: thaw.keeper=1 needs a second CPU; no register keeper runs");
+        return;
+    }
+    let xcr0 = if arch::avx_enabled(0) {
+        arch::xcr0()
+    } else {
+        0
+    };
+    println!(
+        "keeper: cpu{} keeps x87, MXCSR and {bits}-bit xmm/ymm0-15 (cpu0 XCR0 {xcr0:#x})",
+        keeper_cpu::KEEPER_CPU
+    );
 }
 
 /// Fills `mib` MiB at [`FILL_BASE`] with the workload and prints the mix and checksum.
@@ -209,7 +235,7 @@ fn vsock_main(options: &cmdline::Options) -> ! {
         io::exit(EXIT_VSOCK);
     };
     match options.mode {
-        Mode::Agent => agent::run(&mut vsock, options.init_type, options.fail),
+        Mode::Agent => agent::run(&mut vsock, options),
         Mode::Bench => bench_mode::run(&mut vsock),
         Mode::Misbehave(kind) => {
             let mut scratch = [0u8; 64];
@@ -217,7 +243,7 @@ fn vsock_main(options: &cmdline::Options) -> ! {
                 println!("misbehave {}: the device did not recover", kind.name());
                 io::exit(EXIT_CHECK_FAILED);
             }
-            agent::run(&mut vsock, options.init_type, options.fail)
+            agent::run(&mut vsock, options)
         }
         Mode::Checks | Mode::Idle => io::exit(options.exit_code),
     }
@@ -225,8 +251,17 @@ fn vsock_main(options: &cmdline::Options) -> ! {
 
 /// An application processor at CPL3.
 pub extern "C" fn ap_main(cpu: u64) -> ! {
-    report_self(cpu as usize);
+    let cpu = cpu as usize;
+    report_self(cpu);
+    let keeper = cpu == keeper_cpu::KEEPER_CPU && keeper_cpu::WANTED.load(Ordering::Acquire);
+    let avx = arch::avx_enabled(cpu);
+    if keeper {
+        keeper_cpu::announce(avx);
+    }
     smp::ONLINE.fetch_add(1, Ordering::AcqRel);
+    if keeper {
+        keeper_cpu::run(avx);
+    }
     traps::syscall(arch::SYS_HALT_FOREVER, 0);
     unreachable!("the halt syscall never returns")
 }

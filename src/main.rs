@@ -75,6 +75,12 @@ enum Command {
         /// (all of it before the guest runs).
         #[arg(long, value_name = "MODE", default_value = "lazy")]
         memory: restore_daemon::restore::MemoryMode,
+        /// Lazy only: when memory chunks are authenticated. upfront: all of them (read and
+        /// decrypted, not decompressed) before the guest runs, so a tampered snapshot is refused
+        /// first; on-install: each only as it is installed (a tampered chunk then stops the
+        /// guest mid-run; for snapshots verified beforehand).
+        #[arg(long, value_name = "WHEN", default_value = "upfront")]
+        chunk_check: restore_daemon::restore::ChunkCheck,
         /// Lazy only: do not fill the rest of memory in the background; only what the guest
         /// touches is installed.
         #[arg(long)]
@@ -407,6 +413,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             dir,
             key_file,
             memory,
+            chunk_check,
             no_prefetch,
             no_working_set,
             vsock_uds,
@@ -416,10 +423,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
             let options = restore_daemon::restore::RestoreOptions {
                 memory,
+                chunk_check,
                 prefetch: !no_prefetch,
                 use_working_set: !no_working_set,
                 record_working_set: false,
                 vsock_uds,
+                baseline_memory_file: None,
             };
             thaw::restore_cli::run(
                 &dir,

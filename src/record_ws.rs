@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
-use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
 use restore_daemon::verify::KeyChoice;
 use snapshot::{RecordingEnd, WorkingSet};
 
@@ -41,11 +41,13 @@ pub fn record(
     let options = EnvironmentOptions {
         restore: RestoreOptions {
             memory: MemoryMode::Lazy,
+            chunk_check: ChunkCheck::UpFront,
             // Only what the guest faults is recorded: no background installs may hide it.
             prefetch: false,
             use_working_set: false,
             record_working_set: true,
             vsock_uds: None,
+            baseline_memory_file: None,
         },
         ..EnvironmentOptions::default()
     };
@@ -89,7 +91,9 @@ pub fn record(
             tracing::warn!(%error_type, "the recording invocation answered with a function error");
         }
     }
-    let outcome = env.shutdown().context("the recording guest did not end cleanly")?;
+    let outcome = env
+        .shutdown()
+        .context("the recording guest did not end cleanly")?;
     tracing::debug!(reason = %outcome.reason, "recording guest ended");
     let snap = restore_daemon::verify::open(dir, key)?;
     let bytes = chunks

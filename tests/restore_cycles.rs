@@ -136,7 +136,11 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
             ..InvokeRequest::default()
         };
         let answer = env.invoke(&request, Duration::from_secs(30)).unwrap();
-        assert_eq!(answer, InvokeOutcome::Response(want.to_vec()), "cycle {cycle}");
+        assert_eq!(
+            answer,
+            InvokeOutcome::Response(want.to_vec()),
+            "cycle {cycle}"
+        );
         // Discard: alternately the polite way and the abrupt one.
         let outcome = if cycle % 3 == 0 {
             env.kill().unwrap()

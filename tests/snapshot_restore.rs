@@ -13,12 +13,12 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
-use restore_daemon::agent::{AfterRestoreError, InvokeOutcome, InvokeRequest};
-use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
-use restore_daemon::restore::{MemoryMode, RestoreOptions};
-use restore_daemon::verify::KeyChoice;
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
+use restore_daemon::agent::{AfterRestoreError, InvokeOutcome, InvokeRequest};
+use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
+use restore_daemon::restore::{MemoryMode, RestoreError, RestoreOptions};
+use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
 use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
@@ -37,13 +37,23 @@ fn make_snapshot_with(
     key: &std::path::Path,
     extra: &str,
 ) -> (std::path::PathBuf, String) {
+    make_snapshot_sized(dir, key, FILL_MIB, extra)
+}
+
+/// A snapshot of the agent after a `fill_mib` fill, with `extra` on the guest's command line.
+fn make_snapshot_sized(
+    dir: &std::path::Path,
+    key: &std::path::Path,
+    fill_mib: u64,
+    extra: &str,
+) -> (std::path::PathBuf, String) {
     let out = dir.join("snap");
     let options = CreateOptions {
         boot: RunOptions {
             cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={FILL_MIB} {extra}"
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} {extra}"
             )),
-            mem_mib: 64 + FILL_MIB + 64,
+            mem_mib: 64 + fill_mib + 64,
             vcpus: 1,
             vsock: Some(VsockConfig {
                 guest_cid: 3,
@@ -346,7 +356,12 @@ fn every_memory_mode_gives_back_the_same_256_mib() {
         let timings = env.timings;
         let outcome = env.shutdown().unwrap();
         let text = console.text();
-        assert_eq!(outcome.reason.exit_code(), 0, "{name}: {:?}\n{text}", outcome.reason);
+        assert_eq!(
+            outcome.reason.exit_code(),
+            0,
+            "{name}: {:?}\n{text}",
+            outcome.reason
+        );
         let after = format!("workload of {FILL_MIB} MiB has checksum {checksum}");
         assert!(text.contains(&after), "{name}: want {after:?} in\n{text}");
         match (memory, prefetch) {
@@ -414,5 +429,248 @@ fn a_failing_after_restore_hook_fails_the_restore() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Runtime.AfterRestoreError"), "{stderr}");
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// An error with all its sources, as `anyhow` would print it.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+fn key_choice(key: &std::path::Path) -> KeyChoice {
+    KeyChoice::Given(snapshot::MasterKey::load(key).unwrap())
+}
+
+#[test]
+fn a_slow_after_restore_hook_times_out() {
+    if !require_kvm("a_slow_after_restore_hook_times_out") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_sized(dir.path(), &key, 8, "thaw.restore-hook-ms=4000");
+    let _slot = vm_slot();
+    let console = Console::default();
+    let options = EnvironmentOptions {
+        after_restore_budget: Duration::from_secs(1),
+        ..EnvironmentOptions::default()
+    };
+    let started = Instant::now();
+    let err = Environment::start(
+        &snap,
+        &key_choice(&key),
+        &options,
+        Box::new(console.clone()),
+    )
+    .err()
+    .expect("the restore must time out");
+    assert!(
+        matches!(
+            err,
+            EnvironmentError::AfterRestore(AfterRestoreError::HookTimeout(t)) if t == Duration::from_secs(1)
+        ),
+        "{err:?}\n{}",
+        console.text()
+    );
+    assert!(
+        err.to_string().contains("did not finish within 1s"),
+        "{err}"
+    );
+    // The budget, not the hook, decided: the environment was given up after about 1 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        console.text().contains("busy-waiting 4000 ms"),
+        "{}",
+        console.text()
+    );
+}
+
+/// Flips one byte in every sealed data chunk of the snapshot at `snap`, in place.
+fn corrupt_every_chunk(snap: &std::path::Path, key: &std::path::Path) {
+    let master = snapshot::MasterKey::load(key).unwrap();
+    let layout = snapshot::Snapshot::open(snap, Some(&master))
+        .unwrap()
+        .layout();
+    let path = snap.join(snapshot::SNAPSHOT_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for (_, range) in &layout.data_chunks {
+        bytes[(range.start + (range.end - range.start) / 2) as usize] ^= 0x01;
+    }
+    // In place, as a disk error or an attacker would: the open snapshot sees it.
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_failing_page_server_stops_the_guest_instead_of_hanging_it() {
+    if !require_kvm("a_failing_page_server_stops_the_guest_instead_of_hanging_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_sized(dir.path(), &key, 16, "");
+    let _slot = vm_slot();
+    let console = Console::default();
+    let options = EnvironmentOptions::default();
+    // The snapshot is sound when restored (every chunk is authenticated up front) and goes bad
+    // before the guest runs: the page server meets the damage at the guest's first fault.
+    let prepared = restore_daemon::environment::Prepared::restore(
+        &snap,
+        &key_choice(&key),
+        &options.restore,
+        Box::new(console.clone()),
+    )
+    .unwrap();
+    corrupt_every_chunk(&snap, &key);
+    let started = Instant::now();
+    let err = prepared
+        .start(&options)
+        .err()
+        .expect("the restore must fail");
+    let text = err.to_string();
+    assert!(
+        matches!(err, EnvironmentError::Restore(RestoreError::PagerFailed(_))),
+        "{err:?}\n{}",
+        console.text()
+    );
+    assert!(text.contains("page server failed"), "{text}");
+    assert!(text.contains("could not be read"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // From the command line, with chunks checked only on install, the same: an error, no hang.
+    let out = thaw_bin()
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--chunk-check",
+            "on-install",
+            "--invoke",
+            "x",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("page server failed"), "{stderr}");
+    // And checked up front (the default), it is refused before the guest runs.
+    let out = thaw_bin()
+        .args([
+            "restore",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--invoke",
+            "x",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    assert!(
+        !stderr.contains("vsock: connected"),
+        "the guest ran: {stderr}"
+    );
+}
+
+#[test]
+fn a_recorded_working_set_is_installed_first_on_later_restores() {
+    if !require_kvm("a_recorded_working_set_is_installed_first_on_later_restores") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, created) = make_snapshot_sized(dir.path(), &key, 32, "");
+    let checksum = fill_checksum(&created);
+    let _slot = vm_slot();
+    let recorded = thaw::record_ws::record(
+        &snap,
+        &key_choice(&key),
+        b"{}",
+        Duration::from_secs(30),
+        Box::new(Console::default()),
+    )
+    .unwrap();
+    let ws = &recorded.working_set;
+    // The after-restore hook reads the whole 32 MiB workload: at least its 128 chunks.
+    assert!(ws.chunks.len() >= 128, "{ws:?}");
+    assert!(ws.chunks.len() < recorded.chunks, "{ws:?}");
+    assert_eq!(ws.ended_by, snapshot::RecordingEnd::FirstResponse);
+    let inspect = fixture::thaw_output(&[
+        "snapshot",
+        "inspect",
+        snap.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(info["working_set_chunks"], ws.chunks.len() as u64, "{info}");
+
+    // A later restore installs it first (prefetch off: only the working set and faults).
+    let console = Console::default();
+    let options = EnvironmentOptions {
+        restore: RestoreOptions {
+            prefetch: false,
+            ..RestoreOptions::default()
+        },
+        ..EnvironmentOptions::default()
+    };
+    let env = Environment::start(
+        &snap,
+        &key_choice(&key),
+        &options,
+        Box::new(console.clone()),
+    )
+    .unwrap();
+    let outcome = env.shutdown().unwrap();
+    let stats = outcome.pager.unwrap();
+    assert!(
+        stats.working_set >= ws.chunks.len() as u64 / 2,
+        "the working set should have been installed mostly ahead of faults: {stats:?}"
+    );
+    let after = format!("workload of 32 MiB has checksum {checksum}");
+    assert!(console.text().contains(&after), "{}", console.text());
+
+    // A tampered working set makes the snapshot unusable: refused, not ignored.
+    let ws_file = snap.join(snapshot::WORKING_SET_FILE);
+    let mut bytes = std::fs::read(&ws_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&ws_file, bytes).unwrap();
+    let err = Environment::start(
+        &snap,
+        &key_choice(&key),
+        &EnvironmentOptions::default(),
+        Box::new(Console::default()),
+    )
+    .err()
+    .expect("a tampered working set must be refused");
+    let chain = error_chain(&err);
+    assert!(chain.contains("working set"), "{chain}");
 }

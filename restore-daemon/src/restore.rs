@@ -109,11 +109,41 @@ impl std::str::FromStr for MemoryMode {
     }
 }
 
+/// When a lazy restore authenticates the snapshot's memory chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChunkCheck {
+    /// Every chunk's tag is checked (read and decrypted, not decompressed, on all cores) before
+    /// the guest runs, so a tampered snapshot is refused before any guest instruction; each
+    /// chunk is checked again as it is installed.
+    #[default]
+    UpFront,
+    /// Each chunk is checked only as it is installed: the guest never sees an unauthenticated
+    /// byte, but a tampered chunk stops it mid-run instead of refusing it up front. For
+    /// platforms that verified the snapshot when they registered it.
+    OnInstall,
+}
+
+impl std::str::FromStr for ChunkCheck {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "upfront" => Ok(ChunkCheck::UpFront),
+            "on-install" => Ok(ChunkCheck::OnInstall),
+            other => Err(format!(
+                "unknown chunk check {other:?}: use upfront or on-install"
+            )),
+        }
+    }
+}
+
 /// How to restore.
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     /// Eager or lazy memory.
     pub memory: MemoryMode,
+    /// Lazy only: when chunks are authenticated.
+    pub chunk_check: ChunkCheck,
     /// Lazy only: fill the memory the guest has not touched in the background, once its first
     /// burst of faults is over.
     pub prefetch: bool,
@@ -123,16 +153,22 @@ pub struct RestoreOptions {
     pub record_working_set: bool,
     /// The host socket for the guest's vsock device (required if it has one).
     pub vsock_uds: Option<PathBuf>,
+    /// A benchmark baseline, not a restore mode: take guest memory from this raw, plaintext,
+    /// unauthenticated memory file, mapped privately (Firecracker's `File` backend), instead
+    /// of from the snapshot's chunks. `memory` and the lazy options are then ignored.
+    pub baseline_memory_file: Option<PathBuf>,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
         Self {
             memory: MemoryMode::Lazy,
+            chunk_check: ChunkCheck::UpFront,
             prefetch: true,
             use_working_set: true,
             record_working_set: false,
             vsock_uds: None,
+            baseline_memory_file: None,
         }
     }
 }
@@ -142,6 +178,8 @@ impl Default for RestoreOptions {
 pub struct RestoreTimings {
     /// Opening and authenticating the snapshot, the host check, decoding the state.
     pub open: Duration,
+    /// Lazy with [`ChunkCheck::UpFront`]: authenticating every chunk.
+    pub authenticate: Duration,
     /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
     /// page server.
     pub memory: Duration,
@@ -152,7 +190,7 @@ pub struct RestoreTimings {
 impl RestoreTimings {
     /// From the start of the restore until the machine can run.
     pub fn total(&self) -> Duration {
-        self.open + self.memory + self.machine_restore
+        self.open + self.authenticate + self.memory + self.machine_restore
     }
 }
 
@@ -311,9 +349,47 @@ pub fn restore(
     let open = started.elapsed();
 
     let started = Instant::now();
+    if options.memory == MemoryMode::Lazy
+        && options.chunk_check == ChunkCheck::UpFront
+        && options.baseline_memory_file.is_none()
+    {
+        snap.authenticate_chunks()
+            .map_err(|source| RestoreError::Chunk {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    let authenticate = started.elapsed();
+
+    let started = Instant::now();
+    let watch = Arc::new(PagerWatch::default());
+    if let Some(path) = &options.baseline_memory_file {
+        let file = std::fs::File::open(path)
+            .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
+        let memory = vmm_core::memory::map_file_private(&file, state.mem_bytes)
+            .map_err(|e| RestoreError::Memory(e.to_string()))?;
+        let memory_elapsed = started.elapsed();
+        let started = Instant::now();
+        let config = RestoreConfig {
+            vsock_uds_path: options.vsock_uds.clone(),
+        };
+        let machine = Machine::restore(&config, console, &state, memory.clone())?;
+        return Ok(Restored {
+            machine,
+            pager: None,
+            watch,
+            _memory: memory,
+            snapshot: snap,
+            timings: RestoreTimings {
+                open,
+                authenticate: Duration::ZERO,
+                memory: memory_elapsed,
+                machine_restore: started.elapsed(),
+            },
+        });
+    }
     let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
         .map_err(|e| RestoreError::Memory(e.to_string()))?;
-    let watch = Arc::new(PagerWatch::default());
     let pager = match options.memory {
         MemoryMode::Eager => {
             fill_memory(&snap, &memory).map_err(|source| RestoreError::Chunk {
@@ -345,6 +421,7 @@ pub fn restore(
         snapshot: snap,
         timings: RestoreTimings {
             open,
+            authenticate,
             memory: memory_elapsed,
             machine_restore: started.elapsed(),
         },

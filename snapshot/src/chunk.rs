@@ -167,6 +167,25 @@ fn page_present(bitmap: &[u8], i: usize) -> bool {
     bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
+/// Checks `sealed` (decrypting it in place, then discarding it) without decompressing: what a
+/// lazy restore does for every chunk before the guest runs.
+pub(crate) fn authenticate(
+    sealer: &Sealer,
+    snapshot_id: &[u8; 16],
+    index: u64,
+    guest_addr: u64,
+    sealed: &mut [u8],
+) -> Result<(), DecodeError> {
+    sealer
+        .open(
+            nonce_bytes(Domain::Chunk, index),
+            &chunk_aad(snapshot_id, index, guest_addr),
+            sealed,
+        )
+        .map(|_| ())
+        .map_err(|_| DecodeError::Tampered)
+}
+
 /// Opens `sealed` (decrypting in place) and rebuilds the chunk into `out`, whose length is the
 /// chunk's length.
 pub(crate) fn decode(

@@ -118,7 +118,7 @@ pub use format::{
 };
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
-pub use reader::{FileLayout, Snapshot, VerifySummary};
+pub use reader::{AuthenticateSummary, FileLayout, Snapshot, VerifySummary};
 pub use working_set::{
     RecordingEnd, WORKING_SET_FILE, WORKING_SET_MAGIC, WORKING_SET_PREAMBLE_LEN,
     WORKING_SET_VERSION, WorkingSet,

@@ -44,6 +44,8 @@ fn encrypted_mixed_memory_round_trips_byte_exact() {
     let summary = write_mixed(&target, &Protection::Encrypted(&key));
     let snap = Snapshot::open(&target, Some(&key)).unwrap();
     assert_eq!(snap.state(), STATE);
+    let checked = snap.authenticate_chunks().unwrap();
+    assert_eq!(checked.stored_bytes, snap.info().memory_payload_bytes);
     assert_matches_memory(&snap);
 
     let kinds: Vec<_> = snap.chunks().iter().map(|c| c.kind).collect();

@@ -108,6 +108,12 @@ fn flipped_chunk_byte_is_chunk_tampered_on_read_and_verify() {
         matches!(err, ReadError::ChunkTampered { index: i } if i == index),
         "{err:?}"
     );
+    // The lazy restore's up-front check, which does not decompress, finds it too.
+    let err = snap.authenticate_chunks().unwrap_err();
+    assert!(
+        matches!(err, ReadError::ChunkTampered { index: i } if i == index),
+        "{err:?}"
+    );
     // Other chunks still read.
     let (other, _) = l.data_chunks[0];
     let mut out = vec![0u8; snap.chunks()[other].len as usize];
@@ -233,6 +239,10 @@ fn swapped_chunks_of_equal_length_are_chunk_tampered() {
     ));
     assert!(matches!(
         snap.verify(2),
+        Err(ReadError::ChunkTampered { .. })
+    ));
+    assert!(matches!(
+        snap.authenticate_chunks(),
         Err(ReadError::ChunkTampered { .. })
     ));
 }

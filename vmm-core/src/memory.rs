@@ -87,6 +87,42 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
 }
 
+/// Maps `file` — guest memory laid out flat, region after region, as
+/// [`create_guest_memory`] lays out `mem_bytes` — privately: pages are read from the file on
+/// first touch and copied on first write, never written back. This is Firecracker's `File`
+/// memory backend, kept as a baseline for Thaw's own restore.
+pub fn map_file_private(file: &std::fs::File, mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
+    use vm_memory::FileOffset;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
+            start: start.raw_value(),
+        })?;
+        let clone = file.try_clone().map_err(|e| MemoryError::Map {
+            start: start.raw_value(),
+            size,
+            source: vm_memory::mmap::MmapRegionError::Mmap(e),
+        })?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::new(clone, offset))
+            .build()
+            .map_err(|source| MemoryError::Map {
+                start: start.raw_value(),
+                size,
+                source,
+            })?;
+        offset += size;
+        let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
+            start: start.raw_value(),
+        })?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
+}
+
 /// Hands every region of `memory` to KVM as a memory slot, numbered in address order.
 pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in memory.iter().enumerate() {

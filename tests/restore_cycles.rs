@@ -84,7 +84,7 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
         let options = CreateOptions {
             boot: RunOptions {
                 cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.fill-mib=8".into()),
-                mem_mib: 96,
+                mem_mib: 128,
                 vcpus: 1,
                 vsock: Some(VsockConfig {
                     guest_cid: 3,

@@ -1,0 +1,326 @@
+//! End-to-end restore bench. The test guest's agent is snapshotted (encrypted) after filling a
+//! workload of 0, 64 and 256 MiB (`thaw.fill-mib`); its after-restore hook reads the whole
+//! workload (a checksum), so "ready" is the time to restore and touch all of it. Each snapshot
+//! is restored with every memory mode and invoked once; the same guest booted cold, and the
+//! snapshot's memory as a plain file mapped `MAP_PRIVATE` (Firecracker's File backend), are the
+//! baselines. Times are from the start of the restore (or of the boot):
+//!
+//! - runnable: the VM is rebuilt and its vCPUs can enter KVM_RUN (the guest's first instruction
+//!   follows at once);
+//! - ready: the agent reconnected and its after-restore hooks finished (the workload was read);
+//! - answer: the first invocation was answered.
+//!
+//! With `--write` it replaces the restore section of docs/BENCHMARKS.md.
+//!
+//! Run: `cargo bench --bench restore [-- --write] [-- --iterations N]`
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hooks_sdk::protocol::io as frames;
+use hooks_sdk::protocol::{Invoke, Kind, Message};
+use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use restore_daemon::environment::{Environment, EnvironmentOptions};
+use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::verify::KeyChoice;
+use thaw::run::RunOptions;
+use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use vmm_core::Machine;
+use vmm_core::config::VsockConfig;
+
+mod support;
+use support::{ms, stats};
+
+/// Memory the guest keeps below its workload (image, tables) and spare above it.
+const BELOW_MIB: u64 = 64;
+const SPARE_MIB: u64 = 64;
+const PAYLOAD: &[u8] = b"{\"bench\":true}";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Eager,
+    Lazy,
+    LazyPrefetch,
+    LazyWorkingSet,
+    MapPrivateFile,
+    ColdBoot,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Lazy => "lazy",
+            Mode::LazyPrefetch => "lazy + prefetch",
+            Mode::LazyWorkingSet => "lazy + recorded working set (+ prefetch)",
+            Mode::MapPrivateFile => "baseline: MAP_PRIVATE of a plain memory file",
+            Mode::ColdBoot => "baseline: cold boot of the same guest",
+        }
+    }
+}
+
+struct Sample {
+    runnable: Duration,
+    ready: Duration,
+    answer: Duration,
+    faults: Option<u64>,
+}
+
+struct Workload {
+    fill_mib: u64,
+    snap: PathBuf,
+    raw: PathBuf,
+}
+
+fn request() -> InvokeRequest {
+    InvokeRequest {
+        request_id: "bench".into(),
+        deadline_ms: u64::MAX / 2,
+        payload: PAYLOAD.to_vec(),
+        ..InvokeRequest::default()
+    }
+}
+
+fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
+    let snap = dir.join(format!("snap-{fill_mib}"));
+    let options = CreateOptions {
+        boot: RunOptions {
+            cmdline: Some(format!(
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib}"
+            )),
+            mem_mib: BELOW_MIB + fill_mib + SPARE_MIB,
+            vcpus: 1,
+            ..RunOptions::default()
+        },
+        out: snap.clone(),
+        replace: false,
+        ready: Readiness::Agent,
+        init_timeout: Duration::from_secs(120),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
+    };
+    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    let key_choice = KeyChoice::Given(snapshot::MasterKey::load(key).unwrap());
+    thaw::record_ws::record(
+        &snap,
+        &key_choice,
+        PAYLOAD,
+        Duration::from_secs(60),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    // The same memory as a flat plaintext file, regions one after another (zero chunks are
+    // holes), for the MAP_PRIVATE baseline.
+    let raw = dir.join(format!("mem-{fill_mib}.raw"));
+    let opened = restore_daemon::verify::open(&snap, &key_choice).unwrap();
+    let file = std::fs::File::create(&raw).unwrap();
+    let mut flat = 0u64;
+    let mut region_offsets = Vec::new();
+    for r in opened.regions() {
+        region_offsets.push((r.guest_addr, r.size, flat));
+        flat += r.size;
+    }
+    file.set_len(flat).unwrap();
+    let mut buf = Vec::new();
+    for (index, chunk) in opened.chunks().iter().enumerate() {
+        if chunk.kind != snapshot::ChunkKind::Data {
+            continue;
+        }
+        buf.resize(chunk.len as usize, 0);
+        opened.read_chunk(index, &mut buf).unwrap();
+        let (start, _, base) = region_offsets
+            .iter()
+            .find(|(start, size, _)| chunk.guest_addr >= *start && chunk.guest_addr < start + size)
+            .unwrap();
+        file.write_all_at(&buf, base + chunk.guest_addr - start)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    Workload {
+        fill_mib,
+        snap,
+        raw,
+    }
+}
+
+fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode) -> Sample {
+    let restore = match mode {
+        Mode::Eager => RestoreOptions {
+            memory: MemoryMode::Eager,
+            ..RestoreOptions::default()
+        },
+        Mode::Lazy => RestoreOptions {
+            prefetch: false,
+            use_working_set: false,
+            ..RestoreOptions::default()
+        },
+        Mode::LazyPrefetch => RestoreOptions {
+            use_working_set: false,
+            ..RestoreOptions::default()
+        },
+        Mode::LazyWorkingSet => RestoreOptions::default(),
+        Mode::MapPrivateFile => RestoreOptions {
+            baseline_memory_file: Some(w.raw.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::ColdBoot => unreachable!("not a restore"),
+    };
+    let options = EnvironmentOptions {
+        restore,
+        ..EnvironmentOptions::default()
+    };
+    let started = Instant::now();
+    let mut env = Environment::start(&w.snap, key, &options, Box::new(std::io::sink())).unwrap();
+    let answer = env.invoke(&request(), Duration::from_secs(60)).unwrap();
+    let answered = started.elapsed();
+    assert!(matches!(answer, InvokeOutcome::Response(_)));
+    let faults = env.pager().map(|p| p.stats().faults);
+    let sample = Sample {
+        runnable: env.timings.restore.total(),
+        ready: env.timings.ready,
+        answer: answered,
+        faults,
+    };
+    env.kill().unwrap();
+    sample
+}
+
+/// Boots the guest with its agent on-demand and the same fill, and invokes it once.
+fn cold_boot_once(w: &Workload, dir: &Path) -> Sample {
+    let uds = dir.join("cold.sock");
+    let agent_path = PathBuf::from(format!("{}_9000", uds.display()));
+    let _ = std::fs::remove_file(&agent_path);
+    let listener = UnixListener::bind(&agent_path).unwrap();
+    let options = RunOptions {
+        cmdline: Some(format!(
+            "thaw.agent=1 thaw.init=on-demand thaw.fill-mib={}",
+            w.fill_mib
+        )),
+        mem_mib: BELOW_MIB + w.fill_mib + SPARE_MIB,
+        vcpus: 1,
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        }),
+        ..RunOptions::default()
+    };
+    let started = Instant::now();
+    let config = options.machine_config().unwrap();
+    let machine = Machine::create(&config, Box::new(std::io::sink())).unwrap();
+    let runnable = started.elapsed();
+    let controller = machine.controller();
+    let vm = std::thread::spawn(move || machine.run(None));
+    let (mut s, _) = listener.accept().unwrap();
+    let hello = frames::read_frame(&mut s).unwrap();
+    assert_eq!(hello.kind, Kind::Hello);
+    let ready = frames::read_frame(&mut s).unwrap();
+    assert_eq!(ready.kind, Kind::Ready);
+    let ready_at = started.elapsed();
+    frames::write_message(
+        &mut s,
+        &Message::Invoke(Invoke {
+            request_id: "bench",
+            deadline_ms: u64::MAX / 2,
+            function_arn: "",
+            trace_id: "",
+            client_context: "",
+            cognito_identity: "",
+            payload: PAYLOAD,
+        }),
+    )
+    .unwrap();
+    let response = frames::read_frame(&mut s).unwrap();
+    assert_eq!(response.kind, Kind::Response);
+    let answer = started.elapsed();
+    controller.stop();
+    vm.join().unwrap().unwrap();
+    let _ = std::fs::remove_file(&agent_path);
+    Sample {
+        runnable,
+        ready: ready_at,
+        answer,
+        faults: None,
+    }
+}
+
+fn cell(samples: &[Sample], pick: impl Fn(&Sample) -> Duration) -> String {
+    let s = stats(samples.iter().map(pick).collect());
+    format!("{} ({}–{})", ms(s.median), ms(s.min), ms(s.max))
+}
+
+fn main() {
+    let args = support::args(5);
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("key");
+    let modes = [
+        Mode::Eager,
+        Mode::Lazy,
+        Mode::LazyPrefetch,
+        Mode::LazyWorkingSet,
+        Mode::MapPrivateFile,
+        Mode::ColdBoot,
+    ];
+    let mut table = String::from(
+        "| workload | mode | restore → runnable | restore → ready (hooks done, workload read) | \
+         restore → first answer | answer ÷ eager | page faults |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let mut notes = String::new();
+    for fill_mib in [0u64, 64, 256] {
+        let w = make_workload(dir.path(), &key_path, fill_mib);
+        let key = KeyChoice::Given(snapshot::MasterKey::load(&key_path).unwrap());
+        let opened = restore_daemon::verify::open(&w.snap, &key).unwrap();
+        let ws = opened.working_set().map_or(0, |ws| ws.chunks.len());
+        let info = opened.info();
+        notes.push_str(&format!(
+            "- {fill_mib} MiB workload: {} MiB guest, {} chunks, {:.1} MiB stored, recorded \
+             working set {ws} chunks\n",
+            info.memory_bytes >> 20,
+            info.chunk_count,
+            info.file_bytes as f64 / (1 << 20) as f64,
+        ));
+        let mut eager_answer = None;
+        for mode in modes {
+            let samples: Vec<Sample> = (0..args.iterations)
+                .map(|_| match mode {
+                    Mode::ColdBoot => cold_boot_once(&w, dir.path()),
+                    other => restore_once(&w, &key, other),
+                })
+                .collect();
+            let answer = stats(samples.iter().map(|s| s.answer).collect()).median;
+            if mode == Mode::Eager {
+                eager_answer = Some(answer);
+            }
+            let ratio = eager_answer.map_or(1.0, |e| answer.as_secs_f64() / e.as_secs_f64());
+            let faults = {
+                let mut f: Vec<u64> = samples.iter().filter_map(|s| s.faults).collect();
+                f.sort_unstable();
+                f.get(f.len() / 2).map_or("—".into(), |m| m.to_string())
+            };
+            table.push_str(&format!(
+                "| {fill_mib} MiB | {} | {} | {} | {} | {ratio:.2} | {faults} |\n",
+                mode.name(),
+                cell(&samples, |s| s.runnable),
+                cell(&samples, |s| s.ready),
+                cell(&samples, |s| s.answer),
+            ));
+            eprintln!("{fill_mib} MiB {}: done", mode.name());
+        }
+        std::fs::remove_dir_all(&w.snap).unwrap();
+        std::fs::remove_file(&w.raw).unwrap();
+    }
+    let body = format!(
+        "{}; {} iterations each, one after another in one process; snapshots encrypted \
+         (AES-256-GCM) and read from a warm page cache; lazy modes authenticate every chunk up \
+         front; medians with (min–max).\n\n{notes}\n{table}",
+        support::machine(),
+        args.iterations,
+    );
+    println!("{body}");
+    if args.write {
+        support::write_section("restore", &body).expect("update docs/BENCHMARKS.md");
+    }
+}

@@ -1,6 +1,7 @@
 //! End-to-end restore bench. The test guest's agent is snapshotted (encrypted) after filling a
 //! workload of 0, 64 and 256 MiB (`thaw.fill-mib`); its after-restore hook reads the whole
-//! workload (a checksum), so "ready" is the time to restore and touch all of it. Each snapshot
+//! workload (a checksum), so "ready" is the time to restore and touch all of it. The guest runs
+//! quietly (`thaw.quiet=1`): on PVM its console lines would cost more than the restore. Each snapshot
 //! is restored with every memory mode and invoked once; the same guest booted cold, and the
 //! snapshot's memory as a plain file mapped `MAP_PRIVATE` (Firecracker's File backend), are the
 //! baselines. Times are from the start of the restore (or of the boot):
@@ -90,7 +91,7 @@ fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
     let options = CreateOptions {
         boot: RunOptions {
             cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib}"
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
             )),
             mem_mib: BELOW_MIB + fill_mib + SPARE_MIB,
             vcpus: 1,
@@ -196,7 +197,7 @@ fn cold_boot_once(w: &Workload, dir: &Path) -> Sample {
     let listener = UnixListener::bind(&agent_path).unwrap();
     let options = RunOptions {
         cmdline: Some(format!(
-            "thaw.agent=1 thaw.init=on-demand thaw.fill-mib={}",
+            "thaw.agent=1 thaw.init=on-demand thaw.fill-mib={} thaw.quiet=1",
             w.fill_mib
         )),
         mem_mib: BELOW_MIB + w.fill_mib + SPARE_MIB,

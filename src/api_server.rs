@@ -49,6 +49,10 @@ pub struct ApiContext {
     pub memory: GuestMemory,
     /// How snapshots made through the API are sealed.
     pub sealing: Sealing,
+    /// A lazily restored guest's page server. Memory it has not installed yet is not present
+    /// in the mapping (and would be elided as never touched), so a snapshot first has it
+    /// install everything.
+    pub pager: Option<std::sync::Arc<restore_daemon::pager::PageServer>>,
 }
 
 /// Run state as the API reports it.
@@ -331,6 +335,14 @@ fn create_snapshot(api: &Api, request: &SnapshotCreate) -> HttpResponse {
             StatusCode::BAD_REQUEST,
             "the VM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
         );
+    }
+    if let Some(pager) = &api.ctx.pager {
+        if let Err(e) = pager.install_all() {
+            return fault(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the restored guest's memory could not be completed: {e}"),
+            );
+        }
     }
     let target = SnapshotTarget {
         out: &request.snapshot_path,

@@ -98,6 +98,11 @@ enum Command {
         /// Seconds the after-restore hooks may take (Lambda allows 10).
         #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
         after_restore_timeout: Option<u64>,
+        /// Serve the control API (pause, resume, snapshot, stop; see `thaw run --help` and
+        /// docs/api.md) for the restored machine on this Unix socket. Snapshots made through it
+        /// are sealed with --key-file, else the host key.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
     },
     /// Create, inspect and verify snapshots.
     Snapshot {
@@ -419,8 +424,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             vsock_uds,
             invoke,
             after_restore_timeout,
+            api_sock,
         } => {
             let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let api = match api_sock {
+                Some(path) => Some(thaw::restore_cli::RestoreApi {
+                    path,
+                    sealing: sealing(key_file.as_deref(), false)?,
+                }),
+                None => None,
+            };
             let options = restore_daemon::restore::RestoreOptions {
                 memory,
                 chunk_check,
@@ -439,6 +452,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     after_restore_timeout: after_restore_timeout
                         .map(std::time::Duration::from_secs),
                 },
+                api,
             )
         }
         Command::Kernel {

@@ -16,6 +16,34 @@ use vmm_core::exit::ExitReason;
 /// How long one `--invoke` may take.
 const INVOKE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The control socket for the restored machine (`--api-sock`).
+pub struct RestoreApi {
+    /// Where it listens.
+    pub path: std::path::PathBuf,
+    /// How snapshots made through it are sealed.
+    pub sealing: crate::snapshot_create::Sealing,
+}
+
+/// Serves the control API for `restored` at `api`, if asked for.
+fn serve_api(
+    api: Option<RestoreApi>,
+    restored: &restore_daemon::restore::Restored,
+) -> anyhow::Result<Option<crate::api_server::ApiServer>> {
+    let Some(api) = api else {
+        return Ok(None);
+    };
+    let server = crate::api_server::start(
+        &api.path,
+        crate::api_server::ApiContext {
+            controller: restored.controller(),
+            memory: restored.memory().clone(),
+            sealing: api.sealing,
+            pager: restored.pager(),
+        },
+    )?;
+    Ok(Some(server))
+}
+
 /// What to do with the restored guest's agent.
 pub struct AgentUse {
     /// Payloads to invoke the function with, in order.
@@ -43,13 +71,18 @@ pub fn run(
     key: &KeyChoice,
     options: RestoreOptions,
     agent: AgentUse,
+    api: Option<RestoreApi>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(api) = &api {
+        crate::api_server::check_path(&api.path)?;
+    }
     if options.vsock_uds.is_some() {
         // Someone else drives the agent: restore and run, with the console on this terminal.
         let restored =
             restore_daemon::restore::restore(dir, key, &options, Box::new(std::io::stdout()))
                 .context("nothing was restored")?;
         tracing::info!(timings = ?restored.timings, "snapshot restored");
+        let _api = serve_api(api, &restored)?;
         let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
         report(&outcome);
         return Ok(exit_code(&outcome.reason));
@@ -69,6 +102,7 @@ pub fn run(
         );
         let restored = prepared.into_restored();
         tracing::info!(timings = ?restored.timings, "snapshot restored");
+        let _api = serve_api(api, &restored)?;
         let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
         report(&outcome);
         return Ok(exit_code(&outcome.reason));
@@ -80,6 +114,7 @@ pub fn run(
             .unwrap_or(restore_daemon::agent::AFTER_RESTORE_BUDGET),
         ..EnvironmentOptions::default()
     };
+    let _api = serve_api(api, prepared.restored())?;
     let mut env = prepared
         .start(&env_options)
         .context("the restored guest did not become ready")?;

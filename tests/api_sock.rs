@@ -205,3 +205,135 @@ fn an_existing_path_is_not_taken_over() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&sock).unwrap(), b"mine");
 }
+
+/// The value after `checksum ` on the console line that starts with `prefix`.
+fn checksum_after(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find_map(|l| l.split(prefix).nth(1)?.split("checksum ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {prefix:?} line in\n{text}"))
+        .to_string()
+}
+
+#[test]
+fn a_lazily_restored_guest_snapshotted_again_keeps_all_its_memory() {
+    if !require_kvm("a_lazily_restored_guest_snapshotted_again_keeps_all_its_memory") {
+        return;
+    }
+    let _slot = vm_slot();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    snapshot::MasterKey::load_or_create(&key).unwrap();
+    let first = dir.path().join("first");
+    let created = fixture::thaw_output(&[
+        "snapshot",
+        "create",
+        "--cmdline",
+        "thaw.agent=1 thaw.init=snap-start thaw.fill-mib=32",
+        "--mem-mib",
+        "160",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--out",
+        first.to_str().unwrap(),
+    ]);
+    let created_text = fixture::output_text(&created);
+    assert!(created.status.success(), "{created_text}");
+    let checksum = checksum_after(&created_text, "fill: ");
+
+    // Restored lazily without prefetching: much of its memory is still in the snapshot file
+    // when it is paused and snapshotted again through the control socket.
+    let sock = dir.path().join("api.sock");
+    let mut child = thaw_bin()
+        .args([
+            "restore",
+            first.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--no-prefetch",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    let mut stderr = child.stderr.take().unwrap();
+    let ready = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut buf = [0u8; 1024];
+        while !text.contains("thaw: restored") {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        text
+    });
+    let text = ready.join().unwrap();
+    assert!(text.contains("thaw: restored"), "{text}");
+    let second = dir.path().join("second");
+    assert_eq!(
+        request(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#).0,
+        204
+    );
+    let (status, body) = request(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        &format!(r#"{{"snapshot_path":"{}"}}"#, second.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        request(&sock, "PUT", "/actions", r#"{"action_type":"Stop"}"#).0,
+        204
+    );
+    child.wait().unwrap();
+
+    // The second snapshot holds all of the guest: restored eagerly, its workload is intact
+    // and its agent answers.
+    let verify = fixture::thaw_output(&[
+        "snapshot",
+        "verify",
+        second.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(verify.status.success(), "{}", fixture::output_text(&verify));
+    // Memory the second guest never touched is still the first snapshot's, not zeros: the
+    // second snapshot has no more zero pages than the first, but for what the guest cleared.
+    let zero_pages = |snap: &Path| -> u64 {
+        let out = fixture::thaw_output(&[
+            "snapshot",
+            "inspect",
+            snap.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--json",
+        ]);
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["zero_pages"].as_u64().unwrap()
+    };
+    let (before, after) = (zero_pages(&first), zero_pages(&second));
+    println!("zero pages: {before} in the first snapshot, {after} in the second");
+    assert!(after <= before + 2, "{before} zero pages before, {after} after");
+    let restored = fixture::thaw_output(&[
+        "restore",
+        second.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "eager",
+        "--invoke",
+        "again",
+    ]);
+    let restored_text = fixture::output_text(&restored);
+    assert!(restored.status.success(), "{restored_text}");
+    assert_eq!(
+        checksum_after(&restored_text, "workload of 32 MiB has "),
+        checksum,
+        "{restored_text}"
+    );
+}

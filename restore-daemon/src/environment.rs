@@ -147,6 +147,11 @@ impl Prepared {
         self.restored.has_vsock()
     }
 
+    /// The restored machine, not yet running.
+    pub fn restored(&self) -> &Restored {
+        &self.restored
+    }
+
     /// The restored machine, to run without an agent.
     pub fn into_restored(self) -> Restored {
         self.restored

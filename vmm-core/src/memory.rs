@@ -3,6 +3,12 @@
 //!
 //! `MAP_NORESERVE` matters: a 10 GiB guest costs nothing until it touches its pages, which is
 //! what lets a restore page memory in lazily later.
+//!
+//! Anonymous guest RAM is advised `MADV_HUGEPAGE` (as Cloud Hypervisor does by default): a
+//! first touch then costs one fault per 2 MiB instead of 512, and KVM can map the guest with
+//! large pages. On this project's PVM host a 4 KiB first-touch fault costs about 3.4 µs, so
+//! filling 256 MiB page by page spends over 200 ms in faults; with huge pages about 40 ms.
+//! Pages installed through userfaultfd stay 4 KiB; the advice only costs them nothing.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -63,6 +69,20 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
+/// Asks for transparent huge pages on a fresh anonymous mapping. Only advice: a host without
+/// THP (or with it disabled) keeps 4 KiB pages, which is logged and otherwise fine.
+fn advise_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: [addr, addr + len) is a mapping this module just created and owns; MADV_HUGEPAGE
+    // changes only how the kernel backs it, never its contents or validity.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "MADV_HUGEPAGE refused; guest memory uses 4 KiB pages"
+        );
+    }
+}
+
 /// Maps anonymous, private, unreserved memory for every RAM range.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::new();
@@ -79,6 +99,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
                 size,
                 source,
             })?;
+        advise_huge_pages(mapping.as_ptr(), mapping.size());
         let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
             start: start.raw_value(),
         })?;

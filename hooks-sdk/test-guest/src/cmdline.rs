@@ -140,6 +140,8 @@ pub struct Options {
     pub keeper: bool,
     /// `thaw.restore-hook-ms`: how long the after-restore hook busy-waits before it finishes.
     pub restore_hook_ms: u32,
+    /// `thaw.quiet`: after the command line is read, print only failures.
+    pub quiet: bool,
 }
 
 impl Options {
@@ -201,6 +203,7 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
         fail: Fail::Nothing,
         keeper: false,
         restore_hook_ms: 0,
+        quiet: false,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(spec) = word.strip_prefix("virtio_mmio.device=") {
@@ -245,6 +248,10 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
             }
             Some(("keeper", value)) => {
                 o.keeper = flag(value).ok_or(word)?;
+                None
+            }
+            Some(("quiet", value)) => {
+                o.quiet = flag(value).ok_or(word)?;
                 None
             }
             Some(("restore-hook-ms", value)) => {
@@ -304,6 +311,9 @@ mod tests {
             (Mode::Agent, true, 1500)
         );
         assert!(!parse("thaw.keeper=1 thaw.keeper=0").unwrap().keeper);
+        assert!(parse("thaw.agent=1 thaw.quiet=1").unwrap().quiet);
+        assert!(!parse("thaw.agent=1").unwrap().quiet);
+        assert_eq!(parse("thaw.quiet=2"), Err("thaw.quiet=2"));
         assert!(parse("thaw.idle=1 thaw.keeper=1").unwrap().keeper);
         let o = parse("thaw.vsock-misbehave=flood").unwrap();
         assert_eq!(o.mode, Mode::Misbehave(Misbehavior::Flood));

@@ -45,6 +45,21 @@ pub fn mask_legacy_pics() {
 
 /// Serializes console output from several CPUs.
 static CONSOLE_LOCK: AtomicBool = AtomicBool::new(false);
+/// `thaw.quiet=1`: ordinary output is dropped. On PVM every console byte is an exit to the
+/// VMM (tens of µs), so a chatty guest's restore is measured in its console, not in Thaw.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Drops (or, with `false`, restores) ordinary console output; failures call
+/// [`print_failure`], which always prints.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Prints even when quiet: for panics and CPU exceptions, the last words before the exit.
+pub fn print_failure(args: fmt::Arguments) {
+    set_quiet(false);
+    print(args);
+}
 
 /// The console. Bytes go straight to the UART's transmit register: VMM UARTs transmit
 /// instantly, so polling the line status first would only double the number of VM exits.
@@ -64,6 +79,9 @@ impl Write for Console {
 
 /// Prints formatted text atomically with respect to other CPUs.
 pub fn print(args: fmt::Arguments) {
+    if QUIET.load(Ordering::Relaxed) {
+        return;
+    }
     while CONSOLE_LOCK
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()

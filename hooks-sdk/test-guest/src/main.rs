@@ -95,6 +95,7 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
             io::exit(EXIT_BAD_CMDLINE);
         }
     };
+    io::set_quiet(options.quiet);
 
     let Some(cpus) = boot::cpus() else {
         println!("thaw-test-guest: no valid MP table; cannot find the CPUs");
@@ -268,6 +269,6 @@ pub extern "C" fn ap_main(cpu: u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    println!("thaw-test-guest: panic: {info}");
+    io::print_failure(format_args!("thaw-test-guest: panic: {info}\n"));
     io::exit(EXIT_PANIC)
 }

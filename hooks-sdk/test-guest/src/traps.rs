@@ -150,9 +150,9 @@ extern "C" fn trap_handler(frame: &mut TrapFrame) {
     let cr2: u64;
     // SAFETY: reading CR2 at CPL0 has no side effects.
     unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nostack, nomem)) };
-    crate::println!(
+    crate::io::print_failure(format_args!(
         "thaw-test-guest: CPU exception: {} (vector {}) error {:#x} at rip {:#x} cs {:#x} \
-         rsp {:#x} cr2 {:#x}",
+         rsp {:#x} cr2 {:#x}\n",
         exception_name(frame.vector),
         frame.vector,
         frame.error,
@@ -160,7 +160,7 @@ extern "C" fn trap_handler(frame: &mut TrapFrame) {
         frame.cs,
         frame.rsp,
         cr2
-    );
+    ));
     crate::io::exit(EXIT_EXCEPTION)
 }
 

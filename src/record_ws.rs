@@ -6,7 +6,7 @@
 //! chunks first, in that order, in parallel with the guest.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
@@ -64,17 +64,12 @@ pub fn record(
         .pager()
         .cloned()
         .context("a lazy restore has a page server")?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let request = InvokeRequest {
-        request_id: format!("{}-record-ws", env.restore_id()),
-        deadline_ms: now_ms + invoke_timeout.as_millis() as u64,
-        function_arn: "arn:aws:lambda:local:000000000000:function:thaw-record-ws".into(),
-        payload: payload.to_vec(),
-        ..InvokeRequest::default()
-    };
+    let request = InvokeRequest::new(
+        format!("{}-record-ws", env.restore_id()),
+        "arn:aws:lambda:local:000000000000:function:thaw-record-ws",
+        payload.to_vec(),
+        invoke_timeout,
+    );
     let answer = env.invoke(&request, invoke_timeout);
     pager.stop_recording();
     let first_answer = started.elapsed();

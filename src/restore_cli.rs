@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
@@ -140,17 +140,12 @@ pub fn run(
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for (n, payload) in agent.invoke.iter().enumerate() {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let request = InvokeRequest {
-            request_id: format!("{}-{n}", env.restore_id()),
-            deadline_ms: now_ms + INVOKE_TIMEOUT.as_millis() as u64,
-            function_arn: "arn:aws:lambda:local:000000000000:function:thaw-restore".into(),
-            payload: payload.as_bytes().to_vec(),
-            ..InvokeRequest::default()
-        };
+        let request = InvokeRequest::new(
+            format!("{}-{n}", env.restore_id()),
+            "arn:aws:lambda:local:000000000000:function:thaw-restore",
+            payload.as_bytes().to_vec(),
+            INVOKE_TIMEOUT,
+        );
         match env.invoke(&request, INVOKE_TIMEOUT)? {
             InvokeOutcome::Response(bytes) => match std::str::from_utf8(&bytes) {
                 Ok(text) => writeln!(stdout, "{text}")?,

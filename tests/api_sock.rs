@@ -318,7 +318,10 @@ fn a_lazily_restored_guest_snapshotted_again_keeps_all_its_memory() {
     };
     let (before, after) = (zero_pages(&first), zero_pages(&second));
     println!("zero pages: {before} in the first snapshot, {after} in the second");
-    assert!(after <= before + 2, "{before} zero pages before, {after} after");
+    assert!(
+        after <= before + 2,
+        "{before} zero pages before, {after} after"
+    );
     let restored = fixture::thaw_output(&[
         "restore",
         second.to_str().unwrap(),

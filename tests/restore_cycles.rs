@@ -9,7 +9,7 @@
 
 mod fixture;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
@@ -125,16 +125,12 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
         let console = Console::default();
         let mut env = Environment::start(&snap, &key, &options, Box::new(console.clone()))
             .unwrap_or_else(|e| panic!("cycle {cycle}: {e:#}\n{}", console.text()));
-        let request = InvokeRequest {
-            request_id: format!("cycle-{cycle}"),
-            deadline_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64
-                + 60_000,
-            payload: payload.clone(),
-            ..InvokeRequest::default()
-        };
+        let request = InvokeRequest::new(
+            format!("cycle-{cycle}"),
+            "arn:aws:lambda:us-east-1:123456789012:function:f",
+            payload.clone(),
+            Duration::from_secs(60),
+        );
         let answer = env.invoke(&request, Duration::from_secs(30)).unwrap();
         assert_eq!(
             answer,

@@ -305,17 +305,12 @@ fn fill_checksum(console: &str) -> String {
 }
 
 fn invoke_request(id: &str, payload: &[u8]) -> InvokeRequest {
-    InvokeRequest {
-        request_id: id.into(),
-        deadline_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-            + 60_000,
-        function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
-        payload: payload.to_vec(),
-        ..InvokeRequest::default()
-    }
+    InvokeRequest::new(
+        id.into(),
+        "arn:aws:lambda:us-east-1:123456789012:function:f",
+        payload.to_vec(),
+        Duration::from_secs(60),
+    )
 }
 
 #[test]

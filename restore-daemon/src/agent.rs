@@ -349,6 +349,28 @@ pub struct InvokeRequest {
     pub payload: Vec<u8>,
 }
 
+impl InvokeRequest {
+    /// An invocation of `function_arn` with `payload` whose deadline is `timeout` from now.
+    pub fn new(
+        request_id: String,
+        function_arn: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        InvokeRequest {
+            request_id,
+            deadline_ms: now_ms.saturating_add(timeout_ms),
+            function_arn: function_arn.to_owned(),
+            payload,
+            ..InvokeRequest::default()
+        }
+    }
+}
+
 /// What the function answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InvokeOutcome {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use snapshot::{ChunkKind, Snapshot};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::{ConsoleInput, MachineController, RestoreConfig};
@@ -388,11 +388,11 @@ pub fn restore(
             },
         });
     }
-    let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
+    let mut memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
         .map_err(|e| RestoreError::Memory(e.to_string()))?;
     let pager = match options.memory {
         MemoryMode::Eager => {
-            fill_memory(&snap, &memory).map_err(|source| RestoreError::Chunk {
+            fill_memory(&snap, &mut memory).map_err(|source| RestoreError::Chunk {
                 path: dir.to_owned(),
                 source,
             })?;
@@ -462,21 +462,52 @@ fn start_pager(
     PageServer::start(snap.clone(), regions, pager_options).map_err(RestoreError::PagerStart)
 }
 
-/// Decrypts every data chunk into guest memory, on all cores. Zero chunks need nothing: fresh
-/// anonymous memory reads as zero.
-fn fill_memory(snap: &Snapshot, memory: &GuestMemory) -> Result<(), snapshot::ReadError> {
-    snap.chunks()
-        .par_iter()
-        .enumerate()
-        .filter(|(_, c)| c.kind == ChunkKind::Data)
-        .try_for_each_init(Vec::new, |buf, (index, chunk)| {
-            buf.resize(chunk.len as usize, 0);
-            snap.read_chunk(index, buf)?;
-            memory
-                .write_slice(buf, GuestAddress(chunk.guest_addr))
-                .map_err(|e| snapshot::ReadError::ChunkCorrupt {
-                    index,
-                    reason: format!("does not fit guest memory: {e}"),
-                })
-        })
+/// Decrypts every data chunk straight into guest memory, on all cores. Zero chunks need
+/// nothing: fresh anonymous memory reads as zero.
+fn fill_memory(snap: &Snapshot, memory: &mut GuestMemory) -> Result<(), snapshot::ReadError> {
+    // SAFETY: `memory` was just mapped for this restore and no machine exists on it yet, so
+    // nothing else touches it while the slices live (they end with this function).
+    let regions = unsafe { vmm_core::memory::host_slices_mut(memory) };
+    chunk_targets(snap, regions)?
+        .into_par_iter()
+        .try_for_each(|(index, out)| snap.read_chunk(index, out))
+}
+
+/// Splits guest memory into one disjoint slice per data chunk, so the chunks can be decoded in
+/// place in parallel.
+fn chunk_targets<'m>(
+    snap: &Snapshot,
+    regions: Vec<(u64, &'m mut [u8])>,
+) -> Result<Vec<(usize, &'m mut [u8])>, snapshot::ReadError> {
+    let misplaced = |index: usize| snapshot::ReadError::ChunkCorrupt {
+        index,
+        reason: "does not fit guest memory".into(),
+    };
+    let chunks = snap.chunks();
+    let mut targets = Vec::with_capacity(chunks.len());
+    for (start, mut rest) in regions {
+        let end = start + rest.len() as u64;
+        let mut cursor = start;
+        for (index, chunk) in chunks.iter().enumerate() {
+            if chunk.kind != ChunkKind::Data || chunk.guest_addr < start || chunk.guest_addr >= end
+            {
+                continue;
+            }
+            let skip = chunk
+                .guest_addr
+                .checked_sub(cursor)
+                .ok_or_else(|| misplaced(index))? as usize;
+            let len = chunk.len as usize;
+            let tail = std::mem::take(&mut rest);
+            if tail.len() < skip + len {
+                return Err(misplaced(index));
+            }
+            let (_, tail) = tail.split_at_mut(skip);
+            let (this, tail) = tail.split_at_mut(len);
+            targets.push((index, this));
+            rest = tail;
+            cursor = chunk.guest_addr + len as u64;
+        }
+    }
+    Ok(targets)
 }

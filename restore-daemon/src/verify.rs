@@ -140,10 +140,23 @@ pub fn verify(dir: &Path, key: &KeyChoice) -> Result<Verified, VerifyError> {
     })
 }
 
+/// What this host offers, learned once per process: finding the CPUID a vCPU really presents
+/// takes a scratch VM (several ms on PVM), and neither the CPU nor KVM changes under a running
+/// process — so a long-lived restorer (`thawd`) pays for it once, not on every restore.
+fn host_facts() -> Result<snapshot::HostFacts, String> {
+    static FACTS: std::sync::OnceLock<Result<snapshot::HostFacts, String>> =
+        std::sync::OnceLock::new();
+    FACTS
+        .get_or_init(|| {
+            let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
+            snapshot_state::host_facts(&kvm).map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
 /// Whether this host could restore a snapshot with `fingerprint`.
 pub fn host_compatibility(fingerprint: &snapshot::Fingerprint) -> Result<(), String> {
-    let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
-    let host = snapshot_state::host_facts(&kvm).map_err(|e| e.to_string())?;
+    let host = host_facts()?;
     fingerprint
         .check_compatible(&host)
         .map_err(|e| e.to_string())

@@ -392,14 +392,7 @@ impl Snapshot {
         };
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            buf.clear();
-            buf.resize(data.stored_len as usize, 0);
-            self.file
-                .read_exact_at(&mut buf, data.offset)
-                .map_err(|source| ReadError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+            self.read_sealed(data, &mut buf)?;
             chunk::decode(
                 &self.sealer,
                 &self.header.snapshot_id,
@@ -414,6 +407,22 @@ impl Snapshot {
                 DecodeError::Corrupt(reason) => ReadError::ChunkCorrupt { index, reason },
             })
         })
+    }
+
+    /// Reads a data chunk's sealed bytes into `buf`.
+    fn read_sealed(
+        &self,
+        data: &crate::format::DataChunk,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ReadError> {
+        buf.clear();
+        buf.resize(data.stored_len as usize, 0);
+        self.file
+            .read_exact_at(buf, data.offset)
+            .map_err(|source| ReadError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Authenticates every data chunk as stored — reads it and checks its AEAD tag (or, for a
@@ -439,14 +448,7 @@ impl Snapshot {
                             count: self.chunks.len(),
                         },
                     )?;
-                    buf.clear();
-                    buf.resize(data.stored_len as usize, 0);
-                    self.file
-                        .read_exact_at(&mut buf, data.offset)
-                        .map_err(|source| ReadError::Io {
-                            path: self.path.clone(),
-                            source,
-                        })?;
+                    self.read_sealed(data, &mut buf)?;
                     chunk::authenticate(
                         &self.sealer,
                         &self.header.snapshot_id,

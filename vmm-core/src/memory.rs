@@ -83,29 +83,41 @@ fn advise_huge_pages(addr: *mut u8, len: usize) {
     }
 }
 
+/// Maps every RAM range of a `mem_bytes` guest with `map(start, size, len, offset)`, where
+/// `offset` is where the range starts when the ranges are laid out flat, one after another.
+fn map_ram(
+    mem_bytes: u64,
+    mut map: impl FnMut(u64, u64, usize, u64) -> Result<vm_memory::mmap::MmapRegion, MemoryError>,
+) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, size) in ram_ranges(mem_bytes) {
+        let too_large = || MemoryError::RegionTooLarge {
+            start: start.raw_value(),
+        };
+        let len = usize::try_from(size).map_err(|_| too_large())?;
+        let mapping = map(start.raw_value(), size, len, offset)?;
+        offset += size;
+        regions.push(GuestRegionMmap::new(mapping, start).ok_or_else(too_large)?);
+    }
+    GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
+}
+
 /// Maps anonymous, private, unreserved memory for every RAM range.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
-    let mut regions = Vec::new();
-    for (start, size) in ram_ranges(mem_bytes) {
-        let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
-            start: start.raw_value(),
-        })?;
+    map_ram(mem_bytes, |start, size, len, _| {
         let mapping = MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryError::Map {
-                start: start.raw_value(),
+                start,
                 size,
                 source,
             })?;
         advise_huge_pages(mapping.as_ptr(), mapping.size());
-        let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
-            start: start.raw_value(),
-        })?;
-        regions.push(region);
-    }
-    GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
+        Ok(mapping)
+    })
 }
 
 /// Maps `file` — guest memory laid out flat, region after region, as
@@ -114,34 +126,22 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
 /// memory backend, kept as a baseline for Thaw's own restore.
 pub fn map_file_private(file: &std::fs::File, mem_bytes: u64) -> Result<GuestMemory, MemoryError> {
     use vm_memory::FileOffset;
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (start, size) in ram_ranges(mem_bytes) {
-        let len = usize::try_from(size).map_err(|_| MemoryError::RegionTooLarge {
-            start: start.raw_value(),
-        })?;
-        let clone = file.try_clone().map_err(|e| MemoryError::Map {
-            start: start.raw_value(),
+    map_ram(mem_bytes, |start, size, len, offset| {
+        let map_error = |source| MemoryError::Map {
+            start,
             size,
-            source: vm_memory::mmap::MmapRegionError::Mmap(e),
-        })?;
-        let mapping = MmapRegionBuilder::new(len)
+            source,
+        };
+        let clone = file
+            .try_clone()
+            .map_err(|e| map_error(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::new(clone, offset))
             .build()
-            .map_err(|source| MemoryError::Map {
-                start: start.raw_value(),
-                size,
-                source,
-            })?;
-        offset += size;
-        let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionTooLarge {
-            start: start.raw_value(),
-        })?;
-        regions.push(region);
-    }
-    GuestMemory::from_regions(regions).map_err(MemoryError::Layout)
+            .map_err(map_error)
+    })
 }
 
 /// Hands every region of `memory` to KVM as a memory slot, numbered in address order.
@@ -216,6 +216,28 @@ pub unsafe fn host_slices(memory: &GuestMemory) -> Vec<(u64, &[u8])> {
             // SAFETY: the region maps `len` bytes at `as_ptr()` for as long as `memory` (and
             // so the borrow) lives; the caller guarantees no one writes them meanwhile.
             let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr().cast_const(), len) };
+            (r.start_addr().raw_value(), bytes)
+        })
+        .collect()
+}
+
+/// Each RAM region as `(guest address, the host bytes that back it)`, writable: for filling
+/// memory in place before a machine runs on it.
+///
+/// # Safety
+///
+/// Nothing else may read or write guest memory while the slices live: no machine may be
+/// running on it (its vCPUs and devices would race with the writes), and no other slices of it
+/// may exist.
+pub unsafe fn host_slices_mut(memory: &mut GuestMemory) -> Vec<(u64, &mut [u8])> {
+    memory
+        .iter()
+        .map(|r| {
+            let len = r.len() as usize;
+            // SAFETY: the region maps `len` writable bytes at `as_ptr()` for as long as
+            // `memory` (and so the borrow) lives; regions do not overlap, and the caller
+            // guarantees these are the only references to the bytes meanwhile.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), len) };
             (r.start_addr().raw_value(), bytes)
         })
         .collect()

@@ -470,7 +470,7 @@ fn fill_memory(snap: &Snapshot, memory: &mut GuestMemory) -> Result<(), snapshot
     let regions = unsafe { vmm_core::memory::host_slices_mut(memory) };
     chunk_targets(snap, regions)?
         .into_par_iter()
-        .try_for_each(|(index, out)| snap.read_chunk(index, out))
+        .try_for_each(|(index, out)| snap.read_chunk_authenticated(index, out))
 }
 
 /// Splits guest memory into one disjoint slice per data chunk, so the chunks can be decoded in

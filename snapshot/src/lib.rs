@@ -46,7 +46,7 @@ pub use chunk::is_zero;
 /// The chunk codec alone, for `benches/codec.rs`; not part of the API.
 #[doc(hidden)]
 pub mod bench_support {
-    use crate::chunk::{Encoded, Encoder, decode};
+    use crate::chunk::{Encoded, Encoder, HashCheck, decode};
     use crate::format::DataChunk;
     use crate::keys::DataKey;
     use crate::seal::Sealer;
@@ -97,11 +97,11 @@ pub mod bench_support {
             decode(
                 &self.sealer,
                 &ID,
-                1,
-                0x10_0000,
+                (1, 0x10_0000),
                 &chunk.0,
                 &mut self.scratch,
                 out,
+                HashCheck::Yes,
             )
             .is_ok()
         }

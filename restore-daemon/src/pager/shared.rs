@@ -409,7 +409,7 @@ impl Shared {
             ChunkKind::Data => {
                 buf.resize(chunk.len, 0);
                 self.snapshot
-                    .read_chunk(index, buf)
+                    .read_chunk_authenticated(index, buf)
                     .map_err(|source| Halt::Failed(PagerError::Chunk { index, source }))?;
                 Some(&buf[..])
             }

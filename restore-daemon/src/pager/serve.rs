@@ -121,21 +121,24 @@ fn fill_in_background(
     after_burst: bool,
 ) -> Result<(), PagerError> {
     let mut buf = Vec::new();
-    let install = |index: usize, buf: &mut Vec<u8>| -> Result<Option<bool>, PagerError> {
-        match shared.install(index, buf, &mut Role::Background, || {}) {
-            Ok(Outcome::Installed) => Ok(Some(true)),
-            Ok(Outcome::Skipped) => Ok(Some(false)),
-            Err(Halt::Stopped) => Ok(None),
+    // Returns whether to go on (false once the server stops). A chunk is counted when claimed, before it is marked installed, so that once
+    // `complete()` holds the counters add up too.
+    let install = |index: usize,
+                   buf: &mut Vec<u8>,
+                   counter: &std::sync::atomic::AtomicU64|
+     -> Result<bool, PagerError> {
+        let claimed = || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        match shared.install(index, buf, &mut Role::Background, claimed) {
+            Ok(Outcome::Installed | Outcome::Skipped) => Ok(true),
+            Err(Halt::Stopped) => Ok(false),
             Err(Halt::Failed(e)) => Err(e),
         }
     };
     for &index in working_set {
-        match install(index as usize, &mut buf)? {
-            Some(true) => {
-                shared.counters.working_set.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(false) => {}
-            None => return Ok(()),
+        if !install(index as usize, &mut buf, &shared.counters.working_set)? {
+            return Ok(());
         }
     }
     tracing::debug!(chunks = working_set.len(), "working set installed");
@@ -143,12 +146,8 @@ fn fill_in_background(
         return Ok(());
     }
     for index in 0..shared.chunk_count() {
-        match install(index, &mut buf)? {
-            Some(true) => {
-                shared.counters.prefetched.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(false) => {}
-            None => return Ok(()),
+        if !install(index, &mut buf, &shared.counters.prefetched)? {
+            return Ok(());
         }
     }
     tracing::debug!("prefetch complete");

@@ -153,3 +153,48 @@ fn host_check_reports_kvm_and_userfaultfd() {
     let text = thaw(&["host-check"]);
     assert!(stdout(&text).contains("What this means"));
 }
+
+#[test]
+fn restore_rejects_bad_flags_before_touching_anything() {
+    assert_refused(
+        &thaw(&["restore", "/nonexistent", "--memory", "fast"]),
+        "unknown memory mode \"fast\": use lazy or eager",
+    );
+    assert_refused(
+        &thaw(&["restore", "/nonexistent", "--chunk-check", "never"]),
+        "unknown chunk check \"never\": use upfront or on-install",
+    );
+    assert_refused(
+        &thaw(&["restore", "/nonexistent", "--after-restore-timeout", "0"]),
+        "out of range",
+    );
+    // Your own agent host and Thaw's invocations exclude each other.
+    assert_refused(
+        &thaw(&[
+            "restore",
+            "/nonexistent",
+            "--vsock-uds",
+            "/tmp/v.sock",
+            "--invoke",
+            "x",
+        ]),
+        "cannot be used with",
+    );
+    assert_refused(
+        &thaw(&["snapshot", "record-ws", "/nonexistent", "--timeout", "x"]),
+        "is not a number of seconds",
+    );
+    // A directory that holds no snapshot: a clear error, nothing restored.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    snapshot::MasterKey::load_or_create(&key).unwrap();
+    assert_refused(
+        &thaw(&[
+            "restore",
+            dir.path().to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ]),
+        "nothing was restored",
+    );
+}

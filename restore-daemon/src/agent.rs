@@ -497,6 +497,141 @@ mod tests {
         assert_eq!(quote(long.as_bytes()).chars().count(), MAX_QUOTED + 1);
     }
 
+    /// Runs `after_restore` against a fake agent that plays `script` on its connection.
+    fn handshake(
+        budget: Duration,
+        script: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> Result<AgentConnection, AfterRestoreError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let agent = std::thread::spawn(move || script(UnixStream::connect(&path).unwrap()));
+        let unique = Uniqueness::generate().unwrap();
+        let result = after_restore(&listener, &unique, Duration::from_secs(5), budget, &|| {
+            false
+        });
+        agent.join().unwrap();
+        result
+    }
+
+    fn hello(s: &mut UnixStream) {
+        io::write_message(
+            s,
+            &Message::Hello {
+                agent: "fake/1",
+                init_type: InitType::SnapStart,
+            },
+        )
+        .unwrap();
+    }
+
+    /// Reads `Restored` and checks what the host sent.
+    fn restored(s: &mut UnixStream) {
+        let frame = io::read_frame(s).unwrap();
+        let Ok(Message::Restored(r)) = frame.message() else {
+            panic!("expected Restored, got {:?}", frame.kind);
+        };
+        assert_eq!(r.entropy.len(), ENTROPY_BYTES);
+        let now = unix_nanos_now();
+        assert!(
+            now.abs_diff(r.wall_clock_ns) < 5_000_000_000,
+            "{}",
+            r.wall_clock_ns
+        );
+        assert_eq!(r.restore_id.len(), 36);
+    }
+
+    #[test]
+    fn a_well_behaved_agent_is_ready_after_restore_done() {
+        let agent = handshake(Duration::from_secs(5), |mut s| {
+            hello(&mut s);
+            restored(&mut s);
+            // Closing right after is fine: the host reads RestoreDone before the end.
+            io::write_message(&mut s, &Message::RestoreDone).unwrap();
+        })
+        .unwrap();
+        assert_eq!(agent.agent, "fake/1");
+    }
+
+    #[test]
+    fn misbehaving_agents_get_typed_errors() {
+        let err = handshake(Duration::from_secs(5), |mut s| {
+            hello(&mut s);
+            restored(&mut s);
+            let body = br#"{"errorMessage":"no db","errorType":"X"}"#;
+            io::write_message(
+                &mut s,
+                &Message::RestoreError(Failure {
+                    error_type: "Runtime.AfterRestoreError",
+                    body,
+                }),
+            )
+            .unwrap();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, AfterRestoreError::Hook { error_type, message }
+                if error_type == "Runtime.AfterRestoreError" && message == "no db"),
+            "{err:?}"
+        );
+
+        let err = handshake(Duration::from_millis(200), |mut s| {
+            hello(&mut s);
+            restored(&mut s);
+            std::thread::sleep(Duration::from_millis(600));
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, AfterRestoreError::HookTimeout(_)), "{err:?}");
+
+        let err = handshake(Duration::from_secs(5), |mut s| {
+            io::write_message(&mut s, &Message::Ready).unwrap();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, AfterRestoreError::Protocol(m) if m.contains("not Hello")),
+            "{err:?}"
+        );
+
+        // Garbage instead of a frame.
+        let err = handshake(Duration::from_secs(5), |mut s| {
+            use std::io::Write;
+            s.write_all(&[0xff; 64]).unwrap();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, AfterRestoreError::Protocol(m) if m.contains("malformed")),
+            "{err:?}"
+        );
+
+        // The wrong answer to Restored, then the connection closing during the hooks.
+        let err = handshake(Duration::from_secs(5), |mut s| {
+            hello(&mut s);
+            restored(&mut s);
+            io::write_message(&mut s, &Message::SnapshotReady).unwrap();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, AfterRestoreError::Protocol(m) if m.contains("expected RestoreDone")),
+            "{err:?}"
+        );
+        let err = handshake(Duration::from_secs(5), |mut s| {
+            hello(&mut s);
+            restored(&mut s);
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, AfterRestoreError::Protocol(m) if m.contains("closed"))
+                || matches!(err, AfterRestoreError::Socket(_)),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn every_restore_gets_its_own_entropy_and_id() {
         let a = Uniqueness::generate().unwrap();

@@ -65,6 +65,18 @@ fn report(outcome: &RunOutcome) {
     }
 }
 
+/// Runs a restored guest nobody here talks to, with this terminal's input, until it ends.
+fn run_without_agent(
+    restored: restore_daemon::restore::Restored,
+    api: Option<RestoreApi>,
+) -> anyhow::Result<ExitCode> {
+    tracing::info!(timings = ?restored.timings, "snapshot restored");
+    let _api = serve_api(api, &restored)?;
+    let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
+    report(&outcome);
+    Ok(exit_code(&outcome.reason))
+}
+
 /// Restores the snapshot at `dir` and runs it as `agent` says.
 pub fn run(
     dir: &Path,
@@ -81,11 +93,7 @@ pub fn run(
         let restored =
             restore_daemon::restore::restore(dir, key, &options, Box::new(std::io::stdout()))
                 .context("nothing was restored")?;
-        tracing::info!(timings = ?restored.timings, "snapshot restored");
-        let _api = serve_api(api, &restored)?;
-        let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
-        report(&outcome);
-        return Ok(exit_code(&outcome.reason));
+        return run_without_agent(restored, api);
     }
     // Responses go to stdout; so, when there are any, the console goes to stderr.
     let console: vmm_core::devices::serial::ConsoleOutput = if agent.invoke.is_empty() {
@@ -100,12 +108,7 @@ pub fn run(
             agent.invoke.is_empty(),
             "the snapshot's guest has no vsock device, so it has no agent to invoke"
         );
-        let restored = prepared.into_restored();
-        tracing::info!(timings = ?restored.timings, "snapshot restored");
-        let _api = serve_api(api, &restored)?;
-        let outcome = restored.run(Some(Box::new(std::io::stdin())))?;
-        report(&outcome);
-        return Ok(exit_code(&outcome.reason));
+        return run_without_agent(prepared.into_restored(), api);
     }
     let env_options = EnvironmentOptions {
         restore: options,

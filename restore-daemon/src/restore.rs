@@ -363,42 +363,29 @@ pub fn restore(
 
     let started = Instant::now();
     let watch = Arc::new(PagerWatch::default());
-    if let Some(path) = &options.baseline_memory_file {
-        let file = std::fs::File::open(path)
-            .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
-        let memory = vmm_core::memory::map_file_private(&file, state.mem_bytes)
-            .map_err(|e| RestoreError::Memory(e.to_string()))?;
-        let memory_elapsed = started.elapsed();
-        let started = Instant::now();
-        let config = RestoreConfig {
-            vsock_uds_path: options.vsock_uds.clone(),
-        };
-        let machine = Machine::restore(&config, console, &state, memory.clone())?;
-        return Ok(Restored {
-            machine,
-            pager: None,
-            watch,
-            _memory: memory,
-            snapshot: snap,
-            timings: RestoreTimings {
-                open,
-                authenticate: Duration::ZERO,
-                memory: memory_elapsed,
-                machine_restore: started.elapsed(),
-            },
-        });
-    }
-    let mut memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
-        .map_err(|e| RestoreError::Memory(e.to_string()))?;
-    let pager = match options.memory {
-        MemoryMode::Eager => {
+    let (memory, pager) = match (&options.baseline_memory_file, options.memory) {
+        (Some(path), _) => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
+            let memory = vmm_core::memory::map_file_private(&file, state.mem_bytes)
+                .map_err(|e| RestoreError::Memory(e.to_string()))?;
+            (memory, None)
+        }
+        (None, MemoryMode::Eager) => {
+            let mut memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
+                .map_err(|e| RestoreError::Memory(e.to_string()))?;
             fill_memory(&snap, &mut memory).map_err(|source| RestoreError::Chunk {
                 path: dir.to_owned(),
                 source,
             })?;
-            None
+            (memory, None)
         }
-        MemoryMode::Lazy => Some(Arc::new(start_pager(&snap, &memory, options, &watch)?)),
+        (None, MemoryMode::Lazy) => {
+            let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
+                .map_err(|e| RestoreError::Memory(e.to_string()))?;
+            let pager = start_pager(&snap, &memory, options, &watch)?;
+            (memory, Some(Arc::new(pager)))
+        }
     };
     let memory_elapsed = started.elapsed();
 

@@ -13,13 +13,14 @@
 //!
 //! With `--write` it replaces the restore section of docs/BENCHMARKS.md.
 //!
-//! Run: `cargo bench --bench restore [-- --write] [-- --iterations N]`
+//! Run: `cargo bench --bench restore [-- --write] [-- --iterations N] [-- --fill MIB]...`
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hooks_sdk::protocol::io as frames;
@@ -27,11 +28,13 @@ use hooks_sdk::protocol::{Invoke, Kind, Message};
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::shells::ShellPool;
 use restore_daemon::verify::KeyChoice;
 use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
 use vmm_core::Machine;
 use vmm_core::config::VsockConfig;
+use vmm_core::machine::ShellSpec;
 
 mod support;
 use support::{ms, stats};
@@ -44,9 +47,11 @@ const PAYLOAD: &[u8] = b"{\"bench\":true}";
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Eager,
+    EagerShell,
     Lazy,
     LazyPrefetch,
     LazyWorkingSet,
+    LazyWorkingSetShell,
     MapPrivateFile,
     ColdBoot,
 }
@@ -55,9 +60,11 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Eager => "eager",
+            Mode::EagerShell => "eager, pre-built machine shell",
             Mode::Lazy => "lazy",
             Mode::LazyPrefetch => "lazy + prefetch",
             Mode::LazyWorkingSet => "lazy + recorded working set (+ prefetch)",
+            Mode::LazyWorkingSetShell => "lazy + working set, pre-built machine shell",
             Mode::MapPrivateFile => "baseline: MAP_PRIVATE of a plain memory file",
             Mode::ColdBoot => "baseline: cold boot of the same guest",
         }
@@ -147,10 +154,27 @@ fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
     }
 }
 
-fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode) -> Sample {
+/// The machine shell every restore of `w` needs.
+fn shell_spec(w: &Workload) -> ShellSpec {
+    ShellSpec {
+        mem_bytes: (BELOW_MIB + w.fill_mib + SPARE_MIB) << 20,
+        vcpus: 1,
+    }
+}
+
+fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode, shells: &Arc<ShellPool>) -> Sample {
     let restore = match mode {
         Mode::Eager => RestoreOptions {
             memory: MemoryMode::Eager,
+            ..RestoreOptions::default()
+        },
+        Mode::EagerShell => RestoreOptions {
+            memory: MemoryMode::Eager,
+            shells: Some(shells.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::LazyWorkingSetShell => RestoreOptions {
+            shells: Some(shells.clone()),
             ..RestoreOptions::default()
         },
         Mode::Lazy => RestoreOptions {
@@ -173,12 +197,20 @@ fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode) -> Sample {
         restore,
         ..EnvironmentOptions::default()
     };
+    if options.restore.shells.is_some() {
+        // Built ahead, off the timed path, as thawd builds them.
+        assert!(shells.wait_ready(shell_spec(w), 1, Duration::from_secs(60)));
+    }
     let started = Instant::now();
     let mut env = Environment::start(&w.snap, key, &options, Box::new(std::io::sink())).unwrap();
     let answer = env.invoke(&request(), Duration::from_secs(60)).unwrap();
     let answered = started.elapsed();
     assert!(matches!(answer, InvokeOutcome::Response(_)));
     let faults = env.pager().map(|p| p.stats().faults);
+    assert_eq!(
+        env.timings.restore.shell_was_ready,
+        matches!(mode, Mode::EagerShell | Mode::LazyWorkingSetShell)
+    );
     let sample = Sample {
         runnable: env.timings.restore.total(),
         ready: env.timings.ready,
@@ -247,6 +279,18 @@ fn cold_boot_once(w: &Workload, dir: &Path) -> Sample {
     }
 }
 
+/// The floor an eager restore cannot go below: decrypting and decompressing every data chunk
+/// into fresh guest memory on all cores, timed alone (no VM, no state, no snapshot opening).
+fn floor_once(w: &Workload, key: &KeyChoice) -> Duration {
+    let opened = restore_daemon::verify::open(&w.snap, key).unwrap();
+    let spec = shell_spec(w);
+    let mut memory = vmm_core::memory::create_guest_memory(spec.mem_bytes).unwrap();
+    let started = Instant::now();
+    // SAFETY: `memory` was just mapped here and nothing else uses it.
+    unsafe { restore_daemon::restore::decode_all_into(&opened, &mut memory) }.unwrap();
+    started.elapsed()
+}
+
 fn cell(samples: &[Sample], pick: impl Fn(&Sample) -> Duration) -> String {
     let s = stats(samples.iter().map(pick).collect());
     format!("{} ({}–{})", ms(s.median), ms(s.min), ms(s.max))
@@ -256,11 +300,14 @@ fn main() {
     let args = support::args(5);
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("key");
+    let shells = Arc::new(ShellPool::new().unwrap());
     let modes = [
         Mode::Eager,
+        Mode::EagerShell,
         Mode::Lazy,
         Mode::LazyPrefetch,
         Mode::LazyWorkingSet,
+        Mode::LazyWorkingSetShell,
         Mode::MapPrivateFile,
         Mode::ColdBoot,
     ];
@@ -270,8 +317,20 @@ fn main() {
          |---|---|---|---|---|---|---|\n",
     );
     let mut notes = String::new();
-    for fill_mib in [0u64, 64, 256] {
+    // `--fill MIB` (repeatable) runs only those workloads, for working on one row.
+    let argv: Vec<String> = std::env::args().collect();
+    let picked: Vec<u64> = argv
+        .windows(2)
+        .filter(|w| w[0] == "--fill")
+        .filter_map(|w| w[1].parse().ok())
+        .collect();
+    let fills: Vec<u64> = [0u64, 64, 256]
+        .into_iter()
+        .filter(|f| picked.is_empty() || picked.contains(f))
+        .collect();
+    for fill_mib in fills {
         let w = make_workload(dir.path(), &key_path, fill_mib);
+        shells.keep_ready(shell_spec(&w), 1);
         let key = KeyChoice::Given(snapshot::MasterKey::load(&key_path).unwrap());
         let opened = restore_daemon::verify::open(&w.snap, &key).unwrap();
         let ws = opened.working_set().map_or(0, |ws| ws.chunks.len());
@@ -283,17 +342,23 @@ fn main() {
             info.chunk_count,
             info.file_bytes as f64 / (1 << 20) as f64,
         ));
+        let floor = stats((0..args.iterations).map(|_| floor_once(&w, &key)).collect());
         let mut eager_answer = None;
+        let mut eager_runnable = Vec::new();
         for mode in modes {
             let samples: Vec<Sample> = (0..args.iterations)
                 .map(|_| match mode {
                     Mode::ColdBoot => cold_boot_once(&w, dir.path()),
-                    other => restore_once(&w, &key, other),
+                    other => restore_once(&w, &key, other, &shells),
                 })
                 .collect();
             let answer = stats(samples.iter().map(|s| s.answer).collect()).median;
             if mode == Mode::Eager {
                 eager_answer = Some(answer);
+            }
+            if matches!(mode, Mode::Eager | Mode::EagerShell) {
+                let runnable = stats(samples.iter().map(|s| s.runnable).collect()).median;
+                eager_runnable.push((mode, runnable));
             }
             let ratio = eager_answer.map_or(1.0, |e| answer.as_secs_f64() / e.as_secs_f64());
             let faults = {
@@ -310,6 +375,28 @@ fn main() {
             ));
             eprintln!("{fill_mib} MiB {}: done", mode.name());
         }
+        if fill_mib > 0 {
+            let ratios: Vec<String> = eager_runnable
+                .iter()
+                .map(|(mode, runnable)| {
+                    format!(
+                        "{} {:.2}×",
+                        mode.name(),
+                        runnable.as_secs_f64() / floor.median.as_secs_f64()
+                    )
+                })
+                .collect();
+            notes.push_str(&format!(
+                "- {fill_mib} MiB floor (every data chunk decrypted and decompressed into fresh \
+                 guest memory on both cores, timed alone): {} ({}–{}); restore → runnable ÷ \
+                 floor: {}\n",
+                ms(floor.median),
+                ms(floor.min),
+                ms(floor.max),
+                ratios.join(", "),
+            ));
+        }
+        shells.keep_ready(shell_spec(&w), 0);
         std::fs::remove_dir_all(&w.snap).unwrap();
         std::fs::remove_file(&w.raw).unwrap();
     }

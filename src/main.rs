@@ -442,6 +442,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 record_working_set: false,
                 vsock_uds,
                 baseline_memory_file: None,
+                shells: None,
             };
             thaw::restore_cli::run(
                 &dir,

@@ -48,6 +48,7 @@ pub fn record(
             record_working_set: true,
             vsock_uds: None,
             baseline_memory_file: None,
+            shells: None,
         },
         ..EnvironmentOptions::default()
     };

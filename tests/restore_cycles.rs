@@ -1,25 +1,29 @@
 //! 200 restore-and-discard cycles in one process leak nothing: each cycle restores a snapshot
 //! lazily (page server, prefetcher, vCPU and device threads, KVM and userfaultfd descriptors,
 //! guest memory), runs the agent through its after-restore hooks, invokes it once, and then
-//! either shuts it down or kills it. Afterwards this process has the same descriptors, threads
-//! and mappings as after the warm-up, and its resident memory has not grown by more than a
-//! little allocator slack. This file holds one test so that nothing else runs in its process.
+//! either shuts it down or kills it. Half the cycles take a machine shell built ahead by a
+//! shell pool, which keeps one ready throughout. Afterwards this process has the same
+//! descriptors, threads and mappings as after the warm-up, and its resident memory has not
+//! grown by more than a little allocator slack. This file holds one test so that nothing else runs in its process.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fixture;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
+use restore_daemon::shells::ShellPool;
 use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
 use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
 use vmm_core::config::VsockConfig;
+use vmm_core::machine::ShellSpec;
 
 const CYCLES: usize = 200;
 const WARM_UP: usize = 10;
@@ -107,10 +111,19 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
     let payload = pattern(1000, 5);
     let want: [u8; 32] = Sha256::digest(&payload).into();
     let _slot = vm_slot();
+    let spec = ShellSpec {
+        mem_bytes: 128 << 20,
+        vcpus: 1,
+    };
+    let shells = Arc::new(ShellPool::new().unwrap());
+    shells.keep_ready(spec, 1);
+    // The pool holds one ready shell whenever this process is measured.
+    let pool_full = || assert!(shells.wait_ready(spec, 1, Duration::from_secs(30)));
     let mut baseline = None;
     let started = Instant::now();
     for cycle in 0..CYCLES {
         if cycle == WARM_UP {
+            pool_full();
             baseline = Some((settled(), rss_kib()));
         }
         let options = EnvironmentOptions {
@@ -118,6 +131,7 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
                 memory: MemoryMode::Lazy,
                 // Half the cycles end while the prefetcher may still be running.
                 prefetch: cycle % 2 == 0,
+                shells: (cycle % 4 < 2).then(|| shells.clone()),
                 ..RestoreOptions::default()
             },
             ..EnvironmentOptions::default()
@@ -146,12 +160,16 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
         drop(outcome);
     }
     let elapsed = started.elapsed();
+    pool_full();
+    let pool = shells.stats();
+    assert_eq!(pool.hits + pool.misses, CYCLES as u64 / 2, "{pool:?}");
+    assert!(pool.hits > 0, "no restore found a shell ready: {pool:?}");
     let (before, rss_before) = baseline.unwrap();
     let after = settled();
     let rss_after = rss_kib();
     println!(
         "{CYCLES} cycles in {elapsed:.1?} ({:.1?} each): after warm-up {before:?}, RSS {rss_before} \
-         KiB; at the end {after:?}, RSS {rss_after} KiB",
+         KiB; at the end {after:?}, RSS {rss_after} KiB; shells {pool:?}",
         elapsed / CYCLES as u32
     );
     assert_eq!(after, before, "descriptors, threads or mappings leaked");

@@ -10,6 +10,7 @@ mod fixture;
 
 use std::os::unix::net::UnixListener;
 use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
@@ -18,11 +19,13 @@ use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
 use restore_daemon::agent::{AfterRestoreError, InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreError, RestoreOptions};
+use restore_daemon::shells::ShellPool;
 use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
 use thaw::run::RunOptions;
 use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
 use vmm_core::config::VsockConfig;
+use vmm_core::machine::ShellSpec;
 
 /// The guest's workload: 256 MiB of mixed memory, checksummed before and after.
 const FILL_MIB: u64 = 256;
@@ -322,16 +325,29 @@ fn every_memory_mode_gives_back_the_same_256_mib() {
     let key = dir.path().join("k");
     let (snap, created_console) = make_snapshot(dir.path(), &key);
     let checksum = fill_checksum(&created_console);
+    // The same modes into machine shells built ahead of time, as thawd builds them.
+    let shells = Arc::new(ShellPool::new().unwrap());
+    let spec = ShellSpec {
+        mem_bytes: (64 + FILL_MIB + 64) << 20,
+        vcpus: 1,
+    };
+    shells.keep_ready(spec, 1);
     let modes = [
-        ("eager", MemoryMode::Eager, false),
-        ("lazy", MemoryMode::Lazy, false),
-        ("lazy+prefetch", MemoryMode::Lazy, true),
+        ("eager", MemoryMode::Eager, false, false),
+        ("lazy", MemoryMode::Lazy, false, false),
+        ("lazy+prefetch", MemoryMode::Lazy, true, false),
+        ("eager in a pre-built shell", MemoryMode::Eager, false, true),
+        ("lazy in a pre-built shell", MemoryMode::Lazy, false, true),
     ];
-    for (name, memory, prefetch) in modes {
+    for (name, memory, prefetch, prebuilt) in modes {
+        if prebuilt {
+            assert!(shells.wait_ready(spec, 1, Duration::from_secs(60)));
+        }
         let options = EnvironmentOptions {
             restore: RestoreOptions {
                 memory,
                 prefetch,
+                shells: prebuilt.then(|| shells.clone()),
                 ..RestoreOptions::default()
             },
             ..EnvironmentOptions::default()
@@ -349,6 +365,7 @@ fn every_memory_mode_gives_back_the_same_256_mib() {
         assert_eq!(answer, InvokeOutcome::Response(want.to_vec()), "{name}");
         let pager = env.pager().map(|p| p.stats());
         let timings = env.timings;
+        assert_eq!(timings.restore.shell_was_ready, prebuilt, "{name}");
         let outcome = env.shutdown().unwrap();
         let text = console.text();
         assert_eq!(

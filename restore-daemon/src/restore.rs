@@ -19,11 +19,14 @@ use snapshot::{ChunkKind, Snapshot};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
-use vmm_core::machine::{ConsoleInput, MachineController, RestoreConfig};
+use vmm_core::machine::{
+    ConsoleInput, MachineController, MachineShell, RestoreConfig, ShellSpec, StateError,
+};
 use vmm_core::memory::GuestMemory;
 use vmm_core::{Machine, MachineError};
 
 use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats};
+use crate::shells::ShellPool;
 use crate::state_codec::{self, StateCodecError};
 use crate::verify::{self, KeyChoice, VerifyError};
 
@@ -49,6 +52,15 @@ pub enum RestoreError {
         /// Why.
         #[source]
         source: StateCodecError,
+    },
+    /// The state decodes but describes no machine that could run.
+    #[error("snapshot {}: its machine state is invalid", path.display())]
+    InvalidState {
+        /// The snapshot.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: StateError,
     },
     /// The snapshot's memory regions are not the layout of a machine of its size.
     #[error(
@@ -157,6 +169,9 @@ pub struct RestoreOptions {
     /// unauthenticated memory file, mapped privately (Firecracker's `File` backend), instead
     /// of from the snapshot's chunks. `memory` and the lazy options are then ignored.
     pub baseline_memory_file: Option<PathBuf>,
+    /// Machine shells built ahead of time: the restore takes one of its size if one is ready
+    /// and builds its own otherwise.
+    pub shells: Option<Arc<ShellPool>>,
 }
 
 impl Default for RestoreOptions {
@@ -169,6 +184,7 @@ impl Default for RestoreOptions {
             record_working_set: false,
             vsock_uds: None,
             baseline_memory_file: None,
+            shells: None,
         }
     }
 }
@@ -178,6 +194,10 @@ impl Default for RestoreOptions {
 pub struct RestoreTimings {
     /// Opening and authenticating the snapshot, the host check, decoding the state.
     pub open: Duration,
+    /// Taking a ready machine shell, or building one.
+    pub shell: Duration,
+    /// Whether the shell came ready from a [`ShellPool`].
+    pub shell_was_ready: bool,
     /// Lazy with [`ChunkCheck::UpFront`]: authenticating every chunk.
     pub authenticate: Duration,
     /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
@@ -190,7 +210,7 @@ pub struct RestoreTimings {
 impl RestoreTimings {
     /// From the start of the restore until the machine can run.
     pub fn total(&self) -> Duration {
-        self.open + self.authenticate + self.memory + self.machine_restore
+        self.open + self.shell + self.authenticate + self.memory + self.machine_restore
     }
 }
 
@@ -333,7 +353,24 @@ fn open_checked(
             mem_bytes: state.mem_bytes,
         });
     }
+    state
+        .validate(&layout)
+        .map_err(|source| RestoreError::InvalidState {
+            path: dir.to_owned(),
+            source,
+        })?;
     Ok((snap, state))
+}
+
+/// A ready shell from the pool, or one built now.
+fn take_shell(
+    spec: ShellSpec,
+    pool: Option<&ShellPool>,
+) -> Result<(MachineShell, bool), RestoreError> {
+    if let Some(shell) = pool.and_then(|p| p.take(spec)) {
+        return Ok((shell, true));
+    }
+    Ok((MachineShell::create(spec)?, false))
 }
 
 /// Restores the snapshot at `dir`: the guest's console goes to `console`.
@@ -362,38 +399,52 @@ pub fn restore(
     let authenticate = started.elapsed();
 
     let started = Instant::now();
-    let watch = Arc::new(PagerWatch::default());
-    let (memory, pager) = match (&options.baseline_memory_file, options.memory) {
-        (Some(path), _) => {
+    let spec = ShellSpec {
+        mem_bytes: state.mem_bytes,
+        // validate() allows at most 255 vCPUs.
+        vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
+    };
+    let (shell, shell_was_ready) = match &options.baseline_memory_file {
+        Some(path) => {
             let file = std::fs::File::open(path)
                 .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
             let memory = vmm_core::memory::map_file_private(&file, state.mem_bytes)
                 .map_err(|e| RestoreError::Memory(e.to_string()))?;
-            (memory, None)
+            (MachineShell::with_memory(memory, spec.vcpus)?, false)
         }
+        None => take_shell(spec, options.shells.as_deref())?,
+    };
+    let shell_elapsed = started.elapsed();
+
+    let started = Instant::now();
+    let watch = Arc::new(PagerWatch::default());
+    let mut shell = shell;
+    let pager = match (&options.baseline_memory_file, options.memory) {
+        (Some(_), _) => None,
         (None, MemoryMode::Eager) => {
-            let mut memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
-                .map_err(|e| RestoreError::Memory(e.to_string()))?;
-            fill_memory(&snap, &mut memory).map_err(|source| RestoreError::Chunk {
-                path: dir.to_owned(),
-                source,
+            // SAFETY: the shell is fresh, taken for this restore alone: its VM has never run a
+            // vCPU and no device exists on its memory yet, so nothing else touches the memory.
+            unsafe { decode_all_into(&snap, shell.memory_mut()) }.map_err(|source| {
+                RestoreError::Chunk {
+                    path: dir.to_owned(),
+                    source,
+                }
             })?;
-            (memory, None)
+            None
         }
         (None, MemoryMode::Lazy) => {
-            let memory = vmm_core::memory::create_guest_memory(state.mem_bytes)
-                .map_err(|e| RestoreError::Memory(e.to_string()))?;
-            let pager = start_pager(&snap, &memory, options, &watch)?;
-            (memory, Some(Arc::new(pager)))
+            let pager = start_pager(&snap, shell.memory(), options, &watch)?;
+            Some(Arc::new(pager))
         }
     };
+    let memory = shell.memory().clone();
     let memory_elapsed = started.elapsed();
 
     let started = Instant::now();
     let config = RestoreConfig {
         vsock_uds_path: options.vsock_uds.clone(),
     };
-    let machine = Machine::restore(&config, console, &state, memory.clone())?;
+    let machine = Machine::restore_in(shell, &config, console, &state)?;
     // A failure before this point surfaced in this thread (Machine::restore itself touches no
     // guest memory); from here on it stops the machine.
     let _ = watch.controller.set(machine.controller());
@@ -408,6 +459,8 @@ pub fn restore(
         snapshot: snap,
         timings: RestoreTimings {
             open,
+            shell: shell_elapsed,
+            shell_was_ready,
             authenticate,
             memory: memory_elapsed,
             machine_restore: started.elapsed(),
@@ -449,11 +502,21 @@ fn start_pager(
     PageServer::start(snap.clone(), regions, pager_options).map_err(RestoreError::PagerStart)
 }
 
-/// Decrypts every data chunk straight into guest memory, on all cores. Zero chunks need
-/// nothing: fresh anonymous memory reads as zero.
-fn fill_memory(snap: &Snapshot, memory: &mut GuestMemory) -> Result<(), snapshot::ReadError> {
-    // SAFETY: `memory` was just mapped for this restore and no machine exists on it yet, so
-    // nothing else touches it while the slices live (they end with this function).
+/// Decrypts and decompresses every data chunk straight into guest memory, on all cores: an
+/// eager restore's memory phase, public so the restore bench can time it alone (the floor an
+/// eager restore cannot go below). Zero chunks are skipped: `memory` must be fresh anonymous
+/// memory, which reads as zero.
+///
+/// # Safety
+///
+/// Nothing else may read or write `memory` while this runs: no machine may run on it and no
+/// device may use it (see [`vmm_core::memory::host_slices_mut`]).
+pub unsafe fn decode_all_into(
+    snap: &Snapshot,
+    memory: &mut GuestMemory,
+) -> Result<(), snapshot::ReadError> {
+    // SAFETY: the caller guarantees that nothing else touches `memory` while the slices live
+    // (they end with this function).
     let regions = unsafe { vmm_core::memory::host_slices_mut(memory) };
     chunk_targets(snap, regions)?
         .into_par_iter()

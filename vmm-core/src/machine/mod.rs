@@ -4,12 +4,14 @@
 //!
 //! Submodules: `devices` wires devices into the VM, `event_loop` is the VMM thread, `control`
 //! the [`MachineController`] that pauses, saves and resumes a running machine, `state` the
-//! saved machine and `restore` rebuilding one from it.
+//! saved machine, `shell` the KVM resources a restore fills in, and `restore` rebuilding a
+//! machine from a saved one.
 
 mod control;
 mod devices;
 mod event_loop;
 mod restore;
+mod shell;
 mod state;
 
 use std::io::Read;
@@ -28,7 +30,7 @@ use crate::devices::vsock::{VsockDevice, VsockError};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout::{KVM_TSS_ADDRESS, VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vcpu::state::{Vcpu, VcpuCaps};
+use crate::vcpu::state::Vcpu;
 use crate::vcpu::{self, SpawnError, VcpuHandle, setup::SetupError};
 use crate::{cpuid, kvm};
 use control::ControlShared;
@@ -36,6 +38,7 @@ use devices::{LegacyDevices, PlacedVsock, VirtioDevices};
 
 pub use control::{ControlError, MachineController, SaveError};
 pub use restore::{RestoreConfig, RestoreError};
+pub use shell::{MachineShell, ShellSpec};
 pub use state::{
     BootState, DevicesState, MACHINE_STATE_VERSION, MachineState, StateError, VirtioPlacement,
     VsockDeviceState,
@@ -176,11 +179,17 @@ impl Machine {
     /// Creates the VM, loads the guest and configures every vCPU, without running anything.
     pub fn create(config: &MachineConfig, console: ConsoleOutput) -> Result<Self, MachineError> {
         config.validate()?;
-        let kvm = kvm::open()?;
-        let vm = create_vm(&kvm)?;
-
-        let memory = memory::create_guest_memory(config.mem_bytes())?;
-        memory::register_with_kvm(&vm, &memory)?;
+        let shell = MachineShell::create(ShellSpec {
+            mem_bytes: config.mem_bytes(),
+            vcpus: config.vcpus,
+        })?;
+        let MachineShell {
+            vcpus: vcpu_fds,
+            vm,
+            memory,
+            caps,
+            ..
+        } = shell;
 
         // Virtio devices come before the boot tables, which describe them.
         let mut virtio = VirtioDevices::new();
@@ -189,7 +198,7 @@ impl Machine {
             None => None,
         };
 
-        let base_cpuid = cpuid::supported(&kvm)?;
+        let base_cpuid = cpuid::supported(&kvm::open()?)?;
         let boot = boot::load(
             &memory,
             &config.kernel,
@@ -210,12 +219,8 @@ impl Machine {
         let mut legacy = devices::legacy_devices(serial, I8042::new(exit.clone()), &exit)?;
         legacy.buses.mmio = virtio.mmio;
 
-        let caps = Arc::new(VcpuCaps::probe(&kvm, &vm).map_err(vm_step("KVM_GET_MSR_INDEX_LIST"))?);
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(vm_step("KVM_CREATE_VCPU"))?;
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for (index, fd) in (0..config.vcpus).zip(vcpu_fds) {
             let cpuid = cpuid::for_vcpu(&base_cpuid, index, config.vcpus);
             vcpu::setup::configure(&fd, index, &cpuid, boot.entry.0)?;
             vcpus.push(Vcpu::new(index, fd, caps.clone()));

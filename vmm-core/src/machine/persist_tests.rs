@@ -92,6 +92,12 @@ fn wait_for_count(mem: &GuestMemory, value: u64) -> u64 {
 /// A copy of `mem` in fresh guest memory, as a snapshot's memory file would provide it.
 fn copy_memory(mem: &GuestMemory) -> GuestMemory {
     let copy = memory::create_guest_memory(memory::total_bytes(mem)).unwrap();
+    copy_into(mem, &copy);
+    copy
+}
+
+/// Copies what `mem` holds into `copy`, which is laid out the same.
+fn copy_into(mem: &GuestMemory, copy: &GuestMemory) {
     let mut chunk = vec![0u8; 1 << 20];
     for region in mem.iter() {
         let mut at = region.start_addr().0;
@@ -106,7 +112,6 @@ fn copy_memory(mem: &GuestMemory) -> GuestMemory {
             at += n as u64;
         }
     }
-    copy
 }
 
 #[test]
@@ -134,7 +139,6 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
         "a paused guest does not run"
     );
     let state = first.control.save().unwrap();
-    let memory_copy = copy_memory(&first.mem);
     first.control.stop();
     assert_eq!(first.thread.join().unwrap().unwrap(), ExitReason::Stopped);
     assert_eq!(state.vcpus.len(), 2);
@@ -150,14 +154,47 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
     let (state, _): (MachineState, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
 
+    // Restored into a shell built before its memory was filled, as a platform builds them
+    // ahead of restores. Shells of another size are refused first.
+    let spec = ShellSpec {
+        mem_bytes: state.mem_bytes,
+        vcpus: 2,
+    };
+    for wrong in [
+        ShellSpec { vcpus: 1, ..spec },
+        ShellSpec {
+            mem_bytes: spec.mem_bytes * 2,
+            ..spec
+        },
+    ] {
+        let refused = Machine::restore_in(
+            MachineShell::create(wrong).unwrap(),
+            &RestoreConfig::default(),
+            Box::new(std::io::sink()),
+            &state,
+        );
+        assert!(
+            matches!(
+                refused,
+                Err(MachineError::Restore(
+                    RestoreError::ShellMismatch { .. }
+                        | RestoreError::Invalid(StateError::MemorySize { .. })
+                ))
+            ),
+            "{wrong:?}: {:?}",
+            refused.err()
+        );
+    }
+    let shell = MachineShell::create(spec).unwrap();
+    copy_into(&first.mem, shell.memory());
     let steps = 2048;
-    write_u64(&memory_copy, TARGET, paused_at + steps);
+    write_u64(shell.memory(), TARGET, paused_at + steps);
     let out = Capture::default();
-    let restored = Machine::restore(
+    let restored = Machine::restore_in(
+        shell,
         &RestoreConfig::default(),
         Box::new(out.clone()),
         &state,
-        memory_copy,
     )
     .unwrap();
     let second = start(restored);

@@ -3,33 +3,33 @@
 //! Order, and why:
 //!
 //! 1. Check the state against the memory before touching KVM (a state file is untrusted).
-//! 2. The VM as [`Machine::create`] makes it: `KVM_CREATE_VM`, TSS, irqchip, PIT.
-//! 3. Guest memory slots (the caller filled the memory; later it will fault pages in lazily).
-//! 4. Devices from their saved state, at their saved places, each with fresh irqfd and
+//! 2. The shell ([`MachineShell`], possibly built long before): the VM as [`Machine::create`]
+//!    makes it (`KVM_CREATE_VM`, TSS, irqchip, PIT), the guest memory slots (the caller filled
+//!    the memory, or a page server fills it lazily) and the vCPUs, created but not written.
+//! 3. Devices from their saved state, at their saved places, each with fresh irqfd and
 //!    ioeventfds; no guest loader runs.
-//! 5. vCPUs, each created and written in `vcpu::state`'s order.
-//! 6. The VM's in-kernel devices (PIT, kvmclock, PIC, IOAPIC) after the vCPUs, so interrupts the
+//! 4. Each vCPU's state, written in `vcpu::state`'s order.
+//! 5. The VM's in-kernel devices (PIT, kvmclock, PIC, IOAPIC) after the vCPUs, so interrupts the
 //!    IOAPIC re-injects reach restored LAPICs (see `vm_state`).
-//! 7. The vsock transport reset, last: it writes an event into guest memory and raises the
+//! 6. The vsock transport reset, last: it writes an event into guest memory and raises the
 //!    device's interrupt, which must land in the restored irqchip rather than be overwritten by
 //!    it.
 //!
 //! The returned machine runs nothing until [`Machine::run`].
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use super::devices::{self, PlacedVsock, VirtioDevices};
+use super::shell::{MachineShell, ShellSpec};
 use super::state::{MachineState, StateError};
-use super::{Machine, MachineError, create_vm, lock, new_exit_signal, vm_step};
+use super::{Machine, MachineError, lock, new_exit_signal};
 use crate::devices::legacy::I8042;
 use crate::devices::serial::{ConsoleOutput, SerialArgs, SerialConsole, SerialStateError};
 use crate::devices::virtio::mmio::{MmioArgs, MmioStateError, MmioTransport};
 use crate::devices::vsock::VsockDevice;
-use crate::kvm;
-use crate::memory::{self, GuestMemory};
+use crate::memory::GuestMemory;
 use crate::persist::Persist;
-use crate::vcpu::state::{Vcpu, VcpuArgs, VcpuCaps, VcpuStateError};
+use crate::vcpu::state::{Vcpu, VcpuArgs, VcpuStateError};
 use crate::vm_state::{InKernelDevices, VmStateError};
 
 /// What a restored machine gets that is not part of its state: host resources.
@@ -61,6 +61,34 @@ pub enum RestoreError {
     /// The vsock device could not be restored.
     #[error("restoring the vsock device failed")]
     Vsock(#[source] MmioStateError),
+    /// The shell was built for another machine.
+    #[error(
+        "the machine shell was built for {} vCPUs and {} bytes of RAM, but the state has \
+         {state_vcpus} vCPUs and {state_mem_bytes} bytes",
+        shell.vcpus, shell.mem_bytes
+    )]
+    ShellMismatch {
+        /// What the shell was built for.
+        shell: ShellSpec,
+        /// The state's vCPU count.
+        state_vcpus: usize,
+        /// The state's memory size.
+        state_mem_bytes: u64,
+    },
+}
+
+/// Checks what can be checked before KVM is touched: the state is valid and describes this
+/// memory, and the host resources it needs were given.
+fn check_fits(
+    config: &RestoreConfig,
+    state: &MachineState,
+    memory: &GuestMemory,
+) -> Result<(), RestoreError> {
+    state.validate(&ram_regions(memory))?;
+    if state.devices.vsock.is_some() && config.vsock_uds_path.is_none() {
+        return Err(RestoreError::VsockPathMissing);
+    }
+    Ok(())
 }
 
 /// The guest-physical `(start, size)` of each memory region.
@@ -71,7 +99,7 @@ fn ram_regions(memory: &GuestMemory) -> Vec<(u64, u64)> {
 
 impl Machine {
     /// Builds a machine from `state` over `memory`, which holds the saved guest memory and must
-    /// be laid out as [`memory::create_guest_memory`] lays out `state.mem_bytes`. The machine
+    /// be laid out as [`crate::memory::create_guest_memory`] lays out `state.mem_bytes`. The machine
     /// continues where the saved one was once [`Machine::run`] is called.
     pub fn restore(
         config: &RestoreConfig,
@@ -79,15 +107,42 @@ impl Machine {
         state: &MachineState,
         memory: GuestMemory,
     ) -> Result<Self, MachineError> {
-        state
-            .validate(&ram_regions(&memory))
-            .map_err(RestoreError::from)?;
-        if state.devices.vsock.is_some() && config.vsock_uds_path.is_none() {
-            return Err(RestoreError::VsockPathMissing.into());
+        check_fits(config, state, &memory)?;
+        let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| {
+            RestoreError::Invalid(StateError::VcpuCount {
+                count: state.vcpus.len(),
+            })
+        })?;
+        let shell = MachineShell::with_memory(memory, vcpus)?;
+        Self::restore_in(shell, config, console, state)
+    }
+
+    /// Builds a machine from `state` in `shell`, built ahead of time for the state's memory
+    /// size and vCPU count; the shell's memory holds the saved guest memory (or is served
+    /// lazily). A shell of another size is refused, as is an invalid state, before anything is
+    /// written to KVM.
+    pub fn restore_in(
+        shell: MachineShell,
+        config: &RestoreConfig,
+        console: ConsoleOutput,
+        state: &MachineState,
+    ) -> Result<Self, MachineError> {
+        check_fits(config, state, &shell.memory)?;
+        if state.vcpus.len() != shell.vcpus.len() {
+            return Err(RestoreError::ShellMismatch {
+                shell: shell.spec(),
+                state_vcpus: state.vcpus.len(),
+                state_mem_bytes: state.mem_bytes,
+            }
+            .into());
         }
-        let kvm = kvm::open()?;
-        let vm = create_vm(&kvm)?;
-        memory::register_with_kvm(&vm, &memory)?;
+        let MachineShell {
+            vcpus: vcpu_fds,
+            vm,
+            memory,
+            caps,
+            ..
+        } = shell;
 
         let mut virtio = VirtioDevices::new();
         let vsock = match (&state.devices.vsock, &config.vsock_uds_path) {
@@ -119,11 +174,10 @@ impl Machine {
         let mut legacy = devices::legacy_devices(serial, i8042, &exit)?;
         legacy.buses.mmio = virtio.mmio;
 
-        let caps = Arc::new(VcpuCaps::probe(&kvm, &vm).map_err(vm_step("KVM_GET_MSR_INDEX_LIST"))?);
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (index, saved) in state.vcpus.iter().enumerate() {
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for ((index, fd), saved) in vcpu_fds.into_iter().enumerate().zip(&state.vcpus) {
             let args = VcpuArgs {
-                vm: &vm,
+                fd,
                 index: index as u8,
                 caps: caps.clone(),
             };

@@ -209,9 +209,10 @@ pub struct Vcpu {
 }
 
 /// What [`Vcpu::restore`] builds a vCPU on.
-pub struct VcpuArgs<'a> {
-    /// The VM to create it in.
-    pub vm: &'a VmFd,
+pub struct VcpuArgs {
+    /// The vCPU, created (in a VM whose irqchip already exists, so it has an in-kernel LAPIC)
+    /// but not yet written.
+    pub fd: VcpuFd,
     /// Its index.
     pub index: u8,
     /// What KVM offers.
@@ -281,7 +282,7 @@ impl Vcpu {
 
 impl Persist for Vcpu {
     type State = VcpuState;
-    type ConstructorArgs<'a> = VcpuArgs<'a>;
+    type ConstructorArgs<'a> = VcpuArgs;
     type Error = VcpuStateError;
 
     /// Reads the state; call it on the vCPU's own thread, while it is out of `KVM_RUN` with no
@@ -361,16 +362,10 @@ impl Persist for Vcpu {
         })
     }
 
-    /// Creates vCPU `args.index` in `args.vm` and writes `state` into it. The VM's irqchip must
-    /// exist already (so the vCPU gets an in-kernel LAPIC).
-    fn restore(args: VcpuArgs<'_>, state: &VcpuState) -> Result<Self, VcpuStateError> {
-        let vcpu = args.index;
-        state.validate(vcpu)?;
-        let fd = args
-            .vm
-            .create_vcpu(u64::from(vcpu))
-            .map_err(kvm_err(vcpu, "KVM_CREATE_VCPU"))?;
-        let this = Self::new(vcpu, fd, args.caps);
+    /// Writes `state` into the fresh vCPU `args.fd`, once the state is found valid.
+    fn restore(args: VcpuArgs, state: &VcpuState) -> Result<Self, VcpuStateError> {
+        state.validate(args.index)?;
+        let this = Self::new(args.index, args.fd, args.caps);
         this.write_state(state)?;
         Ok(this)
     }

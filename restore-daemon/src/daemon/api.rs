@@ -1,0 +1,1 @@
+//! Lambda's Invoke API over HTTP (to be written).

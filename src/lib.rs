@@ -7,6 +7,7 @@ pub mod console_watch;
 pub mod guest_image;
 pub mod host_check;
 pub mod host_key;
+pub mod invoke_cli;
 pub mod record_ws;
 pub mod restore_cli;
 pub mod run;

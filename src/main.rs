@@ -48,6 +48,12 @@ enum Command {
         #[arg(long, requires = "api_sock")]
         insecure_plaintext: bool,
     },
+    /// Invoke a function served by thawd (AWS Lambda's Invoke API) and print its answer.
+    ///
+    /// The response payload goes to stdout. A function error (X-Amz-Function-Error) prints the
+    /// error document and exits 1; an API error (unknown function, throttled, too large) prints
+    /// Lambda's error type and message and exits 1.
+    Invoke(InvokeCliArgs),
     /// Restore a snapshot and continue its guest.
     ///
     /// The snapshot is authenticated (header, state, manifest) and checked against this host
@@ -177,6 +183,35 @@ impl BootArgs {
                 }),
         }
     }
+}
+
+#[derive(Args)]
+struct InvokeCliArgs {
+    /// The function's name.
+    function: String,
+    /// The event (JSON, or any bytes); empty if omitted.
+    payload: Option<String>,
+    /// Read the event from this file instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "payload")]
+    payload_file: Option<PathBuf>,
+    /// thawd's address.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "THAWD_ENDPOINT",
+        default_value = "http://127.0.0.1:9001"
+    )]
+    endpoint: String,
+    /// RequestResponse waits for the answer; Event queues it (202); DryRun only checks.
+    #[arg(long, value_enum, default_value = "request-response")]
+    invocation_type: thaw::invoke_cli::InvocationType,
+    /// Print the last 4 KB of the invocation's log (START, output, END, REPORT) on stderr.
+    #[arg(long)]
+    tail: bool,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 960,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -507,6 +542,23 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             builder.write_to(&out, compress)?;
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke(a) => {
+            let payload = match (&a.payload_file, a.payload) {
+                (Some(path), _) => std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                (None, Some(p)) => p.into_bytes(),
+                (None, None) => Vec::new(),
+            };
+            let args = thaw::invoke_cli::InvokeArgs {
+                endpoint: a.endpoint,
+                function: a.function,
+                payload,
+                invocation_type: a.invocation_type,
+                tail: a.tail,
+                timeout: std::time::Duration::from_secs(a.timeout),
+            };
+            Ok(ExitCode::from(thaw::invoke_cli::run(&args)?))
         }
         Command::HostCheck { json } => {
             let report = thaw::host_check::check();

@@ -321,8 +321,11 @@ impl Restored {
     }
 }
 
-/// Opens the snapshot at `dir` and checks everything a restore needs before building anything.
-fn open_checked(
+/// Opens the snapshot at `dir` and checks everything a restore needs before building anything:
+/// authenticity of header, state and manifest, this host against its fingerprint, and its
+/// machine state (decoded, valid, matching the memory regions). `thawd` runs it when it
+/// registers a function.
+pub fn open_checked(
     dir: &Path,
     key: &KeyChoice,
 ) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {

@@ -12,7 +12,10 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub mod api;
+pub mod config;
+pub mod logs;
 pub mod metrics;
+pub mod registry;
 
 /// Lambda's limit on a synchronous (`RequestResponse`) invocation's payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;

@@ -1,0 +1,430 @@
+//! thawd's config file (TOML): where it listens, its limits, and its functions. Everything is
+//! checked here, with the offending key named, before any snapshot is opened; the snapshots
+//! themselves are verified when the functions are registered (`registry`).
+//!
+//! ```toml
+//! listen = "127.0.0.1:9001"        # TCP address; or unix_socket = "/run/thawd.sock"
+//! max_concurrency = 8              # invocations running at once, all functions together
+//! idle_ttl_secs = 300              # a frozen idle environment is discarded after this
+//! spare_workers = 1                # per function: worker processes started ahead, shell built
+//! dead_letter_dir = "/var/lib/thawd/dead-letter"  # failed asynchronous invocations
+//! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
+//!
+//! [functions.hello]
+//! snapshot = "/srv/snapshots/hello"
+//! memory_mib = 128                 # must be the snapshot's memory size
+//! timeout_secs = 3
+//! reserved_concurrency = 2         # optional
+//! key_file = "/etc/thawd/hello.key" # optional: default is the host key
+//! memory = "lazy"                  # or "eager"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Lambda's longest function timeout.
+pub const MAX_TIMEOUT_SECS: u64 = 900;
+/// Lambda's memory range, MiB.
+pub const MEMORY_MIB_RANGE: (u64, u64) = (128, 10_240);
+/// Where thawd listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9001";
+
+/// The config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// It could not be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config file {}: {key}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `functions.hello.timeout_secs`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How a function's memory comes back on restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryChoice {
+    /// Lazily through userfaultfd (working set first): the default.
+    #[default]
+    Lazy,
+    /// All of it before the guest runs.
+    Eager,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    unix_socket: Option<PathBuf>,
+    max_concurrency: Option<u32>,
+    idle_ttl_secs: Option<u64>,
+    spare_workers: Option<u32>,
+    dead_letter_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    event_queue_capacity: Option<u32>,
+    event_retry_delays_ms: Option<Vec<u64>>,
+    region: Option<String>,
+    account_id: Option<String>,
+    #[serde(default)]
+    functions: BTreeMap<String, RawFunction>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    snapshot: PathBuf,
+    memory_mib: u64,
+    timeout_secs: Option<u64>,
+    reserved_concurrency: Option<u32>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    memory: MemoryChoice,
+}
+
+/// Where thawd serves the Invoke API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+/// One function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionConfig {
+    /// Its name.
+    pub name: String,
+    /// Its snapshot directory.
+    pub snapshot: PathBuf,
+    /// Its memory size (the snapshot's).
+    pub memory_mib: u64,
+    /// How long an invocation may run.
+    pub timeout: Duration,
+    /// At most this many of its invocations at once (`None`: only the global limit).
+    pub reserved_concurrency: Option<u32>,
+    /// Its master key file (`None`: the host key).
+    pub key_file: Option<PathBuf>,
+    /// How its memory comes back.
+    pub memory: MemoryChoice,
+}
+
+/// The whole, checked config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where to serve.
+    pub listen: Listen,
+    /// Invocations running at once, all functions together.
+    pub max_concurrency: u32,
+    /// How long a frozen idle environment is kept.
+    pub idle_ttl: Duration,
+    /// Worker processes started ahead per function, with a machine shell built.
+    pub spare_workers: u32,
+    /// Where failed asynchronous invocations are written.
+    pub dead_letter_dir: PathBuf,
+    /// Where each function's invocation log is written (`<function>.log`).
+    pub log_dir: PathBuf,
+    /// Asynchronous invocations waiting at most (beyond: 429).
+    pub event_queue_capacity: u32,
+    /// Delays before the retries of a failed asynchronous invocation (Lambda retries twice).
+    pub event_retry_delays: Vec<Duration>,
+    /// The region in ARNs.
+    pub region: String,
+    /// The account id in ARNs.
+    pub account_id: String,
+    /// The functions, by name.
+    pub functions: BTreeMap<String, FunctionConfig>,
+}
+
+impl Config {
+    /// The ARN of function `name` as Lambda prints it.
+    pub fn arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.region, self.account_id
+        )
+    }
+}
+
+/// Reads and checks the config file at `path`. Relative paths in it are taken relative to
+/// the file's directory.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, path, base)
+}
+
+/// Checks config `text`; `path` names it in errors, `base` anchors relative paths.
+pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    let listen = match (raw.listen, raw.unix_socket) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "unix_socket",
+                "give either listen or unix_socket, not both".into(),
+            ));
+        }
+        (None, Some(p)) => Listen::Unix(anchor(base, p)),
+        (listen, None) => {
+            let text = listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+            Listen::Tcp(text.parse().map_err(|e| {
+                invalid(
+                    "listen",
+                    format!("{text:?} is not an IP address and port: {e}"),
+                )
+            })?)
+        }
+    };
+    let max_concurrency = raw.max_concurrency.unwrap_or(8);
+    if max_concurrency == 0 {
+        return Err(invalid("max_concurrency", "must be at least 1".into()));
+    }
+    let idle_ttl_secs = raw.idle_ttl_secs.unwrap_or(300);
+    if idle_ttl_secs == 0 {
+        return Err(invalid("idle_ttl_secs", "must be at least 1".into()));
+    }
+    let event_retry_delays_ms = raw
+        .event_retry_delays_ms
+        .unwrap_or_else(|| vec![1000, 2000]);
+    if event_retry_delays_ms.len() > 10 || event_retry_delays_ms.iter().any(|&d| d > 3_600_000) {
+        return Err(invalid(
+            "event_retry_delays_ms",
+            "at most 10 retries, each at most 3600000 ms".into(),
+        ));
+    }
+    let event_queue_capacity = raw.event_queue_capacity.unwrap_or(10_000);
+    if event_queue_capacity == 0 {
+        return Err(invalid("event_queue_capacity", "must be at least 1".into()));
+    }
+    let region = raw.region.unwrap_or_else(|| "us-east-1".into());
+    if region.is_empty()
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(invalid(
+            "region",
+            format!("{region:?} is not a region name"),
+        ));
+    }
+    let account_id = raw.account_id.unwrap_or_else(|| "000000000000".into());
+    if account_id.len() != 12 || !account_id.chars().all(|c| c.is_ascii_digit()) {
+        return Err(invalid("account_id", "must be 12 digits".into()));
+    }
+    let mut functions = BTreeMap::new();
+    for (name, f) in raw.functions {
+        let key = |field: &str| format!("functions.{name}.{field}");
+        check_function_name(&name)
+            .map_err(|reason| invalid(&format!("functions.{name}"), reason))?;
+        let (low, high) = MEMORY_MIB_RANGE;
+        if !(low..=high).contains(&f.memory_mib) {
+            return Err(invalid(
+                &key("memory_mib"),
+                format!("{} is outside {low}..={high}", f.memory_mib),
+            ));
+        }
+        let timeout_secs = f.timeout_secs.unwrap_or(3);
+        if !(1..=MAX_TIMEOUT_SECS).contains(&timeout_secs) {
+            return Err(invalid(
+                &key("timeout_secs"),
+                format!("{timeout_secs} is outside 1..={MAX_TIMEOUT_SECS}"),
+            ));
+        }
+        let function = FunctionConfig {
+            name: name.clone(),
+            snapshot: anchor(base, f.snapshot),
+            memory_mib: f.memory_mib,
+            timeout: Duration::from_secs(timeout_secs),
+            reserved_concurrency: f.reserved_concurrency,
+            key_file: f.key_file.map(|k| anchor(base, k)),
+            memory: f.memory,
+        };
+        functions.insert(name, function);
+    }
+    if functions.is_empty() {
+        return Err(invalid("functions", "no function is configured".into()));
+    }
+    Ok(Config {
+        listen,
+        max_concurrency,
+        idle_ttl: Duration::from_secs(idle_ttl_secs),
+        spare_workers: raw.spare_workers.unwrap_or(1).min(16),
+        dead_letter_dir: anchor(
+            base,
+            raw.dead_letter_dir
+                .unwrap_or_else(|| PathBuf::from("dead-letter")),
+        ),
+        log_dir: anchor(base, raw.log_dir.unwrap_or_else(|| PathBuf::from("logs"))),
+        event_queue_capacity,
+        event_retry_delays: event_retry_delays_ms
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect(),
+        region,
+        account_id,
+        functions,
+    })
+}
+
+/// Lambda's rule for function names: 1 to 64 letters, digits, hyphens and underscores.
+pub fn check_function_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a function name (1 to 64 letters, digits, '-' or '_')"
+        ))
+    }
+}
+
+fn anchor(base: &Path, path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> Config {
+        match parse(text, Path::new("t.toml"), Path::new("/etc/thawd")) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn parse_err(text: &str) -> String {
+        match parse(text, Path::new("t.toml"), Path::new("/etc/thawd")) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const ONE: &str = "[functions.hello]\nsnapshot = \"snaps/hello\"\nmemory_mib = 128\n";
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse_ok(ONE);
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:9001".parse().unwrap()));
+        assert_eq!(c.max_concurrency, 8);
+        assert_eq!(c.idle_ttl, Duration::from_secs(300));
+        assert_eq!(c.dead_letter_dir, PathBuf::from("/etc/thawd/dead-letter"));
+        let f = &c.functions["hello"];
+        assert_eq!(f.snapshot, PathBuf::from("/etc/thawd/snaps/hello"));
+        assert_eq!(f.timeout, Duration::from_secs(3));
+        assert_eq!(f.memory, MemoryChoice::Lazy);
+        assert_eq!(
+            c.arn("hello"),
+            "arn:aws:lambda:us-east-1:000000000000:function:hello"
+        );
+    }
+
+    #[test]
+    fn every_key() {
+        let c = parse_ok(
+            "unix_socket = \"/run/t.sock\"\nmax_concurrency = 2\nidle_ttl_secs = 1\n\
+             spare_workers = 0\ndead_letter_dir = \"/d\"\nlog_dir = \"/l\"\nevent_queue_capacity = 5\n\
+             event_retry_delays_ms = [10, 20]\nregion = \"eu-west-1\"\n\
+             account_id = \"123456789012\"\n\
+             [functions.a]\nsnapshot = \"/s\"\nmemory_mib = 256\ntimeout_secs = 900\n\
+             reserved_concurrency = 0\nkey_file = \"k\"\nmemory = \"eager\"\n",
+        );
+        assert_eq!(c.listen, Listen::Unix("/run/t.sock".into()));
+        assert_eq!(c.event_retry_delays.len(), 2);
+        let f = &c.functions["a"];
+        assert_eq!(f.reserved_concurrency, Some(0));
+        assert_eq!(f.key_file, Some(PathBuf::from("/etc/thawd/k")));
+        assert_eq!(f.memory, MemoryChoice::Eager);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        for (text, wanted) in [
+            ("", "no function"),
+            ("listen = \"nowhere\"\n", "listen"),
+            ("max_concurrency = 0\n", "max_concurrency"),
+            ("unknown = 1\n", "unknown field"),
+            (
+                "[functions.x]\nsnapshot = \"s\"\nmemory_mib = 64\n",
+                "memory_mib",
+            ),
+            (
+                "[functions.x]\nsnapshot = \"s\"\nmemory_mib = 128\ntimeout_secs = 901\n",
+                "timeout_secs",
+            ),
+            (
+                "[functions.\"a b\"]\nsnapshot = \"s\"\nmemory_mib = 128\n",
+                "not a function name",
+            ),
+            ("[functions.x]\nmemory_mib = 128\n", "snapshot"),
+            (
+                "[functions.x]\nsnapshot = \"s\"\nmemory_mib = 128\nmemory = \"fast\"\n",
+                "memory",
+            ),
+            ("account_id = \"12\"\n", "account_id"),
+            ("listen = \"127.0.0.1:1\"\nunix_socket = \"/s\"\n", "either"),
+            ("max_concurrency = -1\n", "max_concurrency"),
+            ("max_concurrency = \"many\"\n", "max_concurrency"),
+        ] {
+            let text = if text.contains("[functions") {
+                text.to_owned()
+            } else if text.is_empty() {
+                String::new()
+            } else {
+                format!("{text}{ONE}")
+            };
+            let e = parse_err(&text);
+            assert!(e.contains(wanted), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_a_read_error() {
+        let e = load(Path::new("/nonexistent/thawd.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+}

@@ -1,1 +1,1474 @@
-//! Lambda's Invoke API over HTTP (to be written).
+//! AWS Lambda's Invoke API over HTTP/1.1, on TCP or a Unix socket, so that unmodified clients
+//! (boto3, the AWS CLI, the SDKs) can call thawd; and the Prometheus page at `/metrics`.
+//!
+//! Every answer, success or error, carries a fresh `x-amzn-RequestId`. Errors are shaped as
+//! Lambda's rest-json errors: the code in `x-amzn-ErrorType` (where botocore reads
+//! `Error.Code`), the message in the JSON body's `message` or `Message` (whichever Lambda's
+//! model names for that error, so the SDKs' modeled exceptions fill it too).
+//!
+//! The request body is read only up to the limit of the invocation type; whatever a client
+//! sends past it (or after a request was refused for its headers) is read and thrown away, up
+//! to a bound, so that a client still writing its body reads the error instead of a reset.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use bytes::BytesMut;
+use serde::Deserialize;
+
+use super::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+use super::{
+    Backend, Completed, Invocation, InvokeFailure, LATEST, MAX_EVENT_PAYLOAD, MAX_SYNC_PAYLOAD,
+};
+
+const INVOKE_PATH: &str = "/2015-03-31/functions/{function_name}/invocations";
+
+const INVOCATION_TYPE: HeaderName = HeaderName::from_static("x-amz-invocation-type");
+const LOG_TYPE: HeaderName = HeaderName::from_static("x-amz-log-type");
+const CLIENT_CONTEXT: HeaderName = HeaderName::from_static("x-amz-client-context");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-amzn-requestid");
+const ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
+const FUNCTION_ERROR: HeaderName = HeaderName::from_static("x-amz-function-error");
+const LOG_RESULT: HeaderName = HeaderName::from_static("x-amz-log-result");
+const EXECUTED_VERSION: HeaderName = HeaderName::from_static("x-amz-executed-version");
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// Lambda returns at most the last 4 KB of an invocation's log.
+const LOG_TAIL_LIMIT: usize = 4 * 1024;
+/// Lambda's documented bound on `X-Amz-Client-Context`.
+const CLIENT_CONTEXT_LIMIT: usize = 3583;
+/// How much of a refused request's body is read and discarded before giving up on the
+/// connection: enough for an oversized invocation a real client would send, bounded so a
+/// hostile one cannot keep a task reading forever.
+const DISCARD_LIMIT: usize = 4 * MAX_SYNC_PAYLOAD;
+
+/// Lambda's validation pattern for `FunctionName`, quoted in its `ValidationException`.
+const FUNCTION_NAME_PATTERN: &str = r"(arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:)?(\d{12}:)?(function:)?([a-zA-Z0-9-_\.]+)(:(\$LATEST(\.PUBLISHED)?|[a-zA-Z0-9-_]+))?";
+/// Lambda's validation pattern for `?Qualifier=`.
+const QUALIFIER_PATTERN: &str = r"\$(LATEST(\.PUBLISHED)?)|[a-zA-Z0-9-_$]+";
+const FUNCTION_NAME_MAX: usize = 256;
+const QUALIFIER_MAX: usize = 128;
+
+/// The Invoke API and `/metrics` in front of `backend`.
+pub fn router<B: Backend>(backend: Arc<B>) -> Router {
+    Router::new()
+        .route(INVOKE_PATH, post(invoke::<B>).fallback(method_not_allowed))
+        .route("/metrics", get(metrics::<B>).fallback(method_not_allowed))
+        .fallback(unknown_operation)
+        .layer(middleware::from_fn(assign_request_id))
+        .with_state(backend)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then stops accepting and lets the
+/// requests under way finish: a synchronous invocation holds the shutdown for as long as its
+/// function runs, so the caller bounds the wait if it must.
+pub async fn serve_tcp<F>(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "serving the Invoke API");
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// [`serve_tcp`] on a Unix socket.
+pub async fn serve_unix<F>(
+    listener: tokio::net::UnixListener,
+    router: Router,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(address = ?address.as_pathname(), "serving the Invoke API");
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A request refused before it reached the function, as Lambda would answer it.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    /// The backend refused it, or the request's payload or headers are wrong in a way Lambda
+    /// reports with the same errors.
+    #[error(transparent)]
+    Invoke(#[from] InvokeFailure),
+    /// A parameter breaks the API model's constraints (pattern, length, enum).
+    #[error("1 validation error detected: {0}")]
+    Validation(String),
+    /// Parameters that are each valid but do not fit together.
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("The requested operation is not recognized.")]
+    UnknownOperation,
+    #[error("The requested operation does not accept this method.")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Invoke(failure) => match failure {
+                InvokeFailure::NotFound { .. } => StatusCode::NOT_FOUND,
+                InvokeFailure::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+                InvokeFailure::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                InvokeFailure::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+                InvokeFailure::Service { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Validation(_) | Self::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownOperation => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// The code botocore reports as `Error.Code`.
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Invoke(failure) => match failure {
+                InvokeFailure::NotFound { .. } => "ResourceNotFoundException",
+                InvokeFailure::Throttled { .. } => "TooManyRequestsException",
+                InvokeFailure::TooLarge { .. } => "RequestTooLargeException",
+                InvokeFailure::InvalidRequest { .. } => "InvalidRequestContentException",
+                InvokeFailure::Service { .. } => "ServiceException",
+            },
+            Self::Validation(_) => "ValidationException",
+            Self::InvalidParameter(_) => "InvalidParameterValueException",
+            Self::UnknownOperation | Self::MethodNotAllowed => "UnknownOperationException",
+        }
+    }
+
+    /// The JSON body: the members Lambda's model gives each error (`Type`, the message under
+    /// the key the model spells, `Reason`); validation errors come from the request framework
+    /// and carry only a message.
+    fn body(&self) -> serde_json::Value {
+        let message = self.to_string();
+        match self {
+            Self::Invoke(InvokeFailure::NotFound { .. }) => {
+                serde_json::json!({ "Type": "User", "Message": message })
+            }
+            Self::Invoke(InvokeFailure::Service { .. }) => {
+                serde_json::json!({ "Type": "Service", "Message": message })
+            }
+            Self::Invoke(InvokeFailure::Throttled { reason }) => {
+                serde_json::json!({ "Type": "User", "message": message, "Reason": reason.as_str() })
+            }
+            Self::Validation(_) => serde_json::json!({ "message": message }),
+            _ => serde_json::json!({ "Type": "User", "message": message }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(code = self.code(), error = %self, "invoke failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "invoke refused");
+        }
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, JSON);
+        headers.insert(ERROR_TYPE, HeaderValue::from_static(self.code()));
+        response
+    }
+}
+
+/// The request id given to one request, from [`assign_request_id`] to the handlers.
+#[derive(Clone, Debug)]
+struct RequestId(String);
+
+async fn assign_request_id(mut request: Request, next: Next) -> Response {
+    let id = new_request_id();
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::try_from(id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// A random (version 4) UUID, as Lambda's request ids are.
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if let Err(error) = getrandom::fill(&mut bytes) {
+        // An id only has to be unique, not secret: the clock and a counter still give that.
+        tracing::warn!(%error, "no entropy for a request id");
+        bytes = fallback_id_bytes();
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut id = String::with_capacity(36);
+    for (index, byte) in bytes.iter().enumerate() {
+        if matches!(index, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(hex_digit(byte >> 4));
+        id.push(hex_digit(byte & 0x0f));
+    }
+    id
+}
+
+fn hex_digit(nibble: u8) -> char {
+    char::from_digit(u32::from(nibble), 16).unwrap_or('0')
+}
+
+fn fallback_id_bytes() -> [u8; 16] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&nanos.to_le_bytes());
+    bytes[8..].copy_from_slice(&count.to_le_bytes());
+    bytes
+}
+
+async fn metrics<B: Backend>(State(backend): State<Arc<B>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(METRICS_CONTENT_TYPE),
+        )],
+        backend.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn unknown_operation(headers: HeaderMap, mut body: Body) -> Response {
+    discard_rest(&mut body, &headers).await;
+    ApiError::UnknownOperation.into_response()
+}
+
+async fn method_not_allowed(headers: HeaderMap, mut body: Body) -> Response {
+    discard_rest(&mut body, &headers).await;
+    ApiError::MethodNotAllowed.into_response()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InvocationType {
+    RequestResponse,
+    Event,
+    DryRun,
+}
+
+impl InvocationType {
+    fn payload_limit(self) -> usize {
+        match self {
+            Self::RequestResponse | Self::DryRun => MAX_SYNC_PAYLOAD,
+            Self::Event => MAX_EVENT_PAYLOAD,
+        }
+    }
+
+    /// The operation Lambda names in its `RequestTooLargeException` message.
+    fn operation(self) -> &'static str {
+        match self {
+            Self::RequestResponse | Self::DryRun => "InvokeFunction",
+            Self::Event => "InvokeAsync",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct InvokeQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+}
+
+/// What an invocation's path, query and headers ask for.
+#[derive(Debug)]
+struct InvokeRequest {
+    function: String,
+    qualifier: Option<String>,
+    kind: InvocationType,
+    tail_logs: bool,
+    client_context: Option<String>,
+}
+
+async fn invoke<B: Backend>(
+    State(backend): State<Arc<B>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<InvokeQuery>, QueryRejection>,
+    headers: HeaderMap,
+    mut body: Body,
+) -> Response {
+    let outcome = match parse_request(path, query, &headers) {
+        Ok(request) => run(&*backend, request, request_id, &headers, &mut body).await,
+        Err(error) => Err(error),
+    };
+    discard_rest(&mut body, &headers).await;
+    outcome.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn parse_request(
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<InvokeQuery>, QueryRejection>,
+    headers: &HeaderMap,
+) -> Result<InvokeRequest, ApiError> {
+    let Path(raw_name) = path.map_err(|rejection| {
+        ApiError::Validation(format!(
+            "Value at 'functionName' failed to satisfy constraint: {}",
+            rejection.body_text()
+        ))
+    })?;
+    let Query(query) = query.map_err(|rejection| {
+        ApiError::Validation(format!(
+            "Query string could not be parsed: {}",
+            rejection.body_text()
+        ))
+    })?;
+    let (function, from_name) = parse_function_name(&raw_name)?;
+    let qualifier = resolve_qualifier(from_name, query.qualifier)?;
+    Ok(InvokeRequest {
+        function: function.to_owned(),
+        qualifier,
+        kind: invocation_type(headers)?,
+        tail_logs: tail_logs(headers)?,
+        client_context: client_context(headers)?,
+    })
+}
+
+async fn run<B: Backend>(
+    backend: &B,
+    request: InvokeRequest,
+    request_id: String,
+    headers: &HeaderMap,
+    body: &mut Body,
+) -> Result<Response, ApiError> {
+    let payload = read_payload(body, headers, request.kind).await?;
+    check_json(&payload)?;
+    tracing::debug!(
+        %request_id,
+        function = %request.function,
+        kind = ?request.kind,
+        bytes = payload.len(),
+        "invoke"
+    );
+    let mut invocation = Invocation {
+        function: request.function,
+        qualifier: request.qualifier,
+        payload,
+        request_id,
+        client_context: request.client_context,
+        tail_logs: request.tail_logs,
+    };
+    match request.kind {
+        InvocationType::RequestResponse => {
+            let completed = backend.invoke(invocation).await?;
+            Ok(completed_response(completed, request.tail_logs))
+        }
+        InvocationType::Event => {
+            // Lambda gives neither a log tail nor the client context to asynchronous
+            // invocations.
+            invocation.tail_logs = false;
+            invocation.client_context = None;
+            backend.enqueue(invocation)?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        InvocationType::DryRun => {
+            backend.dry_run(&invocation.function, invocation.qualifier.as_deref())?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+fn completed_response(completed: Completed, tail_logs: bool) -> Response {
+    let mut response = Response::new(Body::from(completed.payload));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, JSON);
+    headers.insert(EXECUTED_VERSION, HeaderValue::from_static(LATEST));
+    if completed.function_error {
+        headers.insert(FUNCTION_ERROR, HeaderValue::from_static("Unhandled"));
+    }
+    if let Some(tail) = completed.log_tail.filter(|_| tail_logs) {
+        let start = tail.len().saturating_sub(LOG_TAIL_LIMIT);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&tail[start..]);
+        if let Ok(value) = HeaderValue::try_from(encoded) {
+            headers.insert(LOG_RESULT, value);
+        }
+    }
+    response
+}
+
+fn header_text<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Result<&'h str, ()>> {
+    headers.get(name).map(|value| value.to_str().map_err(drop))
+}
+
+fn invocation_type(headers: &HeaderMap) -> Result<InvocationType, ApiError> {
+    match header_text(headers, &INVOCATION_TYPE) {
+        None => Ok(InvocationType::RequestResponse),
+        Some(Ok("RequestResponse")) => Ok(InvocationType::RequestResponse),
+        Some(Ok("Event")) => Ok(InvocationType::Event),
+        Some(Ok("DryRun")) => Ok(InvocationType::DryRun),
+        Some(value) => Err(enum_violation(
+            "invocationType",
+            value.unwrap_or("<not text>"),
+            "[Event, RequestResponse, DryRun]",
+        )),
+    }
+}
+
+fn tail_logs(headers: &HeaderMap) -> Result<bool, ApiError> {
+    match header_text(headers, &LOG_TYPE) {
+        None | Some(Ok("None")) => Ok(false),
+        Some(Ok("Tail")) => Ok(true),
+        Some(value) => Err(enum_violation(
+            "logType",
+            value.unwrap_or("<not text>"),
+            "[None, Tail]",
+        )),
+    }
+}
+
+/// `X-Amz-Client-Context` as sent (base64), once it is known to hold a JSON object as Lambda
+/// requires.
+fn client_context(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = header_text(headers, &CLIENT_CONTEXT) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::from(InvokeFailure::InvalidRequest {
+            message: "Client context must be a valid Base64-encoded JSON object.".to_owned(),
+        })
+    };
+    let text = value.map_err(|()| invalid())?;
+    if text.len() > CLIENT_CONTEXT_LIMIT {
+        return Err(InvokeFailure::InvalidRequest {
+            message: format!("Client context must be at most {CLIENT_CONTEXT_LIMIT} bytes."),
+        }
+        .into());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| invalid())?;
+    match serde_json::from_slice::<serde_json::Value>(&decoded) {
+        Ok(serde_json::Value::Object(_)) => Ok(Some(text.to_owned())),
+        _ => Err(invalid()),
+    }
+}
+
+/// Reduces `FunctionName` to the function's name and the qualifier it carries, if any.
+///
+/// Accepts what Lambda's pattern accepts: a name, `NAME:QUALIFIER`, a partial ARN
+/// (`ACCOUNT:function:NAME`) and a full one (`arn:aws:lambda:REGION:ACCOUNT:function:NAME`),
+/// each with an optional `:QUALIFIER`; the region, account and partition are not checked
+/// against anything, since thawd serves one account.
+fn parse_function_name(raw: &str) -> Result<(&str, Option<&str>), ApiError> {
+    if raw.is_empty() || raw.len() > FUNCTION_NAME_MAX {
+        return Err(length_violation("functionName", raw, 1, FUNCTION_NAME_MAX));
+    }
+    let tokens: Vec<&str> = raw.split(':').collect();
+    match_name(&tokens, 0).ok_or_else(|| {
+        ApiError::Validation(format!(
+            "Value '{raw}' at 'functionName' failed to satisfy constraint: Member must satisfy \
+             regular expression pattern: {FUNCTION_NAME_PATTERN}"
+        ))
+    })
+}
+
+/// An optional prefix of a function name: how many `:`-separated tokens it takes from the
+/// front, if they fit.
+type NamePrefix = fn(&[&str]) -> Option<usize>;
+
+/// The optional prefixes, in the order the pattern has them.
+const NAME_PREFIXES: [NamePrefix; 4] = [arn_prefix, region_prefix, account_prefix, function_prefix];
+
+/// Matches `tokens` against the prefixes from `stage` on, then `NAME[:QUALIFIER]`, trying each
+/// optional prefix both taken and skipped, as the pattern's regular expression would.
+fn match_name<'a>(tokens: &[&'a str], stage: usize) -> Option<(&'a str, Option<&'a str>)> {
+    let Some(prefix) = NAME_PREFIXES.get(stage) else {
+        return match tokens {
+            [name] if is_function_name(name) => Some((name, None)),
+            [name, qualifier] if is_function_name(name) && is_name_qualifier(qualifier) => {
+                Some((name, Some(qualifier)))
+            }
+            _ => None,
+        };
+    };
+    prefix(tokens)
+        .and_then(|taken| tokens.get(taken..))
+        .and_then(|rest| match_name(rest, stage + 1))
+        .or_else(|| match_name(tokens, stage + 1))
+}
+
+fn arn_prefix(tokens: &[&str]) -> Option<usize> {
+    match tokens {
+        ["arn", partition, "lambda", ..] if is_partition(partition) => Some(3),
+        _ => None,
+    }
+}
+
+fn is_partition(partition: &str) -> bool {
+    partition.is_empty()
+        || partition
+            .strip_prefix("aws")
+            .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_alphabetic() || c == '-'))
+}
+
+fn region_prefix(tokens: &[&str]) -> Option<usize> {
+    tokens.first().filter(|token| is_region(token)).map(|_| 1)
+}
+
+/// `[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d`, e.g. `us-east-1`, `us-gov-west-1`.
+fn is_region(token: &str) -> bool {
+    let lower = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase());
+    let Some((area, rest)) = token.split_once('-') else {
+        return false;
+    };
+    if area.len() != 2 || !lower(area) {
+        return false;
+    }
+    let parts: Vec<&str> = rest.split('-').collect();
+    let (qualifier, place, digit) = match parts.as_slice() {
+        [place, digit] => (None, *place, *digit),
+        [qualifier, place, digit] => (Some(*qualifier), *place, *digit),
+        _ => return false,
+    };
+    let qualifier_ok = qualifier.is_none_or(|q| {
+        q == "gov"
+            || q.strip_prefix("iso").is_some_and(|letter| {
+                letter.len() <= 1 && letter.bytes().all(|b| b.is_ascii_lowercase())
+            })
+    });
+    qualifier_ok && lower(place) && digit.len() == 1 && digit.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn account_prefix(tokens: &[&str]) -> Option<usize> {
+    tokens
+        .first()
+        .filter(|token| token.len() == 12 && token.bytes().all(|b| b.is_ascii_digit()))
+        .map(|_| 1)
+}
+
+fn function_prefix(tokens: &[&str]) -> Option<usize> {
+    (tokens.first() == Some(&"function")).then_some(1)
+}
+
+fn is_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A qualifier inside `FunctionName`: `$LATEST`, `$LATEST.PUBLISHED` or `[a-zA-Z0-9-_]+`.
+fn is_name_qualifier(qualifier: &str) -> bool {
+    matches!(qualifier, "$LATEST" | "$LATEST.PUBLISHED")
+        || (!qualifier.is_empty()
+            && qualifier
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_')))
+}
+
+/// `?Qualifier=`, checked against Lambda's constraints, and the one in `FunctionName`: Lambda
+/// refuses the two when they differ.
+fn resolve_qualifier(
+    from_name: Option<&str>,
+    from_query: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let Some(query) = from_query else {
+        return Ok(from_name.map(str::to_owned));
+    };
+    if query.is_empty() || query.len() > QUALIFIER_MAX {
+        return Err(length_violation("qualifier", &query, 1, QUALIFIER_MAX));
+    }
+    let valid = query == "$LATEST.PUBLISHED"
+        || query
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'$'));
+    if !valid {
+        return Err(ApiError::Validation(format!(
+            "Value '{query}' at 'qualifier' failed to satisfy constraint: Member must satisfy \
+             regular expression pattern: {QUALIFIER_PATTERN}"
+        )));
+    }
+    match from_name {
+        Some(name_qualifier) if name_qualifier != query => Err(ApiError::InvalidParameter(
+            "The derived qualifier from the function name does not match the specified \
+             qualifier."
+                .to_owned(),
+        )),
+        _ => Ok(Some(query)),
+    }
+}
+
+fn enum_violation(field: &str, value: &str, allowed: &str) -> ApiError {
+    ApiError::Validation(format!(
+        "Value '{}' at '{field}' failed to satisfy constraint: Member must satisfy enum value \
+         set: {allowed}",
+        clip(value)
+    ))
+}
+
+fn length_violation(field: &str, value: &str, min: usize, max: usize) -> ApiError {
+    let bound = if value.len() < min {
+        format!("greater than or equal to {min}")
+    } else {
+        format!("less than or equal to {max}")
+    };
+    ApiError::Validation(format!(
+        "Value '{}' at '{field}' failed to satisfy constraint: Member must have length {bound}",
+        clip(value)
+    ))
+}
+
+/// At most the first 256 characters of a value echoed in an error message.
+fn clip(value: &str) -> String {
+    value.chars().take(256).collect()
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The body's next frame: its data, or `None` for trailers; `None` at the end of the body.
+async fn next_chunk(body: &mut Body) -> Option<Result<Option<Bytes>, axum::Error>> {
+    std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+        .await
+        .map(|frame| frame.map(|frame| frame.into_data().ok()))
+}
+
+/// Reads the payload, refusing it as soon as it is known to exceed the invocation type's
+/// limit (from `Content-Length`, else while reading), so nothing past the limit is buffered.
+async fn read_payload(
+    body: &mut Body,
+    headers: &HeaderMap,
+    kind: InvocationType,
+) -> Result<Bytes, ApiError> {
+    let limit = kind.payload_limit();
+    let too_large = || {
+        ApiError::from(InvokeFailure::TooLarge {
+            limit,
+            kind: kind.operation(),
+        })
+    };
+    if declared_length(headers).is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let mut payload = BytesMut::new();
+    while let Some(chunk) = next_chunk(body).await {
+        let chunk = chunk.map_err(|error| InvokeFailure::InvalidRequest {
+            message: format!("Could not read the request body: {error}"),
+        })?;
+        let Some(data) = chunk else {
+            continue;
+        };
+        if payload.len().saturating_add(data.len()) > limit {
+            return Err(too_large());
+        }
+        payload.extend_from_slice(&data);
+    }
+    Ok(payload.freeze())
+}
+
+/// Lambda accepts only JSON payloads (any JSON value, or nothing at all).
+fn check_json(payload: &[u8]) -> Result<(), ApiError> {
+    if payload.is_empty() {
+        return Ok(());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+        .map(drop)
+        .map_err(|error| {
+            InvokeFailure::InvalidRequest {
+                message: format!(
+                    "Could not parse request body into json: Could not parse payload into json: \
+                     {error}"
+                ),
+            }
+            .into()
+        })
+}
+
+/// Reads and drops what is left of a request's body, so the answer reaches a client that
+/// sends its whole body before reading: hyper would otherwise close the connection under it.
+/// A client that waits for `100 Continue` has sent nothing yet, and one that announces more
+/// than [`DISCARD_LIMIT`] is not worth the wait; both just get the answer and a closed
+/// connection.
+async fn discard_rest(body: &mut Body, headers: &HeaderMap) {
+    if body.is_end_stream()
+        || headers.contains_key(header::EXPECT)
+        || declared_length(headers).is_some_and(|length| length > DISCARD_LIMIT)
+    {
+        return;
+    }
+    let mut discarded = 0usize;
+    while discarded <= DISCARD_LIMIT {
+        match next_chunk(body).await {
+            Some(Ok(data)) => discarded += data.map_or(0, |data| data.len()),
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::http::Request as HttpRequest;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::daemon::ThrottleReason;
+
+    /// A backend that answers every call with one outcome and records what it was given.
+    struct Fake {
+        outcome: Result<Completed, InvokeFailure>,
+        invoked: Mutex<Vec<Invocation>>,
+        queued: Mutex<Vec<Invocation>>,
+        dry_runs: Mutex<Vec<(String, Option<String>)>>,
+    }
+
+    impl Fake {
+        fn new(outcome: Result<Completed, InvokeFailure>) -> Arc<Self> {
+            Arc::new(Self {
+                outcome,
+                invoked: Mutex::default(),
+                queued: Mutex::default(),
+                dry_runs: Mutex::default(),
+            })
+        }
+
+        fn answering(payload: &str) -> Arc<Self> {
+            Self::new(Ok(Completed {
+                payload: payload.as_bytes().to_vec(),
+                ..Completed::default()
+            }))
+        }
+
+        fn failing(failure: InvokeFailure) -> Arc<Self> {
+            Self::new(Err(failure))
+        }
+
+        fn invoked(&self) -> Vec<Invocation> {
+            self.invoked.lock().unwrap().clone()
+        }
+
+        fn queued(&self) -> Vec<Invocation> {
+            self.queued.lock().unwrap().clone()
+        }
+
+        fn dry_runs(&self) -> Vec<(String, Option<String>)> {
+            self.dry_runs.lock().unwrap().clone()
+        }
+
+        fn calls(&self) -> usize {
+            self.invoked().len() + self.queued().len() + self.dry_runs().len()
+        }
+    }
+
+    impl Backend for Fake {
+        async fn invoke(&self, invocation: Invocation) -> Result<Completed, InvokeFailure> {
+            self.invoked.lock().unwrap().push(invocation);
+            self.outcome.clone()
+        }
+
+        fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
+            self.queued.lock().unwrap().push(invocation);
+            self.outcome.clone().map(drop)
+        }
+
+        fn dry_run(&self, function: &str, qualifier: Option<&str>) -> Result<(), InvokeFailure> {
+            let call = (function.to_owned(), qualifier.map(str::to_owned));
+            self.dry_runs.lock().unwrap().push(call);
+            self.outcome.clone().map(drop)
+        }
+
+        fn metrics_text(&self) -> String {
+            "# EOF\n".to_owned()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    impl Answer {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).map(|value| value.to_str().unwrap())
+        }
+
+        fn json(&self) -> serde_json::Value {
+            assert_eq!(self.header("content-type"), Some("application/json"));
+            serde_json::from_slice(&self.body).unwrap()
+        }
+
+        /// Checks a Lambda error answer: status, `x-amzn-ErrorType`, request id, JSON body.
+        fn assert_error(&self, status: StatusCode, code: &str) -> serde_json::Value {
+            assert_eq!(self.status, status, "{self:?}");
+            assert_eq!(self.header("x-amzn-errortype"), Some(code), "{self:?}");
+            assert_request_id(self.header("x-amzn-requestid").unwrap());
+            self.json()
+        }
+    }
+
+    async fn send(backend: &Arc<Fake>, request: HttpRequest<Body>) -> Answer {
+        let response = router(backend.clone()).oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    fn invoke_request(
+        function: &str,
+        headers: &[(&str, &str)],
+        payload: impl Into<Body>,
+    ) -> HttpRequest<Body> {
+        let (name, query) = function.split_once('?').unwrap_or((function, ""));
+        let mut uri = format!("/2015-03-31/functions/{name}/invocations");
+        if !query.is_empty() {
+            uri = format!("{uri}?{query}");
+        }
+        let mut builder = HttpRequest::post(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(payload.into()).unwrap()
+    }
+
+    async fn invoke_with(
+        backend: &Arc<Fake>,
+        function: &str,
+        headers: &[(&str, &str)],
+        payload: &str,
+    ) -> Answer {
+        send(
+            backend,
+            invoke_request(function, headers, payload.to_owned()),
+        )
+        .await
+    }
+
+    fn assert_request_id(id: &str) {
+        assert_eq!(id.len(), 36, "{id}");
+        for (index, c) in id.chars().enumerate() {
+            match index {
+                8 | 13 | 18 | 23 => assert_eq!(c, '-', "{id}"),
+                14 => assert_eq!(c, '4', "{id}"),
+                _ => assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{id}"),
+            }
+        }
+    }
+
+    /// A JSON string of exactly `length` bytes.
+    fn json_of_length(length: usize) -> Vec<u8> {
+        let mut payload = vec![b'a'; length];
+        payload[0] = b'"';
+        payload[length - 1] = b'"';
+        payload
+    }
+
+    #[tokio::test]
+    async fn request_response_returns_the_payload() {
+        let backend = Fake::answering(r#"{"ok":true}"#);
+        let answer = invoke_with(&backend, "hello", &[], r#"{"n":1}"#).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json(), serde_json::json!({ "ok": true }));
+        assert_eq!(answer.header("x-amz-executed-version"), Some("$LATEST"));
+        assert_eq!(answer.header("x-amz-function-error"), None);
+        assert_eq!(answer.header("x-amz-log-result"), None);
+
+        let [invocation] = backend.invoked().try_into().unwrap();
+        assert_eq!(invocation.function, "hello");
+        assert_eq!(invocation.qualifier, None);
+        assert_eq!(&invocation.payload[..], br#"{"n":1}"#);
+        assert!(!invocation.tail_logs);
+        assert_eq!(invocation.client_context, None);
+        assert_eq!(
+            answer.header("x-amzn-requestid"),
+            Some(invocation.request_id.as_str())
+        );
+        assert_request_id(&invocation.request_id);
+    }
+
+    #[tokio::test]
+    async fn explicit_request_response_and_empty_payload() {
+        let backend = Fake::answering("null");
+        let headers = [("X-Amz-Invocation-Type", "RequestResponse")];
+        let answer = invoke_with(&backend, "hello", &headers, "").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(&answer.body[..], b"null");
+        assert!(backend.invoked()[0].payload.is_empty());
+    }
+
+    #[tokio::test]
+    async fn function_error_without_tail() {
+        let backend = Fake::new(Ok(Completed {
+            payload: br#"{"errorType":"Boom","errorMessage":"no"}"#.to_vec(),
+            function_error: true,
+            log_tail: None,
+        }));
+        let answer = invoke_with(&backend, "hello", &[], "{}").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("x-amz-function-error"), Some("Unhandled"));
+        assert_eq!(answer.header("x-amz-log-result"), None);
+        assert_eq!(answer.json()["errorType"], "Boom");
+    }
+
+    #[tokio::test]
+    async fn function_error_with_tail() {
+        let log = b"START RequestId: x\nboom\nEND\n".to_vec();
+        let backend = Fake::new(Ok(Completed {
+            payload: br#"{"errorType":"Boom"}"#.to_vec(),
+            function_error: true,
+            log_tail: Some(log.clone()),
+        }));
+        let answer = invoke_with(&backend, "hello", &[("X-Amz-Log-Type", "Tail")], "{}").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("x-amz-function-error"), Some("Unhandled"));
+        let tail = base64::engine::general_purpose::STANDARD
+            .decode(answer.header("x-amz-log-result").unwrap())
+            .unwrap();
+        assert_eq!(tail, log);
+        assert!(backend.invoked()[0].tail_logs);
+    }
+
+    #[tokio::test]
+    async fn tail_is_the_last_4_kb_and_only_when_asked() {
+        let log: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let backend = Fake::new(Ok(Completed {
+            payload: b"1".to_vec(),
+            function_error: false,
+            log_tail: Some(log.clone()),
+        }));
+        let answer = invoke_with(&backend, "f", &[("X-Amz-Log-Type", "Tail")], "1").await;
+        let tail = base64::engine::general_purpose::STANDARD
+            .decode(answer.header("x-amz-log-result").unwrap())
+            .unwrap();
+        assert_eq!(tail, &log[log.len() - 4096..]);
+        assert_eq!(answer.header("x-amz-function-error"), None);
+
+        let answer = invoke_with(&backend, "f", &[("X-Amz-Log-Type", "None")], "1").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("x-amz-log-result"), None);
+    }
+
+    #[tokio::test]
+    async fn event_is_queued_and_answered_202() {
+        let backend = Fake::answering("unused");
+        let context = base64::engine::general_purpose::STANDARD.encode(r#"{"custom":{}}"#);
+        let headers = [
+            ("X-Amz-Invocation-Type", "Event"),
+            ("X-Amz-Log-Type", "Tail"),
+            ("X-Amz-Client-Context", context.as_str()),
+        ];
+        let answer = invoke_with(&backend, "hello", &headers, r#"{"e":1}"#).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        assert!(answer.body.is_empty());
+        assert_request_id(answer.header("x-amzn-requestid").unwrap());
+
+        let [queued] = backend.queued().try_into().unwrap();
+        assert_eq!(queued.function, "hello");
+        assert_eq!(&queued.payload[..], br#"{"e":1}"#);
+        assert!(!queued.tail_logs);
+        assert_eq!(queued.client_context, None);
+        assert_eq!(
+            answer.header("x-amzn-requestid"),
+            Some(queued.request_id.as_str())
+        );
+        assert!(backend.invoked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dry_run_is_answered_204() {
+        let backend = Fake::answering("unused");
+        let headers = [("X-Amz-Invocation-Type", "DryRun")];
+        let answer = invoke_with(&backend, "hello?Qualifier=%24LATEST", &headers, "").await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT);
+        assert!(answer.body.is_empty());
+        assert_eq!(
+            backend.dry_runs(),
+            [("hello".to_owned(), Some("$LATEST".to_owned()))]
+        );
+        assert_eq!(backend.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_invocation_type_is_a_validation_error() {
+        let backend = Fake::answering("unused");
+        for bad in ["Sync", "event", ""] {
+            let headers = [("X-Amz-Invocation-Type", bad)];
+            let answer = invoke_with(&backend, "hello", &headers, "{}").await;
+            let body = answer.assert_error(StatusCode::BAD_REQUEST, "ValidationException");
+            let message = body["message"].as_str().unwrap();
+            assert!(message.contains("invocationType"), "{message}");
+            assert!(message.contains(&format!("'{bad}'")), "{message}");
+        }
+        let headers = [("X-Amz-Log-Type", "Head")];
+        let answer = invoke_with(&backend, "hello", &headers, "{}").await;
+        let body = answer.assert_error(StatusCode::BAD_REQUEST, "ValidationException");
+        assert!(body["message"].as_str().unwrap().contains("logType"));
+        assert_eq!(backend.calls(), 0);
+    }
+
+    fn failures() -> Vec<(InvokeFailure, StatusCode, &'static str, serde_json::Value)> {
+        let user = |message: &str| serde_json::json!({ "Type": "User", "message": message });
+        vec![
+            (
+                InvokeFailure::NotFound {
+                    arn: "arn:aws:lambda:local:000000000000:function:nope".to_owned(),
+                },
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                serde_json::json!({
+                    "Type": "User",
+                    "Message": "Function not found: arn:aws:lambda:local:000000000000:function:nope",
+                }),
+            ),
+            (
+                InvokeFailure::Throttled {
+                    reason: ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded,
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                serde_json::json!({
+                    "Type": "User",
+                    "message": "Rate Exceeded.",
+                    "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded",
+                }),
+            ),
+            (
+                InvokeFailure::Throttled {
+                    reason: ThrottleReason::ConcurrentInvocationLimitExceeded,
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                serde_json::json!({
+                    "Type": "User",
+                    "message": "Rate Exceeded.",
+                    "Reason": "ConcurrentInvocationLimitExceeded",
+                }),
+            ),
+            (
+                InvokeFailure::TooLarge {
+                    limit: 10,
+                    kind: "InvokeFunction",
+                },
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                user("Request must be smaller than 10 bytes for the InvokeFunction operation"),
+            ),
+            (
+                InvokeFailure::InvalidRequest {
+                    message: "bad header".to_owned(),
+                },
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContentException",
+                user("bad header"),
+            ),
+            (
+                InvokeFailure::Service {
+                    message: "worker died".to_owned(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                serde_json::json!({ "Type": "Service", "Message": "worker died" }),
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_failure_has_its_status_code_and_body() {
+        let kinds = ["RequestResponse", "Event", "DryRun"];
+        for (failure, status, code, body) in failures() {
+            for kind in kinds {
+                let backend = Fake::failing(failure.clone());
+                let headers = [("X-Amz-Invocation-Type", kind)];
+                let answer = invoke_with(&backend, "hello", &headers, "{}").await;
+                assert_eq!(
+                    answer.assert_error(status, code),
+                    body,
+                    "{failure:?} {kind}"
+                );
+                assert_eq!(answer.header("x-amz-function-error"), None);
+                assert_eq!(backend.calls(), 1);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn throttle_reasons_use_lambdas_spelling() {
+        let backend = Fake::failing(InvokeFailure::Throttled {
+            reason: ThrottleReason::EventQueueFull,
+        });
+        let answer = invoke_with(&backend, "f", &[("X-Amz-Invocation-Type", "Event")], "1").await;
+        let body = answer.assert_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException");
+        assert_eq!(
+            body["Reason"],
+            ThrottleReason::EventQueueFull.as_str(),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn function_names_and_arns_reduce_to_the_name() {
+        let cases: [(&str, &str, Option<&str>); 12] = [
+            ("my-function", "my-function", None),
+            ("my_function.v2", "my_function.v2", None),
+            ("my-function:prod", "my-function", Some("prod")),
+            ("my-function:$LATEST", "my-function", Some("$LATEST")),
+            ("123456789012:function:my-function", "my-function", None),
+            (
+                "123456789012:function:my-function:7",
+                "my-function",
+                Some("7"),
+            ),
+            (
+                "arn:aws:lambda:us-west-2:123456789012:function:my-function",
+                "my-function",
+                None,
+            ),
+            (
+                "arn:aws:lambda:us-west-2:123456789012:function:my-function:$LATEST",
+                "my-function",
+                Some("$LATEST"),
+            ),
+            (
+                "arn:aws-us-gov:lambda:us-gov-west-1:123456789012:function:f:live",
+                "f",
+                Some("live"),
+            ),
+            (
+                "arn%3Aaws%3Alambda%3Aeu-central-1%3A123456789012%3Afunction%3Af%3A%24LATEST",
+                "f",
+                Some("$LATEST"),
+            ),
+            ("function:f", "f", None),
+            ("us-east-1", "us-east-1", None),
+        ];
+        for (raw, name, qualifier) in cases {
+            let backend = Fake::answering("1");
+            let answer = invoke_with(&backend, raw, &[], "1").await;
+            assert_eq!(answer.status, StatusCode::OK, "{raw}: {answer:?}");
+            let [invocation] = backend.invoked().try_into().unwrap();
+            assert_eq!(invocation.function, name, "{raw}");
+            assert_eq!(invocation.qualifier.as_deref(), qualifier, "{raw}");
+        }
+    }
+
+    #[tokio::test]
+    async fn qualifier_query_parameter() {
+        let backend = Fake::answering("1");
+        let answer = invoke_with(&backend, "f?Qualifier=%24LATEST", &[], "1").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(backend.invoked()[0].qualifier.as_deref(), Some("$LATEST"));
+
+        let backend = Fake::answering("1");
+        let answer = invoke_with(&backend, "f:live?Qualifier=live", &[], "1").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(backend.invoked()[0].qualifier.as_deref(), Some("live"));
+
+        let backend = Fake::answering("1");
+        let answer = invoke_with(&backend, "f:live?Qualifier=%24LATEST", &[], "1").await;
+        let body = answer.assert_error(StatusCode::BAD_REQUEST, "InvalidParameterValueException");
+        assert_eq!(body["Type"], "User");
+        assert!(body["message"].as_str().unwrap().contains("qualifier"));
+
+        for bad in ["", "a.b", "has%20space"] {
+            let answer = invoke_with(&backend, &format!("f?Qualifier={bad}"), &[], "1").await;
+            answer.assert_error(StatusCode::BAD_REQUEST, "ValidationException");
+        }
+        assert_eq!(backend.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn malformed_function_names_are_validation_errors() {
+        let long = "f".repeat(257);
+        let bad = [
+            "a%20b",
+            "f:g:h",
+            "arn:aws:s3:us-east-1:123456789012:function:f",
+            "f:",
+            "%FF",
+            long.as_str(),
+        ];
+        let backend = Fake::answering("1");
+        for raw in bad {
+            let answer = invoke_with(&backend, raw, &[], "1").await;
+            let body = answer.assert_error(StatusCode::BAD_REQUEST, "ValidationException");
+            assert!(
+                body["message"].as_str().unwrap().contains("functionName"),
+                "{raw}: {body}"
+            );
+        }
+        assert_eq!(backend.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn client_context_is_checked_and_passed_on() {
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(r#"{"custom":{"k":"v"},"env":{},"client":{}}"#);
+        let backend = Fake::answering("1");
+        let headers = [("X-Amz-Client-Context", encoded.as_str())];
+        let answer = invoke_with(&backend, "f", &headers, "1").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            backend.invoked()[0].client_context.as_deref(),
+            Some(encoded.as_str())
+        );
+
+        let not_object = base64::engine::general_purpose::STANDARD.encode("[1]");
+        let too_long = "A".repeat(4000);
+        for bad in ["%%%not base64", not_object.as_str(), too_long.as_str()] {
+            let backend = Fake::answering("1");
+            let headers = [("X-Amz-Client-Context", bad)];
+            let answer = invoke_with(&backend, "f", &headers, "1").await;
+            let body =
+                answer.assert_error(StatusCode::BAD_REQUEST, "InvalidRequestContentException");
+            assert!(body["message"].as_str().unwrap().contains("Client context"));
+            assert_eq!(backend.calls(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn payload_must_be_json() {
+        let backend = Fake::answering("1");
+        for bad in ["hello", "{\"a\":", "{} {}"] {
+            let answer = invoke_with(&backend, "f", &[], bad).await;
+            let body =
+                answer.assert_error(StatusCode::BAD_REQUEST, "InvalidRequestContentException");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Could not parse")
+            );
+        }
+        for good in ["\"text\"", "42", " [1, 2] \n"] {
+            let answer = invoke_with(&backend, "f", &[], good).await;
+            assert_eq!(answer.status, StatusCode::OK, "{good}");
+        }
+        assert_eq!(backend.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn sync_payload_limit_is_6_mb() {
+        let backend = Fake::answering("1");
+        let exact = json_of_length(MAX_SYNC_PAYLOAD);
+        let answer = send(&backend, invoke_request("f", &[], exact)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(backend.invoked()[0].payload.len(), MAX_SYNC_PAYLOAD);
+
+        for kind in ["RequestResponse", "DryRun"] {
+            let over = json_of_length(MAX_SYNC_PAYLOAD + 1);
+            let length = over.len().to_string();
+            // Once with the length announced, once found while reading.
+            for headers in [
+                vec![
+                    ("X-Amz-Invocation-Type", kind),
+                    ("content-length", length.as_str()),
+                ],
+                vec![("X-Amz-Invocation-Type", kind)],
+            ] {
+                let answer = send(&backend, invoke_request("f", &headers, over.clone())).await;
+                let body =
+                    answer.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException");
+                assert_eq!(
+                    body,
+                    serde_json::json!({
+                        "Type": "User",
+                        "message": "Request must be smaller than 6291456 bytes for the \
+                                    InvokeFunction operation",
+                    })
+                );
+            }
+        }
+        assert_eq!(backend.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn event_payload_limit_is_256_kb() {
+        let backend = Fake::answering("1");
+        let event = [("X-Amz-Invocation-Type", "Event")];
+        let exact = json_of_length(MAX_EVENT_PAYLOAD);
+        let answer = send(&backend, invoke_request("f", &event, exact)).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+
+        let over = json_of_length(MAX_EVENT_PAYLOAD + 1);
+        let answer = send(&backend, invoke_request("f", &event, over)).await;
+        let body = answer.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException");
+        assert_eq!(
+            body["message"],
+            "Request must be smaller than 262144 bytes for the InvokeAsync operation"
+        );
+        assert_eq!(backend.queued().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_fresh() {
+        let backend = Fake::answering("1");
+        let first = invoke_with(&backend, "f", &[], "1").await;
+        let second = invoke_with(&backend, "f", &[], "1").await;
+        let first = first.header("x-amzn-requestid").unwrap();
+        let second = second.header("x-amzn-requestid").unwrap();
+        assert_request_id(first);
+        assert_request_id(second);
+        assert_ne!(first, second);
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods() {
+        let backend = Fake::answering("1");
+        for uri in [
+            "/",
+            "/2015-03-31/functions",
+            "/2015-03-31/functions/f/invocations/extra",
+            "/2014-11-13/functions/f/invoke-async/",
+        ] {
+            let request = HttpRequest::post(uri).body(Body::from("{}")).unwrap();
+            let answer = send(&backend, request).await;
+            let body = answer.assert_error(StatusCode::NOT_FOUND, "UnknownOperationException");
+            assert!(body["message"].is_string());
+        }
+
+        let request = HttpRequest::get("/2015-03-31/functions/f/invocations")
+            .body(Body::empty())
+            .unwrap();
+        let answer = send(&backend, request).await;
+        answer.assert_error(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException");
+        assert_eq!(answer.header("allow"), Some("POST"));
+
+        let request = HttpRequest::post("/metrics").body(Body::empty()).unwrap();
+        let answer = send(&backend, request).await;
+        answer.assert_error(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException");
+        assert_eq!(backend.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn metrics_page() {
+        let backend = Fake::answering("1");
+        let request = HttpRequest::get("/metrics").body(Body::empty()).unwrap();
+        let answer = send(&backend, request).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("content-type"), Some(METRICS_CONTENT_TYPE));
+        assert_eq!(&answer.body[..], b"# EOF\n");
+        assert_request_id(answer.header("x-amzn-requestid").unwrap());
+    }
+
+    /// Sends one raw HTTP/1.1 request (asking the server to close afterwards) and returns the
+    /// whole raw answer.
+    async fn exchange(
+        mut stream: impl AsyncRead + AsyncWrite + Unpin,
+        head: &str,
+        body: &[u8],
+    ) -> String {
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn over_tcp_an_oversized_body_still_gets_its_413() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let backend = Fake::answering(r#"{"ok":1}"#);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_tcp(listener, router(backend.clone()), async {
+            let _ = stopped.await;
+        }));
+
+        // As boto3 does: the whole body is written before the answer is read.
+        let over = json_of_length(MAX_SYNC_PAYLOAD + 100);
+        let head = format!(
+            "POST /2015-03-31/functions/f/invocations HTTP/1.1\r\nhost: x\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n",
+            over.len()
+        );
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let answer = exchange(stream, &head, &over).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("x-amzn-errortype: RequestTooLargeException"));
+        assert!(answer.contains("x-amzn-requestid: "));
+
+        let head = "POST /2015-03-31/functions/f/invocations HTTP/1.1\r\nhost: x\r\n\
+                    connection: close\r\ncontent-length: 2\r\n\r\n";
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let answer = exchange(stream, head, b"{}").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(r#"{"ok":1}"#), "{answer}");
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert_eq!(backend.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn over_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("thawd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_unix(listener, router(Fake::answering("1")), async {
+            let _ = stopped.await;
+        }));
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let head = "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+        let answer = exchange(stream, head, b"").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(METRICS_CONTENT_TYPE), "{answer}");
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn region_shapes() {
+        for region in [
+            "us-east-1",
+            "us-gov-west-1",
+            "us-iso-east-1",
+            "us-isob-east-1",
+        ] {
+            assert!(is_region(region), "{region}");
+        }
+        for not_region in [
+            "us-east",
+            "use-east-1",
+            "us-east-12",
+            "us-isoab-east-1",
+            "US-east-1",
+        ] {
+            assert!(!is_region(not_region), "{not_region}");
+        }
+    }
+}

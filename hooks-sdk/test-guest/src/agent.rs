@@ -1,21 +1,26 @@
 //! The Thaw agent (`thaw.agent=1`): speaks the host↔guest protocol of
 //! `hooks_sdk::protocol` over the vsock connection to host port 9000. It says `Hello` (and
 //! `Ready` when on-demand) on every connection, runs the registered hooks on `Checkpoint` and
-//! `Restored`, answers each `Invoke` with the SHA-256 of its payload (or, for the payload
-//! `thaw:status`, with a JSON status document), and powers off on `Shutdown`. A malformed frame
-//! is logged and the connection reset; then it reconnects.
+//! `Restored`, answers each `Invoke` with the SHA-256 of its payload (or carries out the
+//! invocation command the payload names: `thaw:status`, `thaw:error`, `thaw:sleep=MS`... see
+//! the library's `invoke_cmd`), and powers off on `Shutdown`. A malformed frame is logged and
+//! the connection reset; then it reconnects.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use hooks_sdk::protocol::{
-    AGENT_PORT, Failure, HEADER_LEN, Header, InitType, Kind, MAX_BODY, Message, ProtocolError,
-    Restored,
+    AGENT_PORT, Failure, HEADER_LEN, Header, InitType, Invoke, Kind, MAX_BODY, Message,
+    ProtocolError, Restored,
 };
 use sha2::{Digest, Sha256};
 use thaw_test_guest::cmdline::{Fail, Options};
 use thaw_test_guest::driver::Error;
 use thaw_test_guest::hooks::{GuestState, Hooks};
-use thaw_test_guest::status::{MAX_STATUS_JSON, STATUS_PAYLOAD, Status};
+use thaw_test_guest::invoke_cmd::{
+    self, BAD_COMMAND_TYPE, Command, INVOKE_ERROR_BODY, INVOKE_ERROR_TYPE, MAX_ERROR_JSON,
+};
+use thaw_test_guest::status::{MAX_STATUS_JSON, Status};
+use thaw_test_guest::text::format_into;
 
 use crate::arch::Shared;
 use crate::virtio_mmio::Vsock;
@@ -33,8 +38,17 @@ const LOGGED_INVOCATIONS: u64 = 8;
 
 /// Frames received (and, in bench mode, data sent) live here, in .bss.
 static FRAME: Shared<[u8; FRAME_BUF]> = Shared::new([0; FRAME_BUF]);
-/// Frames sent by the agent: small (responses carry a 32-byte hash).
-static REPLY: Shared<[u8; 64 * 1024]> = Shared::new([0; 64 * 1024]);
+/// Frames sent by the agent: as large as any frame, since `thaw:echo` answers with (nearly) a
+/// whole payload. Untouched pages of it cost a snapshot nothing (zero pages are elided).
+static REPLY: Shared<[u8; FRAME_BUF]> = Shared::new([0; FRAME_BUF]);
+
+/// Room for any answer the agent formats itself: a digest, a short text, the status document
+/// or a bad command's error document.
+const ANSWER_BUF: usize = if MAX_STATUS_JSON > MAX_ERROR_JSON {
+    MAX_STATUS_JSON
+} else {
+    MAX_ERROR_JSON
+};
 
 /// The frame buffer. Only the boot CPU runs the agent or the bench, and only one of them.
 pub fn frame_buffer() -> &'static mut [u8; FRAME_BUF] {
@@ -43,7 +57,7 @@ pub fn frame_buffer() -> &'static mut [u8; FRAME_BUF] {
     unsafe { &mut *FRAME.get() }
 }
 
-fn reply_buffer() -> &'static mut [u8; 64 * 1024] {
+fn reply_buffer() -> &'static mut [u8; FRAME_BUF] {
     // SAFETY: as for `frame_buffer`: only `run` calls this, once.
     unsafe { &mut *REPLY.get() }
 }
@@ -121,13 +135,18 @@ fn after_restore(s: &mut GuestState, r: &Restored) -> Result<(), &'static str> {
     let ms = RESTORE_HOOK_MS.load(Ordering::Relaxed);
     if ms > 0 {
         println!("hook after-restore: busy-waiting {ms} ms as asked (thaw.restore-hook-ms)");
-        let start = clock::now_ns();
-        while clock::now_ns().wrapping_sub(start) < u64::from(ms) * 1_000_000 {
-            core::hint::spin_loop();
-        }
+        busy_wait_ms(ms);
         println!("hook after-restore: done waiting");
     }
     Ok(())
+}
+
+/// Spins at CPL3 on the TSC clock: time a host sees passing as the function working.
+fn busy_wait_ms(ms: u32) {
+    let start = clock::now_ns();
+    while clock::now_ns().wrapping_sub(start) < u64::from(ms) * 1_000_000 {
+        core::hint::spin_loop();
+    }
 }
 
 /// The `thaw:status` document, formatted into `out`; returns its length. `restored_at_ns`:
@@ -154,13 +173,51 @@ fn status(state: &mut GuestState, restored_at_ns: u64, out: &mut [u8]) -> usize 
     status.write_json(out).unwrap_or(0)
 }
 
+/// Reads one frame into `frame`; returns its kind and body length.
+fn read_frame(v: &mut Vsock, frame: &mut [u8; FRAME_BUF]) -> Result<(Kind, usize), End> {
+    let mut header = [0u8; HEADER_LEN];
+    v.driver.recv_exact(&mut header)?;
+    let h = Header::decode(&header)?;
+    if h.kind.from_guest() {
+        return Err(End::WrongDirection(h.kind));
+    }
+    let len = h.length as usize; // at most MAX_BODY, checked by decode
+    v.driver.recv_exact(&mut frame[..len])?;
+    Ok((h.kind, len))
+}
+
+/// How an invocation is answered.
+enum Answer<'a> {
+    Response(&'a [u8]),
+    Error(Failure<'a>),
+}
+
+/// `thaw:crash`: the runtime dies mid-invocation. Its last words are function output, printed
+/// even when quiet, as a host would show a crashed runtime's in its invocation logs.
+fn crash(request_id: &str) -> ! {
+    io::print_output(format_args!(
+        "thaw:crash: the runtime dies during request {:?} as asked; exit status 1\n",
+        request_id
+    ));
+    io::exit(1)
+}
+
+/// `thaw:log=N`: the function's output, printed even when quiet.
+fn log_lines(n: u32, request_id: &str) {
+    for line in 1..=n {
+        io::print_output(format_args!(
+            "log line {line} of {n} for request {}\n",
+            request_id.escape_debug()
+        ));
+    }
+}
+
 struct Agent {
     init_type: InitType,
     fail: Fail,
     hooks: Hooks<GuestState>,
     state: GuestState,
-    frame: &'static mut [u8; FRAME_BUF],
-    reply: &'static mut [u8; 64 * 1024],
+    reply: &'static mut [u8; FRAME_BUF],
     invocations: u64,
     /// When the last `Restored` arrived, on the TSC's time line: the guest's wall clock is the
     /// host's from that frame plus the time since.
@@ -168,34 +225,136 @@ struct Agent {
 }
 
 impl Agent {
+    /// Answers one `Invoke`, carrying out the command its payload names (`thaw:crash` and
+    /// `thaw:hang` never answer).
+    fn invoke(&mut self, v: &mut Vsock, i: &Invoke<'_>) -> Result<(), End> {
+        self.invocations += 1;
+        let command = invoke_cmd::parse(i.payload);
+        let mut buf = [0u8; ANSWER_BUF];
+        let answer = self.perform(i, command, &mut buf);
+        self.log_invocation(i, command, &answer);
+        let request_id = i.request_id;
+        let reply = match answer {
+            Answer::Response(payload) => Message::Response {
+                request_id,
+                payload,
+            },
+            Answer::Error(failure) => Message::InvokeError {
+                request_id,
+                failure,
+            },
+        };
+        self.send(v, &reply)
+    }
+
+    /// Carries out `command`; answers formatted here go to `buf`.
+    fn perform<'a>(
+        &mut self,
+        i: &Invoke<'a>,
+        command: Command<'a>,
+        buf: &'a mut [u8; ANSWER_BUF],
+    ) -> Answer<'a> {
+        let len = match command {
+            Command::Digest => {
+                let digest: [u8; 32] = Sha256::digest(i.payload).into();
+                buf[..digest.len()].copy_from_slice(&digest);
+                digest.len()
+            }
+            Command::Status => status(&mut self.state, self.restored_at_ns, buf),
+            Command::Error => {
+                return Answer::Error(Failure {
+                    error_type: INVOKE_ERROR_TYPE,
+                    body: INVOKE_ERROR_BODY,
+                });
+            }
+            Command::Crash => crash(i.request_id),
+            Command::Hang => {
+                if self.invocations <= LOGGED_INVOCATIONS {
+                    println!(
+                        "agent: invoke #{} {:?}: thaw:hang, never answering",
+                        self.invocations, i.request_id
+                    );
+                }
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
+            Command::Sleep(ms) => {
+                busy_wait_ms(ms);
+                format_into(buf, format_args!("slept {ms} ms")).unwrap_or(0)
+            }
+            Command::Log(n) => {
+                log_lines(n, i.request_id);
+                format_into(buf, format_args!("logged {n} lines")).unwrap_or(0)
+            }
+            Command::Echo(text) => return Answer::Response(text),
+            Command::Bad(bad) => {
+                // ANSWER_BUF holds any bad command's document (MAX_ERROR_JSON).
+                let len = bad.write_json(buf).unwrap_or(0);
+                return Answer::Error(Failure {
+                    error_type: BAD_COMMAND_TYPE,
+                    body: &buf[..len],
+                });
+            }
+        };
+        Answer::Response(&buf[..len])
+    }
+
+    fn log_invocation(&self, i: &Invoke<'_>, command: Command<'_>, answer: &Answer<'_>) {
+        let (n, id) = (self.invocations, i.request_id);
+        if n == LOGGED_INVOCATIONS + 1 {
+            println!("agent: further invocations are not logged");
+        }
+        if n > LOGGED_INVOCATIONS {
+            return;
+        }
+        match (command, answer) {
+            (Command::Status, Answer::Response(json)) => {
+                println!(
+                    "agent: invoke #{n} {id:?}: status, {} bytes of JSON",
+                    json.len()
+                );
+            }
+            (Command::Digest, Answer::Response([a, b, c, d, ..])) => println!(
+                "agent: invoke #{n} {id:?}: {} payload bytes, sha-256 \
+                 {a:02x}{b:02x}{c:02x}{d:02x}...",
+                i.payload.len()
+            ),
+            (_, Answer::Response(payload)) => println!(
+                "agent: invoke #{n} {id:?}: {}, answered {} bytes",
+                command.name(),
+                payload.len()
+            ),
+            (_, Answer::Error(f)) => println!(
+                "agent: invoke #{n} {id:?}: {}, answered {} ({} bytes)",
+                command.name(),
+                f.error_type,
+                f.body.len()
+            ),
+        }
+    }
+
     fn send(&mut self, v: &mut Vsock, m: &Message) -> Result<(), End> {
         let n = m.encode_into(self.reply)?;
         v.driver.send(&self.reply[..n])?;
         Ok(())
     }
 
-    /// Reads one frame into `self.frame`; returns its kind and body length.
-    fn read_frame(&mut self, v: &mut Vsock) -> Result<(Kind, usize), End> {
-        let mut header = [0u8; HEADER_LEN];
-        v.driver.recv_exact(&mut header)?;
-        let h = Header::decode(&header)?;
-        if h.kind.from_guest() {
-            return Err(End::WrongDirection(h.kind));
-        }
-        let len = h.length as usize; // at most MAX_BODY, checked by decode
-        v.driver.recv_exact(&mut self.frame[..len])?;
-        Ok((h.kind, len))
-    }
-
-    /// One connection, from `Hello` until it fails (a `Shutdown` never returns).
-    fn session(&mut self, v: &mut Vsock) -> End {
-        match self.serve(v) {
+    /// One connection, from `Hello` until it fails (a `Shutdown` never returns). Frames are
+    /// read into `frame`, kept apart from the agent so that handlers may change the agent while
+    /// a decoded frame borrows its bytes.
+    fn session(&mut self, v: &mut Vsock, frame: &mut [u8; FRAME_BUF]) -> End {
+        match self.serve(v, frame) {
             Ok(never) => match never {},
             Err(e) => e,
         }
     }
 
-    fn serve(&mut self, v: &mut Vsock) -> Result<core::convert::Infallible, End> {
+    fn serve(
+        &mut self,
+        v: &mut Vsock,
+        frame: &mut [u8; FRAME_BUF],
+    ) -> Result<core::convert::Infallible, End> {
         let agent = concat!("thaw-test-guest/", env!("CARGO_PKG_VERSION"));
         let init_type = self.init_type;
         self.send(v, &Message::Hello { agent, init_type })?;
@@ -218,53 +377,10 @@ impl Agent {
             _ => {}
         }
         loop {
-            let (kind, len) = self.read_frame(v)?;
+            let (kind, len) = read_frame(v, frame)?;
             // Decoding borrows the frame buffer; answers are built in the reply buffer.
-            let frame: &[u8] = &self.frame[..len];
-            match Message::decode(kind, frame)? {
-                Message::Invoke(i) => {
-                    let mut buf = [0u8; MAX_STATUS_JSON];
-                    let digest: [u8; 32];
-                    let answer: &[u8] = if i.payload == STATUS_PAYLOAD {
-                        let n = status(&mut self.state, self.restored_at_ns, &mut buf);
-                        &buf[..n]
-                    } else {
-                        digest = Sha256::digest(i.payload).into();
-                        &digest
-                    };
-                    self.invocations += 1;
-                    if self.invocations <= LOGGED_INVOCATIONS {
-                        if i.payload == STATUS_PAYLOAD {
-                            println!(
-                                "agent: invoke #{} {:?}: status, {} bytes of JSON",
-                                self.invocations,
-                                i.request_id,
-                                answer.len()
-                            );
-                        } else {
-                            println!(
-                                "agent: invoke #{} {:?}: {} payload bytes, sha-256 \
-                                 {:02x}{:02x}{:02x}{:02x}...",
-                                self.invocations,
-                                i.request_id,
-                                i.payload.len(),
-                                answer[0],
-                                answer[1],
-                                answer[2],
-                                answer[3]
-                            );
-                        }
-                    } else if self.invocations == LOGGED_INVOCATIONS + 1 {
-                        println!("agent: further invocations are not logged");
-                    }
-                    let request_id = i.request_id;
-                    let n = Message::Response {
-                        request_id,
-                        payload: answer,
-                    }
-                    .encode_into(self.reply)?;
-                    v.driver.send(&self.reply[..n])?;
-                }
+            match Message::decode(kind, &frame[..len])? {
+                Message::Invoke(i) => self.invoke(v, &i)?,
                 Message::Checkpoint => {
                     let reply = match self.hooks.run_before_checkpoint(&mut self.state) {
                         Ok(_) => Message::SnapshotReady,
@@ -325,16 +441,16 @@ pub fn run(vsock: &mut Vsock, options: &Options) -> ! {
         fail,
         hooks,
         state: GuestState::default(),
-        frame: frame_buffer(),
         reply: reply_buffer(),
         invocations: 0,
         restored_at_ns: 0,
     };
+    let frame = frame_buffer();
     loop {
         if !vsock.connect(AGENT_PORT) {
             io::exit(crate::EXIT_VSOCK);
         }
-        match agent.session(vsock) {
+        match agent.session(vsock, frame) {
             End::Transport(Error::Stalled) => {
                 println!("agent: the vsock device stalled");
                 if !vsock.reset() {

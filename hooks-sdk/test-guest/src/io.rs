@@ -77,11 +77,18 @@ impl Write for Console {
     }
 }
 
-/// Prints formatted text atomically with respect to other CPUs.
+/// Prints formatted text atomically with respect to other CPUs, unless quiet.
 pub fn print(args: fmt::Arguments) {
     if QUIET.load(Ordering::Relaxed) {
         return;
     }
+    print_output(args);
+}
+
+/// Prints even when quiet, without ending quiet: the function's own output (`thaw:log` lines,
+/// a crash's last words), which a host shows in its invocation logs. Quiet only silences the
+/// guest's own chatter.
+pub fn print_output(args: fmt::Arguments) {
     while CONSOLE_LOCK
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()

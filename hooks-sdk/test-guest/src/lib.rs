@@ -1,8 +1,8 @@
 //! The test guest's logic that touches no hardware directly: command-line parsing, the
 //! virtqueue and vsock driver core, the connection's credit accounting, the hook registry, the
-//! bench wire format, the memory workload, the register keeper's pattern and the agent's status
-//! document. The guest image links it; `cargo test` runs its tests on the host, where a
-//! simulated vsock device stands in for the VMM's.
+//! bench wire format, the memory workload, the register keeper's pattern, the agent's status
+//! document and its invocation commands. The guest image links it; `cargo test` runs its tests
+//! on the host, where a simulated vsock device stands in for the VMM's.
 
 #![cfg_attr(not(test), no_std)]
 
@@ -11,9 +11,11 @@ pub mod cmdline;
 pub mod conn;
 pub mod driver;
 pub mod hooks;
+pub mod invoke_cmd;
 pub mod keeper;
 pub mod ring;
 pub mod status;
+pub mod text;
 pub mod virtq;
 pub mod vsock;
 pub mod workload;

@@ -5,6 +5,7 @@
 use core::fmt::{self, Write};
 
 use crate::keeper::Mismatch;
+use crate::text::{JsonStr, SliceWriter};
 
 /// The invocation payload that asks for the status instead of a SHA-256.
 pub const STATUS_PAYLOAD: &[u8] = b"thaw:status";
@@ -48,45 +49,12 @@ pub struct Status<'a> {
     pub restore_id: &'a str,
 }
 
-/// Writes into a byte slice, failing once it is full.
-struct SliceWriter<'a> {
-    buf: &'a mut [u8],
-    len: usize,
-}
-
-impl Write for SliceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len.checked_add(s.len()).ok_or(fmt::Error)?;
-        let dest = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
-        dest.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-/// `s` as the inside of a JSON string (RFC 8259, section 7).
-struct JsonStr<'a>(&'a str);
-
-impl fmt::Display for JsonStr<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '"' => f.write_str("\\\"")?,
-                '\\' => f.write_str("\\\\")?,
-                c if u32::from(c) < 0x20 => write!(f, "\\u{:04x}", u32::from(c))?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Status<'_> {
     /// Formats the document into `out`; returns its length, or `None` if `out` is too small.
     pub fn write_json(&self, out: &mut [u8]) -> Option<usize> {
-        let mut w = SliceWriter { buf: out, len: 0 };
+        let mut w = SliceWriter::new(out);
         self.write_to(&mut w).ok()?;
-        Some(w.len)
+        Some(w.len())
     }
 
     fn write_to(&self, w: &mut SliceWriter<'_>) -> fmt::Result {

@@ -3,9 +3,9 @@
 //! into it, answers invocations (the guest answers the SHA-256 of the payload), freezes, thaws
 //! and shuts down, exiting 0; a tampered snapshot is refused; failing and slow after-restore
 //! hooks fail the restore with their kinds; a frozen guest's invocation times out in the
-//! worker; a worker that misses the handle's deadline is reported and killed; a worker killed
-//! with SIGKILL is reported dead, not waited for; and a worker dies with the thread that
-//! spawned it. Spoken to directly (the handle gives up on a worker after any failure), a worker
+//! worker; a worker that misses the handle's deadline (a restore too slow for it, an invocation
+//! of a stopped worker) is reported and killed; a worker killed with SIGKILL is reported dead,
+//! not waited for; and a worker dies with the thread that spawned it. Spoken to directly (the handle gives up on a worker after any failure), a worker
 //! refuses requests that come in the wrong state without harming its guest, and stops its guest
 //! and exits when its stdin closes.
 
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fixture::{Console, pattern, require_kvm, vm_slot};
 use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{
-    InvokeSpec, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
+    INVOKE_GRACE, InvokeSpec, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
 };
 use restore_daemon::worker::protocol::{
     FailureKind, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
@@ -398,6 +398,54 @@ async fn failing_and_slow_after_restore_hooks_fail_the_restore() {
     })
     .await;
     drop((failing.dir, slow.dir));
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_answer_in_time_is_given_up_and_killed() {
+    if !require_kvm("a_worker_that_cannot_answer_in_time_is_given_up_and_killed") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        worker
+            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        // Stopped, the worker cannot even report the function's timeout: the handle gives up
+        // after the timeout and its grace.
+        let stopped = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = worker
+            .invoke(invocation("stuck", b"{}".to_vec(), timeout), timeout)
+            .await
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            matches!(err, WorkerError::Timeout { request: "Invoke", after }
+                if after == timeout + INVOKE_GRACE),
+            "{err:?}"
+        );
+        assert!(
+            waited < timeout + INVOKE_GRACE + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert!(matches!(
+            worker.freeze(SHORT).await,
+            Err(WorkerError::Poisoned)
+        ));
+        // SIGKILL ends it even while it is stopped.
+        let status = worker.kill().await.unwrap();
+        assert!(status.to_string().contains("SIGKILL"), "{status}");
+        assert!(reaped(pid));
+        println!("a stopped worker's invocation was given up after {waited:?}");
+    })
+    .await;
+    drop(snap.dir);
 }
 
 /// A worker spoken to without the handle, one blocking request at a time.

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_core::devices::serial::ConsoleOutput;
-use vmm_core::exit::ExitSignal;
+use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::MachineController;
 
 use crate::agent::{
@@ -247,6 +247,12 @@ impl Environment {
     /// Controls the machine (pause, resume, save, stop).
     pub fn controller(&self) -> &MachineController {
         &self.controller
+    }
+
+    /// Why the machine stopped, once it has: after a failed invocation, whether the guest
+    /// ended by itself (and with which exit code) or was stopped by the host.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.reason()
     }
 
     /// Invokes the function and waits up to `timeout` for its answer. A guest that stops or a

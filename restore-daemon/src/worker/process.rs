@@ -1,8 +1,838 @@
-//! The worker's side: requests on stdin, replies on stdout (to be written).
+//! The worker's side: requests on stdin, one reply each on stdout, until `Shutdown` or until
+//! stdin ends (the daemon died or dropped this worker). The worker holds at most one
+//! execution environment: a machine shell may be prepared for it, then it is restored, invoked,
+//! frozen and thawed, and finally shut down. Once the environment has failed it is discarded
+//! (its VM stopped) and only `Shutdown` is still served; requests that come in the wrong state
+//! are refused with `BadRequest` and change nothing.
 
+use std::collections::VecDeque;
+use std::error::Error;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// The worker process's entry point (`thawd worker`).
+use vmm_core::devices::serial::ConsoleOutput;
+use vmm_core::exit::ExitReason;
+use vmm_core::machine::{ControlError, ShellSpec};
+
+use super::protocol::{
+    FailureKind, FrameError, Reply, Request, WireMemoryMode, read_frame, write_frame,
+};
+use crate::agent::{AfterRestoreError, InvokeError, InvokeRequest};
+use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
+use crate::restore::RestoreOptions;
+use crate::shells::ShellPool;
+use crate::verify::KeyChoice;
+
+/// The guest console kept in memory: the end of it, for `Invoked` and failures.
+const CONSOLE_KEEP: usize = 64 << 10;
+/// The console tail a `Failed` reply carries.
+const FAILURE_CONSOLE: usize = 4 << 10;
+/// How long `Prepare` waits for its shell.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often `Prepare` looks whether the shell is built or failed.
+const PREPARE_POLL: Duration = Duration::from_millis(5);
+/// Lambda's error type when the runtime exits; here, when the guest ends during its restore.
+const EXIT_ERROR: &str = "Runtime.ExitError";
+/// Lambda's error type for a runtime failure it cannot name; here, an agent that broke the
+/// protocol or its connection during the restore.
+const UNKNOWN_ERROR: &str = "Runtime.Unknown";
+
+/// What the worker knows from its parent besides the requests.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerConfig {
+    /// The host's master key file, used for a `Restore` that names no key file (if the file
+    /// exists; a plaintext snapshot needs none). `None`: such restores use no key, so only
+    /// plaintext snapshots open without a key file.
+    pub host_key_file: Option<PathBuf>,
+}
+
+/// The worker could not go on talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A request could not be read (garbage, a truncated or oversized frame, a read error).
+    #[error("cannot read the daemon's request")]
+    Read(#[source] FrameError),
+    /// A reply could not be written (the daemon went away).
+    #[error("cannot write the reply")]
+    Write(#[source] FrameError),
+}
+
+/// How serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The daemon asked for it; `ShutDown` was the last reply.
+    Shutdown,
+    /// Stdin ended before a request: the daemon died or dropped this worker.
+    InputClosed,
+}
+
+/// The worker process's entry point (`thawd worker`), with no host key.
 pub fn main() -> ExitCode {
-    ExitCode::from(2)
+    main_with(&WorkerConfig::default())
+}
+
+/// The worker process's entry point, with what its parent knows (e.g. the host key file).
+pub fn main_with(config: &WorkerConfig) -> ExitCode {
+    if let Err(e) = die_with_parent() {
+        tracing::error!(error = %e, "cannot tie the worker's life to the daemon's; exiting");
+        return ExitCode::FAILURE;
+    }
+    let output = match take_stdout() {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the worker's reply stream");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serve(std::io::stdin().lock(), output, config) {
+        Ok(ended) => {
+            tracing::debug!(?ended, "worker done");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "worker stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A worker must never outlive the daemon, which alone can stop its VM.
+fn die_with_parent() -> std::io::Result<()> {
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    // The parent may have died before the signal was armed: the worker was reparented. Had it
+    // died even before the first getppid, stdin (whose writer only the daemon held) is already
+    // at its end, and serving stops at once.
+    if nix::unistd::getppid() != parent {
+        return Err(std::io::Error::other("reparented before PR_SET_PDEATHSIG"));
+    }
+    Ok(())
+}
+
+/// A private handle on stdout for the frames, with fd 1 itself pointed at stderr: whatever
+/// else prints to stdout (a stray `println!`, a library) ends up in the log instead of
+/// corrupting the reply stream.
+fn take_stdout() -> std::io::Result<File> {
+    let replies = std::io::stdout().as_fd().try_clone_to_owned()?;
+    nix::unistd::dup2_stdout(std::io::stderr())?;
+    Ok(File::from(replies))
+}
+
+/// Serves requests from `input` with replies on `output` until `Shutdown` or the end of
+/// `input`. Whatever environment is left is stopped before this returns.
+pub fn serve<R: Read, W: Write>(
+    mut input: R,
+    mut output: W,
+    config: &WorkerConfig,
+) -> Result<Ended, ServeError> {
+    let mut session = Session::new(config);
+    loop {
+        let request = match read_frame::<_, Request>(&mut input) {
+            Ok(request) => request,
+            Err(FrameError::Closed) => return Ok(Ended::InputClosed),
+            Err(e) => return Err(ServeError::Read(e)),
+        };
+        let shutdown = request == Request::Shutdown;
+        let reply = session.handle(request);
+        send(&mut output, &reply, &session.console)?;
+        if shutdown {
+            return Ok(Ended::Shutdown);
+        }
+    }
+}
+
+/// Writes `reply`; one too large for a frame becomes a failure, so the daemon still gets one
+/// reply per request.
+fn send<W: Write>(output: &mut W, reply: &Reply, console: &ConsoleTail) -> Result<(), ServeError> {
+    match write_frame(output, reply) {
+        Err(FrameError::TooLarge { len }) => {
+            let failure = Reply::Failed {
+                kind: FailureKind::Internal,
+                message: format!("the reply ({len} bytes) does not fit in a frame"),
+                console: console.tail(FAILURE_CONSOLE),
+            };
+            write_frame(output, &failure).map_err(ServeError::Write)
+        }
+        other => other.map_err(ServeError::Write),
+    }
+}
+
+/// An error and its causes, as one line.
+fn chain(e: &dyn Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// The end of the guest's console, shared with the VMM's serial device.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn output(&self) -> ConsoleOutput {
+        Box::new(self.clone())
+    }
+
+    /// Everything kept so far, emptying the buffer.
+    fn take(&self) -> Vec<u8> {
+        self.lock().drain(..).collect()
+    }
+
+    /// The last `n` bytes kept.
+    fn tail(&self, n: usize) -> Vec<u8> {
+        let kept = self.lock();
+        kept.range(kept.len().saturating_sub(n)..)
+            .copied()
+            .collect()
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut kept = self.lock();
+        let new = &buf[buf.len().saturating_sub(CONSOLE_KEEP)..];
+        let excess = (kept.len() + new.len()).saturating_sub(CONSOLE_KEEP);
+        kept.drain(..excess);
+        kept.extend(new);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the worker holds.
+enum State {
+    /// Nothing restored yet; perhaps a shell prepared for the restore.
+    Empty { shells: Option<Arc<ShellPool>> },
+    /// A restored environment.
+    Running { env: Box<Environment>, frozen: bool },
+    /// The environment failed (or could not be made) and was discarded.
+    Discarded,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Empty { shells: None } => "nothing restored yet",
+            State::Empty { shells: Some(_) } => "a shell is prepared, nothing restored yet",
+            State::Running { frozen: false, .. } => "an environment is running",
+            State::Running { frozen: true, .. } => "an environment is frozen",
+            State::Discarded => "the environment failed and was discarded",
+        }
+    }
+}
+
+struct Session<'c> {
+    config: &'c WorkerConfig,
+    console: ConsoleTail,
+    state: State,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl<'c> Session<'c> {
+    fn new(config: &'c WorkerConfig) -> Self {
+        Session {
+            config,
+            console: ConsoleTail::default(),
+            state: State::Empty { shells: None },
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Prepare { mem_bytes, vcpus } => self.prepare(ShellSpec { mem_bytes, vcpus }),
+            Request::Restore {
+                snapshot,
+                key_file,
+                memory,
+                after_restore_timeout_ms,
+            } => self.restore(
+                &snapshot,
+                key_file.as_deref(),
+                memory,
+                Duration::from_millis(after_restore_timeout_ms),
+            ),
+            Request::Invoke {
+                request_id,
+                deadline_ms,
+                function_arn,
+                client_context,
+                payload,
+                timeout_ms,
+            } => {
+                let request = InvokeRequest {
+                    request_id,
+                    deadline_ms,
+                    function_arn,
+                    client_context,
+                    payload,
+                    ..InvokeRequest::default()
+                };
+                self.invoke(&request, Duration::from_millis(timeout_ms))
+            }
+            Request::Freeze => self.freeze(),
+            Request::Thaw => self.thaw(),
+            Request::Shutdown => self.shutdown(),
+        }
+    }
+
+    fn bad_request(&self, request: &str) -> Reply {
+        Reply::Failed {
+            kind: FailureKind::BadRequest,
+            message: format!("{request} is not possible now: {}", self.state.name()),
+            console: Vec::new(),
+        }
+    }
+
+    /// Discards the environment (stopping its VM) and reports the failure.
+    fn fail(&mut self, kind: FailureKind, message: String) -> Reply {
+        self.state = State::Discarded;
+        tracing::warn!(?kind, error = %message, "worker request failed");
+        Reply::Failed {
+            kind,
+            message,
+            console: self.console.tail(FAILURE_CONSOLE),
+        }
+    }
+
+    fn prepare(&mut self, spec: ShellSpec) -> Reply {
+        if !matches!(self.state, State::Empty { shells: None }) {
+            return self.bad_request("Prepare");
+        }
+        let started = Instant::now();
+        match build_shell(spec) {
+            Ok(pool) => {
+                self.state = State::Empty {
+                    shells: Some(Arc::new(pool)),
+                };
+                Reply::Prepared {
+                    shell_us: micros(started.elapsed()),
+                }
+            }
+            Err(message) => self.fail(FailureKind::Internal, message),
+        }
+    }
+
+    fn restore(
+        &mut self,
+        snapshot: &Path,
+        key_file: Option<&Path>,
+        memory: WireMemoryMode,
+        after_restore_budget: Duration,
+    ) -> Reply {
+        let shells = match &mut self.state {
+            State::Empty { shells } => shells.take(),
+            _ => return self.bad_request("Restore"),
+        };
+        let key = match key_choice(key_file, self.config.host_key_file.as_deref()) {
+            Ok(key) => key,
+            Err(message) => return self.fail(FailureKind::Restore, message),
+        };
+        let options = EnvironmentOptions {
+            restore: RestoreOptions {
+                memory: memory.into(),
+                shells,
+                ..RestoreOptions::default()
+            },
+            after_restore_budget,
+            ..EnvironmentOptions::default()
+        };
+        match Environment::start(snapshot, &key, &options, self.console.output()) {
+            Ok(env) => {
+                let timings = env.timings;
+                tracing::info!(
+                    snapshot = %snapshot.display(),
+                    restore_id = env.restore_id(),
+                    ?timings,
+                    "environment ready"
+                );
+                self.state = State::Running {
+                    env: Box::new(env),
+                    frozen: false,
+                };
+                Reply::Restored {
+                    restore_us: micros(timings.restore.total()),
+                    ready_us: micros(timings.ready),
+                    shell_was_ready: timings.restore.shell_was_ready,
+                }
+            }
+            Err(e) => self.fail(restore_failure(&e), chain(&e)),
+        }
+    }
+
+    fn invoke(&mut self, request: &InvokeRequest, timeout: Duration) -> Reply {
+        let State::Running { env, .. } = &mut self.state else {
+            return self.bad_request("Invoke");
+        };
+        // Only what the guest prints for this invocation goes with its answer.
+        self.console.take();
+        let started = Instant::now();
+        let result = env.invoke(request, timeout);
+        let duration = started.elapsed();
+        match result {
+            Ok(outcome) => Reply::Invoked {
+                outcome: outcome.into(),
+                duration_us: micros(duration),
+                console: self.console.take(),
+                max_memory_used_bytes: peak_resident_bytes(),
+            },
+            Err(e) => {
+                let kind = invoke_failure(&e, env.exit_reason());
+                self.fail(kind, chain(&e))
+            }
+        }
+    }
+
+    fn freeze(&mut self) -> Reply {
+        let State::Running { env, frozen } = &mut self.state else {
+            return self.bad_request("Freeze");
+        };
+        match env.controller().pause() {
+            Ok(()) => {
+                *frozen = true;
+                Reply::Frozen
+            }
+            Err(e) => self.fail(control_failure(&e), chain(&e)),
+        }
+    }
+
+    fn thaw(&mut self) -> Reply {
+        let State::Running { env, frozen } = &mut self.state else {
+            return self.bad_request("Thaw");
+        };
+        match env.controller().resume() {
+            Ok(()) => {
+                *frozen = false;
+                Reply::Thawed
+            }
+            Err(e) => self.fail(control_failure(&e), chain(&e)),
+        }
+    }
+
+    fn shutdown(&mut self) -> Reply {
+        if let State::Running { env, frozen } = std::mem::replace(&mut self.state, State::Discarded)
+        {
+            // A frozen guest could not hear the request and would only be stopped after the
+            // grace period.
+            if frozen && let Err(e) = env.controller().resume() {
+                tracing::debug!(error = %e, "cannot resume the guest to shut it down");
+            }
+            match env.shutdown() {
+                Ok(outcome) => tracing::info!(reason = %outcome.reason, "environment shut down"),
+                Err(e) => tracing::warn!(error = %chain(&e), "environment shut down with an error"),
+            }
+        }
+        Reply::ShutDown
+    }
+}
+
+/// A pool holding one ready shell of `spec`, and building no more.
+fn build_shell(spec: ShellSpec) -> Result<ShellPool, String> {
+    let pool = ShellPool::new().map_err(|e| format!("cannot start the shell builder: {e}"))?;
+    pool.keep_ready(spec, 1);
+    let deadline = Instant::now() + PREPARE_TIMEOUT;
+    // Waiting in steps sees a failed build at once instead of the builder's retries.
+    while !pool.wait_ready(spec, 1, PREPARE_POLL) {
+        if pool.stats().build_failures > 0 {
+            return Err(format!(
+                "cannot build a machine shell of {} bytes and {} vCPUs (the worker's log has why)",
+                spec.mem_bytes, spec.vcpus
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no machine shell within {PREPARE_TIMEOUT:?}"));
+        }
+    }
+    // The restore takes this one; a replacement would only be torn down unused.
+    pool.keep_ready(spec, 0);
+    Ok(pool)
+}
+
+/// The key for a restore: the named file, else the host key if there is one.
+fn key_choice(key_file: Option<&Path>, host_key_file: Option<&Path>) -> Result<KeyChoice, String> {
+    let load = |path: &Path| {
+        snapshot::MasterKey::load(path)
+            .map_err(|e| format!("key file {}: {}", path.display(), chain(&e)))
+    };
+    Ok(match (key_file, host_key_file) {
+        (Some(path), _) => KeyChoice::Given(load(path)?),
+        (None, Some(path)) if path.exists() => KeyChoice::HostDefault(load(path)?),
+        (None, _) => KeyChoice::None,
+    })
+}
+
+fn restore_failure(e: &EnvironmentError) -> FailureKind {
+    match e {
+        EnvironmentError::Restore(_) | EnvironmentError::NoAgent => FailureKind::Restore,
+        // Reconnecting is part of the after-restore step's time, as Lambda counts it.
+        EnvironmentError::AfterRestore(
+            AfterRestoreError::HookTimeout(_) | AfterRestoreError::ConnectTimeout(_),
+        ) => FailureKind::AfterRestoreTimeout,
+        EnvironmentError::AfterRestore(AfterRestoreError::Hook { error_type, .. }) => {
+            FailureKind::AfterRestore {
+                error_type: error_type.clone(),
+            }
+        }
+        EnvironmentError::AfterRestore(AfterRestoreError::GuestEnded { .. }) => {
+            FailureKind::AfterRestore {
+                error_type: EXIT_ERROR.into(),
+            }
+        }
+        EnvironmentError::AfterRestore(
+            AfterRestoreError::Protocol(_) | AfterRestoreError::Socket(_),
+        ) => FailureKind::AfterRestore {
+            error_type: UNKNOWN_ERROR.into(),
+        },
+        EnvironmentError::Invoke(_) | EnvironmentError::Socket(_) | EnvironmentError::Thread(_) => {
+            FailureKind::Internal
+        }
+    }
+}
+
+/// The guest's own exit code, when it ended through the debug-exit port.
+fn guest_exit_code(reason: &ExitReason) -> Option<i32> {
+    match reason {
+        ExitReason::GuestExit(code) => Some(i32::from(*code)),
+        _ => None,
+    }
+}
+
+/// A failed invocation's kind. The agent's connection may report the guest's end (a closed
+/// socket) before the machine's exit is seen, so the exit reason decides, not the error alone.
+fn invoke_failure(e: &EnvironmentError, exit: Option<ExitReason>) -> FailureKind {
+    if matches!(e, EnvironmentError::Invoke(InvokeError::Timeout(_))) {
+        return FailureKind::InvokeTimeout;
+    }
+    match exit {
+        // The host stopped it: the page server failed, say.
+        Some(ExitReason::Stopped) => FailureKind::Internal,
+        Some(reason) => FailureKind::GuestEnded {
+            exit_code: guest_exit_code(&reason),
+        },
+        None if matches!(e, EnvironmentError::Invoke(InvokeError::GuestEnded)) => {
+            FailureKind::GuestEnded { exit_code: None }
+        }
+        None => FailureKind::Internal,
+    }
+}
+
+fn control_failure(e: &ControlError) -> FailureKind {
+    match e {
+        ControlError::Exited {
+            reason: Some(reason),
+        } if *reason != ExitReason::Stopped => FailureKind::GuestEnded {
+            exit_code: guest_exit_code(reason),
+        },
+        _ => FailureKind::Internal,
+    }
+}
+
+/// This process's peak resident memory (`VmHWM`), bytes; 0 if it cannot be read.
+fn peak_resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib.saturating_mul(1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::protocol::{encode_frame, read_frame};
+    use super::*;
+
+    /// Runs `serve` over `requests` (then the end of input) and returns how it ended and
+    /// every reply.
+    fn run(requests: &[Request], config: &WorkerConfig) -> (Result<Ended, ServeError>, Vec<Reply>) {
+        let input: Vec<u8> = requests
+            .iter()
+            .flat_map(|r| encode_frame(r).unwrap())
+            .collect();
+        let mut output = Vec::new();
+        let ended = serve(input.as_slice(), &mut output, config);
+        (ended, replies(&output))
+    }
+
+    fn replies(mut bytes: &[u8]) -> Vec<Reply> {
+        let mut all = Vec::new();
+        loop {
+            match read_frame(&mut bytes) {
+                Ok(reply) => all.push(reply),
+                Err(FrameError::Closed) => return all,
+                Err(e) => panic!("the worker wrote a bad frame: {e:?}"),
+            }
+        }
+    }
+
+    fn invoke() -> Request {
+        Request::Invoke {
+            request_id: "r1".into(),
+            deadline_ms: 0,
+            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
+            client_context: String::new(),
+            payload: b"{}".to_vec(),
+            timeout_ms: 1000,
+        }
+    }
+
+    fn restore(snapshot: &Path, key_file: Option<PathBuf>) -> Request {
+        Request::Restore {
+            snapshot: snapshot.to_owned(),
+            key_file,
+            memory: WireMemoryMode::Lazy,
+            after_restore_timeout_ms: 10_000,
+        }
+    }
+
+    fn failure_kind(reply: &Reply) -> Option<&FailureKind> {
+        match reply {
+            Reply::Failed { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn requests_before_a_restore_are_bad_requests_and_shutdown_still_works() {
+        let (ended, replies) = run(
+            &[
+                invoke(),
+                Request::Freeze,
+                Request::Thaw,
+                invoke(),
+                Request::Shutdown,
+            ],
+            &WorkerConfig::default(),
+        );
+        assert_eq!(ended.unwrap(), Ended::Shutdown);
+        assert_eq!(replies.len(), 5, "{replies:?}");
+        for reply in &replies[..4] {
+            assert_eq!(
+                failure_kind(reply),
+                Some(&FailureKind::BadRequest),
+                "{reply:?}"
+            );
+        }
+        let Reply::Failed { message, .. } = &replies[0] else {
+            unreachable!()
+        };
+        assert!(message.contains("nothing restored yet"), "{message}");
+        assert_eq!(replies[4], Reply::ShutDown);
+    }
+
+    #[test]
+    fn requests_after_shutdown_are_not_read() {
+        let (ended, replies) = run(&[Request::Shutdown, invoke()], &WorkerConfig::default());
+        assert_eq!(ended.unwrap(), Ended::Shutdown);
+        assert_eq!(replies, vec![Reply::ShutDown]);
+    }
+
+    #[test]
+    fn the_end_of_input_ends_the_worker_without_a_reply() {
+        let (ended, replies) = run(&[], &WorkerConfig::default());
+        assert_eq!(ended.unwrap(), Ended::InputClosed);
+        assert!(replies.is_empty());
+        let (ended, replies) = run(&[Request::Freeze], &WorkerConfig::default());
+        assert_eq!(ended.unwrap(), Ended::InputClosed);
+        assert_eq!(replies.len(), 1);
+    }
+
+    #[test]
+    fn garbage_on_stdin_ends_the_worker_with_an_error() {
+        let mut output = Vec::new();
+        let garbage = [0xff_u8; 64];
+        let err = serve(&garbage[..], &mut output, &WorkerConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, ServeError::Read(FrameError::TooLarge { .. })),
+            "{err:?}"
+        );
+        // A well-framed request that is no request.
+        let mut frame = 4u32.to_le_bytes().to_vec();
+        frame.extend_from_slice(&99u32.to_le_bytes());
+        let err = serve(frame.as_slice(), &mut output, &WorkerConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, ServeError::Read(FrameError::Decode(_))),
+            "{err:?}"
+        );
+        // A request cut short.
+        let frame = encode_frame(&invoke()).unwrap();
+        let err = serve(&frame[..10], &mut output, &WorkerConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, ServeError::Read(FrameError::Truncated { .. })),
+            "{err:?}"
+        );
+        assert!(output.is_empty(), "no reply to what was never a request");
+    }
+
+    #[test]
+    fn a_failed_restore_discards_the_worker_which_then_serves_only_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-snapshot");
+        let (ended, replies) = run(
+            &[
+                restore(&missing, None),
+                invoke(),
+                restore(&missing, None),
+                Request::Prepare {
+                    mem_bytes: 32 << 20,
+                    vcpus: 1,
+                },
+                Request::Freeze,
+                Request::Shutdown,
+            ],
+            &WorkerConfig::default(),
+        );
+        assert_eq!(ended.unwrap(), Ended::Shutdown);
+        let Reply::Failed { kind, message, .. } = &replies[0] else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(kind, &FailureKind::Restore);
+        assert!(message.contains("no-such-snapshot"), "{message}");
+        for reply in &replies[1..5] {
+            assert_eq!(
+                failure_kind(reply),
+                Some(&FailureKind::BadRequest),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(replies[5], Reply::ShutDown);
+    }
+
+    #[test]
+    fn a_missing_key_file_fails_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, replies) = run(
+            &[restore(dir.path(), Some(dir.path().join("no.key")))],
+            &WorkerConfig::default(),
+        );
+        let Reply::Failed { kind, message, .. } = &replies[0] else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(kind, &FailureKind::Restore);
+        assert!(message.contains("no.key"), "{message}");
+    }
+
+    #[test]
+    fn the_host_key_is_used_only_when_no_key_is_named_and_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host.key");
+        let named = dir.path().join("named.key");
+        snapshot::MasterKey::load_or_create(&host).unwrap();
+        snapshot::MasterKey::load_or_create(&named).unwrap();
+        assert!(matches!(
+            key_choice(Some(&named), Some(&host)),
+            Ok(KeyChoice::Given(_))
+        ));
+        assert!(matches!(
+            key_choice(None, Some(&host)),
+            Ok(KeyChoice::HostDefault(_))
+        ));
+        let absent = dir.path().join("absent.key");
+        assert!(matches!(
+            key_choice(None, Some(&absent)),
+            Ok(KeyChoice::None)
+        ));
+        assert!(matches!(key_choice(None, None), Ok(KeyChoice::None)));
+        assert!(key_choice(Some(&absent), None).is_err());
+    }
+
+    #[test]
+    fn the_console_keeps_its_last_64_kib_and_hands_them_over_once() {
+        let mut console = ConsoleTail::default();
+        console.write_all(b"early").unwrap();
+        console.write_all(&vec![b'x'; CONSOLE_KEEP - 2]).unwrap();
+        console.write_all(b"end").unwrap();
+        assert_eq!(console.tail(5), b"xxend");
+        let mut want = vec![b'x'; CONSOLE_KEEP - 3];
+        want.extend_from_slice(b"end");
+        assert_eq!(console.take(), want, "the oldest bytes went first");
+        assert!(console.take().is_empty());
+        // One write larger than the buffer keeps its end.
+        let big: Vec<u8> = (0..CONSOLE_KEEP + 10).map(|i| (i % 251) as u8).collect();
+        console.write_all(&big).unwrap();
+        assert_eq!(console.take(), &big[10..]);
+    }
+
+    #[test]
+    fn failures_map_to_their_kinds() {
+        let timeout = EnvironmentError::Invoke(InvokeError::Timeout(Duration::from_secs(1)));
+        assert_eq!(
+            invoke_failure(&timeout, Some(ExitReason::GuestExit(3))),
+            FailureKind::InvokeTimeout
+        );
+        let socket = EnvironmentError::Invoke(InvokeError::Socket(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+        assert_eq!(
+            invoke_failure(&socket, Some(ExitReason::GuestExit(3))),
+            FailureKind::GuestEnded { exit_code: Some(3) }
+        );
+        assert_eq!(
+            invoke_failure(&socket, Some(ExitReason::TripleFault { vcpu: 0 })),
+            FailureKind::GuestEnded { exit_code: None }
+        );
+        assert_eq!(
+            invoke_failure(&socket, Some(ExitReason::Stopped)),
+            FailureKind::Internal
+        );
+        assert_eq!(invoke_failure(&socket, None), FailureKind::Internal);
+        let ended = EnvironmentError::Invoke(InvokeError::GuestEnded);
+        assert_eq!(
+            invoke_failure(&ended, None),
+            FailureKind::GuestEnded { exit_code: None }
+        );
+
+        let hook = EnvironmentError::AfterRestore(AfterRestoreError::Hook {
+            error_type: "Runtime.AfterRestoreError".into(),
+            message: "no db".into(),
+        });
+        assert_eq!(
+            restore_failure(&hook),
+            FailureKind::AfterRestore {
+                error_type: "Runtime.AfterRestoreError".into()
+            }
+        );
+        let slow =
+            EnvironmentError::AfterRestore(AfterRestoreError::HookTimeout(Duration::from_secs(10)));
+        assert_eq!(restore_failure(&slow), FailureKind::AfterRestoreTimeout);
+        assert_eq!(
+            restore_failure(&EnvironmentError::NoAgent),
+            FailureKind::Restore
+        );
+        let exited = ControlError::Exited {
+            reason: Some(ExitReason::GuestExit(0)),
+        };
+        assert_eq!(
+            control_failure(&exited),
+            FailureKind::GuestEnded { exit_code: Some(0) }
+        );
+    }
+
+    #[test]
+    fn peak_memory_is_read_from_proc() {
+        assert!(peak_resident_bytes() > 1 << 20);
+    }
 }

@@ -1,0 +1,561 @@
+//! `thawd worker` end to end, driven through the daemon's handle (`restore_daemon::worker::
+//! handle::Worker`) on real KVM: a worker prepares a shell, restores the test guest's snapshot
+//! into it, answers invocations (the guest answers the SHA-256 of the payload), freezes, thaws
+//! and shuts down, exiting 0; a tampered snapshot is refused; failing and slow after-restore
+//! hooks fail the restore with their kinds; a frozen guest's invocation times out in the
+//! worker; a worker that misses the handle's deadline (a restore too slow for it, an invocation
+//! of a stopped worker) is reported and killed; a worker killed with SIGKILL is reported dead,
+//! not waited for; and a worker dies with the thread that spawned it. Spoken to directly (the handle gives up on a worker after any failure), a worker
+//! refuses requests that come in the wrong state without harming its guest, and stops its guest
+//! and exits when its stdin closes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fixture;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fixture::{Console, pattern, require_kvm, vm_slot};
+use restore_daemon::restore::MemoryMode;
+use restore_daemon::worker::handle::{
+    INVOKE_GRACE, InvokeSpec, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
+};
+use restore_daemon::worker::protocol::{
+    FailureKind, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
+};
+use sha2::{Digest, Sha256};
+use thaw::run::RunOptions;
+use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use vmm_core::config::VsockConfig;
+
+const MEM_BYTES: u64 = 128 << 20;
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+const SHORT: Duration = Duration::from_secs(10);
+/// Bounds every test, so a hang fails instead of blocking the run.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+/// A snapshot of the test guest with its agent, sealed with its own key.
+struct Snap {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    key: PathBuf,
+}
+
+fn snapshot_of_test_guest() -> Snap {
+    snapshot_with("")
+}
+
+/// A snapshot of the test guest with its agent and `options` on its command line.
+fn snapshot_with(options: &str) -> Snap {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let path = dir.path().join("snap");
+    let options = CreateOptions {
+        boot: RunOptions {
+            cmdline: Some(format!(
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib=8 {options}"
+            )),
+            mem_mib: MEM_BYTES >> 20,
+            vcpus: 1,
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.path().join("create.sock"),
+            }),
+            ..RunOptions::default()
+        },
+        out: path.clone(),
+        replace: false,
+        ready: Readiness::Agent,
+        init_timeout: Duration::from_secs(60),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key).unwrap()),
+    };
+    let console = Console::default();
+    let _slot = vm_slot();
+    snapshot_create::create(options, Box::new(console.clone()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
+    Snap { dir, path, key }
+}
+
+fn thawd() -> WorkerCommand {
+    WorkerCommand::thawd(env!("CARGO_BIN_EXE_thawd").into())
+}
+
+fn restore_spec(snapshot: &Path, key: &Path) -> RestoreSpec {
+    RestoreSpec {
+        snapshot: snapshot.to_owned(),
+        key_file: Some(key.to_owned()),
+        memory: MemoryMode::Lazy,
+        after_restore_timeout: Duration::from_secs(10),
+    }
+}
+
+fn invocation(id: &str, payload: Vec<u8>, timeout: Duration) -> InvokeSpec {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    InvokeSpec {
+        request_id: id.into(),
+        deadline_ms: now_ms + timeout.as_millis() as u64,
+        function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
+        client_context: String::new(),
+        payload,
+    }
+}
+
+/// Invokes with `payload` and checks the guest's answer is its SHA-256.
+async fn invoke_and_check(worker: &mut Worker, id: &str, payload: Vec<u8>) -> Invoked {
+    let want: [u8; 32] = Sha256::digest(&payload).into();
+    let timeout = Duration::from_secs(30);
+    let invoked = worker
+        .invoke(invocation(id, payload, timeout), timeout)
+        .await
+        .unwrap_or_else(|e| panic!("invoke {id}: {e}"));
+    assert_eq!(
+        invoked.outcome,
+        WireOutcome::Response(want.to_vec()),
+        "{id}"
+    );
+    invoked
+}
+
+fn reaped(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+async fn limited(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(TEST_LIMIT, test)
+        .await
+        .expect("the test hung");
+}
+
+#[tokio::test]
+async fn a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down() {
+    if !require_kvm("a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    limited(async {
+        let _slot = vm_slot();
+        let started = Instant::now();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        let shell = worker.prepare(MEM_BYTES, 1, SHORT).await.unwrap();
+        let restored = worker
+            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        assert!(restored.shell_was_ready, "{restored:?}");
+        assert!(restored.restore <= restored.ready, "{restored:?}");
+
+        let first = invoke_and_check(&mut worker, "first", pattern(1000, 5)).await;
+        // The console of this invocation only: not the hooks' lines from the restore.
+        let console = String::from_utf8_lossy(&first.console);
+        assert!(console.contains("invoke #1 \"first\""), "{console}");
+        assert!(!console.contains("after-restore"), "{console}");
+        assert!(
+            first.max_memory_used_bytes > 1 << 20,
+            "{}",
+            first.max_memory_used_bytes
+        );
+        let freeze = Instant::now();
+        worker.freeze(SHORT).await.unwrap();
+        worker.thaw(SHORT).await.unwrap();
+        let freeze_thaw = freeze.elapsed();
+        let second = invoke_and_check(&mut worker, "second", pattern(100_000, 7)).await;
+        let console = String::from_utf8_lossy(&second.console);
+        assert!(console.contains("invoke #2 \"second\""), "{console}");
+        assert!(!console.contains("invoke #1"), "{console}");
+        assert!(second.max_memory_used_bytes >= first.max_memory_used_bytes);
+
+        let shutdown = Instant::now();
+        let status = worker.shutdown(SHORT).await.unwrap();
+        assert!(status.success(), "{status}");
+        assert!(reaped(pid));
+        println!(
+            "prepare {shell:?}, restore {:?} (ready {:?}), invocations {:?} and {:?}, freeze+thaw \
+             {freeze_thaw:?}, shutdown {:?}, peak RSS {} MiB, all {:?}",
+            restored.restore,
+            restored.ready,
+            first.duration,
+            second.duration,
+            shutdown.elapsed(),
+            second.max_memory_used_bytes >> 20,
+            started.elapsed()
+        );
+    })
+    .await;
+    drop(snap.dir);
+}
+
+#[tokio::test]
+async fn invoking_a_frozen_environment_times_out_in_the_worker() {
+    if !require_kvm("invoking_a_frozen_environment_times_out_in_the_worker") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        // Without Prepare the restore builds its own shell.
+        let restored = worker
+            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        assert!(!restored.shell_was_ready);
+        worker.freeze(SHORT).await.unwrap();
+        let timeout = Duration::from_millis(500);
+        let started = Instant::now();
+        let err = worker
+            .invoke(invocation("frozen", b"{}".to_vec(), timeout), timeout)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                err,
+                WorkerError::Failed {
+                    kind: FailureKind::InvokeTimeout,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(matches!(
+            worker.thaw(SHORT).await,
+            Err(WorkerError::Poisoned)
+        ));
+        // The worker discarded its guest but still shuts down cleanly.
+        let status = worker.shutdown(SHORT).await.unwrap();
+        assert!(status.success(), "{status}");
+        assert!(reaped(pid));
+        println!("the frozen invocation failed after {took:?}");
+    })
+    .await;
+    drop(snap.dir);
+}
+
+#[tokio::test]
+async fn a_tampered_snapshot_is_refused_and_a_late_worker_is_killed() {
+    if !require_kvm("a_tampered_snapshot_is_refused_and_a_late_worker_is_killed") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    let key = snapshot::MasterKey::load(&snap.key).unwrap();
+    let layout = snapshot::Snapshot::open(&snap.path, Some(&key))
+        .unwrap()
+        .layout();
+    let chunk = &layout.data_chunks[layout.data_chunks.len() / 2].1;
+    let tampered = snap.dir.path().join("tampered");
+    std::fs::create_dir(&tampered).unwrap();
+    let mut bytes = std::fs::read(snap.path.join(snapshot::SNAPSHOT_FILE)).unwrap();
+    bytes[(chunk.start + (chunk.end - chunk.start) / 2) as usize] ^= 0x01;
+    std::fs::write(tampered.join(snapshot::SNAPSHOT_FILE), bytes).unwrap();
+
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        let err = worker
+            .restore(restore_spec(&tampered, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap_err();
+        let WorkerError::Failed { kind, message, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(kind, &FailureKind::Restore);
+        assert!(message.contains("authentication"), "{message}");
+        let status = worker.shutdown(SHORT).await.unwrap();
+        assert!(status.success(), "{status}");
+        assert!(reaped(pid));
+
+        // A deadline no restore can meet: the handle gives up, the caller kills the worker.
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        let err = worker
+            .restore(
+                restore_spec(&snap.path, &snap.key),
+                Duration::from_millis(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WorkerError::Timeout {
+                    request: "Restore",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let status = worker.kill().await.unwrap();
+        assert!(!status.success(), "{status}");
+        assert!(reaped(pid));
+    })
+    .await;
+    drop(snap.dir);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_life_is_reported_dead() {
+    if !require_kvm("a_worker_killed_mid_life_is_reported_dead") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        worker
+            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        invoke_and_check(&mut worker, "before", b"alive".to_vec()).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let started = Instant::now();
+        let err = worker
+            .invoke(
+                invocation("after", b"dead".to_vec(), SHORT),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, WorkerError::Died { status } if status.contains("SIGKILL")),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(reaped(pid), "Died means reaped");
+        assert!(matches!(
+            worker.freeze(SHORT).await,
+            Err(WorkerError::Poisoned)
+        ));
+        worker.kill().await;
+    })
+    .await;
+    drop(snap.dir);
+}
+
+#[tokio::test]
+async fn failing_and_slow_after_restore_hooks_fail_the_restore() {
+    if !require_kvm("failing_and_slow_after_restore_hooks_fail_the_restore") {
+        return;
+    }
+    let failing = snapshot_with("thaw.fail=restore");
+    let slow = snapshot_with("thaw.restore-hook-ms=3000");
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let err = worker
+            .restore(restore_spec(&failing.path, &failing.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap_err();
+        let WorkerError::Failed { kind, console, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            kind,
+            &FailureKind::AfterRestore {
+                error_type: "Runtime.AfterRestoreError".into()
+            }
+        );
+        let console = String::from_utf8_lossy(console);
+        assert!(console.contains("failing as asked"), "{console}");
+        assert!(worker.shutdown(SHORT).await.unwrap().success());
+
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut spec = restore_spec(&slow.path, &slow.key);
+        spec.after_restore_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = worker.restore(spec, RESTORE_TIMEOUT).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WorkerError::Failed {
+                    kind: FailureKind::AfterRestoreTimeout,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(worker.shutdown(SHORT).await.unwrap().success());
+    })
+    .await;
+    drop((failing.dir, slow.dir));
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_answer_in_time_is_given_up_and_killed() {
+    if !require_kvm("a_worker_that_cannot_answer_in_time_is_given_up_and_killed") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    limited(async {
+        let _slot = vm_slot();
+        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let pid = worker.pid().unwrap();
+        worker
+            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        // Stopped, the worker cannot even report the function's timeout: the handle gives up
+        // after the timeout and its grace.
+        let stopped = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = worker
+            .invoke(invocation("stuck", b"{}".to_vec(), timeout), timeout)
+            .await
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            matches!(err, WorkerError::Timeout { request: "Invoke", after }
+                if after == timeout + INVOKE_GRACE),
+            "{err:?}"
+        );
+        assert!(
+            waited < timeout + INVOKE_GRACE + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert!(matches!(
+            worker.freeze(SHORT).await,
+            Err(WorkerError::Poisoned)
+        ));
+        // SIGKILL ends it even while it is stopped.
+        let status = worker.kill().await.unwrap();
+        assert!(status.to_string().contains("SIGKILL"), "{status}");
+        assert!(reaped(pid));
+        println!("a stopped worker's invocation was given up after {waited:?}");
+    })
+    .await;
+    drop(snap.dir);
+}
+
+/// A worker spoken to without the handle, one blocking request at a time.
+struct RawWorker {
+    child: std::process::Child,
+}
+
+impl RawWorker {
+    fn spawn() -> RawWorker {
+        use std::process::{Command, Stdio};
+        let child = Command::new(env!("CARGO_BIN_EXE_thawd"))
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        RawWorker { child }
+    }
+
+    fn ask(&mut self, request: &Request) -> Reply {
+        write_frame(self.child.stdin.as_mut().unwrap(), request).unwrap();
+        read_frame(self.child.stdout.as_mut().unwrap()).unwrap()
+    }
+
+    /// Waits up to `limit` for the process to end.
+    fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "the worker did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn bad_request(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Failed {
+            kind: FailureKind::BadRequest,
+            ..
+        }
+    )
+}
+
+#[test]
+fn requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it() {
+    if !require_kvm("requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it")
+    {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    let _slot = vm_slot();
+    let mut worker = RawWorker::spawn();
+    let restore = Request::Restore {
+        snapshot: snap.path.clone(),
+        key_file: Some(snap.key.clone()),
+        memory: WireMemoryMode::Eager,
+        after_restore_timeout_ms: 10_000,
+    };
+    let reply = worker.ask(&restore);
+    assert!(matches!(reply, Reply::Restored { .. }), "{reply:?}");
+    for wrong in [
+        restore,
+        Request::Prepare {
+            mem_bytes: MEM_BYTES,
+            vcpus: 1,
+        },
+    ] {
+        let reply = worker.ask(&wrong);
+        assert!(bad_request(&reply), "{wrong:?}: {reply:?}");
+    }
+    let payload = pattern(5000, 11);
+    let reply = worker.ask(&Request::Invoke {
+        request_id: "still-alive".into(),
+        deadline_ms: 0,
+        function_arn: "f".into(),
+        client_context: String::new(),
+        payload: payload.clone(),
+        timeout_ms: 30_000,
+    });
+    let want: [u8; 32] = Sha256::digest(&payload).into();
+    assert!(
+        matches!(&reply, Reply::Invoked { outcome: WireOutcome::Response(r), .. } if r == &want),
+        "{reply:?}"
+    );
+    // The daemon went away: the worker stops its guest and exits on its own.
+    drop(worker.child.stdin.take());
+    let status = worker.exit_within(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    drop(snap.dir);
+}
+
+/// `PR_SET_PDEATHSIG` follows the thread that spawned the worker: when it ends, the worker is
+/// killed even though its stdin is still open.
+#[test]
+fn a_worker_dies_with_the_thread_that_spawned_it() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let spawner = std::thread::spawn(|| {
+        let mut worker = RawWorker::spawn();
+        // One answered request: the worker has armed its parent-death signal by then.
+        let reply = worker.ask(&Request::Thaw);
+        assert!(bad_request(&reply), "{reply:?}");
+        worker
+    });
+    let mut worker = spawner.join().unwrap();
+    // Its stdin stays open: only the signal can end it.
+    let status = worker.exit_within(Duration::from_secs(10));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+}

@@ -2,11 +2,11 @@
 # installed. Debian packages: libclang-dev (bindgen for the userfaultfd crate) and libc6-dev
 # (static libc for thaw-init and the Linux test guest's /init); apt itself fetches Debian's cloud
 # kernel when a test needs it. PyPI: AWS's Lambda runtime clients, which thaw-init's Runtime API
-# is tested against.
-THAW_PIP_PACKAGES="awslambdaric==4.2.2 snapshot-restore-py==1.0.0"
+# is tested against, and boto3, the AWS SDK that thawd's Invoke API is tested with.
+THAW_PIP_PACKAGES="awslambdaric==4.2.2 snapshot-restore-py==1.0.0 boto3==1.43.11"
 
 thaw_ensure_python_deps() {
-    python3 -c "import awslambdaric, snapshot_restore_py" 2>/dev/null && return 0
+    python3 -c "import awslambdaric, snapshot_restore_py, boto3" 2>/dev/null && return 0
     echo "installing $THAW_PIP_PACKAGES from PyPI" >&2
     # shellcheck disable=SC2086 # the list is meant to split into arguments
     python3 -m pip install --quiet $THAW_PIP_PACKAGES

@@ -600,6 +600,11 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             let created = snapshot_create::create(options, Box::new(std::io::stdout()))
                 .context("no snapshot was written")?;
             let s = &created.summary;
+            // Lambda logs this line at the end of a SnapStart function's init phase.
+            eprintln!(
+                "INIT_REPORT Init Duration: {:.2} ms\tPhase: init\tStatus: success",
+                created.init.as_secs_f64() * 1e3
+            );
             eprintln!(
                 "thaw: snapshot {} written to {}: {} MiB of memory in {} bytes ({} zero pages); \
                  init {:.1?}, capture {:.1?}, write {:.1?}",

@@ -5,17 +5,30 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use restore_daemon::daemon::{config, service};
+use restore_daemon::worker::handle::WorkerCommand;
 
 /// thawd: restore-on-invoke daemon with AWS Lambda's Invoke API.
+///
+/// Every function's snapshot is verified completely when thawd starts (a snapshot that fails
+/// stops it). Invocations: `POST /2015-03-31/functions/NAME/invocations` (RequestResponse,
+/// Event, DryRun; `X-Amz-Log-Type: Tail`), metrics at `GET /metrics`. It prints
+/// `thawd: listening on ADDRESS` on stdout once it accepts requests, and shuts down idle
+/// environments and spare workers on SIGINT or SIGTERM.
 #[derive(Parser)]
-#[command(name = "thawd", version, about, long_about = None)]
+#[command(name = "thawd", version, about, long_about)]
 struct Cli {
     /// The config file (TOML): the daemon's address and limits, and each function's snapshot,
     /// memory size, timeout, reserved concurrency and key file. See docs/thawd.md.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Listen here instead of the config's `listen` (e.g. 127.0.0.1:0 for any free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,12 +50,70 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Worker) => restore_daemon::worker::process::main(),
-        None => {
-            eprintln!("thawd: error: the daemon is not built yet (worker mode only)");
-            let _ = cli.config;
-            ExitCode::from(2)
+    if let Some(Command::Worker) = cli.command {
+        let config = restore_daemon::worker::process::WorkerConfig {
+            host_key_file: thaw::host_key::default_key_file(),
+        };
+        return restore_daemon::worker::process::main_with(&config);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("thawd: error: {e:#}");
+            ExitCode::from(1)
         }
     }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let path = cli.config.context("--config is required")?;
+    let mut config = config::load(&path)?;
+    if let Some(addr) = cli.listen {
+        config.listen = config::Listen::Tcp(addr);
+    }
+    // Functions without a key file use the host key, as `thaw restore` does; workers get the
+    // resolved path.
+    let host_key = thaw::host_key::default_key_file().filter(|p| p.exists());
+    for f in config.functions.values_mut() {
+        if f.key_file.is_none() {
+            f.key_file.clone_from(&host_key);
+        }
+    }
+    let shapes = service::register_all(&config)?;
+    let worker = WorkerCommand {
+        program: std::env::current_exe().context("cannot find thawd's own executable")?,
+        args: vec!["worker".into()],
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let bound = service::bind(&config.listen).await?;
+        let thawd = Arc::new(service::Thawd::start(&config, &shapes, worker)?);
+        println!("thawd: listening on {}", bound.describe());
+        service::serve(thawd, bound, shutdown_signal()).await?;
+        tracing::info!("thawd stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }

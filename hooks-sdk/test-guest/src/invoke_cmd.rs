@@ -223,6 +223,12 @@ fn numbered(kind: Numbered, value: Option<&[u8]>) -> Command<'_> {
 
 /// What `payload` asks for.
 pub fn parse(payload: &[u8]) -> Command<'_> {
+    // Lambda's Invoke API accepts only JSON events, so through thawd a command arrives as a
+    // JSON string: `"thaw:sleep=100"` is the same command as `thaw:sleep=100`.
+    let payload = match payload {
+        [b'"', inner @ .., b'"'] if inner.starts_with(PREFIX) => inner,
+        other => other,
+    };
     if payload == STATUS_PAYLOAD {
         return Command::Status;
     }
@@ -252,6 +258,15 @@ pub fn parse(payload: &[u8]) -> Command<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_string_carries_the_same_command() {
+        assert!(matches!(parse(b"\"thaw:hang\""), Command::Hang));
+        assert!(matches!(parse(b"\"thaw:status\""), Command::Status));
+        assert!(matches!(parse(b"\"thaw:echo=hi\""), Command::Echo(b"hi")));
+        // Other JSON strings are events like any other.
+        assert!(matches!(parse(b"\"hello\""), Command::Digest));
+    }
 
     fn bad(payload: &[u8]) -> BadCommand<'_> {
         match parse(payload) {

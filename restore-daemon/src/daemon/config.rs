@@ -7,6 +7,7 @@
 //! max_concurrency = 8              # invocations running at once, all functions together
 //! idle_ttl_secs = 300              # a frozen idle environment is discarded after this
 //! spare_workers = 1                # per function: worker processes started ahead, shell built
+//! max_idle_per_function = 4        # idle environments kept; 0: every invocation restores
 //! dead_letter_dir = "/var/lib/thawd/dead-letter"  # failed asynchronous invocations
 //! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
 //!
@@ -84,6 +85,7 @@ struct RawConfig {
     max_concurrency: Option<u32>,
     idle_ttl_secs: Option<u64>,
     spare_workers: Option<u32>,
+    max_idle_per_function: Option<u32>,
     dead_letter_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     event_queue_capacity: Option<u32>,
@@ -145,6 +147,9 @@ pub struct Config {
     pub idle_ttl: Duration,
     /// Worker processes started ahead per function, with a machine shell built.
     pub spare_workers: u32,
+    /// Idle environments kept per function at most; 0 discards every environment after its
+    /// invocation, so each invocation restores a fresh one.
+    pub max_idle_per_function: u32,
     /// Where failed asynchronous invocations are written.
     pub dead_letter_dir: PathBuf,
     /// Where each function's invocation log is written (`<function>.log`).
@@ -285,6 +290,7 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
         max_concurrency,
         idle_ttl: Duration::from_secs(idle_ttl_secs),
         spare_workers: raw.spare_workers.unwrap_or(1).min(16),
+        max_idle_per_function: raw.max_idle_per_function.unwrap_or(u32::MAX),
         dead_letter_dir: anchor(
             base,
             raw.dead_letter_dir
@@ -367,13 +373,14 @@ mod tests {
     fn every_key() {
         let c = parse_ok(
             "unix_socket = \"/run/t.sock\"\nmax_concurrency = 2\nidle_ttl_secs = 1\n\
-             spare_workers = 0\ndead_letter_dir = \"/d\"\nlog_dir = \"/l\"\nevent_queue_capacity = 5\n\
+             spare_workers = 0\nmax_idle_per_function = 0\ndead_letter_dir = \"/d\"\nlog_dir = \"/l\"\nevent_queue_capacity = 5\n\
              event_retry_delays_ms = [10, 20]\nregion = \"eu-west-1\"\n\
              account_id = \"123456789012\"\n\
              [functions.a]\nsnapshot = \"/s\"\nmemory_mib = 256\ntimeout_secs = 900\n\
              reserved_concurrency = 0\nkey_file = \"k\"\nmemory = \"eager\"\n",
         );
         assert_eq!(c.listen, Listen::Unix("/run/t.sock".into()));
+        assert_eq!(c.max_idle_per_function, 0);
         assert_eq!(c.event_retry_delays.len(), 2);
         let f = &c.functions["a"];
         assert_eq!(f.reserved_concurrency, Some(0));

@@ -13,9 +13,12 @@ use bytes::Bytes;
 
 pub mod api;
 pub mod config;
+pub mod events;
 pub mod logs;
 pub mod metrics;
+pub mod pool;
 pub mod registry;
+pub mod service;
 
 /// Lambda's limit on a synchronous (`RequestResponse`) invocation's payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;

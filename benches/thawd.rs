@@ -1,0 +1,215 @@
+//! thawd end to end: invoke latency through the HTTP Invoke API for restore-on-invoke versus a
+//! warm (thawed) environment, and restores per second at concurrency 2. The function is the
+//! test guest's agent (128 MiB, 1 vCPU, quiet), snapshotted encrypted; each invocation sends
+//! a small JSON event and gets its SHA-256 back (checked). Two daemons serve the snapshot: one
+//! keeps its environment idle (frozen) between invocations, the other keeps none
+//! (`max_idle_per_function = 0`), so every invocation restores a fresh environment — from a
+//! spare worker whose machine shell is already built, when one is ready.
+//!
+//! Run: `cargo bench --bench thawd [-- --iterations N] [-- --write]`
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use thaw::invoke_cli::{InvocationType, InvokeArgs, invoke};
+use thaw::run::RunOptions;
+use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use vmm_core::config::VsockConfig;
+
+mod support;
+use support::ms;
+
+struct Daemon {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, name: &str, config: &str) -> Daemon {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thawd"))
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("THAW_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let endpoint = first
+        .strip_prefix("thawd: listening on ")
+        .unwrap()
+        .to_owned();
+    Daemon { child, endpoint }
+}
+
+fn call(endpoint: &str, function: &str, i: usize) -> Duration {
+    let payload = format!("{{\"bench\":{i}}}").into_bytes();
+    let args = InvokeArgs {
+        endpoint: endpoint.into(),
+        function: function.into(),
+        payload: payload.clone(),
+        invocation_type: InvocationType::RequestResponse,
+        tail: false,
+        timeout: Duration::from_secs(60),
+    };
+    let t = Instant::now();
+    let r = invoke(&args).unwrap();
+    let took = t.elapsed();
+    let want: [u8; 32] = Sha256::digest(&payload).into();
+    assert!(
+        r.status == 200 && r.function_error.is_none() && r.body == want,
+        "{r:?}"
+    );
+    took
+}
+
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration, Duration) {
+    v.sort();
+    let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (at(0.5), at(0.99), v[0], v[v.len() - 1])
+}
+
+fn main() {
+    let args = support::args(200);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = dir.path().join("snap");
+    snapshot_create::create(
+        CreateOptions {
+            boot: RunOptions {
+                cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.quiet=1".into()),
+                mem_mib: 128,
+                vcpus: 1,
+                vsock: Some(VsockConfig {
+                    guest_cid: 3,
+                    uds_path: dir.path().join("create.sock"),
+                }),
+                ..RunOptions::default()
+            },
+            out: snap.clone(),
+            replace: false,
+            ready: Readiness::Agent,
+            init_timeout: Duration::from_secs(60),
+            sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key).unwrap()),
+        },
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    let function = |name: &str| {
+        format!(
+            "[functions.{name}]\nsnapshot = {:?}\nmemory_mib = 128\ntimeout_secs = 30\n\
+             key_file = {:?}\n",
+            snap.display().to_string(),
+            key.display().to_string()
+        )
+    };
+    let iterations = args.iterations.max(2);
+
+    // Warm: one environment, thawed for each invocation.
+    let warm = start(
+        dir.path(),
+        "warm",
+        &format!(
+            "max_concurrency = 2\nspare_workers = 1\n{}",
+            function("warm")
+        ),
+    );
+    let first = call(&warm.endpoint, "warm", 0);
+    let warm_samples: Vec<Duration> = (1..=iterations)
+        .map(|i| call(&warm.endpoint, "warm", i))
+        .collect();
+    drop(warm);
+
+    // Restore on every invocation; a spare worker with its shell built is waited for, so each
+    // sample is a restore from a prepared worker (the case thawd aims for).
+    let cold = start(
+        dir.path(),
+        "cold",
+        &format!(
+            "max_concurrency = 2\nspare_workers = 2\nmax_idle_per_function = 0\n{}",
+            function("cold")
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut cold_samples = Vec::new();
+    for i in 0..iterations.min(100) {
+        cold_samples.push(call(&cold.endpoint, "cold", i));
+        // Let the spare pool refill, as it would between invocations spread over time.
+        std::thread::sleep(Duration::from_millis(150));
+    }
+
+    // Restores per second at concurrency 2, back to back: spares cannot keep up, so this
+    // includes starting workers and building shells on the invoke path.
+    let window = Duration::from_secs(if args.iterations > 1 { 20 } else { 3 });
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let endpoint = cold.endpoint.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while started.elapsed() < window {
+                    call(&endpoint, "cold", 1_000_000 * (t + 1) + i);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    drop(cold);
+
+    let (wp50, wp99, wmin, wmax) = percentiles(warm_samples);
+    let (cp50, cp99, cmin, cmax) = percentiles(cold_samples.clone());
+    let body = format!(
+        "{}; thawd and the client in one host, HTTP over loopback (`thaw invoke`'s client), test \
+         guest function (128 MiB, 1 vCPU, encrypted snapshot, lazy restore with its working set \
+         not recorded), one run.\n\n\
+         | invocation | samples | p50 | p99 | min | max |\n|---|---|---|---|---|---|\n\
+         | first (restore, no spare ready yet) | 1 | {} | | | |\n\
+         | warm: idle environment thawed | {} | {} | {} | {} | {} |\n\
+         | restore on invoke (from a prepared spare worker) | {} | {} | {} | {} | {} |\n\n\
+         Restores per second at concurrency 2, back to back for {:.0?}: **{rate:.1}/s** (every \
+         invocation restores; spares run out, so most restores also start a worker process and \
+         build its machine shell).\n",
+        support::machine(),
+        ms(first),
+        iterations,
+        ms(wp50),
+        ms(wp99),
+        ms(wmin),
+        ms(wmax),
+        cold_samples.len(),
+        ms(cp50),
+        ms(cp99),
+        ms(cmin),
+        ms(cmax),
+        window,
+    );
+    println!("{body}");
+    if args.write {
+        support::write_section("thawd", &body).expect("update docs/BENCHMARKS.md");
+    }
+}

@@ -1,0 +1,577 @@
+//! Execution environments: restored on invoke when none is idle, frozen (vCPUs paused) while
+//! idle and thawed for the next invocation, discarded after the idle TTL or on any failure.
+//! Each environment is a worker process (`crate::worker`); a few spare workers per function
+//! are started ahead with their machine shell built, so a restore skips process start-up and
+//! VM creation.
+//!
+//! Concurrency: an invocation holds a permit of the daemon's global semaphore and, for a
+//! function with reserved concurrency, one of the function's, from admission until its answer;
+//! either being used up is Lambda's 429.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::restore::MemoryMode;
+use crate::worker::handle::{
+    InvokeSpec, Invoked, RestoreSpec, RestoredInfo, Worker, WorkerCommand, WorkerError,
+};
+use crate::worker::protocol::{FailureKind, WireOutcome};
+
+use super::config::{Config, FunctionConfig, MemoryChoice};
+use super::logs::{self, LogSink, Report};
+use super::metrics::Metrics;
+use super::registry::SnapshotShape;
+use super::{Completed, Invocation, InvokeFailure, LATEST, ThrottleReason};
+
+/// How long a restore (with its after-restore hooks) may take before thawd gives up on it.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lambda's budget for after-restore hooks.
+const AFTER_RESTORE_BUDGET: Duration = Duration::from_secs(10);
+/// Preparing a spare worker (process start and machine shell).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Freezing or thawing an environment.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a discarded environment may take to exit before it is killed (the worker gives its
+/// guest 5 s to power off).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A restored environment.
+struct Env {
+    worker: Worker,
+    /// Peak memory the worker reported last.
+    max_memory_used_bytes: u64,
+}
+
+struct Idle {
+    env: Env,
+    since: Instant,
+}
+
+/// One registered function and its environments.
+pub struct Function {
+    config: FunctionConfig,
+    arn: String,
+    shape: SnapshotShape,
+    reserved: Option<Arc<Semaphore>>,
+    idle: Mutex<Vec<Idle>>,
+    spares: Mutex<Vec<Worker>>,
+    busy: std::sync::atomic::AtomicI64,
+}
+
+impl Function {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn take_idle(&self) -> Option<Env> {
+        lock(&self.idle).pop().map(|i| i.env)
+    }
+
+    fn take_spare(&self) -> Option<Worker> {
+        lock(&self.spares).pop()
+    }
+}
+
+/// The daemon: its functions, limits, metrics and logs.
+pub struct Pool {
+    functions: BTreeMap<String, Arc<Function>>,
+    global: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    logs: LogSink,
+    worker: WorkerCommand,
+    spare_workers: usize,
+    max_idle: usize,
+    idle_ttl: Duration,
+}
+
+/// Holds an invocation's concurrency permits until it is answered.
+struct Admission {
+    _global: OwnedSemaphorePermit,
+    _reserved: Option<OwnedSemaphorePermit>,
+}
+
+/// How one invocation ended, for its answer, its log and its metrics.
+enum Ending {
+    Answered(Invoked),
+    TimedOut,
+    GuestEnded(Option<i32>),
+}
+
+impl Pool {
+    /// A pool for the functions of `config`, each with its verified snapshot's shape.
+    pub fn new(
+        config: &Config,
+        shapes: &BTreeMap<String, SnapshotShape>,
+        worker: WorkerCommand,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let functions = config
+            .functions
+            .values()
+            .filter_map(|f| {
+                let shape = *shapes.get(&f.name)?;
+                let function = Function {
+                    config: f.clone(),
+                    arn: config.arn(&f.name),
+                    shape,
+                    reserved: f
+                        .reserved_concurrency
+                        .map(|n| Arc::new(Semaphore::new(n as usize))),
+                    idle: Mutex::new(Vec::new()),
+                    spares: Mutex::new(Vec::new()),
+                    busy: std::sync::atomic::AtomicI64::new(0),
+                };
+                Some((f.name.clone(), Arc::new(function)))
+            })
+            .collect();
+        Ok(Self {
+            functions,
+            global: Arc::new(Semaphore::new(config.max_concurrency as usize)),
+            metrics,
+            logs: LogSink::new(&config.log_dir)?,
+            worker,
+            spare_workers: config.spare_workers as usize,
+            max_idle: config.max_idle_per_function as usize,
+            idle_ttl: config.idle_ttl,
+        })
+    }
+
+    /// The metrics this pool records.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The function an invocation names, if it exists and the qualifier is `$LATEST`.
+    pub fn function(
+        &self,
+        name: &str,
+        qualifier: Option<&str>,
+    ) -> Result<&Arc<Function>, InvokeFailure> {
+        let found = self.functions.get(name);
+        match (found, qualifier) {
+            (Some(f), None) => Ok(f),
+            (Some(f), Some(q)) if q == LATEST => Ok(f),
+            (Some(f), Some(q)) => Err(InvokeFailure::NotFound {
+                arn: format!("{}:{q}", f.arn),
+            }),
+            (None, _) => Err(InvokeFailure::NotFound {
+                arn: format!("function {name}"),
+            }),
+        }
+    }
+
+    fn admit(&self, f: &Function) -> Result<Admission, InvokeFailure> {
+        let throttled = |reason| {
+            self.metrics.throttle(&f.config.name);
+            InvokeFailure::Throttled { reason }
+        };
+        let reserved = match &f.reserved {
+            Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| {
+                throttled(ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded)
+            })?),
+            None => None,
+        };
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| throttled(ThrottleReason::ConcurrentInvocationLimitExceeded))?;
+        Ok(Admission {
+            _global: global,
+            _reserved: reserved,
+        })
+    }
+
+    /// Runs one invocation to its end: admission, an environment (thawed or restored), the
+    /// invocation, its log; then the environment is frozen for reuse or discarded.
+    pub async fn invoke(self: &Arc<Self>, inv: &Invocation) -> Result<Completed, InvokeFailure> {
+        let f = self
+            .function(&inv.function, inv.qualifier.as_deref())?
+            .clone();
+        let admission = self.admit(&f)?;
+        let name = f.config.name.as_str();
+        self.metrics.invocation(name);
+        f.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = self.invoke_admitted(&f, inv).await;
+        f.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        drop(admission);
+        self.publish_environments(&f);
+        result
+    }
+
+    async fn invoke_admitted(
+        self: &Arc<Self>,
+        f: &Arc<Function>,
+        inv: &Invocation,
+    ) -> Result<Completed, InvokeFailure> {
+        let name = f.config.name.as_str();
+        let (mut env, restore) = match self.thawed(f).await {
+            Some(env) => {
+                self.metrics.warm_hit(name);
+                (env, None)
+            }
+            None => {
+                let (env, info) = self.restore(f).await?;
+                (env, Some(info.ready))
+            }
+        };
+        let timeout = f.config.timeout;
+        let deadline_ms = SystemTime::now()
+            .checked_add(timeout)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let spec = InvokeSpec {
+            request_id: inv.request_id.clone(),
+            deadline_ms,
+            function_arn: f.arn.clone(),
+            client_context: inv.client_context.clone().unwrap_or_default(),
+            payload: inv.payload.to_vec(),
+        };
+        let started = Instant::now();
+        let result = env.worker.invoke(spec, timeout).await;
+        let duration = started.elapsed();
+        let (ending, console) = match result {
+            Ok(invoked) => {
+                env.max_memory_used_bytes = invoked.max_memory_used_bytes;
+                let console = invoked.console.clone();
+                (Ending::Answered(invoked), console)
+            }
+            Err(WorkerError::Failed {
+                kind: FailureKind::InvokeTimeout,
+                console,
+                ..
+            }) => (Ending::TimedOut, console),
+            // Not even the worker answered in time: it is killed below.
+            Err(WorkerError::Timeout { .. }) => (Ending::TimedOut, Vec::new()),
+            Err(WorkerError::Failed {
+                kind: FailureKind::GuestEnded { exit_code },
+                console,
+                ..
+            }) => (Ending::GuestEnded(exit_code), console),
+            Err(other) => {
+                self.metrics.error(name);
+                self.discard(env.worker);
+                return Err(InvokeFailure::Service {
+                    message: format!("the execution environment failed: {other}"),
+                });
+            }
+        };
+        let completed = self.answer(f, inv, &ending, &console, duration, restore, &env);
+        match ending {
+            Ending::Answered(_) => self.park(f, env),
+            Ending::TimedOut | Ending::GuestEnded(_) => self.discard(env.worker),
+        }
+        Ok(completed)
+    }
+
+    /// Builds the caller's answer and writes the invocation's log.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        f: &Function,
+        inv: &Invocation,
+        ending: &Ending,
+        console: &[u8],
+        duration: Duration,
+        restore: Option<Duration>,
+        env: &Env,
+    ) -> Completed {
+        let name = f.config.name.as_str();
+        let id = inv.request_id.as_str();
+        let mut log = logs::start_line(id);
+        log.push_str(&logs::console_text(console));
+        let (payload, function_error) = match ending {
+            Ending::Answered(invoked) => match &invoked.outcome {
+                WireOutcome::Response(body) => (body.clone(), false),
+                WireOutcome::FunctionError { body, .. } => (body.clone(), true),
+            },
+            Ending::TimedOut => {
+                self.metrics.timeout(name);
+                let secs = f.config.timeout.as_secs_f64();
+                log.push_str(&format!(
+                    "{} {id} Task timed out after {secs:.2} seconds\n",
+                    rfc3339_now()
+                ));
+                (
+                    error_document(
+                        "Sandbox.Timedout",
+                        &format!("RequestId: {id} Error: Task timed out after {secs:.2} seconds"),
+                    ),
+                    true,
+                )
+            }
+            Ending::GuestEnded(code) => {
+                let why = match code {
+                    Some(c) => format!("Runtime exited with error: exit status {c}"),
+                    None => "Runtime exited without providing a reason".to_owned(),
+                };
+                log.push_str(&format!(
+                    "RequestId: {id} Error: {why}\nRuntime.ExitError\n"
+                ));
+                (
+                    error_document(
+                        "Runtime.ExitError",
+                        &format!("RequestId: {id} Error: {why}"),
+                    ),
+                    true,
+                )
+            }
+        };
+        if function_error {
+            self.metrics.error(name);
+        }
+        log.push_str(&logs::end_line(id));
+        log.push_str(&logs::report_line(&Report {
+            request_id: id.to_owned(),
+            duration,
+            memory_mib: f.config.memory_mib,
+            max_memory_used_bytes: env.max_memory_used_bytes,
+            restore,
+        }));
+        self.logs.append(name, log.as_bytes());
+        Completed {
+            payload,
+            function_error,
+            log_tail: inv.tail_logs.then(|| logs::tail(log.as_bytes()).to_vec()),
+        }
+    }
+
+    /// An idle environment, thawed; one that fails to thaw is discarded.
+    async fn thawed(&self, f: &Function) -> Option<Env> {
+        while let Some(mut env) = f.take_idle() {
+            match env.worker.thaw(FREEZE_TIMEOUT).await {
+                Ok(()) => return Some(env),
+                Err(e) => {
+                    tracing::warn!(function = f.config.name, error = %e, "an idle environment did not thaw; discarding it");
+                    self.discard(env.worker);
+                }
+            }
+        }
+        None
+    }
+
+    /// A new environment: a spare worker (or a new one) restores the function's snapshot.
+    async fn restore(
+        self: &Arc<Self>,
+        f: &Arc<Function>,
+    ) -> Result<(Env, RestoredInfo), InvokeFailure> {
+        let name = f.config.name.as_str();
+        let service = |what: &str, e: &dyn std::fmt::Display| InvokeFailure::Service {
+            message: format!("function {name}: {what}: {e}"),
+        };
+        let worker = match f.take_spare() {
+            Some(w) => {
+                self.refill_spares(f);
+                w
+            }
+            None => {
+                self.refill_spares(f);
+                Worker::spawn(&self.worker)
+                    .await
+                    .map_err(|e| service("cannot start a worker", &e))?
+            }
+        };
+        let mut worker = worker;
+        let spec = RestoreSpec {
+            snapshot: f.config.snapshot.clone(),
+            key_file: f.config.key_file.clone(),
+            memory: match f.config.memory {
+                MemoryChoice::Lazy => MemoryMode::Lazy,
+                MemoryChoice::Eager => MemoryMode::Eager,
+            },
+            after_restore_timeout: AFTER_RESTORE_BUDGET,
+        };
+        match worker.restore(spec, RESTORE_TIMEOUT).await {
+            Ok(info) => {
+                self.metrics.restore(name, info.ready);
+                Ok((
+                    Env {
+                        worker,
+                        max_memory_used_bytes: 0,
+                    },
+                    info,
+                ))
+            }
+            Err(e) => {
+                self.metrics.error(name);
+                self.discard(worker);
+                Err(service("the snapshot could not be restored", &e))
+            }
+        }
+    }
+
+    /// Starts workers in the background until `f` has its spares again.
+    fn refill_spares(self: &Arc<Self>, f: &Arc<Function>) {
+        let missing = self.spare_workers.saturating_sub(lock(&f.spares).len());
+        for _ in 0..missing {
+            let pool = self.clone();
+            let f = f.clone();
+            tokio::spawn(async move { pool.add_spare(&f).await });
+        }
+    }
+
+    async fn add_spare(&self, f: &Function) {
+        let prepared = async {
+            let mut w = Worker::spawn(&self.worker).await?;
+            w.prepare(f.shape.mem_bytes, f.shape.vcpus, PREPARE_TIMEOUT)
+                .await?;
+            Ok::<_, WorkerError>(w)
+        };
+        match prepared.await {
+            Ok(w) => {
+                let mut spares = lock(&f.spares);
+                if spares.len() < self.spare_workers {
+                    spares.push(w);
+                    return;
+                }
+                drop(spares);
+                self.discard(w);
+            }
+            Err(e) => {
+                tracing::warn!(function = f.config.name, error = %e, "cannot prepare a spare worker");
+            }
+        }
+    }
+
+    /// Starts every function's spare workers (at daemon start).
+    pub fn fill_spares(self: &Arc<Self>) {
+        for f in self.functions.values() {
+            self.refill_spares(f);
+        }
+    }
+
+    /// Freezes an environment that answered and keeps it for the next invocation (unless the
+    /// function already has as many idle ones as allowed).
+    fn park(self: &Arc<Self>, f: &Arc<Function>, env: Env) {
+        if lock(&f.idle).len() >= self.max_idle {
+            self.discard(env.worker);
+            return;
+        }
+        let pool = self.clone();
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut env = env;
+            match env.worker.freeze(FREEZE_TIMEOUT).await {
+                Ok(()) => {
+                    lock(&f.idle).push(Idle {
+                        env,
+                        since: Instant::now(),
+                    });
+                    pool.publish_environments(&f);
+                }
+                Err(e) => {
+                    tracing::warn!(function = f.config.name, error = %e, "an environment did not freeze; discarding it");
+                    pool.discard(env.worker);
+                }
+            }
+        });
+    }
+
+    /// Shuts a worker down in the background (killing it after a grace).
+    fn discard(&self, worker: Worker) {
+        tokio::spawn(worker.shutdown(SHUTDOWN_GRACE));
+    }
+
+    fn publish_environments(&self, f: &Function) {
+        let idle = lock(&f.idle).len() as i64;
+        let busy = f.busy.load(std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_environments(&f.config.name, idle, busy);
+    }
+
+    /// Discards environments idle for longer than the TTL; runs until the pool is dropped.
+    pub async fn reap_idle(self: Arc<Self>) {
+        let period = (self.idle_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(pool) = weak.upgrade() else { return };
+            for f in pool.functions.values() {
+                let expired: Vec<Idle> = {
+                    let mut idle = lock(&f.idle);
+                    let (old, keep): (Vec<Idle>, Vec<Idle>) = idle
+                        .drain(..)
+                        .partition(|i| i.since.elapsed() >= pool.idle_ttl);
+                    *idle = keep;
+                    old
+                };
+                if !expired.is_empty() {
+                    tracing::debug!(
+                        function = f.config.name,
+                        count = expired.len(),
+                        "idle environments expired"
+                    );
+                    for i in expired {
+                        pool.discard(i.env.worker);
+                    }
+                    pool.publish_environments(f);
+                }
+            }
+        }
+    }
+
+    /// Shuts down every idle environment and spare worker (at daemon exit).
+    pub async fn shutdown(&self) {
+        let mut workers = Vec::new();
+        for f in self.functions.values() {
+            workers.extend(lock(&f.idle).drain(..).map(|i| i.env.worker));
+            workers.extend(lock(&f.spares).drain(..));
+        }
+        let tasks: Vec<_> = workers
+            .into_iter()
+            .map(|w| tokio::spawn(w.shutdown(SHUTDOWN_GRACE)))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// `(idle, spare)` environment counts of `function`, for tests and status.
+    pub fn counts(&self, function: &str) -> Option<(usize, usize)> {
+        let f = self.functions.get(function)?;
+        Some((lock(&f.idle).len(), lock(&f.spares).len()))
+    }
+}
+
+/// Lambda's error document.
+fn error_document(error_type: &str, message: &str) -> Vec<u8> {
+    serde_json::json!({ "errorType": error_type, "errorMessage": message })
+        .to_string()
+        .into_bytes()
+}
+
+/// The current UTC time as `2026-11-24T01:02:03.456Z`, as Lambda's log lines print it.
+fn rfc3339_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_timestamps() {
+        let now = rfc3339_now();
+        assert_eq!(now.len(), 24, "{now}");
+        assert!(now.ends_with('Z'));
+    }
+
+    #[test]
+    fn error_documents_are_lambdas() {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&error_document("Sandbox.Timedout", "m")).unwrap();
+        assert_eq!(doc["errorType"], "Sandbox.Timedout");
+        assert_eq!(doc["errorMessage"], "m");
+    }
+}

@@ -1,0 +1,187 @@
+//! The daemon put together: verified functions, the environment pool, the event queue, and the
+//! HTTP server, run until a shutdown signal; then idle environments and spare workers are shut
+//! down so no worker process outlives thawd.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use super::config::{Config, Listen};
+use super::events::{EventQueue, EventSettings};
+use super::metrics::Metrics;
+use super::pool::Pool;
+use super::registry::{self, RegistryError, SnapshotShape};
+use super::{Backend, Completed, Invocation, InvokeFailure};
+use crate::worker::handle::WorkerCommand;
+
+/// thawd could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A function's snapshot was refused.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The log directory could not be created.
+    #[error("cannot create the log directory {}", path.display())]
+    LogDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The address could not be bound.
+    #[error("cannot listen on {what}")]
+    Listen {
+        /// The address or socket path.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Verifies every function's snapshot (blocking: every chunk is authenticated).
+pub fn register_all(config: &Config) -> Result<BTreeMap<String, SnapshotShape>, RegistryError> {
+    let mut shapes = BTreeMap::new();
+    for f in config.functions.values() {
+        let started = std::time::Instant::now();
+        let shape = registry::register(f)?;
+        tracing::info!(function = f.name, snapshot = %f.snapshot.display(),
+            mem_mib = shape.mem_bytes >> 20, vcpus = shape.vcpus,
+            elapsed = ?started.elapsed(), "function registered; snapshot verified");
+        shapes.insert(f.name.clone(), shape);
+    }
+    Ok(shapes)
+}
+
+/// The [`Backend`] the HTTP layer talks to.
+pub struct Thawd {
+    pool: Arc<Pool>,
+    events: EventQueue,
+}
+
+impl Thawd {
+    /// Builds the pool and the event queue and starts spare workers and the idle reaper (on
+    /// the current tokio runtime).
+    pub fn start(
+        config: &Config,
+        shapes: &BTreeMap<String, SnapshotShape>,
+        worker: WorkerCommand,
+    ) -> Result<Self, DaemonError> {
+        let metrics = Arc::new(Metrics::new());
+        let pool = Arc::new(
+            Pool::new(config, shapes, worker, metrics).map_err(|source| DaemonError::LogDir {
+                path: config.log_dir.clone(),
+                source,
+            })?,
+        );
+        pool.fill_spares();
+        tokio::spawn(pool.clone().reap_idle());
+        let events = EventQueue::start(
+            pool.clone(),
+            EventSettings {
+                retry_delays: config.event_retry_delays.clone(),
+                dead_letter_dir: config.dead_letter_dir.clone(),
+                capacity: config.event_queue_capacity as usize,
+                runners: config.max_concurrency as usize,
+            },
+        );
+        Ok(Self { pool, events })
+    }
+
+    /// The pool (for status and tests).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Shuts down idle environments and spare workers.
+    pub async fn shutdown(&self) {
+        self.pool.shutdown().await;
+    }
+}
+
+impl Backend for Thawd {
+    async fn invoke(&self, invocation: Invocation) -> Result<Completed, InvokeFailure> {
+        self.pool.invoke(&invocation).await
+    }
+
+    fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
+        let name = self
+            .pool
+            .function(&invocation.function, invocation.qualifier.as_deref())?
+            .name()
+            .to_owned();
+        self.events.enqueue(invocation)?;
+        self.pool.metrics().async_queued(&name);
+        Ok(())
+    }
+
+    fn dry_run(&self, function: &str, qualifier: Option<&str>) -> Result<(), InvokeFailure> {
+        self.pool.function(function, qualifier).map(|_| ())
+    }
+
+    fn metrics_text(&self) -> String {
+        self.pool.metrics().render()
+    }
+}
+
+/// A bound listening socket.
+pub enum Bound {
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket, removed when serving ends.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Bound {
+    /// Where clients reach it: `http://ADDR` or the socket path.
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "(unknown address)".into(), |a| format!("http://{a}")),
+            Bound::Unix(_, path) => path.display().to_string(),
+        }
+    }
+}
+
+/// Binds `config`'s address (TCP port 0 picks a free port: see [`Bound::describe`]).
+pub async fn bind(listen: &Listen) -> Result<Bound, DaemonError> {
+    match listen {
+        Listen::Tcp(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Bound::Tcp)
+            .map_err(|source| DaemonError::Listen {
+                what: addr.to_string(),
+                source,
+            }),
+        Listen::Unix(path) => tokio::net::UnixListener::bind(path)
+            .map(|l| Bound::Unix(l, path.clone()))
+            .map_err(|source| DaemonError::Listen {
+                what: path.display().to_string(),
+                source,
+            }),
+    }
+}
+
+/// Serves `thawd` on `bound` until `shutdown` resolves, then shuts its environments down.
+pub async fn serve(
+    thawd: Arc<Thawd>,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let router = super::api::router(thawd.clone());
+    let served = match bound {
+        Bound::Tcp(listener) => super::api::serve_tcp(listener, router, shutdown).await,
+        Bound::Unix(listener, path) => {
+            let served = super::api::serve_unix(listener, router, shutdown).await;
+            let _ = std::fs::remove_file(path);
+            served
+        }
+    };
+    thawd.shutdown().await;
+    served.map_err(DaemonError::Serve)
+}

@@ -1,0 +1,269 @@
+//! thawd end to end on real KVM: a snapshot of the test guest's function served by the real
+//! daemon, invoked by unmodified clients (boto3 from PyPI, and `thaw invoke`), with throttling,
+//! timeouts, crashes, oversized payloads, unknown functions and asynchronous retries into the
+//! dead-letter directory. The test guest answers the SHA-256 of a payload, and misbehaves on
+//! request (`thaw:error`, `thaw:crash`, `thaw:hang`, `thaw:sleep=MS`, `thaw:log=N`:
+//! docs/test-guest.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fixture;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fixture::thawd::{Thawd, children, function_snapshot};
+use fixture::{all_vm_slots, require_kvm};
+use sha2::{Digest, Sha256};
+
+fn config(snapshot: &std::path::Path, key: &std::path::Path, extra: &str) -> String {
+    format!(
+        "max_concurrency = 4\nidle_ttl_secs = 30\nspare_workers = 1\n\
+         event_retry_delays_ms = [100, 200]\n{extra}\n\
+         [functions.hello]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 2\n\
+         key_file = {key:?}\n\
+         [functions.single]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 1\n\
+         reserved_concurrency = 1\nkey_file = {key:?}\n",
+        snap = snapshot.display().to_string(),
+        key = key.display().to_string(),
+    )
+}
+
+/// Runs a Python script with boto3 against `endpoint`; its stdout.
+fn boto3(endpoint: &str, script: &str) -> String {
+    let prelude = format!(
+        "import base64, json, sys\nimport boto3, botocore\n\
+         client = boto3.client('lambda', endpoint_url={endpoint:?}, region_name='us-east-1', \
+         aws_access_key_id='thaw', aws_secret_access_key='thaw', \
+         config=botocore.config.Config(retries={{'max_attempts': 0}}, read_timeout=60))\n"
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{prelude}{script}"))
+        .output()
+        .expect("run python3 (boto3 is installed by scripts/deps.sh)");
+    assert!(
+        out.status.success(),
+        "boto3 script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sha_hex(payload: &[u8]) -> String {
+    Sha256::digest(payload)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn boto3_invokes_thawd_unmodified() {
+    if !require_kvm("boto3_invokes_thawd_unmodified") {
+        return;
+    }
+    let _slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "hello", &key);
+    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let payload = br#"{"hello":"world"}"#;
+    let out = boto3(
+        &thawd.endpoint,
+        r#"
+r = client.invoke(FunctionName='hello', Payload=b'{"hello":"world"}')
+print('ok', r['StatusCode'], r.get('FunctionError'), r['ExecutedVersion'], r['Payload'].read().hex())
+r = client.invoke(FunctionName='arn:aws:lambda:us-east-1:000000000000:function:hello', Payload=b'"thaw:error"', LogType='Tail')
+log = base64.b64decode(r['LogResult']).decode()
+doc = json.loads(r['Payload'].read())
+print('error', r['StatusCode'], r['FunctionError'], doc['errorType'])
+print('log', 'START RequestId:' in log, 'END RequestId:' in log, 'REPORT RequestId:' in log)
+r = client.invoke(FunctionName='hello', Payload=b'"thaw:log=3"', LogType='Tail')
+log = base64.b64decode(r['LogResult']).decode()
+print('lines', log.count('log line '), r['Payload'].read().decode())
+r = client.invoke(FunctionName='hello', InvocationType='Event', Payload=b'{}')
+print('event', r['StatusCode'])
+r = client.invoke(FunctionName='hello', InvocationType='DryRun')
+print('dryrun', r['StatusCode'])
+try:
+    client.invoke(FunctionName='nope', Payload=b'{}')
+    print('missing', 'no error')
+except client.exceptions.ResourceNotFoundException as e:
+    print('missing', e.response['Error']['Code'], e.response['ResponseMetadata']['HTTPStatusCode'])
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("ok 200 None $LATEST {}", sha_hex(payload)),
+        "{out}"
+    );
+    assert_eq!(
+        lines[1], "error 200 Unhandled TestGuest.InvokeError",
+        "{out}"
+    );
+    assert_eq!(lines[2], "log True True True", "{out}");
+    assert_eq!(lines[3], "lines 3 logged 3 lines", "{out}");
+    assert_eq!(lines[4], "event 202", "{out}");
+    assert_eq!(lines[5], "dryrun 204", "{out}");
+    assert_eq!(lines[6], "missing ResourceNotFoundException 404", "{out}");
+
+    // `thaw invoke` is a client too.
+    let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args([
+            "invoke",
+            "hello",
+            "\"thaw:echo=hi\"",
+            "--endpoint",
+            &thawd.endpoint,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    // The log file has a REPORT with a Restore Duration for the first invocation.
+    let log = std::fs::read_to_string(thawd.dir.join("logs/hello.log")).unwrap();
+    assert!(log.contains("Restore Duration: "), "{log}");
+    let metrics = ureq_get(&format!("{}/metrics", thawd.endpoint));
+    assert!(metrics.contains("thawd_invocations_total"), "{metrics}");
+
+    let pid = thawd.pid();
+    let status = thawd.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(children(pid).is_empty());
+}
+
+fn ureq_get(url: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import urllib.request; print(urllib.request.urlopen({url:?}).read().decode())"
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn throttles_timeouts_crashes_and_bad_requests() {
+    if !require_kvm("throttles_timeouts_crashes_and_bad_requests") {
+        return;
+    }
+    let _slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "f", &key);
+    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let out = boto3(
+        &thawd.endpoint,
+        r#"
+import threading
+results = []
+def slow():
+    try:
+        r = client.invoke(FunctionName='single', Payload=b'"thaw:sleep=700"')
+        results.append(('ok', r['Payload'].read().decode()))
+    except client.exceptions.TooManyRequestsException as e:
+        results.append(('throttled', e.response['ResponseMetadata']['HTTPStatusCode']))
+threads = [threading.Thread(target=slow) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print('throttle', sorted(results))
+r = client.invoke(FunctionName='single', Payload=b'"thaw:hang"')
+doc = json.loads(r['Payload'].read())
+print('timeout', r.get('FunctionError'), doc['errorType'], doc['errorMessage'].endswith('Task timed out after 1.00 seconds'))
+r = client.invoke(FunctionName='single', Payload=b'"thaw:echo=after timeout"')
+print('next', r.get('FunctionError'), r['Payload'].read().decode())
+r = client.invoke(FunctionName='hello', Payload=b'"thaw:crash"')
+doc = json.loads(r['Payload'].read())
+print('crash', r.get('FunctionError'), doc['errorType'])
+r = client.invoke(FunctionName='hello', Payload=b'"thaw:echo=after crash"')
+print('next', r.get('FunctionError'), r['Payload'].read().decode())
+try:
+    client.invoke(FunctionName='hello', Payload=b'"' + b'x' * (6 * 1024 * 1024 - 1) + b'"')
+    print('big', 'accepted')
+except client.exceptions.RequestTooLargeException as e:
+    print('big', e.response['Error']['Code'], e.response['ResponseMetadata']['HTTPStatusCode'])
+r = client.invoke(FunctionName='hello', Payload=b'"' + b'x' * (6 * 1024 * 1024 - 2) + b'"')
+print('limit', r['StatusCode'], len(r['Payload'].read()))
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "throttle [('ok', 'slept 700 ms'), ('throttled', 429)]",
+        "{out}"
+    );
+    assert_eq!(lines[1], "timeout Unhandled Sandbox.Timedout True", "{out}");
+    assert_eq!(lines[2], "next None after timeout", "{out}");
+    assert_eq!(lines[3], "crash Unhandled Runtime.ExitError", "{out}");
+    assert_eq!(lines[4], "next None after crash", "{out}");
+    assert_eq!(lines[5], "big RequestTooLargeException 413", "{out}");
+    assert_eq!(lines[6], "limit 200 32", "{out}");
+    let log = std::fs::read_to_string(thawd.dir.join("logs/single.log")).unwrap();
+    assert!(log.contains("Task timed out after 1.00 seconds"), "{log}");
+    assert!(thawd.stop().success());
+}
+
+#[test]
+fn failed_events_are_retried_twice_then_dead_lettered() {
+    if !require_kvm("failed_events_are_retried_twice_then_dead_lettered") {
+        return;
+    }
+    let _slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "f", &key);
+    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let out = boto3(
+        &thawd.endpoint,
+        r#"
+r = client.invoke(FunctionName='hello', InvocationType='Event', Payload=b'"thaw:error"')
+print(r['StatusCode'], r['ResponseMetadata']['RequestId'])
+r = client.invoke(FunctionName='hello', InvocationType='Event', Payload=b'"thaw:log=1"')
+print(r['StatusCode'])
+try:
+    client.invoke(FunctionName='hello', InvocationType='Event', Payload=b'"' + b'x' * (256 * 1024 - 1) + b'"')
+except client.exceptions.RequestTooLargeException as e:
+    print('big', e.response['ResponseMetadata']['HTTPStatusCode'])
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let (status, request_id) = lines[0].split_once(' ').unwrap();
+    assert_eq!(status, "202");
+    assert_eq!(lines[1], "202");
+    assert_eq!(lines[2], "big 413");
+    let dead = thawd
+        .dir
+        .join(format!("dead-letter/hello/{request_id}.json"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dead.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter at {}",
+            dead.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&dead).unwrap()).unwrap();
+    assert_eq!(record["approximateInvokeCount"], 3, "{record}");
+    assert!(
+        record["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("TestGuest.InvokeError")
+    );
+    // The successful event ran once and was not dead-lettered.
+    let log = std::fs::read_to_string(thawd.dir.join("logs/hello.log")).unwrap();
+    assert_eq!(log.matches("log line 1 of 1").count(), 1, "{log}");
+    assert_eq!(
+        std::fs::read_dir(thawd.dir.join("dead-letter/hello"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert!(thawd.stop().success());
+}

@@ -198,3 +198,74 @@ fn restore_rejects_bad_flags_before_touching_anything() {
         "nothing was restored",
     );
 }
+
+fn thawd(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_thawd"))
+        .args(args)
+        .output()
+        .expect("run thawd")
+}
+
+#[test]
+fn thawd_refuses_bad_flags_and_configs_before_serving() {
+    assert_refused(&thawd(&[]), "--config is required");
+    assert_refused(
+        &thawd(&["--config", "/nonexistent/thawd.toml"]),
+        "cannot read config file /nonexistent/thawd.toml",
+    );
+    assert_refused(
+        &thawd(&["--config", "/dev/null", "--listen", "nowhere"]),
+        "invalid value 'nowhere'",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = |text: &str| {
+        let path = dir.path().join("thawd.toml");
+        std::fs::write(&path, text).unwrap();
+        thawd(&["--config", path.to_str().unwrap()])
+    };
+    assert_refused(&config("listen = 5\n"), "listen");
+    assert_refused(&config(""), "no function is configured");
+    assert_refused(
+        &config("[functions.f]\nsnapshot = \"s\"\nmemory_mib = 128\ntimeout_secs = 0\n"),
+        "functions.f.timeout_secs: 0 is outside 1..=900",
+    );
+    assert_refused(&config("[functions.f]\nsnapshot = \"s\"\n"), "memory_mib");
+    // A function whose snapshot is not there stops thawd: nothing is served half-verified.
+    assert_refused(
+        &config("[functions.f]\nsnapshot = \"missing\"\nmemory_mib = 128\n"),
+        "function f: snapshot",
+    );
+    let key = dir.path().join("k");
+    snapshot::MasterKey::load_or_create(&key).unwrap();
+    assert_refused(
+        &config(&format!(
+            "[functions.f]\nsnapshot = \"missing\"\nmemory_mib = 128\nkey_file = {:?}\n",
+            key.display().to_string()
+        )),
+        "function f: snapshot",
+    );
+    assert_refused(
+        &config("[functions.f]\nsnapshot = \"s\"\nmemory_mib = 128\nkey_file = \"nokey\"\n"),
+        "cannot load key file",
+    );
+}
+
+#[test]
+fn thaw_invoke_refuses_bad_flags() {
+    assert_refused(
+        &thaw(&["invoke", "f", "--invocation-type", "later"]),
+        "invalid value 'later'",
+    );
+    assert_refused(
+        &thaw(&["invoke", "f", "--timeout", "0"]),
+        "0 is not in 1..=86400",
+    );
+    assert_refused(
+        &thaw(&["invoke", "f", "--payload-file", "/nonexistent/event.json"]),
+        "cannot read /nonexistent/event.json",
+    );
+    assert_refused(
+        &thaw(&["invoke", "f", "{}", "--endpoint", "http://127.0.0.1:9"]),
+        "cannot reach thawd",
+    );
+}

@@ -267,3 +267,75 @@ except client.exceptions.RequestTooLargeException as e:
     );
     assert!(thawd.stop().success());
 }
+
+#[test]
+fn a_tampered_snapshot_stops_thawd_before_it_serves() {
+    if !require_kvm("a_tampered_snapshot_stops_thawd_before_it_serves") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = {
+        let _slots = all_vm_slots();
+        function_snapshot(dir.path(), "f", &key)
+    };
+    // Flip one byte near the end of the file, inside the last memory chunks.
+    let file = snap.join("snapshot.thaw");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 4096;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let config_path = dir.path().join("thawd.toml");
+    std::fs::write(&config_path, config(&snap, &key, "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_thawd"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("snapshot") && err.contains("refused"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}
+
+#[test]
+fn a_killed_worker_costs_one_environment_not_the_daemon() {
+    if !require_kvm("a_killed_worker_costs_one_environment_not_the_daemon") {
+        return;
+    }
+    let _slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "f", &key);
+    // No spare workers: the frozen environment is the daemon's only child.
+    let no_spares = config(&snap, &key, "").replace("spare_workers = 1", "spare_workers = 0");
+    let thawd = Thawd::start(dir.path(), &no_spares);
+    let call = |payload: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args(["invoke", "hello", payload, "--endpoint", &thawd.endpoint])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(call("\"thaw:echo=one\""), "one\n");
+    // The idle (frozen) environment's worker is the daemon's only child: kill it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let worker = loop {
+        let kids = children(thawd.pid());
+        if kids.len() == 1 {
+            break kids[0];
+        }
+        assert!(Instant::now() < deadline, "workers: {kids:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: kill(2) on a process id just read from thawd's children.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    // The next invocation finds it dead, discards it and restores a fresh environment.
+    assert_eq!(call("\"thaw:echo=two\""), "two\n");
+    assert_eq!(call("\"thaw:echo=three\""), "three\n");
+    let pid = thawd.pid();
+    assert!(thawd.stop().success());
+    assert!(children(pid).is_empty());
+}

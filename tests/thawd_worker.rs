@@ -87,6 +87,7 @@ fn restore_spec(snapshot: &Path, key: &Path) -> RestoreSpec {
         key_file: Some(key.to_owned()),
         memory: MemoryMode::Lazy,
         after_restore_timeout: Duration::from_secs(10),
+        chunks_verified: false,
     }
 }
 
@@ -507,6 +508,7 @@ fn requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it(
         key_file: Some(snap.key.clone()),
         memory: WireMemoryMode::Eager,
         after_restore_timeout_ms: 10_000,
+        chunks_verified: false,
     };
     let reply = worker.ask(&restore);
     assert!(matches!(reply, Reply::Restored { .. }), "{reply:?}");

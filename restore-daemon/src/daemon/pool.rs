@@ -391,6 +391,8 @@ impl Pool {
                 MemoryChoice::Eager => MemoryMode::Eager,
             },
             after_restore_timeout: AFTER_RESTORE_BUDGET,
+            // The registry authenticated every chunk at start.
+            chunks_verified: true,
         };
         match worker.restore(spec, RESTORE_TIMEOUT).await {
             Ok(info) => {

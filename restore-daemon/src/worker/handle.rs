@@ -56,6 +56,9 @@ pub struct RestoreSpec {
     pub key_file: Option<PathBuf>,
     /// How memory comes back.
     pub memory: MemoryMode,
+    /// Every chunk was authenticated when the snapshot was registered (see
+    /// `Request::Restore::chunks_verified`).
+    pub chunks_verified: bool,
     /// The after-restore hooks' budget (Lambda: 10 s).
     pub after_restore_timeout: Duration,
 }
@@ -234,6 +237,7 @@ impl Worker {
             key_file: spec.key_file,
             memory: spec.memory.into(),
             after_restore_timeout_ms: millis(spec.after_restore_timeout),
+            chunks_verified: spec.chunks_verified,
         };
         match self.ask(&request, "Restore", timeout).await? {
             Reply::Restored {

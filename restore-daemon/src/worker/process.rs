@@ -24,7 +24,7 @@ use super::protocol::{
 };
 use crate::agent::{AfterRestoreError, InvokeError, InvokeRequest};
 use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
-use crate::restore::RestoreOptions;
+use crate::restore::{ChunkCheck, RestoreOptions};
 use crate::shells::ShellPool;
 use crate::verify::KeyChoice;
 
@@ -268,11 +268,13 @@ impl<'c> Session<'c> {
                 key_file,
                 memory,
                 after_restore_timeout_ms,
+                chunks_verified,
             } => self.restore(
                 &snapshot,
                 key_file.as_deref(),
                 memory,
                 Duration::from_millis(after_restore_timeout_ms),
+                chunks_verified,
             ),
             Request::Invoke {
                 request_id,
@@ -341,6 +343,7 @@ impl<'c> Session<'c> {
         key_file: Option<&Path>,
         memory: WireMemoryMode,
         after_restore_budget: Duration,
+        chunks_verified: bool,
     ) -> Reply {
         let shells = match &mut self.state {
             State::Empty { shells } => shells.take(),
@@ -353,6 +356,11 @@ impl<'c> Session<'c> {
         let options = EnvironmentOptions {
             restore: RestoreOptions {
                 memory: memory.into(),
+                chunk_check: if chunks_verified {
+                    ChunkCheck::OnInstall
+                } else {
+                    ChunkCheck::UpFront
+                },
                 shells,
                 ..RestoreOptions::default()
             },
@@ -605,6 +613,7 @@ mod tests {
             key_file,
             memory: WireMemoryMode::Lazy,
             after_restore_timeout_ms: 10_000,
+            chunks_verified: false,
         }
     }
 

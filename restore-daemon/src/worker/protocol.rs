@@ -94,6 +94,10 @@ pub enum Request {
         memory: WireMemoryMode,
         /// Budget for the after-restore hooks, ms (Lambda: 10 000).
         after_restore_timeout_ms: u64,
+        /// The daemon authenticated every chunk when it registered the snapshot: a lazy
+        /// restore then checks each chunk only as it installs it (`ChunkCheck::OnInstall`)
+        /// instead of reading the whole file again first.
+        chunks_verified: bool,
     },
     /// Run one invocation; answered `Invoked`, or `Failed` if it got no answer.
     Invoke {
@@ -421,12 +425,14 @@ mod tests {
                 key_file: Some("/etc/thaw/k".into()),
                 memory: WireMemoryMode::Lazy,
                 after_restore_timeout_ms: 10_000,
+                chunks_verified: true,
             },
             Request::Restore {
                 snapshot: "s".into(),
                 key_file: None,
                 memory: WireMemoryMode::Eager,
                 after_restore_timeout_ms: 0,
+                chunks_verified: false,
             },
             Request::Invoke {
                 request_id: "5b1c".into(),

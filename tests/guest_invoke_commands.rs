@@ -19,10 +19,7 @@ use restore_daemon::agent::{InvokeError, InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions, Prepared};
 use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
 use vmm_core::ExitReason;
-use vmm_core::config::VsockConfig;
 
 const ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:commands";
 /// Long enough for any command that answers; a hang is given far less.
@@ -42,28 +39,10 @@ fn snapshot() -> &'static Snapshot {
     SNAPSHOT.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k");
-        let path = dir.path().join("snap");
-        let options = CreateOptions {
-            boot: RunOptions {
-                cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.quiet=1".into()),
-                mem_mib: 128,
-                vcpus: 1,
-                vsock: Some(VsockConfig {
-                    guest_cid: 3,
-                    uds_path: dir.path().join("create.sock"),
-                }),
-                ..RunOptions::default()
-            },
-            out: path.clone(),
-            replace: false,
-            ready: Readiness::Agent,
-            init_timeout: Duration::from_secs(60),
-            sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key).unwrap()),
+        let path = {
+            let _slot = vm_slot();
+            fixture::agent_snapshot(dir.path(), "snap", &key, "thaw.quiet=1", 128)
         };
-        let console = Console::default();
-        let _slot = vm_slot();
-        snapshot_create::create(options, Box::new(console.clone()))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
         Snapshot {
             _dir: dir,
             path,

@@ -20,9 +20,6 @@ use restore_daemon::restore::{MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
 use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
-use vmm_core::config::VsockConfig;
 use vmm_core::machine::ShellSpec;
 
 const CYCLES: usize = 200;
@@ -83,30 +80,10 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("k");
-    let snap = dir.path().join("snap");
-    {
-        let options = CreateOptions {
-            boot: RunOptions {
-                cmdline: Some("thaw.agent=1 thaw.init=snap-start thaw.fill-mib=8".into()),
-                mem_mib: 128,
-                vcpus: 1,
-                vsock: Some(VsockConfig {
-                    guest_cid: 3,
-                    uds_path: dir.path().join("create.sock"),
-                }),
-                ..RunOptions::default()
-            },
-            out: snap.clone(),
-            replace: false,
-            ready: Readiness::Agent,
-            init_timeout: Duration::from_secs(60),
-            sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key_path).unwrap()),
-        };
-        let console = Console::default();
+    let snap = {
         let _slot = vm_slot();
-        snapshot_create::create(options, Box::new(console.clone()))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
-    }
+        fixture::agent_snapshot(dir.path(), "snap", &key_path, "thaw.fill-mib=8", 128)
+    };
     let key = KeyChoice::Given(snapshot::MasterKey::load(&key_path).unwrap());
     let payload = pattern(1000, 5);
     let want: [u8; 32] = Sha256::digest(&payload).into();

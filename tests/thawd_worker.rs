@@ -16,7 +16,7 @@ mod fixture;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fixture::{Console, pattern, require_kvm, vm_slot};
+use fixture::{pattern, require_kvm, vm_slot};
 use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{
     INVOKE_GRACE, InvokeSpec, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
@@ -25,9 +25,6 @@ use restore_daemon::worker::protocol::{
     FailureKind, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
 };
 use sha2::{Digest, Sha256};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
-use vmm_core::config::VsockConfig;
 
 const MEM_BYTES: u64 = 128 << 20;
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,30 +47,14 @@ fn snapshot_of_test_guest() -> Snap {
 fn snapshot_with(options: &str) -> Snap {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
-    let path = dir.path().join("snap");
-    let options = CreateOptions {
-        boot: RunOptions {
-            cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib=8 {options}"
-            )),
-            mem_mib: MEM_BYTES >> 20,
-            vcpus: 1,
-            vsock: Some(VsockConfig {
-                guest_cid: 3,
-                uds_path: dir.path().join("create.sock"),
-            }),
-            ..RunOptions::default()
-        },
-        out: path.clone(),
-        replace: false,
-        ready: Readiness::Agent,
-        init_timeout: Duration::from_secs(60),
-        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key).unwrap()),
-    };
-    let console = Console::default();
     let _slot = vm_slot();
-    snapshot_create::create(options, Box::new(console.clone()))
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
+    let path = fixture::agent_snapshot(
+        dir.path(),
+        "snap",
+        &key,
+        &format!("thaw.fill-mib=8 {options}"),
+        MEM_BYTES >> 20,
+    );
     Snap { dir, path, key }
 }
 

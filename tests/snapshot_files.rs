@@ -85,6 +85,14 @@ fn tampered_truncated_swapped_spliced_and_wrong_key_snapshots_are_refused() {
     for out in [&good, &second] {
         let made = create(out, &key, SNAP_CMDLINE);
         assert!(made.status.success(), "{}", output_text(&made));
+        // Lambda's line at the end of a SnapStart function's init phase.
+        let text = output_text(&made);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("INIT_REPORT Init Duration: ")
+                    && l.ends_with(" ms\tPhase: init\tStatus: success")),
+            "{text}"
+        );
     }
     let ok = verify(&good, &key);
     assert!(ok.status.success(), "{}", output_text(&ok));

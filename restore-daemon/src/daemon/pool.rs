@@ -93,6 +93,8 @@ pub struct Pool {
     spare_workers: usize,
     max_idle: usize,
     idle_ttl: Duration,
+    /// `arn:aws:lambda:REGION:ACCOUNT:function:`, for naming functions that do not exist.
+    arn_prefix: String,
 }
 
 /// Holds an invocation's concurrency permits until it is answered.
@@ -144,6 +146,7 @@ impl Pool {
             spare_workers: config.spare_workers as usize,
             max_idle: config.max_idle_per_function as usize,
             idle_ttl: config.idle_ttl,
+            arn_prefix: config.arn(""),
         })
     }
 
@@ -166,7 +169,7 @@ impl Pool {
                 arn: format!("{}:{q}", f.arn),
             }),
             (None, _) => Err(InvokeFailure::NotFound {
-                arn: format!("function {name}"),
+                arn: format!("{}{name}", self.arn_prefix),
             }),
         }
     }
@@ -567,6 +570,82 @@ mod tests {
         let now = rfc3339_now();
         assert_eq!(now.len(), 24, "{now}");
         assert!(now.ends_with('Z'));
+    }
+
+    fn pool(config: &str) -> (Pool, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = super::super::config::parse(config, "t.toml".as_ref(), dir.path()).unwrap();
+        let shapes = config
+            .functions
+            .keys()
+            .map(|name| {
+                let shape = SnapshotShape {
+                    mem_bytes: 128 << 20,
+                    vcpus: 1,
+                };
+                (name.clone(), shape)
+            })
+            .collect();
+        let worker = WorkerCommand {
+            program: "/nonexistent".into(),
+            args: Vec::new(),
+        };
+        let pool = Pool::new(&config, &shapes, worker, Arc::new(Metrics::new())).unwrap();
+        (pool, dir)
+    }
+
+    #[test]
+    fn global_and_reserved_limits_throttle_with_lambdas_reasons() {
+        let (pool, _dir) = pool(
+            "max_concurrency = 2\n\
+             [functions.a]\nsnapshot = \"s\"\nmemory_mib = 128\nreserved_concurrency = 1\n\
+             [functions.b]\nsnapshot = \"s\"\nmemory_mib = 128\n\
+             [functions.off]\nsnapshot = \"s\"\nmemory_mib = 128\nreserved_concurrency = 0\n",
+        );
+        let f = |name: &str| pool.function(name, None).unwrap().clone();
+        let reason = |r: Result<Admission, InvokeFailure>| match r {
+            Err(InvokeFailure::Throttled { reason }) => reason,
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("admitted"),
+        };
+        let a1 = pool.admit(&f("a")).unwrap();
+        assert_eq!(
+            reason(pool.admit(&f("a"))),
+            ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded
+        );
+        let b1 = pool.admit(&f("b")).unwrap();
+        assert_eq!(
+            reason(pool.admit(&f("b"))),
+            ThrottleReason::ConcurrentInvocationLimitExceeded
+        );
+        // Reserved concurrency 0 turns a function off.
+        assert_eq!(
+            reason(pool.admit(&f("off"))),
+            ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded
+        );
+        // Permits come back when invocations end.
+        drop((a1, b1));
+        let _a = pool.admit(&f("a")).unwrap();
+        let _b = pool.admit(&f("b")).unwrap();
+        assert!(pool.metrics().render().contains("thawd_throttles_total"));
+    }
+
+    #[test]
+    fn unknown_functions_and_qualifiers_are_not_found() {
+        let (pool, _dir) = pool("[functions.a]\nsnapshot = \"s\"\nmemory_mib = 128\n");
+        assert!(pool.function("a", Some("$LATEST")).is_ok());
+        let arn = |r: Result<&Arc<Function>, InvokeFailure>| match r {
+            Err(InvokeFailure::NotFound { arn }) => arn,
+            _ => panic!("found"),
+        };
+        assert_eq!(
+            arn(pool.function("a", Some("7"))),
+            "arn:aws:lambda:us-east-1:000000000000:function:a:7"
+        );
+        assert_eq!(
+            arn(pool.function("b", None)),
+            "arn:aws:lambda:us-east-1:000000000000:function:b"
+        );
     }
 
     #[test]

@@ -110,6 +110,17 @@ enum Ending {
     GuestEnded(Option<i32>),
 }
 
+/// One finished invocation, as its answer and log need it.
+struct Finished<'a> {
+    ending: &'a Ending,
+    /// What the guest printed meanwhile.
+    console: &'a [u8],
+    duration: Duration,
+    /// The restore that preceded it, if it was the first after one.
+    restore: Option<Duration>,
+    max_memory_used_bytes: u64,
+}
+
 impl Pool {
     /// A pool for the functions of `config`, each with its verified snapshot's shape.
     pub fn new(
@@ -270,7 +281,14 @@ impl Pool {
                 });
             }
         };
-        let completed = self.answer(f, inv, &ending, &console, duration, restore, &env);
+        let finished = Finished {
+            ending: &ending,
+            console: &console,
+            duration,
+            restore,
+            max_memory_used_bytes: env.max_memory_used_bytes,
+        };
+        let completed = self.answer(f, inv, &finished);
         match ending {
             Ending::Answered(_) => self.park(f, env),
             Ending::TimedOut | Ending::GuestEnded(_) => self.discard(env.worker),
@@ -279,22 +297,12 @@ impl Pool {
     }
 
     /// Builds the caller's answer and writes the invocation's log.
-    #[allow(clippy::too_many_arguments)]
-    fn answer(
-        &self,
-        f: &Function,
-        inv: &Invocation,
-        ending: &Ending,
-        console: &[u8],
-        duration: Duration,
-        restore: Option<Duration>,
-        env: &Env,
-    ) -> Completed {
+    fn answer(&self, f: &Function, inv: &Invocation, done: &Finished<'_>) -> Completed {
         let name = f.config.name.as_str();
         let id = inv.request_id.as_str();
         let mut log = logs::start_line(id);
-        log.push_str(&logs::console_text(console));
-        let (payload, function_error) = match ending {
+        log.push_str(&logs::console_text(done.console));
+        let (payload, function_error) = match done.ending {
             Ending::Answered(invoked) => match &invoked.outcome {
                 WireOutcome::Response(body) => (body.clone(), false),
                 WireOutcome::FunctionError { body, .. } => (body.clone(), true),
@@ -337,10 +345,10 @@ impl Pool {
         log.push_str(&logs::end_line(id));
         log.push_str(&logs::report_line(&Report {
             request_id: id.to_owned(),
-            duration,
+            duration: done.duration,
             memory_mib: f.config.memory_mib,
-            max_memory_used_bytes: env.max_memory_used_bytes,
-            restore,
+            max_memory_used_bytes: done.max_memory_used_bytes,
+            restore: done.restore,
         }));
         self.logs.append(name, log.as_bytes());
         Completed {

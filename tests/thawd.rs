@@ -16,10 +16,10 @@ use fixture::thawd::{Thawd, children, function_snapshot};
 use fixture::{all_vm_slots, require_kvm};
 use sha2::{Digest, Sha256};
 
-fn config(snapshot: &std::path::Path, key: &std::path::Path, extra: &str) -> String {
+fn config(snapshot: &std::path::Path, key: &std::path::Path, spare_workers: u32) -> String {
     format!(
-        "max_concurrency = 4\nidle_ttl_secs = 30\nspare_workers = 1\n\
-         event_retry_delays_ms = [100, 200]\n{extra}\n\
+        "max_concurrency = 4\nidle_ttl_secs = 30\nspare_workers = {spare_workers}\n\
+         event_retry_delays_ms = [100, 200]\n\
          [functions.hello]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 2\n\
          key_file = {key:?}\n\
          [functions.single]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 1\n\
@@ -27,6 +27,27 @@ fn config(snapshot: &std::path::Path, key: &std::path::Path, extra: &str) -> Str
         snap = snapshot.display().to_string(),
         key = key.display().to_string(),
     )
+}
+
+/// thawd serving `hello` and `single` from one snapshot of the test guest, holding every VM
+/// slot while it runs.
+struct Served {
+    thawd: Thawd,
+    _dir: tempfile::TempDir,
+    _slots: Vec<fixture::VmSlot>,
+}
+
+fn served(spare_workers: u32) -> Served {
+    let slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "hello", &key);
+    let thawd = Thawd::start(dir.path(), &config(&snap, &key, spare_workers));
+    Served {
+        thawd,
+        _dir: dir,
+        _slots: slots,
+    }
 }
 
 /// Runs a Python script with boto3 against `endpoint`; its stdout.
@@ -63,11 +84,11 @@ fn boto3_invokes_thawd_unmodified() {
     if !require_kvm("boto3_invokes_thawd_unmodified") {
         return;
     }
-    let _slots = all_vm_slots();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    let snap = function_snapshot(dir.path(), "hello", &key);
-    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let Served {
+        thawd,
+        _dir,
+        _slots,
+    } = served(1);
     let payload = br#"{"hello":"world"}"#;
     let out = boto3(
         &thawd.endpoint,
@@ -136,16 +157,12 @@ except client.exceptions.ResourceNotFoundException as e:
 }
 
 fn ureq_get(url: &str) -> String {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            &format!(
-                "import urllib.request; print(urllib.request.urlopen({url:?}).read().decode())"
-            ),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ureq::get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 #[test]
@@ -153,11 +170,11 @@ fn throttles_timeouts_crashes_and_bad_requests() {
     if !require_kvm("throttles_timeouts_crashes_and_bad_requests") {
         return;
     }
-    let _slots = all_vm_slots();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    let snap = function_snapshot(dir.path(), "f", &key);
-    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let Served {
+        thawd,
+        _dir,
+        _slots,
+    } = served(1);
     let out = boto3(
         &thawd.endpoint,
         r#"
@@ -213,11 +230,11 @@ fn failed_events_are_retried_twice_then_dead_lettered() {
     if !require_kvm("failed_events_are_retried_twice_then_dead_lettered") {
         return;
     }
-    let _slots = all_vm_slots();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    let snap = function_snapshot(dir.path(), "f", &key);
-    let thawd = Thawd::start(dir.path(), &config(&snap, &key, ""));
+    let Served {
+        thawd,
+        _dir,
+        _slots,
+    } = served(1);
     let out = boto3(
         &thawd.endpoint,
         r#"
@@ -286,7 +303,7 @@ fn a_tampered_snapshot_stops_thawd_before_it_serves() {
     bytes[at] ^= 0x40;
     std::fs::write(&file, bytes).unwrap();
     let config_path = dir.path().join("thawd.toml");
-    std::fs::write(&config_path, config(&snap, &key, "")).unwrap();
+    std::fs::write(&config_path, config(&snap, &key, 1)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_thawd"))
         .arg("--config")
         .arg(&config_path)
@@ -304,13 +321,12 @@ fn a_killed_worker_costs_one_environment_not_the_daemon() {
     if !require_kvm("a_killed_worker_costs_one_environment_not_the_daemon") {
         return;
     }
-    let _slots = all_vm_slots();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    let snap = function_snapshot(dir.path(), "f", &key);
     // No spare workers: the frozen environment is the daemon's only child.
-    let no_spares = config(&snap, &key, "").replace("spare_workers = 1", "spare_workers = 0");
-    let thawd = Thawd::start(dir.path(), &no_spares);
+    let Served {
+        thawd,
+        _dir,
+        _slots,
+    } = served(0);
     let call = |payload: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
             .args(["invoke", "hello", payload, "--endpoint", &thawd.endpoint])

@@ -346,8 +346,11 @@ fn a_killed_worker_costs_one_environment_not_the_daemon() {
         assert!(Instant::now() < deadline, "workers: {kids:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    // SAFETY: kill(2) on a process id just read from thawd's children.
-    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     // The next invocation finds it dead, discards it and restores a fresh environment.
     assert_eq!(call("\"thaw:echo=two\""), "two\n");
     assert_eq!(call("\"thaw:echo=three\""), "three\n");

@@ -58,6 +58,17 @@ fn snapshot_with(options: &str) -> Snap {
     Snap { dir, path, key }
 }
 
+/// A new worker with `snap` restored in it (its shell built by the restore), and its pid.
+async fn restored_worker(snap: &Snap) -> (Worker, u32) {
+    let mut worker = Worker::spawn(&thawd()).await.unwrap();
+    let pid = worker.pid().unwrap();
+    worker
+        .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+        .await
+        .unwrap();
+    (worker, pid)
+}
+
 fn thawd() -> WorkerCommand {
     WorkerCommand::thawd(env!("CARGO_BIN_EXE_thawd").into())
 }
@@ -293,12 +304,7 @@ async fn a_worker_killed_mid_life_is_reported_dead() {
     let snap = snapshot_of_test_guest();
     limited(async {
         let _slot = vm_slot();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
-        let pid = worker.pid().unwrap();
-        worker
-            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
-            .await
-            .unwrap();
+        let (mut worker, pid) = restored_worker(&snap).await;
         invoke_and_check(&mut worker, "before", b"alive".to_vec()).await;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -390,12 +396,7 @@ async fn a_worker_that_cannot_answer_in_time_is_given_up_and_killed() {
     let snap = snapshot_of_test_guest();
     limited(async {
         let _slot = vm_slot();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
-        let pid = worker.pid().unwrap();
-        worker
-            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
-            .await
-            .unwrap();
+        let (mut worker, pid) = restored_worker(&snap).await;
         // Stopped, the worker cannot even report the function's timeout: the handle gives up
         // after the timeout and its grace.
         let stopped = nix::unistd::Pid::from_raw(pid as i32);

@@ -143,8 +143,8 @@ struct BootArgs {
     /// Initramfs (cpio, optionally compressed) loaded at the top of low memory.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off
-    /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"; empty for the test guest].
+    /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off";
+    /// empty for the test guest].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Guest memory in MiB (128 to 10240, as AWS Lambda allows).

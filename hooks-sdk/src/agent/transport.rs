@@ -2,14 +2,25 @@
 //! is made once at startup ([`Transport`]); both give a byte stream and everything above this
 //! module is the same code. tokio has no vsock type, so a vsock socket is driven through
 //! `AsyncFd` with plain `read`/`write` calls.
+//!
+//! Two Linux behaviours shape [`VsockStream`]. A non-blocking connect finishes with one
+//! edge-triggered writable event, which must stay recorded as readiness, or the first write
+//! waits for an edge that never comes. And when the host resets the vsock transport (what a
+//! restore does), Linux reports it to a connected socket only as `EPOLLERR` (with `EPOLLOUT`),
+//! which wakes no task waiting to read: the read side therefore also waits for errors.
 
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, getsockopt, socket, sockopt};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::UnixStream;
 
 pub use super::config::Transport;
@@ -77,80 +88,101 @@ impl std::fmt::Display for Transport {
 
 /// A connected, non-blocking AF_VSOCK stream socket.
 pub struct VsockStream {
-    fd: AsyncFd<OwnedFd>,
+    fd: Arc<AsyncFd<OwnedFd>>,
+    /// Resolves when the socket reports an error; `None` once it has.
+    error: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl VsockStream {
     /// Connects to `cid:port` without blocking the runtime.
     pub async fn connect(cid: u32, port: u32) -> io::Result<VsockStream> {
-        // SAFETY: socket(2) takes no pointers; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_VSOCK,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a socket just created and owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: an all-zero sockaddr_vm is valid; the fields that matter are set below.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = cid;
-        addr.svm_port = port;
-        // SAFETY: `addr` is a live sockaddr_vm and the length passed is its size.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const addr).cast::<libc::sockaddr>(),
-                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let started = nix::sys::socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port));
         // SAFETY: `fd` is an open socket owned by the `OwnedFd` that the `AsyncFd` takes; it is
         // closed only when the `AsyncFd` drops it, and `as_raw_fd` always returns it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(err);
+        match started {
+            Ok(()) => {}
+            Err(Errno::EINPROGRESS) => {
+                // A non-blocking connect finishes when the socket turns writable; SO_ERROR says
+                // how. The readiness is kept (not cleared): that one edge is also what lets
+                // the first write go out.
+                fd.writable().await?.retain_ready();
+                if let Some(error) = pending_error(&fd)? {
+                    return Err(error);
+                }
             }
-            // A non-blocking connect finishes when the socket turns writable; SO_ERROR says how.
-            let mut guard = fd.writable().await?;
-            guard.clear_ready();
-            let mut so_error: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: `so_error` and `len` are live and sized as getsockopt(SO_ERROR) expects.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    (&raw mut so_error).cast::<libc::c_void>(),
-                    &raw mut len,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if so_error != 0 {
-                return Err(io::Error::from_raw_os_error(so_error));
-            }
+            Err(e) => return Err(e.into()),
         }
-        Ok(VsockStream { fd })
+        let fd = Arc::new(fd);
+        let watched = fd.clone();
+        let error = Box::pin(async move {
+            // An error that cannot even be waited for is as final as the one awaited.
+            let _ = watched.ready(Interest::ERROR).await;
+        });
+        Ok(VsockStream {
+            fd,
+            error: Some(error),
+        })
+    }
+}
+
+/// The socket's pending error (`SO_ERROR`), which reading also clears.
+fn pending_error(fd: &AsyncFd<OwnedFd>) -> io::Result<Option<io::Error>> {
+    let code = getsockopt(fd.get_ref(), sockopt::SocketError)?;
+    Ok((code != 0).then(|| io::Error::from_raw_os_error(code)))
+}
+
+/// Whether the socket has reported an error (`watch` resolved); otherwise `cx` is woken when it
+/// does.
+fn poll_error(
+    watch: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    let Some(error) = watch.as_mut() else {
+        return true;
+    };
+    if error.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    *watch = None;
+    true
+}
+
+/// The error a broken connection reads as: the socket's pending error if it has one, else a
+/// reset (Linux clears the pending error once any call has reported it).
+fn broken(fd: &AsyncFd<OwnedFd>) -> io::Error {
+    match pending_error(fd) {
+        Ok(Some(error)) => error,
+        _ => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the vsock connection reported an error (transport reset)",
+        ),
     }
 }
 
 impl AsyncRead for VsockStream {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let mut guard = match this.fd.poll_read_ready(cx) {
+                Poll::Ready(guard) => guard?,
+                // Nothing to read: a reset would never make it readable, so its error ends
+                // the wait instead (see the module's documentation).
+                Poll::Pending if poll_error(&mut this.error, cx) => {
+                    return Poll::Ready(Err(broken(&this.fd)));
+                }
+                Poll::Pending => return Poll::Pending,
+            };
             let unfilled = buf.initialize_unfilled();
             match guard
                 .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))

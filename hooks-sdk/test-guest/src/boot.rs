@@ -1,6 +1,8 @@
 //! What the VMM hands the guest: the Linux zero page (`struct boot_params`) with the command
 //! line, and the MP table that lists the CPUs.
 
+use thaw_test_guest::mptable;
+
 /// Offsets in `struct boot_params` (Linux's Documentation/arch/x86/zero-page.rst).
 const CMD_LINE_PTR: usize = 0x228;
 const EXT_CMD_LINE_PTR: usize = 0x0c8;
@@ -56,15 +58,8 @@ pub fn cmdline(boot_params: u64) -> &'static str {
     core::str::from_utf8(bytes).unwrap_or("")
 }
 
-/// Local APIC ids of the enabled processors in the MP table, BSP first.
-pub struct CpuList {
-    /// APIC ids.
-    pub apic_ids: [u8; crate::arch::MAX_CPUS],
-    /// How many are valid.
-    pub count: usize,
-    /// Processors listed beyond `MAX_CPUS`.
-    pub dropped: usize,
-}
+/// The processors the MP table lists.
+pub type CpuList = mptable::CpuList<{ crate::arch::MAX_CPUS }>;
 
 fn checksum_ok(addr: u64, len: usize) -> bool {
     (0..len as u64).fold(0u8, |s, i| s.wrapping_add(read_u8(addr + i))) == 0
@@ -93,46 +88,8 @@ pub fn cpus() -> Option<CpuList> {
         return None;
     }
     let len = usize::from(read_u8(table + 4)) | usize::from(read_u8(table + 5)) << 8;
-    if !checksum_ok(table, len) {
-        return None;
-    }
-    let entries = u16::from(read_u8(table + 34)) | u16::from(read_u8(table + 35)) << 8;
-    let mut list = CpuList {
-        apic_ids: [0; crate::arch::MAX_CPUS],
-        count: 0,
-        dropped: 0,
-    };
-    let mut bsp = None;
-    let mut at = table + 44;
-    for _ in 0..entries {
-        if at >= table + len as u64 {
-            return None;
-        }
-        match read_u8(at) {
-            0 => {
-                let apic_id = read_u8(at + 1);
-                let flags = read_u8(at + 3);
-                if flags & 1 != 0 {
-                    if flags & 2 != 0 {
-                        bsp = Some(apic_id);
-                    }
-                    if list.count < list.apic_ids.len() {
-                        list.apic_ids[list.count] = apic_id;
-                        list.count += 1;
-                    } else {
-                        list.dropped += 1;
-                    }
-                }
-                at += 20;
-            }
-            1..=4 => at += 8,
-            _ => return None,
-        }
-    }
-    // Keep the BSP first so index 0 is always the CPU already running.
-    if let Some(pos) = bsp.and_then(|b| list.apic_ids[..list.count].iter().position(|id| *id == b))
-    {
-        list.apic_ids.swap(0, pos);
-    }
-    Some(list)
+    // SAFETY: the table's `len` bytes lie in identity-mapped RAM the VMM wrote below 1 MiB,
+    // which nothing changes while the guest reads it.
+    let bytes = unsafe { core::slice::from_raw_parts(table as *const u8, len) };
+    mptable::parse(bytes)
 }

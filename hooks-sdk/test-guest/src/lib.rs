@@ -1,6 +1,6 @@
 //! The test guest's logic that touches no hardware directly: command-line parsing, the
 //! virtqueue and vsock driver core, the connection's credit accounting, the hook registry, the
-//! bench wire format, the memory workload, the register keeper's pattern, the agent's status
+//! bench wire format, the MP table parser, the memory workload, the register keeper's pattern, the agent's status
 //! document and its invocation commands. The guest image links it; `cargo test` runs its tests
 //! on the host, where a simulated vsock device stands in for the VMM's.
 
@@ -13,6 +13,7 @@ pub mod driver;
 pub mod hooks;
 pub mod invoke_cmd;
 pub mod keeper;
+pub mod mptable;
 pub mod ring;
 pub mod status;
 pub mod text;

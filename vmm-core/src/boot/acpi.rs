@@ -1,11 +1,12 @@
 //! The ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) that tell a Linux guest its CPUs, interrupt
-//! controllers and, later, its virtio-mmio devices. Debian's cloud kernel has no MP-table parser
+//! controllers, its serial port and its virtio-mmio devices. Debian's cloud kernel has no MP-table parser
 //! (`CONFIG_X86_MPPARSE` is off) and no virtio-mmio command-line devices, so ACPI is the only way
 //! it learns about more than its boot CPU.
 //!
 //! ```text
 //! RSDP_START  RSDP "RSD PTR " (36 bytes, revision 2)                    -> XSDT
-//!             DSDT (36 + AML: \_SB_, one LNRO0005 device per virtio-mmio transport)
+//!             DSDT (36 + AML: \_SB_ with COM1 (PNP0501), one LNRO0005 device per virtio-mmio
+//!                   transport)
 //!             MADT "APIC" (44 + 8 per vCPU + IOAPIC 12 + NMI 6)
 //!             FADT "FACP" (276, hardware-reduced)                       -> DSDT
 //!             XSDT (36 + 8 per table)                                   -> FADT, MADT
@@ -23,12 +24,20 @@
 //! generic `Sdt` (header, length and checksum) holding the crate's Local APIC and IOAPIC
 //! structures plus the NMI structure, written here.
 //!
+//! COM1 must be in the DSDT. A hardware-reduced FADT makes Linux drop the legacy PIC, and with
+//! it the ISA IRQs it would otherwise map by default: the 8250 driver's legacy probe then finds
+//! the UART but cannot have IRQ 4, so every write to `/dev/console` from user space fails with
+//! EIO. Described as a PNP0501 device with its ports and interrupt, the UART is bound by
+//! `8250_pnp` with IRQ 4 mapped through ACPI, as on Firecracker.
+//!
 //! There is no Interrupt Source Override: Thaw keeps KVM's default GSI routing, where ISA IRQ n
 //! (the PIT's IRQ 0 included) reaches IOAPIC input n, which is what the absence of overrides
 //! means, and what the MP table says too.
 
 use acpi_tables::Aml;
-use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::aml::{
+    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
@@ -37,6 +46,7 @@ use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::mptable::ioapic_id;
+use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::layout::{
     ACPI_END, APIC_START, EBDA_END, FIRST_ADDR_PAST_32BITS, HIMEM_START, IOAPIC_START, RSDP_START,
 };
@@ -73,15 +83,14 @@ const ALL_PROCESSORS: u8 = 0xff;
 /// The local APIC input the NMI is wired to, as in the MP table and in each vCPU's LVT.
 const NMI_LINT: u8 = 1;
 
-/// FADT IAPC_BOOT_ARCH: an i8042 exists (Thaw emulates one so that Linux can reset the machine
-/// through it); there is no VGA and no CMOS RTC, so Linux must not probe for them. "Legacy
-/// devices" stays clear: COM1 is the only ISA device, and Linux's 8250 driver probes the standard
-/// COM ports whatever this says.
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// FADT IAPC_BOOT_ARCH: no VGA and no CMOS RTC, so Linux must not probe for them. The 8042 bit
+/// stays clear although Thaw emulates an i8042: it is there only for its reset line, which
+/// `reboot=k` pulls with a plain port write whatever this says, and a controller that answers
+/// no commands costs a Linux boot seconds of probe timeouts unless it is declared absent (as
+/// QEMU's microvm machine does). "Legacy devices" stays clear: COM1 is an ISA device.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
-const IAPC_BOOT_ARCH: u16 =
-    IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
+const IAPC_BOOT_ARCH: u16 = IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
 
 /// ACPI asks no alignment of these tables (only of the FACS, which a hardware-reduced machine
 /// need not have); 8 bytes puts each on a natural boundary, as firmware does.
@@ -94,6 +103,10 @@ pub const MAX_VCPUS: u8 = u8::MAX - 1;
 pub const MAX_VIRTIO_MMIO_DEVICES: usize = 0x1000;
 /// The ACPI id Linux's virtio-mmio driver matches.
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
+/// The EISA id of a 16550A-compatible UART, which Linux's `8250_pnp` driver binds.
+const UART_16550A_EISA_ID: &str = "PNP0501";
+/// COM1's `_UID`: the first (and only) UART.
+const COM1_UID: u32 = 0;
 
 /// A virtio-mmio transport as the DSDT describes it to the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,7 +338,7 @@ fn local_apic_nmi(processor_uid: u8, flags: u16, lint: u8) -> [u8; 6] {
     ]
 }
 
-/// The DSDT: the `\_SB_` scope with one device per virtio-mmio transport.
+/// The DSDT: the `\_SB_` scope with COM1 and one device per virtio-mmio transport.
 fn dsdt(devices: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     if devices.len() > MAX_VIRTIO_MMIO_DEVICES {
         return Err(AcpiError::TooManyDevices {
@@ -337,13 +350,45 @@ fn dsdt(devices: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
         .enumerate()
         .map(|(index, device)| VirtioMmioAml::new(index, device))
         .collect::<Result<Vec<_>, _>>()?;
-    let aml_devices: Vec<Device> = described.iter().map(VirtioMmioAml::device).collect();
+    let com1 = Com1Aml::new();
+    let mut aml_devices = vec![com1.device()];
+    aml_devices.extend(described.iter().map(VirtioMmioAml::device));
     let children: Vec<&dyn Aml> = aml_devices.iter().map(|d| d as &dyn Aml).collect();
     let scope = Scope::new(Path::new("\\_SB_"), children);
 
     let mut dsdt = sdt(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION);
     dsdt.append_slice(&to_bytes(&scope));
     Ok(dsdt.as_slice().to_vec())
+}
+
+/// COM1's named objects: a 16550A at its legacy ports, raising GSI 4 (edge-triggered, active
+/// high, as its irqfd delivers it).
+struct Com1Aml {
+    hid: Name,
+    uid: Name,
+    crs: Name,
+}
+
+impl Com1Aml {
+    fn new() -> Self {
+        // The legacy ports are constants far below 64 KiB.
+        let base = COM1_BASE as u16;
+        let len = COM1_LEN as u8;
+        let ports = IO::new(base, base, 1, len);
+        let interrupt = Interrupt::new(true, true, false, false, COM1_IRQ);
+        Self {
+            hid: Name::new(Path::new("_HID"), &EISAName::new(UART_16550A_EISA_ID)),
+            uid: Name::new(Path::new("_UID"), &COM1_UID),
+            crs: Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![&ports, &interrupt]),
+            ),
+        }
+    }
+
+    fn device(&self) -> Device<'_> {
+        Device::new(Path::new("COM1"), vec![&self.hid, &self.uid, &self.crs])
+    }
 }
 
 /// The named objects of one virtio-mmio device, which its `Device` object borrows.

@@ -149,7 +149,11 @@ fn fadt_is_hardware_reduced_and_declares_no_8042_vga_or_rtc() {
     assert_eq!(fadt[8], 6, "major revision");
     assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
     // Bit 1 (8042) clear: Linux then skips its i8042 probe.
-    assert_eq!(u16_at(&fadt, 109), 0b10_0100, "no 8042, no VGA, no CMOS RTC");
+    assert_eq!(
+        u16_at(&fadt, 109),
+        0b10_0100,
+        "no 8042, no VGA, no CMOS RTC"
+    );
     // No legacy fixed-hardware blocks: PM1a event/control, PM timer, GPE0.
     for offset in [56, 64, 76, 80] {
         assert_eq!(u32_at(&fadt, offset), 0, "FADT offset {offset}");
@@ -211,13 +215,20 @@ fn dsdt_without_virtio_devices_holds_only_com1() {
     let aml = &dsdt[36..];
     // ScopeOp, a one-byte PkgLength, "\_SB_", then COM1 (ExtOpPrefix, DeviceOp).
     assert_eq!(&aml[..1], &[0x10]);
-    assert_eq!(usize::from(aml[1]), aml.len() - 1, "the scope holds everything");
+    assert_eq!(
+        usize::from(aml[1]),
+        aml.len() - 1,
+        "the scope holds everything"
+    );
     assert_eq!(&aml[2..7], b"\\_SB_");
     assert_eq!(&aml[7..9], &[0x5b, 0x82]);
     assert_eq!(&aml[10..14], b"COM1");
     let find = |needle: &[u8]| aml.windows(needle.len()).filter(|w| *w == needle).count();
     // _HID EisaId("PNP0501"): DWordPrefix, the compressed id 0x0105d041.
-    assert_eq!(find(&[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01]), 1);
+    assert_eq!(
+        find(&[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01]),
+        1
+    );
     // IO(Decode16, 0x3f8, 0x3f8, 1, 8) and Interrupt(Consumer, Edge, ActiveHigh, Exclusive){4}.
     assert_eq!(find(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]), 1);
     assert_eq!(find(&[0x89, 6, 0, 0b0011, 1, 4, 0, 0, 0]), 1);

@@ -9,6 +9,7 @@ pub mod guest_image;
 pub mod host_check;
 pub mod host_key;
 pub mod invoke_cli;
+pub mod nested_host;
 pub mod record_ws;
 pub mod restore_cli;
 pub mod run;

@@ -125,6 +125,21 @@ enum Command {
         #[command(subcommand)]
         command: InitramfsCommand,
     },
+    /// Run commands in a nested-KVM host: for hosts whose KVM cannot boot Linux guests at speed.
+    ///
+    /// On a host whose KVM is PVM (see `thaw host-check`), guest kernel code is emulated one
+    /// instruction at a time, so Linux guests barely boot. The nested host is a QEMU machine
+    /// under software emulation (TCG) with an AMD CPU offering SVM and nested paging, running
+    /// Debian's cloud kernel with kvm_amd: a /dev/kvm that behaves like hardware KVM. It sees
+    /// this host's whole file system (through virtiofs), so `thaw nested-host run -- CMD` runs
+    /// CMD there as root, in the current directory, with this environment, and its own /tmp.
+    /// QEMU, busybox and the kernel come from Debian's packages with apt (unpacked into the
+    /// cache, not installed). Slow: everything in it is emulated; times measured there are
+    /// functional, not performance figures. Needs root. See docs/nested-host.md.
+    NestedHost {
+        #[command(subcommand)]
+        command: NestedHostCommand,
+    },
     /// Report what this host offers Thaw: KVM (hardware or PVM), userfaultfd, and what that
     /// means for running guests here. Exits non-zero if KVM is unusable.
     HostCheck {
@@ -335,6 +350,38 @@ enum KernelCommand {
 }
 
 #[derive(Subcommand)]
+enum NestedHostCommand {
+    /// Fetch what the nested host needs (QEMU and its libraries, busybox, the kernel) into the
+    /// cache, and say where it is.
+    Fetch {
+        /// Cache directory [default: $THAW_CACHE_DIR, else $XDG_CACHE_HOME/thaw, else
+        /// ~/.cache/thaw].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Run COMMAND in a new nested host and exit with its status. Its output is the nested
+    /// host's console, on stdout.
+    Run {
+        /// The nested host's memory in MiB (its /tmp is RAM too).
+        #[arg(long, value_name = "N", default_value_t = thaw::nested_host::DEFAULT_MEM_MIB,
+              value_parser = clap::value_parser!(u64).range(512..=65536))]
+        mem_mib: u64,
+        /// Its vCPUs [default: this host's CPUs, at least 2].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=64))]
+        cpus: Option<u8>,
+        /// Stop it after this many seconds.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout: Option<u64>,
+        /// Cache directory (see `thaw nested-host fetch`).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand)]
 enum InitramfsCommand {
     /// Write a cpio (newc) archive with /dev/console, the usual mount points, an /init, extra
     /// files and kernel modules, compressed with zstd (default), gzip or nothing.
@@ -425,8 +472,60 @@ fn fetch_kernel(cache_dir: Option<PathBuf>) -> anyhow::Result<thaw::guest_image:
     thaw::guest_image::fetch(&cache_dir).context("cannot fetch Debian's cloud kernel")
 }
 
+fn cache_dir_or_default(cache_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match cache_dir {
+        Some(dir) => dir,
+        None => thaw::guest_image::default_cache_dir()?,
+    })
+}
+
+fn nested_host_command(command: NestedHostCommand) -> anyhow::Result<ExitCode> {
+    use thaw::nested_host::{NestedHost, RunOptions};
+    match command {
+        NestedHostCommand::Fetch { cache_dir } => {
+            let host = NestedHost::prepare(&cache_dir_or_default(cache_dir)?)?;
+            let packages = host.packages();
+            let qemu = packages.version_of("qemu-system-x86").unwrap_or("?");
+            println!("qemu:        {} ({qemu})", packages.qemu().display());
+            println!("virtiofsd:   {}", packages.virtiofsd().display());
+            println!("busybox:     {}", packages.busybox().display());
+            println!(
+                "kernel:      {} ({})",
+                host.kernel().bzimage.display(),
+                host.kernel().release
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        NestedHostCommand::Run {
+            mem_mib,
+            cpus,
+            timeout,
+            cache_dir,
+            command,
+        } => {
+            if thaw::nested_host::inside() {
+                anyhow::bail!("this already runs inside a nested host; run the command directly");
+            }
+            let host = NestedHost::prepare(&cache_dir_or_default(cache_dir)?)?;
+            let mut options = RunOptions::new(command);
+            options.mem_mib = mem_mib;
+            if let Some(cpus) = cpus {
+                options.cpus = cpus;
+            }
+            options.timeout = timeout.map(std::time::Duration::from_secs);
+            let exit = host.run(&options, &mut std::io::stdout())?;
+            eprintln!(
+                "thaw: the command exited with status {} in the nested host after {:.1?}",
+                exit.code, exit.elapsed
+            );
+            Ok(ExitCode::from(exit.code.clamp(0, 255) as u8))
+        }
+    }
+}
+
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::NestedHost { command } => nested_host_command(command),
         Command::Run {
             boot,
             api_sock,

@@ -309,7 +309,7 @@ fn resolve(apt: &mut Apt) -> Result<(String, String), KernelFetchError> {
     let (package, version) = match from_show {
         Some(found) => found,
         None => {
-            let package = parse_depends_kernel(&apt.depends(METAPACKAGE)?, METAPACKAGE)
+            let package = parse_depends_kernel(&apt.depends(&[METAPACKAGE])?, METAPACKAGE)
                 .ok_or_else(|| resolve_err("it depends on no linux-image-* package".to_owned()))?;
             (package, None)
         }

@@ -12,7 +12,7 @@ mod fixture;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fixture::thawd::{Thawd, children, function_snapshot};
+use fixture::thawd::{Thawd, boto3, children, function_snapshot};
 use fixture::{all_vm_slots, require_kvm};
 use sha2::{Digest, Sha256};
 
@@ -48,28 +48,6 @@ fn served(spare_workers: u32) -> Served {
         _dir: dir,
         _slots: slots,
     }
-}
-
-/// Runs a Python script with boto3 against `endpoint`; its stdout.
-fn boto3(endpoint: &str, script: &str) -> String {
-    let prelude = format!(
-        "import base64, json, sys\nimport boto3, botocore\n\
-         client = boto3.client('lambda', endpoint_url={endpoint:?}, region_name='us-east-1', \
-         aws_access_key_id='thaw', aws_secret_access_key='thaw', \
-         config=botocore.config.Config(retries={{'max_attempts': 0}}, read_timeout=60))\n"
-    );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!("{prelude}{script}"))
-        .output()
-        .expect("run python3 (boto3 is installed by scripts/deps.sh)");
-    assert!(
-        out.status.success(),
-        "boto3 script failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn sha_hex(payload: &[u8]) -> String {

@@ -161,9 +161,15 @@ mod tests {
         let got = choose_kernel(&manifest, old.clone(), || Ok(kernel(RELEASE))).unwrap();
         assert_eq!(got.release, RELEASE);
         let err = choose_kernel(&manifest, old, || Ok(kernel("6.1.0-60-cloud-amd64"))).unwrap_err();
-        assert!(matches!(err, BootImageError::KernelMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, BootImageError::KernelMismatch { .. }),
+            "{err}"
+        );
         let text = err.to_string();
-        assert!(text.contains(RELEASE) && text.contains("6.1.0-60"), "{text}");
+        assert!(
+            text.contains(RELEASE) && text.contains("6.1.0-60"),
+            "{text}"
+        );
         assert!(text.contains("thaw function build"), "{text}");
         let err = choose_kernel(&manifest, None, || Err(KernelFetchError::NoCacheDir)).unwrap_err();
         assert!(matches!(err, BootImageError::Fetch { .. }), "{err}");

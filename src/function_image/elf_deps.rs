@@ -514,10 +514,7 @@ mod tests {
             "tree/ext/mod.so",
             TinyElf {
                 needed: &["libbundled.so", "libpython.so", "libconf.so"],
-                runpath: Some(&format!(
-                    "$ORIGIN/pkg.libs:{}",
-                    host.path("abs").display()
-                )),
+                runpath: Some(&format!("$ORIGIN/pkg.libs:{}", host.path("abs").display())),
                 ..TinyElf::default()
             },
         );
@@ -637,10 +634,7 @@ mod tests {
         std::fs::create_dir(d.join("conf.d")).unwrap();
         std::fs::write(
             d.join("ld.so.conf"),
-            format!(
-                "# comment\ninclude {}/conf.d/*.conf\n/first\n",
-                d.display()
-            ),
+            format!("# comment\ninclude {}/conf.d/*.conf\n/first\n", d.display()),
         )
         .unwrap();
         std::fs::write(d.join("conf.d/b.conf"), "/b # trailing\n").unwrap();

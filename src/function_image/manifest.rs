@@ -177,8 +177,14 @@ impl Manifest {
                 path: path.to_owned(),
                 source,
             })?;
-        manifest.runtime.parse::<Runtime>().map_err(|e| invalid(e.to_string()))?;
-        manifest.handler.parse::<Handler>().map_err(|e| invalid(e.to_string()))?;
+        manifest
+            .runtime
+            .parse::<Runtime>()
+            .map_err(|e| invalid(e.to_string()))?;
+        manifest
+            .handler
+            .parse::<Handler>()
+            .map_err(|e| invalid(e.to_string()))?;
         if !INITRAMFS_FILES.contains(&manifest.initramfs.file.as_str()) {
             return Err(invalid(format!(
                 "initramfs file {:?} is not one of {INITRAMFS_FILES:?}",
@@ -186,8 +192,14 @@ impl Manifest {
             )));
         }
         let sha = &manifest.initramfs.sha256;
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(invalid(format!("initramfs sha256 {sha:?} is not 64 hex digits")));
+        if sha.len() != 64
+            || !sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(format!(
+                "initramfs sha256 {sha:?} is not 64 hex digits"
+            )));
         }
         if manifest.kernel.release.is_empty() || manifest.kernel.release.contains('/') {
             return Err(invalid(format!(

@@ -29,11 +29,11 @@ mod test_elf;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::guest_image::initramfs::supported_compressions_in;
 use crate::guest_image::{
     self, Compression, DebianKernel, GUEST_MODULES, INIT_PATH, InitramfsBuilder, InitramfsError,
     KernelConfigError, KernelFetchError,
 };
-use crate::guest_image::initramfs::supported_compressions_in;
 
 pub use boot::{BootImageError, FunctionBoot};
 pub use manifest::{MANIFEST_FILE, Manifest, ManifestError};
@@ -55,10 +55,8 @@ pub const DEFAULT_MEM_MIB: u64 = 1024;
 /// Variables every Python function gets (a `--env` of the same name overrides them): output
 /// unbuffered, since the console is the log, and no bytecode written into the guest's memory,
 /// and so into its snapshot.
-pub const DEFAULT_ENV: &[(&str, &str)] = &[
-    ("PYTHONUNBUFFERED", "1"),
-    ("PYTHONDONTWRITEBYTECODE", "1"),
-];
+pub const DEFAULT_ENV: &[(&str, &str)] =
+    &[("PYTHONUNBUFFERED", "1"), ("PYTHONDONTWRITEBYTECODE", "1")];
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -230,7 +228,10 @@ pub fn build(
         &code_root,
     )?;
     if let Some(file) = &requirements {
-        progress(&format!("installing the requirements in {}", file.display()));
+        progress(&format!(
+            "installing the requirements in {}",
+            file.display()
+        ));
         pip::install(
             &python.executable,
             &task_staging,
@@ -269,7 +270,10 @@ pub fn build(
     let left_out =
         python::resolve_libraries(&mut bundle, &python, trees, &required, &runtime.optional)?;
     if !left_out.is_empty() {
-        tracing::warn!(?left_out, "standard-library modules left out: their libraries are missing on this host too");
+        tracing::warn!(
+            ?left_out,
+            "standard-library modules left out: their libraries are missing on this host too"
+        );
     }
 
     progress("writing the initramfs");
@@ -466,7 +470,12 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             doc["runtime"],
-            serde_json::json!(["/var/lang/bin/python3", "-m", "awslambdaric", "pkg.app.handler"])
+            serde_json::json!([
+                "/var/lang/bin/python3",
+                "-m",
+                "awslambdaric",
+                "pkg.app.handler"
+            ])
         );
         assert_eq!(doc["init_type"], "snap-start");
         assert_eq!(doc["function_name"], "hello");
@@ -480,8 +489,16 @@ mod tests {
             })
         );
         // Only fields thaw-init's function file knows (it refuses unknown ones).
-        let keys: Vec<&str> = doc.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["env", "function_name", "handler", "init_type", "runtime"]);
+        let keys: Vec<&str> = doc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            ["env", "function_name", "handler", "init_type", "runtime"]
+        );
     }
 
     #[test]
@@ -493,12 +510,20 @@ mod tests {
         std::fs::write(d.join("pkg/mod/__init__.py"), "").unwrap();
         std::fs::write(d.join("pkg/__init__.py"), "").unwrap();
         std::fs::write(d.join("pkg/other.py"), "").unwrap();
-        for ok in ["app.handler", "pkg.mod.handler", "pkg.other.handler", "pkg.handler"] {
+        for ok in [
+            "app.handler",
+            "pkg.mod.handler",
+            "pkg.other.handler",
+            "pkg.handler",
+        ] {
             check_handler_module(d, &ok.parse().unwrap()).unwrap();
         }
         let err = check_handler_module(d, &"missing.handler".parse().unwrap()).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("missing.py") && text.contains("missing/__init__.py"), "{text}");
+        assert!(
+            text.contains("missing.py") && text.contains("missing/__init__.py"),
+            "{text}"
+        );
     }
 
     #[test]

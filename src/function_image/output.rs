@@ -324,7 +324,10 @@ mod tests {
             publish(&out, b"new", false),
             Err(OutputError::Exists { .. })
         ));
-        assert_eq!(std::fs::read(out.join("initramfs.cpio.zst")).unwrap(), b"old");
+        assert_eq!(
+            std::fs::read(out.join("initramfs.cpio.zst")).unwrap(),
+            b"old"
+        );
         // An empty directory too: rename(2) alone would replace it.
         let empty = parent.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
@@ -341,7 +344,10 @@ mod tests {
         let out = parent.path().join("img");
         image(&out, b"old");
         publish(&out, b"new", true).unwrap();
-        assert_eq!(std::fs::read(out.join("initramfs.cpio.zst")).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read(out.join("initramfs.cpio.zst")).unwrap(),
+            b"new"
+        );
         assert_eq!(names(parent.path()), ["img"]);
     }
 
@@ -366,18 +372,35 @@ mod tests {
 
         for name in ["docs", "file", "link", "broken"] {
             let err = publish(&p.join(name), b"new", true).unwrap_err();
-            assert!(matches!(err, OutputError::NotAnImage { .. }), "{name}: {err}");
+            assert!(
+                matches!(err, OutputError::NotAnImage { .. }),
+                "{name}: {err}"
+            );
         }
         let err = publish(&p.join("extra"), b"new", true).unwrap_err();
         assert!(matches!(err, OutputError::ForeignFiles { .. }), "{err}");
         assert!(err.to_string().contains("notes.txt"), "{err}");
 
-        assert_eq!(std::fs::read(docs.join("thesis.tex")).unwrap(), b"years of work");
+        assert_eq!(
+            std::fs::read(docs.join("thesis.tex")).unwrap(),
+            b"years of work"
+        );
         assert_eq!(std::fs::read(p.join("file")).unwrap(), b"data");
-        assert_eq!(std::fs::read(p.join("extra/notes.txt")).unwrap(), b"keep me");
+        assert_eq!(
+            std::fs::read(p.join("extra/notes.txt")).unwrap(),
+            b"keep me"
+        );
         assert_eq!(std::fs::read(p.join("broken/data")).unwrap(), b"keep me");
-        assert!(std::fs::symlink_metadata(p.join("link")).unwrap().file_type().is_symlink());
-        assert_eq!(names(p), ["broken", "docs", "extra", "file", "link", "real"]);
+        assert!(
+            std::fs::symlink_metadata(p.join("link"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            names(p),
+            ["broken", "docs", "extra", "file", "link", "real"]
+        );
     }
 
     #[test]

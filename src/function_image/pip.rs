@@ -70,7 +70,12 @@ pub enum PipError {
 
 /// Runs `python -m pip install --target target ...` in `cwd` (so relative paths in a
 /// requirements file mean what they mean when the user runs pip in the code directory).
-pub fn install(python: &Path, target: &Path, what: Install<'_>, cwd: &Path) -> Result<(), PipError> {
+pub fn install(
+    python: &Path,
+    target: &Path,
+    what: Install<'_>,
+    cwd: &Path,
+) -> Result<(), PipError> {
     let mut cmd = Command::new(python);
     cmd.args(["-m", "pip", "install", "--target"])
         .arg(target)
@@ -172,10 +177,7 @@ mod tests {
         assert_eq!(found["tabulate"], "0.9.0");
         assert!(distributions(&d.join("missing")).unwrap().is_empty());
         std::fs::create_dir_all(d.join("nometa-1.dist-info")).unwrap();
-        assert!(matches!(
-            distributions(d),
-            Err(PipError::Metadata { .. })
-        ));
+        assert!(matches!(distributions(d), Err(PipError::Metadata { .. })));
     }
 
     #[test]

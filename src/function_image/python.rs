@@ -444,13 +444,12 @@ pub fn resolve_libraries(
     bundle.add_libraries(resolver.resolve(&python.executable)?)?;
     // A statically linked interpreter has no PT_INTERP, and needs no loader.
     if let Some(interp) = ElfDeps::read(&python.executable)?.interpreter {
-        let canonical =
-            interp
-                .canonicalize()
-                .map_err(|source| ResolveError::Canonicalize {
-                    path: interp.clone(),
-                    source,
-                })?;
+        let canonical = interp
+            .canonicalize()
+            .map_err(|source| ResolveError::Canonicalize {
+                path: interp.clone(),
+                source,
+            })?;
         if canonical != interp {
             bundle.add_symlink(
                 interp.display().to_string(),

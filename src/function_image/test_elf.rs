@@ -84,18 +84,19 @@ impl TinyElf<'_> {
 
         let shoff = data.len();
         data.extend_from_slice(&[0u8; SHDR]); // the null section
-        let mut section = |name: u32, kind: elf::SectionType, off: usize, size: usize, link: u32, ent: u64| {
-            data.extend_from_slice(&name.to_le_bytes());
-            data.extend_from_slice(&kind.0.to_le_bytes());
-            data.extend_from_slice(&0u64.to_le_bytes()); // flags
-            data.extend_from_slice(&0u64.to_le_bytes()); // addr
-            data.extend_from_slice(&(off as u64).to_le_bytes());
-            data.extend_from_slice(&(size as u64).to_le_bytes());
-            data.extend_from_slice(&link.to_le_bytes());
-            data.extend_from_slice(&0u32.to_le_bytes()); // info
-            data.extend_from_slice(&1u64.to_le_bytes()); // addralign
-            data.extend_from_slice(&ent.to_le_bytes());
-        };
+        let mut section =
+            |name: u32, kind: elf::SectionType, off: usize, size: usize, link: u32, ent: u64| {
+                data.extend_from_slice(&name.to_le_bytes());
+                data.extend_from_slice(&kind.0.to_le_bytes());
+                data.extend_from_slice(&0u64.to_le_bytes()); // flags
+                data.extend_from_slice(&0u64.to_le_bytes()); // addr
+                data.extend_from_slice(&(off as u64).to_le_bytes());
+                data.extend_from_slice(&(size as u64).to_le_bytes());
+                data.extend_from_slice(&link.to_le_bytes());
+                data.extend_from_slice(&0u32.to_le_bytes()); // info
+                data.extend_from_slice(&1u64.to_le_bytes()); // addralign
+                data.extend_from_slice(&ent.to_le_bytes());
+            };
         section(1, elf::SHT_STRTAB, dynstr_off, dynstr.len(), 0, 0);
         section(9, elf::SHT_DYNAMIC, dynamic_off, dynamic_len, 1, 16);
         section(18, elf::SHT_STRTAB, shstrtab_off, shstrtab.len(), 0, 0);

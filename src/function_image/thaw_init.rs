@@ -21,7 +21,9 @@ const HOW_TO_BUILD: &str = "build one with scripts/build-thaw-init (it prints th
 #[derive(Debug, thiserror::Error)]
 pub enum ThawInitError {
     /// None given, and none beside `thaw`.
-    #[error("no thaw-init: none given with --thaw-init or ${THAW_INIT_ENV}, and {looked} does not exist; {HOW_TO_BUILD}")]
+    #[error(
+        "no thaw-init: none given with --thaw-init or ${THAW_INIT_ENV}, and {looked} does not exist; {HOW_TO_BUILD}"
+    )]
     NotFound {
         /// Where it was looked for.
         looked: String,
@@ -141,7 +143,11 @@ mod tests {
             ..TinyElf::default()
         }
         .build();
-        assert!(check_static(&dynamic).unwrap_err().contains("dynamically linked"));
+        assert!(
+            check_static(&dynamic)
+                .unwrap_err()
+                .contains("dynamically linked")
+        );
         let arm = TinyElf {
             machine: object::elf::EM_AARCH64,
             ..TinyElf::default()

@@ -387,7 +387,8 @@ enum FunctionCommand {
         #[arg(long, value_name = "FILE")]
         requirements: Option<PathBuf>,
         /// A variable of the function's environment; repeatable. Lambda's reserved names
-        /// (AWS_*, _HANDLER, LAMBDA_*...) are refused: thaw-init sets them.
+        /// (AWS_REGION, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT...) are refused: thaw-init
+        /// sets them.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
         /// The static thaw-init for /init [default: $THAW_INIT, else thaw-init beside the thaw

@@ -86,9 +86,9 @@ print(json.dumps({
 pub enum PythonError {
     /// `python3.X` is not on `PATH`, or does not run.
     #[error(
-        "runtime {runtime} needs the host's {command}, which {detail}; the image copies the \
-         host's CPython, so install CPython {version} (e.g. apt-get install {command}, or pyenv) \
-         or choose the runtime of an installed python3.X"
+        "runtime {runtime} needs the host's {command} (the image copies the host's CPython): \
+         install CPython {version} (e.g. apt-get install {command}, or pyenv) or choose the \
+         runtime of an installed python3.X; {command} {detail}"
     )]
     NotInstalled {
         /// The runtime.

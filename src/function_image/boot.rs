@@ -31,9 +31,9 @@ pub enum BootImageError {
         wanted: String,
         /// What the cache holds.
         cached: String,
-        /// Why fetching failed.
+        /// Why fetching failed (boxed: it is large, and rare).
         #[source]
-        source: KernelFetchError,
+        source: Box<KernelFetchError>,
     },
     /// The kernel available is another release than the image's.
     #[error(
@@ -98,12 +98,12 @@ pub fn choose_kernel(
         }
     }
     let kernel = fetch().map_err(|source| BootImageError::Fetch {
+        source: Box::new(source),
         wanted: wanted.release.clone(),
         cached: match &cached {
             Some(k) => format!("the cache holds {}", k.release),
             None => "the kernel cache is empty".into(),
         },
-        source,
     })?;
     if kernel.release != wanted.release {
         return Err(BootImageError::KernelMismatch {

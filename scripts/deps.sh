@@ -3,6 +3,9 @@
 # (static libc for thaw-init and the Linux test guest's /init); apt itself fetches Debian's cloud
 # kernel when a test needs it. PyPI: AWS's Lambda runtime clients, which thaw-init's Runtime API
 # is tested against, and boto3, the AWS SDK that thawd's Invoke API is tested with.
+# The awslambdaric and snapshot-restore-py pins mirror RUNTIME_PACKAGES in
+# src/function_image/pip.rs (what `thaw function build` puts in every image; a unit test there
+# checks this line): change both together.
 THAW_PIP_PACKAGES="awslambdaric==4.2.2 snapshot-restore-py==1.0.0 boto3==1.43.11"
 
 thaw_ensure_python_deps() {

@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 
 use thaw::run::RunOptions;
 
+/// Guest memory when `--mem-mib` is not given (Lambda's smallest size).
+const DEFAULT_MEM_MIB: u64 = 128;
+
 /// Thaw: SnapStart-style snapshot and restore for KVM microVMs.
 #[derive(Parser)]
 #[command(name = "thaw", version, about, long_about = None)]
@@ -115,6 +118,12 @@ enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Build function images: a Python handler, its requirements and a runtime, ready for
+    /// `thaw snapshot create --function`.
+    Function {
+        #[command(subcommand)]
+        command: FunctionCommand,
+    },
     /// Fetch and cache Debian's cloud kernel (linux-image-cloud-amd64) with apt.
     Kernel {
         #[command(subcommand)]
@@ -162,9 +171,10 @@ struct BootArgs {
     /// empty for the test guest].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Guest memory in MiB (128 to 10240, as AWS Lambda allows).
-    #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_mem_mib)]
-    mem_mib: u64,
+    /// Guest memory in MiB (128 to 10240, as AWS Lambda allows) [default: 128; 1024 for
+    /// `snapshot create --function`, whose initramfs lives in guest memory].
+    #[arg(long, value_name = "N", value_parser = parse_mem_mib)]
+    mem_mib: Option<u64>,
     /// Number of vCPUs (1 to this host's online CPUs).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
     vcpus: u8,
@@ -188,7 +198,7 @@ impl BootArgs {
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,
-            mem_mib: self.mem_mib,
+            mem_mib: self.mem_mib.unwrap_or(DEFAULT_MEM_MIB),
             vcpus: self.vcpus,
             vsock: self
                 .vsock_uds
@@ -245,9 +255,21 @@ enum SnapshotCommand {
     /// the host key, created 0600 on first use). The snapshot directory appears atomically:
     /// complete, or not at all. If init fails, times out, or a before-checkpoint hook fails,
     /// nothing is written and the error carries the runtime's message.
+    ///
+    /// With --function IMAGE_DIR (made by `thaw function build`), boots that function image on
+    /// the Debian cloud kernel it was built for (from the kernel cache, fetched with apt if
+    /// missing; an image built for another kernel release is refused), with the default Linux
+    /// command line and 1024 MiB of memory unless --cmdline or --mem-mib say otherwise.
     Create {
         #[command(flatten)]
         boot: BootArgs,
+        /// Boot this function image (a directory written by `thaw function build`) on the kernel
+        /// its manifest names, instead of --kernel and --initrd.
+        #[arg(long, value_name = "IMAGE_DIR", conflicts_with_all = ["kernel", "initrd"])]
+        function: Option<PathBuf>,
+        /// Kernel cache directory for --function (see `thaw kernel fetch`).
+        #[arg(long, value_name = "DIR", requires = "function")]
+        cache_dir: Option<PathBuf>,
         /// The snapshot directory to create.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -334,6 +356,68 @@ fn parse_seconds(s: &str) -> Result<u64, String> {
         return Err(format!("{secs} s is out of range (1 to 3600)"));
     }
     Ok(secs)
+}
+
+#[derive(Subcommand)]
+enum FunctionCommand {
+    /// Build a function image from a Python handler: the code, its requirements, the host's
+    /// CPython and AWS's runtime interface client in an initramfs with thaw-init as /init.
+    ///
+    /// In the guest, /init is the static thaw-init, the runtime is the host's python3.X (with
+    /// its standard library and the shared libraries it loads) relocated to /var/lang, with
+    /// awslambdaric and snapshot-restore-py installed from PyPI into its site-packages; the
+    /// code directory and its requirements (installed with the runtime's own pip, as `pip
+    /// install -t .` does) are in /var/task, and /etc/thaw/function.json tells thaw-init to run
+    /// `/var/lang/bin/python3 -m awslambdaric HANDLER` initialized for SnapStart. Debian's
+    /// cloud kernel (fetched with apt if not cached) provides the virtio and vsock modules.
+    ///
+    /// IMAGE_DIR then holds initramfs.cpio.zst (or .gz) and function-image.json, the manifest
+    /// (function, runtime, handler, Python version, distributions, kernel release, the
+    /// initramfs's size and SHA-256); boot it with `thaw snapshot create --function IMAGE_DIR`.
+    /// The directory appears atomically: any failure (a missing module, a requirement pip
+    /// cannot install, code over Lambda's 250 MB) leaves nothing. See docs/functions.md.
+    Build {
+        /// The function's code directory. Every file goes to /var/task, except __pycache__,
+        /// *.pyc and .git; symlinks must point inside it. At most 250 MB with the requirements.
+        #[arg(long, value_name = "DIR")]
+        code: PathBuf,
+        /// The handler: MODULE.FUNCTION, the module dotted for packages (pkg.mod.handler is
+        /// `handler` in pkg/mod.py). The module must be in --code.
+        #[arg(long, value_name = "MODULE.FUNCTION")]
+        handler: thaw::function_image::Handler,
+        /// python3.X, for X a CPython minor version installed on this host: the image copies
+        /// the python3.X found on PATH, and its pip installs the packages. Other Lambda
+        /// runtimes (nodejs, java, ruby...) are not supported yet.
+        #[arg(long, value_name = "python3.X")]
+        runtime: thaw::function_image::Runtime,
+        /// The image directory to create. Its parent must exist.
+        #[arg(long, value_name = "IMAGE_DIR")]
+        out: PathBuf,
+        /// The function's name (1 to 64 letters, digits, - or _) [default: the code
+        /// directory's name].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// A pip requirements file, installed from PyPI into /var/task [default:
+        /// DIR/requirements.txt if there is one].
+        #[arg(long, value_name = "FILE")]
+        requirements: Option<PathBuf>,
+        /// A variable of the function's environment; repeatable. Lambda's reserved names
+        /// (AWS_REGION, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT...) are refused: thaw-init
+        /// sets them.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The static thaw-init for /init [default: $THAW_INIT, else thaw-init beside the thaw
+        /// executable]. `scripts/build-thaw-init` builds one and prints its path.
+        #[arg(long, value_name = "PATH")]
+        thaw_init: Option<PathBuf>,
+        /// Replace IMAGE_DIR if it is a function image (and holds nothing else); any other
+        /// existing path is never touched.
+        #[arg(long)]
+        replace: bool,
+        /// Kernel cache directory (see `thaw kernel fetch`).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -590,6 +674,38 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 api,
             )
         }
+        Command::Function {
+            command:
+                FunctionCommand::Build {
+                    code,
+                    handler,
+                    runtime,
+                    out,
+                    name,
+                    requirements,
+                    env,
+                    thaw_init,
+                    replace,
+                    cache_dir,
+                },
+        } => {
+            let spec = thaw::function_image::FunctionSpec {
+                code,
+                handler,
+                runtime,
+                out,
+                name,
+                requirements,
+                env,
+                thaw_init,
+                replace,
+                cache_dir,
+            };
+            let built = thaw::function_image::build(&spec, &mut |step| eprintln!("thaw: {step}"))
+                .context("no function image was written")?;
+            report_function_image(&built);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kernel {
             command: KernelCommand::Fetch { cache_dir },
         } => {
@@ -680,6 +796,8 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
     match command {
         SnapshotCommand::Create {
             boot,
+            function,
+            cache_dir,
             out,
             replace,
             ready_on_serial,
@@ -688,8 +806,30 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             insecure_plaintext,
         } => {
             let sealing = sealing(key_file.as_deref(), insecure_plaintext)?;
+            let mem_given = boot.mem_mib.is_some();
+            let mut run_options = boot.into_run_options();
+            if let Some(image) = function {
+                let cache_dir = match cache_dir {
+                    Some(dir) => dir,
+                    None => thaw::guest_image::default_cache_dir()?,
+                };
+                let boot =
+                    thaw::function_image::boot::prepare(&image, &cache_dir).with_context(|| {
+                        format!("cannot boot the function image {}", image.display())
+                    })?;
+                let m = &boot.manifest;
+                eprintln!(
+                    "thaw: booting function {} ({} {}) on kernel {}",
+                    m.function_name, m.runtime, m.handler, boot.kernel.release
+                );
+                run_options.kernel = Some(boot.kernel.bzimage);
+                run_options.initrd = Some(boot.initrd);
+                if !mem_given {
+                    run_options.mem_mib = thaw::function_image::DEFAULT_MEM_MIB;
+                }
+            }
             let options = CreateOptions {
-                boot: boot.into_run_options(),
+                boot: run_options,
                 out,
                 replace,
                 ready: ready_on_serial.map_or(Readiness::Agent, Readiness::Serial),
@@ -765,6 +905,47 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `thaw function build` made: the directory on stdout, a summary on stderr.
+fn report_function_image(built: &thaw::function_image::BuiltImage) {
+    let m = &built.manifest;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let list = |d: &std::collections::BTreeMap<String, String>| {
+        d.iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!(
+        "thaw: function {} ({} {}, Python {}) built: {} of {:.1} MiB ({:.1} MiB unpacked, \
+         {:.1} MiB of code and requirements) for kernel {}",
+        m.function_name,
+        m.runtime,
+        m.handler,
+        m.python_version,
+        m.initramfs.file,
+        mib(m.initramfs.size),
+        mib(built.cpio_bytes),
+        mib(built.task_bytes),
+        m.kernel.release,
+    );
+    eprintln!("thaw: runtime packages: {}", list(&m.distributions.runtime));
+    if !m.distributions.function.is_empty() {
+        eprintln!("thaw: requirements: {}", list(&m.distributions.function));
+    }
+    if !built.left_out.is_empty() {
+        eprintln!(
+            "thaw: left out (a library they need is missing on this host too): {}",
+            built
+                .left_out
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!("{}", built.dir.display());
 }
 
 /// How snapshots are sealed, from `--key-file` and `--insecure-plaintext`.

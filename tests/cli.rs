@@ -269,3 +269,90 @@ fn thaw_invoke_refuses_bad_flags() {
         "cannot reach thawd",
     );
 }
+
+#[test]
+fn function_build_refuses_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("image");
+    let out_dir = out_dir.to_str().unwrap();
+    let code = dir.path().to_str().unwrap();
+    let build = |runtime: &str, handler: &str| {
+        thaw(&[
+            "function",
+            "build",
+            "--code",
+            code,
+            "--out",
+            out_dir,
+            "--runtime",
+            runtime,
+            "--handler",
+            handler,
+        ])
+    };
+    // Runtimes other than python3.X, with the list of what is supported.
+    for runtime in [
+        "nodejs20.x",
+        "java21",
+        "ruby3.3",
+        "provided.al2023",
+        "python3",
+        "garbage",
+    ] {
+        let out = build(runtime, "app.handler");
+        assert_refused(&out, "python3.X");
+        assert_eq!(out.status.code(), Some(2), "{runtime}: {}", stderr(&out));
+    }
+    // Handlers that are not MODULE.FUNCTION.
+    for handler in [
+        "app",
+        "app.",
+        ".handler",
+        "my-app.handler",
+        "app/mod.handler",
+    ] {
+        assert_refused(&build("python3.11", handler), "MODULE.FUNCTION");
+    }
+    // Required flags.
+    assert_refused(
+        &thaw(&[
+            "function",
+            "build",
+            "--code",
+            code,
+            "--handler",
+            "app.handler",
+        ]),
+        "--runtime",
+    );
+    assert!(!dir.path().join("image").exists());
+    // --function replaces --kernel and --initrd; --cache-dir needs it.
+    assert_refused(
+        &thaw(&[
+            "snapshot",
+            "create",
+            "--function",
+            code,
+            "--kernel",
+            "/boot/vmlinuz",
+            "--out",
+            out_dir,
+        ]),
+        "cannot be used with",
+    );
+    assert_refused(
+        &thaw(&["snapshot", "create", "--cache-dir", code, "--out", out_dir]),
+        "--function",
+    );
+    let help = thaw(&["function", "build", "--help"]);
+    assert!(help.status.success());
+    for needle in [
+        "--requirements",
+        "/var/task",
+        "/var/lang",
+        "python3.X",
+        "--replace",
+    ] {
+        assert!(stdout(&help).contains(needle), "--help lacks {needle}");
+    }
+}

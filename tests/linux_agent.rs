@@ -4,8 +4,10 @@
 //! (reverse order), the restore, after-restore hooks (in order), three invocations, a handler
 //! that raises, and an after-restore hook that raises.
 //!
-//! The initramfs is the static `thaw-init` as `/init`, the host's CPython with just what the
-//! scenario needs (`fixture::python_rootfs`), the function module and `/etc/thaw/function.json`.
+//! The initramfs is what `thaw function build` makes of the scenario's function module
+//! (`thaw::function_image`): the static `thaw-init` as `/init`, the host's CPython with
+//! `awslambdaric` and `snapshot-restore-py`, the module in `/var/task` and
+//! `/etc/thaw/function.json`.
 //!
 //! - `python_bundle_runs_the_snapstart_scenario_in_a_chroot` (runs anywhere, as root): the
 //!   archive's files, unpacked into a directory, with `thaw-init` as PID 1 of new PID, mount and
@@ -33,105 +35,96 @@ use fixture::awslambdaric::{
     restore_done_and_invocations, snapshot_and_restore,
 };
 use fixture::protocol_host::{Diagnostics, HostConn, STEP, accept_agent};
-use fixture::python_rootfs::{HostPython, PythonBundle, add_python_runtime, host_python};
-use fixture::{RunningVm, TestVm, debian_kernel, hardware_kvm, require_kvm, static_thaw_init};
+use fixture::{RunningVm, TestVm, debian_kernel, hardware_kvm, require_kvm};
 use hooks_sdk::protocol::{InitType, Message};
-use thaw::guest_image::{
-    Compression, DebianKernel, GUEST_MODULES, INIT_PATH, InitramfsBuilder, MODULES_LOAD_FILE,
-    supported_compressions,
-};
+use thaw::function_image::BuiltImage;
+use thaw::guest_image::{DebianKernel, INIT_PATH, MODULES_LOAD_FILE};
 use vmm_core::config::{DEFAULT_LINUX_CMDLINE, VsockConfig};
 use vmm_core::{ExitReason, KernelSource, MachineConfig};
 
-/// The distributions the function needs (their requirements come along).
-const DISTRIBUTIONS: &[&str] = &["awslambdaric", "snapshot-restore-py"];
 /// The function file `thaw-init` reads by default.
 const FUNCTION_FILE: &str = "/etc/thaw/function.json";
 /// Lambda's task root, where the function module goes.
 const TASK_ROOT: &str = "/var/task";
 
-/// The initramfs of the scenario's function, not yet written.
+/// The scenario's function as `thaw function build` makes it, and its archive, uncompressed.
 struct FunctionImage {
-    builder: InitramfsBuilder,
-    python: HostPython,
-    bundle: PythonBundle,
+    built: BuiltImage,
+    archive: Vec<u8>,
+    _dir: tempfile::TempDir,
 }
 
-/// `/etc/thaw/function.json`: `python3 -m awslambdaric app.handler`, initialized for SnapStart.
-fn function_file(python: &HostPython) -> String {
-    let doc = serde_json::json!({
-        "runtime": [python.guest_python3(), "-m", "awslambdaric", HANDLER],
-        "init_type": "snap-start",
-        "function_name": FUNCTION_NAME,
-        "handler": HANDLER,
-        "env": {
-            // Print as it happens (the console is the log), and write no bytecode into the
-            // guest's memory (and so its snapshot).
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        },
-    });
-    serde_json::to_string_pretty(&doc).unwrap()
-}
-
-/// Base layout, `/init`, the Python bundle, the function and its file; `kernel`'s vsock
-/// modules when given (the chroot has no use for them).
-fn function_image(kernel: Option<&DebianKernel>) -> FunctionImage {
-    let python = host_python(DISTRIBUTIONS);
-    let mut builder = InitramfsBuilder::new();
-    builder.add_base_layout().unwrap();
-    builder
-        .add_file_from_host(static_thaw_init(), INIT_PATH, 0o755)
-        .unwrap();
-    let bundle = add_python_runtime(&mut builder, &python);
-    builder
-        .add_file(&format!("{TASK_ROOT}/{APP_FILE}"), APP, 0o644)
-        .unwrap();
-    builder
-        .add_file(FUNCTION_FILE, function_file(&python), 0o644)
-        .unwrap();
-    if let Some(kernel) = kernel {
-        builder.add_kernel_modules(kernel, GUEST_MODULES).unwrap();
-    }
+/// Builds the scenario's function with the product: the fixture's `APP` as `app.py` in a code
+/// directory, handler `app.handler`, named as the scenario expects. The image carries the
+/// modules of Debian's kernel (the chroot has no use for them, but they cost little).
+fn function_image() -> FunctionImage {
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("scenario");
+    std::fs::create_dir(&code).unwrap();
+    std::fs::write(code.join(APP_FILE), APP).unwrap();
+    let mut spec = fixture::function_image::spec(&code, HANDLER, &dir.path().join("image"));
+    spec.name = Some(FUNCTION_NAME.to_owned());
+    let built = fixture::function_image::build(&spec);
+    let archive =
+        fixture::function_image::read_archive(&fixture::function_image::initramfs_path(&built));
+    let m = &built.manifest;
     println!(
-        "python bundle: CPython {} from {} with {:?}: {}",
-        python.version,
-        python.executable.display(),
-        python.distributions,
-        bundle.summary()
+        "function image: CPython {} from {} with {:?}; {} files, {} shared libraries ({}), \
+         {:.1} MiB unpacked, for kernel {}",
+        m.python_version,
+        built.python_executable.display(),
+        m.distributions.runtime,
+        built.files,
+        built.libraries.len(),
+        built
+            .libraries
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
+        archive.len() as f64 / (1024.0 * 1024.0),
+        m.kernel.release
     );
-    if !bundle.unloadable.is_empty() {
+    if !built.left_out.is_empty() {
         println!(
             "left out (a library they need is missing on this host too): {:?}",
-            bundle.unloadable
+            built.left_out
         );
     }
     FunctionImage {
-        builder,
-        python,
-        bundle,
+        built,
+        archive,
+        _dir: dir,
     }
 }
 
 /// Checks that the archive holds what the guest needs, where `thaw-init` and the loader look.
-fn check_archive(archive: &[u8], image: &FunctionImage) {
-    let entries = fixture::python_rootfs::cpio_entries(archive);
-    let python3 = image.python.guest_python3();
+fn check_archive(image: &FunctionImage) {
+    let entries = fixture::function_image::cpio_entries(&image.archive);
     let app = format!("{TASK_ROOT}/{APP_FILE}");
-    for path in [INIT_PATH, FUNCTION_FILE, python3.as_str(), app.as_str()] {
+    for path in [
+        INIT_PATH,
+        FUNCTION_FILE,
+        "/var/lang/bin/python3",
+        app.as_str(),
+    ] {
         assert!(
             entries.contains_key(path),
             "{path} is missing from the archive"
         );
     }
-    for guest in image.bundle.libraries.values() {
+    for guest in image.built.libraries.values() {
         assert!(entries.contains_key(guest), "{guest} is missing");
     }
     for name in ["awslambdaric/__init__.py", "snapshot_restore_py.py"] {
-        let path = format!("{}/{name}", image.python.guest_site_packages());
+        let path = format!("{}/{name}", image.built.guest_site_packages);
         assert!(entries.contains_key(&path), "{path} is missing");
     }
-    let stdlib = image.python.guest_stdlib();
+    let version = &image.built.manifest.python_version;
+    let minor = version
+        .rsplit_once('.')
+        .map_or(version.as_str(), |(v, _)| v);
+    let stdlib = format!("/var/lang/lib/python{minor}");
     assert!(entries.contains_key(&format!("{stdlib}/os.py")));
     for skipped in ["test", "idlelib", "tkinter", "ensurepip", "__pycache__"] {
         let prefix = format!("{stdlib}/{skipped}/");
@@ -156,7 +149,7 @@ struct ChrootTree {
 impl ChrootTree {
     fn unpack(archive: &[u8]) -> ChrootTree {
         let dir = tempfile::tempdir().unwrap();
-        fixture::python_rootfs::unpack_cpio(archive, dir.path());
+        fixture::function_image::unpack_cpio(archive, dir.path());
         std::fs::create_dir_all(dir.path().join(&CHROOT_RUN_DIR[1..])).unwrap();
         ChrootTree { dir: Some(dir) }
     }
@@ -393,13 +386,12 @@ fn python_bundle_runs_the_snapstart_scenario_in_a_chroot() {
         return;
     }
     let started = Instant::now();
-    let image = function_image(None);
-    let archive = image.builder.cpio().unwrap();
-    check_archive(&archive, &image);
-    let tree = ChrootTree::unpack(&archive);
+    let image = function_image();
+    check_archive(&image);
+    let tree = ChrootTree::unpack(&image.archive);
     println!(
         "archive of {:.1} MiB built and unpacked in {:?}",
-        archive.len() as f64 / (1024.0 * 1024.0),
+        image.archive.len() as f64 / (1024.0 * 1024.0),
         started.elapsed()
     );
 
@@ -516,15 +508,15 @@ fn linux_guest_runs_the_awslambdaric_snapstart_scenario() {
     }
     // The initramfs is built (and checked) on every host, so its build path runs here too.
     let kernel = debian_kernel();
-    let image = function_image(Some(&kernel));
-    let archive = image.builder.cpio().unwrap();
-    check_archive(&archive, &image);
+    let image = function_image();
+    check_archive(&image);
+    assert_eq!(image.built.manifest.kernel.release, kernel.release);
     let load_list = format!("/lib/modules/{}/{MODULES_LOAD_FILE}", kernel.release);
-    assert!(fixture::python_rootfs::cpio_entries(&archive).contains_key(&load_list));
+    assert!(fixture::function_image::cpio_entries(&image.archive).contains_key(&load_list));
     println!(
         "initramfs for {}: {:.1} MiB uncompressed",
         kernel.release,
-        archive.len() as f64 / (1024.0 * 1024.0)
+        image.archive.len() as f64 / (1024.0 * 1024.0)
     );
     if !hardware_kvm() {
         println!(
@@ -536,15 +528,8 @@ fn linux_guest_runs_the_awslambdaric_snapstart_scenario() {
         );
         return;
     }
-    // Compressed as `thaw initramfs build` would (zstd when the kernel unpacks it); only here,
-    // since a debug build compresses 60 MiB slowly and the skip above needs none of it.
-    let compression = match &kernel.config {
-        Some(config) => supported_compressions(config).unwrap()[0],
-        None => Compression::Gzip,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join(format!("initramfs.cpio.{compression}"));
-    std::fs::write(&initrd, compression.compress(archive).unwrap()).unwrap();
+    // Compressed by `thaw function build` as the kernel prefers (zstd when it unpacks it).
+    let initrd = fixture::function_image::initramfs_path(&image.built);
 
     // The whole scenario, then Shutdown: thaw-init restarts the machine, which with reboot=k
     // is an i8042 reset, which ends the VM.

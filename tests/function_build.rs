@@ -1,11 +1,11 @@
 //! `thaw function build` as users run it (the real binary) on the example function in
 //! `examples/python-function`: the image's layout and manifest, `--replace`, and every bad input
 //! answered with a clear message, a non-zero exit and no image directory (nor any temporary one)
-//! left behind. Then `thaw snapshot create --function` refusing images it must not boot; on
-//! hardware KVM it also snapshots the example and invokes it restored.
+//! left behind. Then `thaw snapshot create --function` refusing images it must not boot.
+//! `linux_python.rs` boots the example's image, snapshots, restores and serves it.
 //!
-//! No VM boots here except in the last test (hardware KVM only): the image is checked as files,
-//! and, as root, by running the bundled Python in a chroot of the unpacked archive.
+//! No VM boots here: the image is checked as files, and, as root, by running the bundled Python
+//! in a chroot of the unpacked archive.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
 
@@ -17,7 +17,7 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 use fixture::function_image::{cpio_entries, host_runtime, read_archive, unpack_cpio};
-use fixture::{hardware_kvm, output_text, require_kvm, static_thaw_init, thaw_bin, vm_slot};
+use fixture::{output_text, static_thaw_init, thaw_bin};
 use thaw::function_image::elf_deps::{ElfDeps, SYSTEM_DIRS, is_elf};
 use thaw::function_image::{MANIFEST_FILE, Manifest};
 
@@ -580,53 +580,4 @@ fn snapshot_create_refuses_images_it_must_not_boot() {
         "not the initramfs this image was built with",
     );
     assert!(!snapshot.exists(), "no snapshot may be written");
-}
-
-#[test]
-fn the_example_snapshots_and_answers_restored() {
-    const TEST: &str = "the_example_snapshots_and_answers_restored";
-    if !require_kvm(TEST) {
-        return;
-    }
-    if !hardware_kvm() {
-        println!(
-            "SKIPPED {TEST}: this host's KVM is {}, on which Debian's kernel does not finish \
-             booting; the image itself is checked by the other tests",
-            vmm_core::kvm::flavor()
-        );
-        return;
-    }
-    let built = build_example();
-    let dir = tempfile::tempdir().unwrap();
-    let snapshot = dir.path().join("snap");
-    let key = dir.path().join("key");
-    write_key(&key);
-    let _slot = vm_slot();
-    let out = thaw_bin()
-        .args(["snapshot", "create", "--function"])
-        .arg(&built.image)
-        .arg("--out")
-        .arg(&snapshot)
-        .arg("--key-file")
-        .arg(&key)
-        .output()
-        .unwrap();
-    let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("app: before-snapshot hook"), "{text}");
-    let out = thaw_bin()
-        .arg("restore")
-        .arg(&snapshot)
-        .arg("--key-file")
-        .arg(&key)
-        .args(["--invoke", r#"{"name": "Thaw"}"#])
-        .output()
-        .unwrap();
-    let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
-    let answer: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    assert_eq!(answer["greeting"], "Hello, Thaw!", "{text}");
-    assert_eq!(answer["restores"], 1, "{text}");
-    assert_eq!(answer["before_snapshot_ran"], true, "{text}");
 }

@@ -104,4 +104,8 @@ fn nested_verdicts_come_from_the_libtest_summary() {
     assert_eq!(verdict(failed, "a"), Verdict::Passed);
     assert_eq!(verdict(failed, "b"), Verdict::Failed);
     assert_eq!(verdict("test a ... ", "a"), Verdict::DidNotRun);
+    // As a serial console prints it.
+    let console = failed.replace('\n', "\r\n");
+    assert_eq!(verdict(&console, "a"), Verdict::Passed);
+    assert_eq!(verdict(&console, "b"), Verdict::Failed);
 }

@@ -28,6 +28,10 @@ pub const MAX_BODY: usize = MAX_PAYLOAD + 64 * 1024;
 pub const MAX_STRING: usize = 32 * 1024;
 /// The vsock port on the host (CID 2) that guest agents connect to.
 pub const AGENT_PORT: u32 = 9000;
+/// The error type of an `InvokeError` whose runtime process exited (Lambda's wording). Such an
+/// environment cannot answer again: the host discards it, as Lambda resets an execution
+/// environment whose runtime exited.
+pub const RUNTIME_EXIT_ERROR: &str = "Runtime.ExitError";
 
 /// A frame kind. Guest-to-host kinds are below 0x10, host-to-guest kinds from 0x10.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::machine::InvokeEvent;
-use crate::protocol::{self, MAX_PAYLOAD, MAX_STRING, Message};
+use crate::protocol::{self, MAX_PAYLOAD, MAX_STRING, Message, RUNTIME_EXIT_ERROR};
 
 /// Lambda's error type and the error document, owned (the protocol's `Failure` borrows).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,13 +161,13 @@ pub fn response_too_large_failure(size: usize) -> Failure {
 
 /// `Runtime.ExitError` for a runtime that exited during init or restore.
 pub fn exit_failure(reason: &str) -> Failure {
-    let ty = "Runtime.ExitError";
+    let ty = RUNTIME_EXIT_ERROR;
     Failure::new(ty, lambda_error_body(ty, reason))
 }
 
 /// `Runtime.ExitError` for invocation `request_id`, worded as Lambda words it.
 pub fn invoke_exit_failure(request_id: &str, reason: &str) -> Failure {
-    let ty = "Runtime.ExitError";
+    let ty = RUNTIME_EXIT_ERROR;
     Failure::new(
         ty,
         lambda_error_body(ty, &format!("RequestId: {request_id} Error: {reason}")),

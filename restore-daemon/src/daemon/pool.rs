@@ -290,6 +290,11 @@ impl Pool {
         };
         let completed = self.answer(f, inv, &finished);
         match ending {
+            // A runtime that exited leaves a guest that cannot answer again: Lambda resets such
+            // an environment, and so does this pool.
+            Ending::Answered(invoked) if invoked.outcome.runtime_exited() => {
+                self.discard(env.worker)
+            }
             Ending::Answered(_) => self.park(f, env),
             Ending::TimedOut | Ending::GuestEnded(_) => self.discard(env.worker),
         }

@@ -37,7 +37,6 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often `Prepare` looks whether the shell is built or failed.
 const PREPARE_POLL: Duration = Duration::from_millis(5);
 /// Lambda's error type when the runtime exits; here, when the guest ends during its restore.
-const EXIT_ERROR: &str = "Runtime.ExitError";
 /// Lambda's error type for a runtime failure it cannot name; here, an agent that broke the
 /// protocol or its connection during the restore.
 const UNKNOWN_ERROR: &str = "Runtime.Unknown";
@@ -505,7 +504,7 @@ fn restore_failure(e: &EnvironmentError) -> FailureKind {
         }
         EnvironmentError::AfterRestore(AfterRestoreError::GuestEnded { .. }) => {
             FailureKind::AfterRestore {
-                error_type: EXIT_ERROR.into(),
+                error_type: hooks_sdk::protocol::RUNTIME_EXIT_ERROR.into(),
             }
         }
         EnvironmentError::AfterRestore(

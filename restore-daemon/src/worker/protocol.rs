@@ -140,6 +140,15 @@ pub enum WireOutcome {
     },
 }
 
+impl WireOutcome {
+    /// Whether the runtime process exited while answering: the environment cannot answer
+    /// again.
+    pub fn runtime_exited(&self) -> bool {
+        matches!(self, WireOutcome::FunctionError { error_type, .. }
+            if error_type == hooks_sdk::protocol::RUNTIME_EXIT_ERROR)
+    }
+}
+
 /// What failed in a worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureKind {
@@ -413,6 +422,18 @@ pub async fn write_frame_async<W: AsyncWrite + Unpin + ?Sized, T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_runtime_exit_error_means_the_runtime_is_gone() {
+        let error = |error_type: &str| WireOutcome::FunctionError {
+            error_type: error_type.into(),
+            body: b"{}".to_vec(),
+        };
+        assert!(error("Runtime.ExitError").runtime_exited());
+        assert!(!error("Exception").runtime_exited());
+        assert!(!error("Runtime.Unknown").runtime_exited());
+        assert!(!WireOutcome::Response(b"Runtime.ExitError".to_vec()).runtime_exited());
+    }
 
     fn every_request() -> Vec<Request> {
         vec![

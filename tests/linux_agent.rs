@@ -14,9 +14,10 @@
 //!   network namespaces chrooted into it — the guest's code path (mounts, loopback, function
 //!   file, RNG reseed, reboot), only the transport is a Unix socket instead of vsock. It proves
 //!   the bundle is self-contained and the scenario passes with the files a guest gets.
-//! - `linux_guest_runs_the_awslambdaric_snapstart_scenario` (hardware KVM): Debian's cloud
-//!   kernel boots that initramfs; the host drives the scenario over vsock and simulates a
-//!   restore with the vsock transport reset. On PVM it builds the initramfs, then says SKIPPED.
+//! - `linux_guest_runs_the_awslambdaric_snapstart_scenario`: Debian's cloud kernel boots that
+//!   initramfs; the host drives the scenario over vsock and simulates a restore with the vsock
+//!   transport reset, which the agent must notice to reconnect. It needs a KVM that boots Linux
+//!   guests: on PVM it runs in the nested-KVM host (`fixture::nested`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
 
@@ -34,10 +35,11 @@ use fixture::awslambdaric::{
     APP, APP_FILE, FAIL_AFTER_ENV, FUNCTION_NAME, HANDLER, ScenarioHost, after_restore_hook_fails,
     restore_done_and_invocations, snapshot_and_restore,
 };
+use fixture::nested::Group;
 use fixture::protocol_host::{Diagnostics, HostConn, STEP, accept_agent};
-use fixture::{RunningVm, TestVm, debian_kernel, hardware_kvm, require_kvm};
+use fixture::{RunningVm, TestVm, debian_kernel};
 use hooks_sdk::protocol::{InitType, Message};
-use thaw::function_image::BuiltImage;
+use thaw::function_image::{BuiltImage, Manifest};
 use thaw::guest_image::{DebianKernel, INIT_PATH, MODULES_LOAD_FILE};
 use vmm_core::config::{DEFAULT_LINUX_CMDLINE, VsockConfig};
 use vmm_core::{ExitReason, KernelSource, MachineConfig};
@@ -126,6 +128,11 @@ fn check_archive(image: &FunctionImage) {
         .map_or(version.as_str(), |(v, _)| v);
     let stdlib = format!("/var/lang/lib/python{minor}");
     assert!(entries.contains_key(&format!("{stdlib}/os.py")));
+    let load_list = format!(
+        "/lib/modules/{}/{MODULES_LOAD_FILE}",
+        image.built.manifest.kernel.release
+    );
+    assert!(entries.contains_key(&load_list), "{load_list} is missing");
     for skipped in ["test", "idlelib", "tkinter", "ensurepip", "__pycache__"] {
         let prefix = format!("{stdlib}/{skipped}/");
         assert!(
@@ -188,6 +195,8 @@ impl Drop for ChrootTree {
 struct ChrootAgent {
     child: Child,
     log: Arc<Mutex<String>>,
+    /// The threads copying its stdout and stderr into `log`; done once it has exited.
+    collectors: Vec<std::thread::JoinHandle<()>>,
     listener: UnixListener,
     events: PathBuf,
 }
@@ -240,11 +249,14 @@ impl ChrootAgent {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot run unshare");
         let log = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), "[chroot stdout]", log.clone());
-        collect(child.stderr.take().unwrap(), "[chroot]", log.clone());
+        let collectors = vec![
+            collect(child.stdout.take().unwrap(), "[chroot stdout]", log.clone()),
+            collect(child.stderr.take().unwrap(), "[chroot]", log.clone()),
+        ];
         ChrootAgent {
             child,
             log,
+            collectors,
             listener,
             events,
         }
@@ -254,13 +266,17 @@ impl ChrootAgent {
         self.log.lock().unwrap().clone()
     }
 
-    /// Sends `Shutdown` and waits for the namespace's init to end.
-    fn shutdown(mut self, mut conn: HostConn) -> ExitStatus {
+    /// Sends `Shutdown`, waits for the namespace's init to end, and returns how it ended with
+    /// everything it logged (all of it: its output is read to the end).
+    fn shutdown(mut self, mut conn: HostConn) -> (ExitStatus, String) {
         conn.send(&Message::Shutdown);
         let deadline = Instant::now() + STEP;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                for collector in self.collectors.drain(..) {
+                    collector.join().unwrap();
+                }
+                return (status, self.log());
             }
             assert!(
                 Instant::now() < deadline,
@@ -331,7 +347,11 @@ fn host_program(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed (Debian: util-linux, coreutils)"))
 }
 
-fn collect(stream: impl Read + Send + 'static, prefix: &'static str, sink: Arc<Mutex<String>>) {
+fn collect(
+    stream: impl Read + Send + 'static,
+    prefix: &'static str,
+    sink: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -340,7 +360,7 @@ fn collect(stream: impl Read + Send + 'static, prefix: &'static str, sink: Arc<M
             log.push_str(&line);
             log.push('\n');
         }
-    });
+    })
 }
 
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -399,9 +419,8 @@ fn python_bundle_runs_the_snapstart_scenario_in_a_chroot() {
     let mut agent = ChrootAgent::start(tree.path(), &[]);
     let mut conn = snapshot_and_restore(&mut agent);
     restore_done_and_invocations(&agent, &mut conn);
-    let log = agent.log();
+    let (status, log) = agent.shutdown(conn);
     assert_guest_steps(&log, false);
-    let status = agent.shutdown(conn);
     assert_rebooted(status, &log);
 
     // An after-restore hook that raises.
@@ -409,8 +428,7 @@ fn python_bundle_runs_the_snapstart_scenario_in_a_chroot() {
     let mut agent = ChrootAgent::start(tree.path(), &fail);
     let mut conn = snapshot_and_restore(&mut agent);
     after_restore_hook_fails(&agent, &mut conn);
-    let log = agent.log();
-    let status = agent.shutdown(conn);
+    let (status, log) = agent.shutdown(conn);
     assert_rebooted(status, &log);
     println!("{TEST}: both scenarios passed in {:?}", started.elapsed());
 }
@@ -500,36 +518,58 @@ impl ScenarioHost for GuestAgent {
     }
 }
 
-#[test]
-fn linux_guest_runs_the_awslambdaric_snapstart_scenario() {
-    const TEST: &str = "linux_guest_runs_the_awslambdaric_snapstart_scenario";
-    if !require_kvm(TEST) {
-        return;
-    }
-    // The initramfs is built (and checked) on every host, so its build path runs here too.
-    let kernel = debian_kernel();
+const GUEST_TEST: &str = "linux_guest_runs_the_awslambdaric_snapstart_scenario";
+
+/// The Linux test of this binary: booting needs a KVM that runs guest kernels.
+static LINUX: Group = Group::new(&[GUEST_TEST], prepare);
+
+/// Builds the scenario's image on the host, where the target directory keeps it for the nested
+/// host; names it (and the static thaw-init) in the environment.
+fn prepare() -> Vec<(String, String)> {
     let image = function_image();
     check_archive(&image);
-    assert_eq!(image.built.manifest.kernel.release, kernel.release);
-    let load_list = format!("/lib/modules/{}/{MODULES_LOAD_FILE}", kernel.release);
-    assert!(fixture::function_image::cpio_entries(&image.archive).contains_key(&load_list));
-    println!(
-        "initramfs for {}: {:.1} MiB uncompressed",
-        kernel.release,
-        image.archive.len() as f64 / (1024.0 * 1024.0)
-    );
-    if !hardware_kvm() {
-        println!(
-            "SKIPPED {TEST}: this host's KVM is {} — guest kernel code is emulated instruction by \
-             instruction, so Debian's kernel does not finish booting here; the scenario needs \
-             hardware KVM (VT-x or AMD-V). The initramfs was built and checked; the same files \
-             ran the scenario in python_bundle_runs_the_snapstart_scenario_in_a_chroot",
-            vmm_core::kvm::flavor()
-        );
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-agent-scenario");
+    let _ = std::fs::remove_dir_all(&kept);
+    copy_dir(&image.built.dir, &kept);
+    vec![
+        (
+            "THAW_INIT".into(),
+            fixture::static_thaw_init().display().to_string(),
+        ),
+        (
+            "THAW_TEST_SCENARIO_IMAGE".into(),
+            kept.display().to_string(),
+        ),
+    ]
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn linux_guest_runs_the_awslambdaric_snapstart_scenario() {
+    if !LINUX.runs_here(GUEST_TEST) {
         return;
     }
+    let kernel = debian_kernel();
+    // The image prepared on the host, or (on hardware KVM) one built here.
+    let (dir, _built) = match std::env::var_os("THAW_TEST_SCENARIO_IMAGE") {
+        Some(dir) => (PathBuf::from(dir), None),
+        None => {
+            let image = function_image();
+            check_archive(&image);
+            (image.built.dir.clone(), Some(image))
+        }
+    };
+    let manifest = Manifest::read(&dir).unwrap();
+    assert_eq!(manifest.kernel.release, kernel.release);
     // Compressed by `thaw function build` as the kernel prefers (zstd when it unpacks it).
-    let initrd = fixture::function_image::initramfs_path(&image.built);
+    let initrd = manifest.verified_initramfs(&dir).unwrap();
 
     // The whole scenario, then Shutdown: thaw-init restarts the machine, which with reboot=k
     // is an i8042 reset, which ends the VM.

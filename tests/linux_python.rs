@@ -61,7 +61,10 @@ fn example_dir() -> PathBuf {
 /// `python3.X` for the host's `python3`: the runtime `thaw function build` bundles.
 fn runtime() -> String {
     let out = Command::new("python3")
-        .args(["-c", "import sys; print('python%d.%d' % sys.version_info[:2])"])
+        .args([
+            "-c",
+            "import sys; print('python%d.%d' % sys.version_info[:2])",
+        ])
         .output()
         .expect("run python3");
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
@@ -107,7 +110,11 @@ fn function_image() -> PathBuf {
         .arg(&image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "thaw function build failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "thaw function build failed:\n{}",
+        text(&out)
+    );
     image
 }
 
@@ -152,7 +159,10 @@ fn snapshot() -> &'static Snapshot {
             .output()
             .unwrap();
         let created = text(&out);
-        assert!(out.status.success(), "thaw snapshot create failed:\n{created}");
+        assert!(
+            out.status.success(),
+            "thaw snapshot create failed:\n{created}"
+        );
         Snapshot {
             dir,
             key,
@@ -175,8 +185,13 @@ fn environment(snap: &Snapshot, memory: MemoryMode, console: &Console) -> Enviro
         },
         ..EnvironmentOptions::default()
     };
-    Environment::start(&snap.dir, &key_choice(snap), &options, Box::new(console.clone()))
-        .unwrap_or_else(|e| panic!("{memory:?} restore failed: {e:#}\n{}", console.text()))
+    Environment::start(
+        &snap.dir,
+        &key_choice(snap),
+        &options,
+        Box::new(console.clone()),
+    )
+    .unwrap_or_else(|e| panic!("{memory:?} restore failed: {e:#}\n{}", console.text()))
 }
 
 /// Invokes `event`; the answer as JSON, and how long it took as the host saw it.
@@ -224,7 +239,11 @@ fn python_function_snapshots_at_restore_next() {
     let snap = snapshot();
     // Lambda's line for the end of a SnapStart init phase; thaw-init reported the runtime
     // waiting in `restore/next` after its before-snapshot hooks, or no snapshot was written.
-    assert!(snap.created.contains("INIT_REPORT Init Duration: "), "{}", snap.created);
+    assert!(
+        snap.created.contains("INIT_REPORT Init Duration: "),
+        "{}",
+        snap.created
+    );
     assert!(snap.created.contains("Status: success"), "{}", snap.created);
     let out = thaw_bin()
         .args(["snapshot", "verify"])
@@ -278,7 +297,10 @@ fn restored_python_answers_lazy_and_eager_with_working_timers() {
         // The restored guest's timers and clock run at the host's pace.
         let (slept, took) = invoke(&mut env, &console, json!({"action": "sleep", "seconds": 1}));
         let guest = slept["slept"].as_f64().unwrap();
-        assert!((0.8..=1.2).contains(&guest), "{memory:?}: the guest measured {guest} s");
+        assert!(
+            (0.8..=1.2).contains(&guest),
+            "{memory:?}: the guest measured {guest} s"
+        );
         assert!(
             (Duration::from_millis(800)..=Duration::from_millis(1200)).contains(&took),
             "{memory:?}: a 1 s sleep took {took:?} as the host saw it"
@@ -292,7 +314,9 @@ fn restored_python_answers_lazy_and_eager_with_working_timers() {
             "{memory:?}: no virtio interrupts delivered:\n{table}"
         );
         env.shutdown().unwrap();
-        println!("{RESTORES}: {memory:?}: answered; a 1 s sleep took {took:?} ({guest:.3} s inside)");
+        println!(
+            "{RESTORES}: {memory:?}: answered; a 1 s sleep took {took:?} ({guest:.3} s inside)"
+        );
     }
 
     // The command a user runs.

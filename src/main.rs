@@ -171,7 +171,7 @@ struct BootArgs {
     /// empty for the test guest].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Guest memory in MiB (128 to 10240, as AWS Lambda allows) [default: 128; 1024 for
+    /// Guest memory in MiB (128 to 10240, as AWS Lambda allows) [default: 128; 512 for
     /// `snapshot create --function`, whose initramfs lives in guest memory].
     #[arg(long, value_name = "N", value_parser = parse_mem_mib)]
     mem_mib: Option<u64>,
@@ -259,7 +259,8 @@ enum SnapshotCommand {
     /// With --function IMAGE_DIR (made by `thaw function build`), boots that function image on
     /// the Debian cloud kernel it was built for (from the kernel cache, fetched with apt if
     /// missing; an image built for another kernel release is refused), with the default Linux
-    /// command line and 1024 MiB of memory unless --cmdline or --mem-mib say otherwise.
+    /// command line plus `quiet` (the console is the function's log) and 512 MiB of memory
+    /// unless --cmdline or --mem-mib say otherwise.
     Create {
         #[command(flatten)]
         boot: BootArgs,
@@ -826,6 +827,9 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
                 run_options.initrd = Some(boot.initrd);
                 if !mem_given {
                     run_options.mem_mib = thaw::function_image::DEFAULT_MEM_MIB;
+                }
+                if run_options.cmdline.is_none() {
+                    run_options.cmdline = Some(thaw::function_image::boot::default_cmdline());
                 }
             }
             let options = CreateOptions {

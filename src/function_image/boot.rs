@@ -53,6 +53,13 @@ pub enum BootImageError {
     },
 }
 
+/// The kernel command line a function boots with unless `--cmdline` says otherwise: Thaw's
+/// default for Linux, `quiet`. The console is the function's log (thawd returns it as Lambda
+/// does), where kernel messages have no place, and every console byte is an exit to the VMM.
+pub fn default_cmdline() -> String {
+    format!("{} quiet", vmm_core::config::DEFAULT_LINUX_CMDLINE)
+}
+
 /// What booting an image needs.
 #[derive(Debug, Clone)]
 pub struct FunctionBoot {

@@ -50,8 +50,10 @@ use thaw_init::ThawInitError;
 /// The function file `thaw-init` reads (hooks-sdk's `agent::config::DEFAULT_FUNCTION_FILE`).
 pub const FUNCTION_FILE: &str = "/etc/thaw/function.json";
 /// Guest memory for `thaw snapshot create --function` unless `--mem-mib` says otherwise: the
-/// initramfs lives in guest RAM (packed, then unpacked), so 128 MiB does not fit a runtime.
-pub const DEFAULT_MEM_MIB: u64 = 1024;
+/// initramfs lives in guest RAM (packed, then unpacked), so 128 MiB does not fit a runtime;
+/// the example function (66 MiB unpacked) runs its whole SnapStart cycle in 512 MiB
+/// (`tests/linux_python.rs`).
+pub const DEFAULT_MEM_MIB: u64 = 512;
 /// Variables every Python function gets (a `--env` of the same name overrides them): output
 /// unbuffered, since the console is the log, and no bytecode written into the guest's memory,
 /// and so into its snapshot.

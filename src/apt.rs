@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 
@@ -186,18 +186,7 @@ impl Apt {
             "--no-enhances",
         ];
         args.extend_from_slice(packages);
-        let output = run("apt-cache", &args, None)?;
-        if !output.status.success() {
-            return Err(AptError::Resolve {
-                package: packages.join(" "),
-                detail: format!(
-                    "`apt-cache depends` failed ({}): {}",
-                    output.status,
-                    stderr_text(&output)
-                ),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        apt_cache(&args, packages)
     }
 
     /// The candidate versions of `packages`, from one `apt-cache policy`; a package without
@@ -206,25 +195,13 @@ impl Apt {
         loop {
             let mut args = vec!["policy"];
             args.extend_from_slice(packages);
-            let output = run("apt-cache", &args, None)?;
-            if !output.status.success() {
-                return Err(AptError::Resolve {
-                    package: packages.join(" "),
-                    detail: format!(
-                        "`apt-cache policy` failed ({}): {}",
-                        output.status,
-                        stderr_text(&output)
-                    ),
-                });
-            }
-            let found: BTreeMap<String, String> =
-                sections(&String::from_utf8_lossy(&output.stdout))
-                    .into_iter()
-                    .filter_map(|(package, body)| {
-                        let package = package.trim_end_matches(':').to_owned();
-                        parse_policy_candidate(&body).map(|v| (package, v))
-                    })
-                    .collect();
+            let found: BTreeMap<String, String> = sections(&apt_cache(&args, packages)?)
+                .into_iter()
+                .filter_map(|(package, body)| {
+                    let package = package.trim_end_matches(':').to_owned();
+                    parse_policy_candidate(&body).map(|v| (package, v))
+                })
+                .collect();
             match packages.iter().find(|p| !found.contains_key(**p)) {
                 None => return Ok(found),
                 Some(missing) => {
@@ -290,7 +267,9 @@ impl Apt {
             self.update_or_fail(package, &stderr)?;
         }
         let deb = find_deb(dir, package)?;
-        let (sha256, size) = File::open(&deb).and_then(sha256_of).map_err(io_err(&deb))?;
+        let (sha256, size) = File::open(&deb)
+            .and_then(crate::digest::sha256_of)
+            .map_err(io_err(&deb))?;
         if let Some(expected) = self.show(&spec)?.and_then(|s| stanza_field(&s, "SHA256")) {
             if !expected.eq_ignore_ascii_case(&sha256) {
                 return Err(AptError::ChecksumMismatch {
@@ -329,6 +308,23 @@ impl Apt {
             })
         }
     }
+}
+
+/// `apt-cache ARGS`' output; a failure is an error about `packages`.
+fn apt_cache(args: &[&str], packages: &[&str]) -> Result<String, AptError> {
+    let output = run("apt-cache", args, None)?;
+    if !output.status.success() {
+        return Err(AptError::Resolve {
+            package: packages.join(" "),
+            detail: format!(
+                "`apt-cache {}` failed ({}): {}",
+                args.first().copied().unwrap_or_default(),
+                output.status,
+                stderr_text(&output)
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Unpacks a package's files into `dest` (`dpkg-deb -x`: no maintainer scripts run).
@@ -483,25 +479,6 @@ fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, AptError> {
         })
 }
 
-/// SHA-256 (hex) and length of everything `reader` yields.
-pub fn sha256_of(mut reader: impl Read) -> io::Result<(String, u64)> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut len = 0u64;
-    loop {
-        match reader.read(&mut buf)? {
-            0 => break,
-            n => {
-                hasher.update(&buf[..n]);
-                len += n as u64;
-            }
-        }
-    }
-    let digest = hasher.finalize();
-    Ok((digest.iter().map(|b| format!("{b:02x}")).collect(), len))
-}
-
 fn stderr_text(output: &Output) -> String {
     let text = String::from_utf8_lossy(&output.stderr);
     let text = text.trim();
@@ -627,15 +604,5 @@ mod tests {
             find_deb(dir.path(), "bar"),
             Err(AptError::DownloadMissing { .. })
         ));
-    }
-
-    #[test]
-    fn sha256_of_known_input() {
-        let (hex, len) = sha256_of(&b"abc"[..]).unwrap();
-        assert_eq!(len, 3);
-        assert_eq!(
-            hex,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -5,6 +5,7 @@ pub mod agent_checkpoint;
 pub mod api_server;
 pub mod apt;
 pub mod console_watch;
+pub mod digest;
 pub mod function_image;
 pub mod guest_image;
 pub mod host_check;

@@ -5,7 +5,6 @@
 //! only directories that hold a valid one, so reading is strict: any doubt is an error.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -218,7 +217,7 @@ impl Manifest {
             source,
         };
         let file = std::fs::File::open(&path).map_err(read_err)?;
-        let (sha256, size) = sha256_of(file).map_err(read_err)?;
+        let (sha256, size) = crate::digest::sha256_of(file).map_err(read_err)?;
         let changed = |reason| ManifestError::InitramfsChanged {
             path: path.clone(),
             reason,
@@ -239,36 +238,13 @@ impl Manifest {
     }
 }
 
-/// SHA-256 (lowercase hex) and length of everything `reader` yields.
-pub fn sha256_of(mut reader: impl Read) -> std::io::Result<(String, u64)> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut len = 0u64;
-    loop {
-        match reader.read(&mut buf)? {
-            0 => break,
-            n => {
-                hasher.update(&buf[..n]);
-                len += n as u64;
-            }
-        }
-    }
-    Ok((hex(&hasher.finalize()), len))
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
     pub(crate) fn sample(initramfs: &[u8]) -> Manifest {
-        let (sha256, size) = sha256_of(initramfs).unwrap();
+        let (sha256, size) = crate::digest::sha256_of(initramfs).unwrap();
         Manifest {
             format: FORMAT,
             built_by: "thaw 0.1.0".into(),

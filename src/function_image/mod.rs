@@ -322,7 +322,7 @@ pub fn build(
         initramfs: manifest::InitramfsInfo {
             file: initramfs_file.to_owned(),
             size: data.len() as u64,
-            sha256: manifest::hex(&sha256(&data)),
+            sha256: crate::digest::sha256_hex(&data),
         },
     };
     let staged = Staged::new(&spec.out)?;
@@ -452,11 +452,6 @@ pub fn initramfs_file_name(compression: Compression) -> &'static str {
         Compression::Gzip => "initramfs.cpio.gz",
         Compression::None => "initramfs.cpio",
     }
-}
-
-fn sha256(data: &[u8]) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(data).to_vec()
 }
 
 #[cfg(test)]

@@ -161,8 +161,7 @@ pub fn fetch(cache_dir: &Path) -> Result<Packages, NestedHostError> {
 /// A digest naming the set: the same packages at the same versions give the same name.
 fn set_digest(wanted: &[(String, String)]) -> String {
     let text: String = wanted.iter().map(|(p, v)| format!("{p}={v}\n")).collect();
-    let (hex, _) = apt::sha256_of(text.as_bytes()).unwrap_or_default();
-    hex.chars().take(16).collect()
+    crate::digest::sha256_hex(text.as_bytes())[..16].to_owned()
 }
 
 fn write_manifest(root: &Path, packages: &[PackageRecord]) -> Result<(), NestedHostError> {

@@ -261,24 +261,31 @@ fn a_lazily_restored_guest_snapshotted_again_keeps_all_its_memory() {
         .unwrap();
     wait_for_socket(&sock, &mut child);
     let mut stderr = child.stderr.take().unwrap();
-    let ready = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads stderr to its end (a closed pipe would make thaw's next message fail), handing
+    // over the text once the restore is reported.
+    std::thread::spawn(move || {
         let mut text = String::new();
         let mut buf = [0u8; 1024];
-        while !text.contains("thaw: restored") {
+        let mut sent = false;
+        loop {
             match stderr.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
             }
+            if !sent && text.contains("thaw: restored") {
+                sent = tx.send(text.clone()).is_ok();
+            }
         }
-        text
+        if !sent {
+            let _ = tx.send(text);
+        }
     });
-    let text = ready.join().unwrap();
+    let text = rx.recv().unwrap();
     assert!(text.contains("thaw: restored"), "{text}");
     let second = dir.path().join("second");
-    assert_eq!(
-        request(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#).0,
-        204
-    );
+    let (status, body) = request(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+    assert_eq!(status, 204, "pausing the restored guest: {body}");
     let (status, body) = request(
         &sock,
         "PUT",

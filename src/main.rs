@@ -141,7 +141,8 @@ enum Command {
     /// under software emulation (TCG) with an AMD CPU offering SVM and nested paging, running
     /// Debian's cloud kernel with kvm_amd: a /dev/kvm that behaves like hardware KVM. It sees
     /// this host's whole file system (through virtiofs), so `thaw nested-host run -- CMD` runs
-    /// CMD there as root, in the current directory, with this environment, and its own /tmp.
+    /// CMD there as root, in the current directory, with this environment and a TMPDIR of its
+    /// own.
     /// QEMU, busybox and the kernel come from Debian's packages with apt (unpacked into the
     /// cache, not installed). Slow: everything in it is emulated; times measured there are
     /// functional, not performance figures. Needs root. See docs/nested-host.md.

@@ -34,6 +34,7 @@ mod tests {
         assert!(INIT_SCRIPT.starts_with("#!/bin/busybox sh\n"));
         for needle in [
             "thaw.nested.run=",
+            "thaw.nested.tmp=",
             "thaw.nested.token=",
             "thaw-nested-host: exit $token",
             "thaw-modules.load",

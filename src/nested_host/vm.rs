@@ -3,8 +3,9 @@
 //! command's output) streams to the caller; the init's last line carries the command's exit
 //! status and a token only this run knows, so output of the command cannot forge it.
 //!
-//! Run files live in a directory under the cache (not `/tmp`, which the nested host replaces
-//! with its own), passed to the init on the kernel command line.
+//! Run files live in a directory under the cache, named to the init on the kernel command line:
+//! the command script, and `tmp`, where the init mounts a tmpfs that becomes the command's
+//! `TMPDIR` (Unix sockets do not work on virtiofs, and temporary files belong to the run).
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -21,6 +22,8 @@ use super::{DEFAULT_MEM_MIB, INSIDE_ENV, NestedHost, NestedHostError, outer_imag
 
 /// Variables not passed into the nested host: its temporary directory is its own.
 const DROPPED_ENV: &[&str] = &["TMPDIR", "TMP", "TEMP", "TEMPDIR"];
+/// A Unix socket path a test may bind in the temporary directory: what it must leave room for.
+const SOCKET_ROOM: usize = 40;
 /// How many console lines an error quotes.
 const TAIL_LINES: usize = 40;
 /// How long QEMU may take to stop after the command's status is known.
@@ -99,26 +102,17 @@ pub(super) fn run(
         .prefix("run-")
         .tempdir_in(&host.runs_dir)
         .map_err(NestedHostError::io(&host.runs_dir))?;
-    let dir = run_dir.path();
-    let script = dir.join("command.sh");
-    let socket = dir.join("fs.sock");
-    check_shareable(&script)?;
-    check_shareable(&socket)?;
-    if socket.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(NestedHostError::Unshareable {
-            path: socket,
-            reason: "a Unix socket path may be at most 107 bytes long (use a shorter cache dir)",
-        });
-    }
-    fs::write(&script, command_script(options)).map_err(NestedHostError::io(&script))?;
-    let initrd = dir.join("outer.cpio.zst");
-    outer_image::write(&host.kernel, &host.packages.busybox(), &initrd)?;
+    let files = RunFiles::new(run_dir.path())?;
+    fs::create_dir(&files.tmp).map_err(NestedHostError::io(&files.tmp))?;
+    fs::write(&files.script, command_script(options, &files.tmp))
+        .map_err(NestedHostError::io(&files.script))?;
+    outer_image::write(&host.kernel, &host.packages.busybox(), &files.initrd)?;
     let token = token()?;
 
-    let mut virtiofsd = Virtiofsd::start(host, &socket, dir)?;
+    let mut virtiofsd = Virtiofsd::start(host, &files.socket, run_dir.path())?;
     let mut qemu = Command::new(host.packages.qemu());
     qemu.env("LD_LIBRARY_PATH", host.packages.library_path())
-        .args(qemu_args(host, options, &socket, &initrd, &script, &token))
+        .args(qemu_args(host, options, &files, &token))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -145,6 +139,40 @@ pub(super) fn run(
             stderr,
             console_tail,
         }),
+    }
+}
+
+/// A run's files: where each is, checked to be passable to the nested host.
+struct RunFiles {
+    /// The command script.
+    script: PathBuf,
+    /// virtiofsd's socket.
+    socket: PathBuf,
+    /// The command's `TMPDIR` (a tmpfs in the nested host).
+    tmp: PathBuf,
+    /// The outer initramfs.
+    initrd: PathBuf,
+}
+
+impl RunFiles {
+    fn new(dir: &Path) -> Result<Self, NestedHostError> {
+        let files = Self {
+            script: dir.join("command.sh"),
+            socket: dir.join("fs.sock"),
+            tmp: dir.join("tmp"),
+            initrd: dir.join("outer.cpio.zst"),
+        };
+        for path in [&files.script, &files.socket, &files.tmp] {
+            check_shareable(path)?;
+        }
+        if files.tmp.as_os_str().len() + SOCKET_ROOM > MAX_SOCKET_PATH {
+            return Err(NestedHostError::Unshareable {
+                path: files.tmp,
+                reason: "Unix socket paths (at most 107 bytes) must fit below it: use a cache \
+                         directory with a shorter path",
+            });
+        }
+        Ok(files)
     }
 }
 
@@ -298,9 +326,7 @@ fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
 fn qemu_args(
     host: &NestedHost,
     options: &RunOptions,
-    socket: &Path,
-    initrd: &Path,
-    script: &Path,
+    files: &RunFiles,
     token: &str,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
@@ -336,7 +362,7 @@ fn qemu_args(
         "name=etc/sercon-port,string=0",
         "-no-reboot",
         "-chardev",
-        &format!("socket,id=fs,path={}", socket.display()),
+        &format!("socket,id=fs,path={}", files.socket.display()),
         "-device",
         "vhost-user-fs-pci,chardev=fs,tag=host",
         "-kernel",
@@ -345,17 +371,19 @@ fn qemu_args(
     }
     push(&host.kernel.bzimage.to_string_lossy());
     push("-initrd");
-    push(&initrd.to_string_lossy());
+    push(&files.initrd.to_string_lossy());
     push("-append");
     push(&format!(
-        "console=ttyS0 quiet panic=-1 thaw.nested.run={} thaw.nested.token={token}",
-        script.display()
+        "console=ttyS0 quiet panic=-1 thaw.nested.run={} thaw.nested.tmp={} \
+         thaw.nested.token={token}",
+        files.script.display(),
+        files.tmp.display()
     ));
     args
 }
 
-/// The shell script the init runs in the chroot.
-fn command_script(options: &RunOptions) -> Vec<u8> {
+/// The shell script the init runs in the chroot, with `tmp` as its `TMPDIR`.
+fn command_script(options: &RunOptions, tmp: &Path) -> Vec<u8> {
     let mut script = b"#!/bin/sh\n# Written by Thaw's nested host for one run.\n".to_vec();
     for (key, value) in &options.env {
         let valid = !key.is_empty()
@@ -372,7 +400,9 @@ fn command_script(options: &RunOptions) -> Vec<u8> {
             script.push(b'\n');
         }
     }
-    script.extend_from_slice(format!("export {INSIDE_ENV}=1\ncd ").as_bytes());
+    script.extend_from_slice(format!("export {INSIDE_ENV}=1\nexport TMPDIR=").as_bytes());
+    script.extend_from_slice(&shell_quote(tmp.as_os_str()));
+    script.extend_from_slice(b"\ncd ");
     script.extend_from_slice(&shell_quote(options.workdir.as_os_str()));
     script.extend_from_slice(b" || exit 125\nexec");
     for word in &options.command {
@@ -541,13 +571,15 @@ mod tests {
             cpus: 2,
             timeout: None,
         };
-        let script = String::from_utf8(command_script(&options)).unwrap();
+        let script =
+            String::from_utf8(command_script(&options, Path::new("/c/run-x/tmp"))).unwrap();
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("export PATH='/usr/bin'\n"));
         assert!(script.contains("export WEIRD='x'\\''y\nz'\n"));
         assert!(!script.contains("BAD-NAME") && !script.contains("1X="));
         assert!(script.contains(&format!("export {INSIDE_ENV}=1\n")));
         assert!(!script.contains(&format!("{INSIDE_ENV}='0'")));
+        assert!(script.contains("export TMPDIR='/c/run-x/tmp'\n"));
         assert!(script.contains("cd '/work/my dir' || exit 125\n"));
         assert!(script.ends_with("exec '/bin/echo' 'it'\\''s' 'a b'\n"));
         // The shell reads it back as written.

@@ -356,3 +356,29 @@ fn function_build_refuses_bad_flags() {
         assert!(stdout(&help).contains(needle), "--help lacks {needle}");
     }
 }
+
+#[test]
+fn nested_host_run_refuses_bad_flags_before_starting_anything() {
+    // Refused by the flag parser or before any package is fetched: no VM, no QEMU.
+    let nested = |args: &[&str]| thaw_bin().args(args).output().expect("run thaw");
+    assert_refused(&nested(&["nested-host", "run"]), "COMMAND");
+    assert_refused(
+        &nested(&["nested-host", "run", "--mem-mib", "100", "--", "true"]),
+        "--mem-mib",
+    );
+    assert_refused(
+        &nested(&["nested-host", "run", "--cpus", "0", "--", "true"]),
+        "--cpus",
+    );
+    assert_refused(
+        &nested(&["nested-host", "run", "--timeout", "0", "--", "true"]),
+        "--timeout",
+    );
+    // Inside a nested host, another one is refused rather than emulated inside emulation.
+    let out = thaw_bin()
+        .env(thaw::nested_host::INSIDE_ENV, "1")
+        .args(["nested-host", "run", "--", "true"])
+        .output()
+        .expect("run thaw");
+    assert_refused(&out, "already runs inside a nested host");
+}

@@ -14,13 +14,14 @@
 mod fixture;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::nested::Group;
 use fixture::thawd::{Thawd, boto3};
-use fixture::{Console, cache_key, debian_kernel, static_thaw_init, thaw_bin, vm_slot};
+use fixture::{
+    Console, cache_key, debian_kernel, output_text, static_thaw_init, thaw_bin, vm_slot,
+};
 use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
@@ -58,18 +59,6 @@ fn example_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python-function")
 }
 
-/// `python3.X` for the host's `python3`: the runtime `thaw function build` bundles.
-fn runtime() -> String {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import sys; print('python%d.%d' % sys.version_info[:2])",
-        ])
-        .output()
-        .expect("run python3");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// The example's function image, built with `thaw function build` once per set of inputs
 /// (the example's files, thaw-init, the kernel, the runtime) and kept in the target directory.
 fn function_image() -> PathBuf {
@@ -91,7 +80,7 @@ fn function_image() -> PathBuf {
     let init = static_thaw_init();
     inputs.push(std::fs::read(&init).unwrap());
     inputs.push(debian_kernel().release.into_bytes());
-    let runtime = runtime();
+    let runtime = fixture::function_image::host_runtime().to_string();
     inputs.push(runtime.clone().into_bytes());
     let parts: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
     let image = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -113,17 +102,9 @@ fn function_image() -> PathBuf {
     assert!(
         out.status.success(),
         "thaw function build failed:\n{}",
-        text(&out)
+        output_text(&out)
     );
     image
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The snapshot every test restores, made once per process by the first test that needs it.
@@ -158,7 +139,7 @@ fn snapshot() -> &'static Snapshot {
             .arg(&dir)
             .output()
             .unwrap();
-        let created = text(&out);
+        let created = output_text(&out);
         assert!(
             out.status.success(),
             "thaw snapshot create failed:\n{created}"
@@ -252,7 +233,11 @@ fn python_function_snapshots_at_restore_next() {
         .arg(&snap.key)
         .output()
         .unwrap();
-    assert!(out.status.success(), "verify failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "verify failed:\n{}",
+        output_text(&out)
+    );
     let out = thaw_bin()
         .args(["snapshot", "inspect", "--json"])
         .arg(&snap.dir)
@@ -260,7 +245,11 @@ fn python_function_snapshots_at_restore_next() {
         .arg(&snap.key)
         .output()
         .unwrap();
-    assert!(out.status.success(), "inspect failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "inspect failed:\n{}",
+        output_text(&out)
+    );
     println!("{SNAPSHOTS}: {}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -328,11 +317,15 @@ fn restored_python_answers_lazy_and_eager_with_working_timers() {
         .args(["--invoke", r#"{"name": "CLI"}"#])
         .output()
         .unwrap();
-    assert!(out.status.success(), "thaw restore failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "thaw restore failed:\n{}",
+        output_text(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Hello, CLI!"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 

@@ -23,15 +23,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
 use hooks_sdk::protocol::io as frames;
 use hooks_sdk::protocol::{Invoke, Kind, Message};
-use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
-use restore_daemon::verify::KeyChoice;
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use snapshot::KeyChoice;
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 use vmm_core::Machine;
 use vmm_core::config::VsockConfig;
 use vmm_core::machine::ShellSpec;
@@ -112,7 +113,7 @@ fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
     };
     snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
     let key_choice = KeyChoice::Given(snapshot::MasterKey::load(key).unwrap());
-    thaw::record_ws::record(
+    thaw::commands::snapshot_record_ws::record(
         &snap,
         &key_choice,
         PAYLOAD,

@@ -1,6 +1,6 @@
 //! End-to-end snapshot creation bench: the test guest fills a working set of 64 MiB and of
 //! 256 MiB with the mixed workload (`thaw.fill-mib`), its agent checkpoints, and
-//! `thaw::snapshot_create::create` pauses it, captures the state and writes the snapshot with
+//! `thaw::commands::snapshot_create::create` pauses it, captures the state and writes the snapshot with
 //! both cores. Reports the pause-to-written time, throughput in GiB/s of guest memory, and
 //! stored size against guest memory, against the memory the guest touched (its non-zero pages)
 //! and against the working set — encrypted, and as a
@@ -13,8 +13,9 @@
 
 use std::time::Duration;
 
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 
 mod support;
 use support::{ms, stats};

@@ -18,12 +18,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use thaw::invoke_cli::{InvocationType, InvokeArgs, invoke};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use thaw::capture::Sealing;
+use thaw::commands::invoke::{InvocationType, InvokeArgs, invoke};
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 use vmm_core::config::VsockConfig;
 
 mod support;
+#[path = "../tests/fixture/thawd_bin.rs"]
+mod thawd_bin;
 use support::ms;
 
 struct Daemon {
@@ -45,7 +48,7 @@ impl Drop for Daemon {
 fn start(dir: &Path, name: &str, config: &str) -> Daemon {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thawd"))
+    let mut child = Command::new(thawd_bin::thawd_bin())
         .arg("--config")
         .arg(&path)
         .args(["--listen", "127.0.0.1:0"])

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use thaw::run::RunOptions;
+use thaw::commands::run::RunOptions;
 
 /// Guest memory when `--mem-mib` is not given (Lambda's smallest size).
 const DEFAULT_MEM_MIB: u64 = 128;
@@ -230,7 +230,7 @@ struct InvokeCliArgs {
     endpoint: String,
     /// RequestResponse waits for the answer; Event queues it (202); DryRun only checks.
     #[arg(long, value_enum, default_value = "request-response")]
-    invocation_type: thaw::invoke_cli::InvocationType,
+    invocation_type: thaw::commands::invoke::InvocationType,
     /// Print the last 4 KB of the invocation's log (START, output, END, REPORT) on stderr.
     #[arg(long)]
     tail: bool,
@@ -620,13 +620,13 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let options = boot.into_run_options();
             let api = match api_sock {
-                Some(path) => Some(thaw::run::ApiOptions {
+                Some(path) => Some(thaw::commands::run::ApiOptions {
                     path,
                     sealing: sealing(key_file.as_deref(), insecure_plaintext)?,
                 }),
                 None => None,
             };
-            let reason = thaw::run::run(&options, api).context("cannot run the guest")?;
+            let reason = thaw::commands::run::run(&options, api).context("cannot run the guest")?;
             match reason.exit_code() {
                 0 => tracing::info!(%reason, "guest finished"),
                 _ => eprintln!("thaw: {reason}"),
@@ -646,9 +646,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             after_restore_timeout,
             api_sock,
         } => {
-            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let key = snapshot::host_key::for_opening(key_file.as_deref())?;
             let api = match api_sock {
-                Some(path) => Some(thaw::restore_cli::RestoreApi {
+                Some(path) => Some(thaw::commands::restore::RestoreApi {
                     path,
                     sealing: sealing(key_file.as_deref(), false)?,
                 }),
@@ -664,11 +664,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 baseline_memory_file: None,
                 shells: None,
             };
-            thaw::restore_cli::run(
+            thaw::commands::restore::run(
                 &dir,
                 &key,
                 options,
-                thaw::restore_cli::AgentUse {
+                thaw::commands::restore::AgentUse {
                     invoke,
                     after_restore_timeout: after_restore_timeout
                         .map(std::time::Duration::from_secs),
@@ -767,7 +767,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 (None, Some(p)) => p.into_bytes(),
                 (None, None) => Vec::new(),
             };
-            let args = thaw::invoke_cli::InvokeArgs {
+            let args = thaw::commands::invoke::InvokeArgs {
                 endpoint: a.endpoint,
                 function: a.function,
                 payload,
@@ -775,7 +775,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 tail: a.tail,
                 timeout: std::time::Duration::from_secs(a.timeout),
             };
-            Ok(ExitCode::from(thaw::invoke_cli::run(&args)?))
+            Ok(ExitCode::from(thaw::commands::invoke::run(&args)?))
         }
         Command::HostCheck { json } => {
             let report = thaw::host_check::check();
@@ -794,7 +794,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
-    use thaw::snapshot_create::{self, CreateOptions, Readiness};
+    use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
     match command {
         SnapshotCommand::Create {
             boot,
@@ -868,7 +868,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             json,
             key_file,
         } => {
-            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let key = snapshot::host_key::for_opening(key_file.as_deref())?;
             let snap = restore_daemon::verify::open(&dir, &key)?;
             let info = snap.info();
             if json {
@@ -884,8 +884,8 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             payload,
             timeout,
         } => {
-            let key = thaw::host_key::for_opening(key_file.as_deref())?;
-            let recorded = thaw::record_ws::record(
+            let key = snapshot::host_key::for_opening(key_file.as_deref())?;
+            let recorded = thaw::commands::snapshot_record_ws::record(
                 &dir,
                 &key,
                 payload.as_bytes(),
@@ -904,7 +904,7 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Verify { dir, key_file } => {
-            let key = thaw::host_key::for_opening(key_file.as_deref())?;
+            let key = snapshot::host_key::for_opening(key_file.as_deref())?;
             let summary = restore_daemon::verify::verify(&dir, &key)?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
@@ -957,8 +957,8 @@ fn report_function_image(built: &thaw::function_image::BuiltImage) {
 fn sealing(
     key_file: Option<&std::path::Path>,
     insecure_plaintext: bool,
-) -> anyhow::Result<thaw::snapshot_create::Sealing> {
-    use thaw::snapshot_create::Sealing;
+) -> anyhow::Result<thaw::capture::Sealing> {
+    use thaw::capture::Sealing;
     if insecure_plaintext {
         eprintln!(
             "thaw: WARNING: --insecure-plaintext: snapshots are neither encrypted nor \
@@ -966,5 +966,7 @@ fn sealing(
         );
         return Ok(Sealing::InsecurePlaintext);
     }
-    Ok(Sealing::Encrypted(thaw::host_key::for_sealing(key_file)?))
+    Ok(Sealing::Encrypted(snapshot::host_key::for_sealing(
+        key_file,
+    )?))
 }

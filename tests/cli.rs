@@ -200,7 +200,7 @@ fn restore_rejects_bad_flags_before_touching_anything() {
 }
 
 fn thawd(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_thawd"))
+    std::process::Command::new(fixture::thawd_bin::thawd_bin())
         .args(args)
         .output()
         .expect("run thawd")

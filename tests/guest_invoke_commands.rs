@@ -15,10 +15,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
-use restore_daemon::agent::{InvokeError, InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeError, InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions, Prepared};
-use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
+use snapshot::KeyChoice;
 use vmm_core::ExitReason;
 
 const ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:commands";

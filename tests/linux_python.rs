@@ -22,11 +22,11 @@ use fixture::thawd::{Thawd, boto3};
 use fixture::{
     Console, cache_key, debian_kernel, output_text, static_thaw_init, thaw_bin, vm_slot,
 };
-use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
-use restore_daemon::verify::KeyChoice;
 use serde_json::{Value, json};
+use snapshot::KeyChoice;
 
 const SNAPSHOTS: &str = "python_function_snapshots_at_restore_next";
 const RESTORES: &str = "restored_python_answers_lazy_and_eager_with_working_timers";

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
-use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
-use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
+use snapshot::KeyChoice;
 use vmm_core::machine::ShellSpec;
 
 const CYCLES: usize = 200;

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 use vmm_core::config::VsockConfig;
 
 /// The vector width the keeper must report on this project's hosts: the VMM hands guests the

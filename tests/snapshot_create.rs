@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fixture::{Console, output_text, require_kvm, thaw_output, vm_slot};
-use thaw::agent_checkpoint::CheckpointError;
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateError, CreateOptions, Readiness, Sealing};
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::agent_checkpoint::CheckpointError;
+use thaw::commands::snapshot_create::{self, CreateError, CreateOptions, Readiness};
 
 /// The workload size the issue asks for, and a VM big enough to hold it above 64 MiB.
 const FILL_MIB: u64 = 256;

@@ -14,16 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
+use hooks_sdk::host::{AfterRestoreError, InvokeOutcome, InvokeRequest};
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
-use restore_daemon::agent::{AfterRestoreError, InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreError, RestoreOptions};
 use restore_daemon::shells::ShellPool;
-use restore_daemon::verify::KeyChoice;
 use sha2::{Digest, Sha256};
-use thaw::run::RunOptions;
-use thaw::snapshot_create::{self, CreateOptions, Readiness, Sealing};
+use snapshot::KeyChoice;
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 use vmm_core::config::VsockConfig;
 use vmm_core::machine::ShellSpec;
 
@@ -620,7 +621,7 @@ fn a_recorded_working_set_is_installed_first_on_later_restores() {
     let (snap, created) = make_snapshot_sized(dir.path(), &key, 32, "");
     let checksum = fill_checksum(&created);
     let _slot = vm_slot();
-    let recorded = thaw::record_ws::record(
+    let recorded = thaw::commands::snapshot_record_ws::record(
         &snap,
         &key_choice(&key),
         b"{}",

@@ -282,7 +282,7 @@ fn a_tampered_snapshot_stops_thawd_before_it_serves() {
     std::fs::write(&file, bytes).unwrap();
     let config_path = dir.path().join("thawd.toml");
     std::fs::write(&config_path, config(&snap, &key, 1)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_thawd"))
+    let out = Command::new(fixture::thawd_bin::thawd_bin())
         .arg("--config")
         .arg(&config_path)
         .args(["--listen", "127.0.0.1:0"])

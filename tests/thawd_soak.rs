@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fixture::thawd::{Thawd, children, fds_and_rss, function_snapshot};
 use fixture::{all_vm_slots, require_kvm};
 use sha2::{Digest, Sha256};
-use thaw::invoke_cli::{InvocationType, InvokeArgs, invoke};
+use thaw::commands::invoke::{InvocationType, InvokeArgs, invoke};
 
 const INVOCATIONS: usize = 2000;
 const CONCURRENCY: usize = 4;

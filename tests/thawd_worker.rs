@@ -70,7 +70,7 @@ async fn restored_worker(snap: &Snap) -> (Worker, u32) {
 }
 
 fn thawd() -> WorkerCommand {
-    WorkerCommand::thawd(env!("CARGO_BIN_EXE_thawd").into())
+    WorkerCommand::thawd(fixture::thawd_bin::thawd_bin())
 }
 
 fn restore_spec(snapshot: &Path, key: &Path) -> RestoreSpec {
@@ -439,7 +439,7 @@ struct RawWorker {
 impl RawWorker {
     fn spawn() -> RawWorker {
         use std::process::{Command, Stdio};
-        let child = Command::new(env!("CARGO_BIN_EXE_thawd"))
+        let child = Command::new(fixture::thawd_bin::thawd_bin())
             .arg("worker")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

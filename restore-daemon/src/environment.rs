@@ -13,13 +13,13 @@ use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::MachineController;
 
-use crate::agent::{
+use crate::pager::PageServer;
+use crate::restore::{RestoreError, RestoreOptions, RestoreTimings, Restored, RunOutcome};
+use hooks_sdk::host::{
     AFTER_RESTORE_BUDGET, AfterRestoreError, AgentConnection, InvokeError, InvokeOutcome,
     InvokeRequest, Uniqueness,
 };
-use crate::pager::PageServer;
-use crate::restore::{RestoreError, RestoreOptions, RestoreTimings, Restored, RunOutcome};
-use crate::verify::KeyChoice;
+use snapshot::KeyChoice;
 
 /// How long the restored agent may take to reconnect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,7 +182,7 @@ impl Prepared {
             let exit = exit.clone();
             move || exit.is_set()
         };
-        let agent = match crate::agent::after_restore(
+        let agent = match hooks_sdk::host::after_restore(
             &listener,
             &unique,
             options.connect_timeout,

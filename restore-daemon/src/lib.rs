@@ -4,12 +4,10 @@
 //! of time (`shells`); and `thawd`, the restore-on-invoke daemon (`daemon`), whose
 //! environments each run in a worker process (`worker`).
 
-pub mod agent;
 pub mod daemon;
 pub mod environment;
 pub mod pager;
 pub mod restore;
 pub mod shells;
-pub mod state_codec;
 pub mod verify;
 pub mod worker;

@@ -27,8 +27,9 @@ use vmm_core::{Machine, MachineError};
 
 use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats};
 use crate::shells::ShellPool;
-use crate::state_codec::{self, StateCodecError};
-use crate::verify::{self, KeyChoice, VerifyError};
+use crate::verify::{self, VerifyError};
+use snapshot::KeyChoice;
+use snapshot::state_blob::{self, StateBlobError};
 
 /// The snapshot could not be restored, or its restored guest could not run.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum RestoreError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: StateCodecError,
+        source: StateBlobError,
     },
     /// The state decodes but describes no machine that could run.
     #[error("snapshot {}: its machine state is invalid", path.display())]
@@ -336,10 +337,13 @@ pub fn open_checked(
             reason,
         }
     })?;
-    let state = state_codec::decode(snap.state()).map_err(|source| RestoreError::State {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let state =
+        state_blob::decode::<vmm_core::machine::MachineState>(snap.state()).map_err(|source| {
+            RestoreError::State {
+                path: dir.to_owned(),
+                source,
+            }
+        })?;
     let layout: Vec<(u64, u64)> = vmm_core::memory::ram_ranges(state.mem_bytes)
         .into_iter()
         .map(|(start, size)| (start.0, size))

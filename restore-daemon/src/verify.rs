@@ -5,9 +5,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use snapshot::{MasterKey, Snapshot, VerifySummary};
+use snapshot::{KeyChoice, Snapshot, VerifySummary};
 
-use crate::state_codec::{self as snapshot_state, StateCodecError};
+use snapshot::state_blob::{self, StateBlobError};
+use vmm_core::machine::MachineState;
 
 /// The snapshot is not sound.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +29,7 @@ pub enum VerifyError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: StateCodecError,
+        source: StateBlobError,
     },
     /// The state and the header disagree.
     #[error(
@@ -77,33 +78,12 @@ impl fmt::Display for Verified {
     }
 }
 
-/// Where the key to open a snapshot came from.
-pub enum KeyChoice {
-    /// `--key-file`: the snapshot must be sealed with it.
-    Given(MasterKey),
-    /// The host key, found in its default place: used if the snapshot is encrypted.
-    HostDefault(MasterKey),
-    /// No key.
-    None,
-}
-
-/// Opens (and authenticates) the snapshot at `dir`. A plaintext snapshot is refused when a key
-/// was given explicitly — the user expects an encrypted one, and a flipped protection field
-/// must not downgrade it silently — but opened without the host's default key.
+/// Opens (and authenticates) the snapshot at `dir` with the key `key` names.
 pub fn open(dir: &Path, key: &KeyChoice) -> Result<Snapshot, VerifyError> {
-    let refused = |source| VerifyError::Snapshot {
+    Snapshot::open_with(dir, key).map_err(|source| VerifyError::Snapshot {
         path: dir.to_owned(),
         source,
-    };
-    match key {
-        KeyChoice::Given(k) => Snapshot::open(dir, Some(k)),
-        KeyChoice::None => Snapshot::open(dir, None),
-        KeyChoice::HostDefault(k) => match Snapshot::open(dir, Some(k)) {
-            Err(snapshot::ReadError::PlaintextWithKey) => Snapshot::open(dir, None),
-            other => other,
-        },
-    }
-    .map_err(refused)
+    })
 }
 
 /// Verifies the snapshot at `dir`.
@@ -113,10 +93,11 @@ pub fn verify(dir: &Path, key: &KeyChoice) -> Result<Verified, VerifyError> {
         source,
     };
     let snap = open(dir, key)?;
-    let state = snapshot_state::decode(snap.state()).map_err(|source| VerifyError::State {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let state: MachineState =
+        state_blob::decode(snap.state()).map_err(|source| VerifyError::State {
+            path: dir.to_owned(),
+            source,
+        })?;
     let info = snap.info();
     if state.vcpus.len() != usize::from(info.vcpus) || state.mem_bytes != info.memory_bytes {
         return Err(VerifyError::Mismatch {
@@ -149,7 +130,16 @@ fn host_facts() -> Result<snapshot::HostFacts, String> {
     FACTS
         .get_or_init(|| {
             let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
-            snapshot_state::host_facts(&kvm).map_err(|e| e.to_string())
+            // The CPUID this host's vCPUs really present (see `vmm_core::cpuid::effective`).
+            let offered = vmm_core::cpuid::effective(&kvm).map_err(|e| e.to_string())?;
+            Ok(snapshot::HostFacts::of_this_host(
+                vmm_core::kvm::flavor().id(),
+                offered
+                    .as_slice()
+                    .iter()
+                    .map(|e| snapshot::CpuidEntry::from_fields(vmm_core::cpuid::fields(e)))
+                    .collect(),
+            ))
         })
         .clone()
 }

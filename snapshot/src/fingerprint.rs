@@ -18,6 +18,22 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+impl CpuidEntry {
+    /// An entry from its fields in `kvm_cpuid_entry2` order (function, index, flags, eax, ebx,
+    /// ecx, edx).
+    pub fn from_fields([function, index, flags, eax, ebx, ecx, edx]: [u32; 7]) -> Self {
+        CpuidEntry {
+            function,
+            index,
+            flags,
+            eax,
+            ebx,
+            ecx,
+            edx,
+        }
+    }
+}
+
 /// KVM's `KVM_CPUID_FLAG_SIGNIFCANT_INDEX`: the entry applies only to its `index`.
 const SIGNIFICANT_INDEX: u32 = 1;
 

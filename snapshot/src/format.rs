@@ -35,7 +35,10 @@ pub const MAX_MEMORY_LEN: u64 = 1 << 40;
 /// Caps on the sections a reader loads whole into memory; they bound allocations driven by
 /// file contents before those contents are authenticated.
 pub const MAX_HEADER_LEN: u32 = 1 << 20;
-pub const MAX_STATE_LEN: u64 = 256 << 20;
+/// The state section's cap (the only one: `state_blob` decodes within it). A machine's state is
+/// some tens of KiB per vCPU (registers, xsave, the local APIC page, a few hundred MSRs); this
+/// leaves room for every vCPU Lambda allows.
+pub const MAX_STATE_LEN: u64 = 16 << 20;
 pub const MAX_MANIFEST_LEN: u64 = 512 << 20;
 /// More regions than this is surely not a microVM.
 pub const MAX_REGIONS: usize = 64;

@@ -33,13 +33,16 @@ mod chunk;
 mod error;
 mod fingerprint;
 mod format;
+pub mod host_key;
 mod info;
 mod keys;
 mod reader;
 mod residency;
 mod seal;
+pub mod state_blob;
 mod working_set;
 mod writer;
+pub mod xdg;
 
 pub use chunk::is_zero;
 
@@ -113,9 +116,10 @@ pub use fingerprint::{
     MissingFeature, Reg, decode_signature, host_page_size,
 };
 pub use format::{
-    ChunkInfo, ChunkKind, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE,
+    ChunkInfo, ChunkKind, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE, MAX_STATE_LEN,
     MIN_CHUNK_SIZE, PAGE_SIZE, PREAMBLE_LEN, RegionDesc, SNAPSHOT_FILE, SnapshotId,
 };
+pub use host_key::KeyChoice;
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
 pub use reader::{AuthenticateSummary, FileLayout, Snapshot, VerifySummary};

@@ -154,8 +154,8 @@ fn cache_dir_from(
     xdg: Option<OsString>,
     home: Option<OsString>,
 ) -> Option<PathBuf> {
-    crate::xdg::resolve(thaw, xdg, home, ".cache").map(|r| match r {
-        crate::xdg::Resolved::Explicit(dir) | crate::xdg::Resolved::Dir(dir) => dir,
+    snapshot::xdg::resolve(thaw, xdg, home, ".cache").map(|r| match r {
+        snapshot::xdg::Resolved::Explicit(dir) | snapshot::xdg::Resolved::Dir(dir) => dir,
     })
 }
 

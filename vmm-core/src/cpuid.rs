@@ -35,6 +35,12 @@ const EDX_HTT: u32 = 1 << 28;
 #[error("cannot read CPUID from KVM")]
 pub struct CpuidError(#[source] pub kvm_ioctls::Error);
 
+/// An entry's fields in `kvm_cpuid_entry2` order (function, index, flags, eax, ebx, ecx, edx),
+/// without the padding: what a snapshot's fingerprint records.
+pub fn fields(e: &kvm_cpuid_entry2) -> [u32; 7] {
+    [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
+}
+
 /// Reads the CPUID KVM supports on this host.
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -77,6 +77,17 @@ pub enum KvmFlavor {
 }
 
 impl KvmFlavor {
+    /// The flavor as a snapshot's fingerprint names it: a snapshot taken on one flavor is only
+    /// restored on the same one (PVM and hardware KVM keep different vCPU state).
+    pub fn id(self) -> &'static str {
+        match self {
+            KvmFlavor::HardwareVmx => "hardware-vmx",
+            KvmFlavor::HardwareSvm => "hardware-svm",
+            KvmFlavor::Pvm => "pvm",
+            KvmFlavor::Unknown => "unknown",
+        }
+    }
+
     /// Whether guest kernel (CPL0) code runs at hardware speed.
     pub fn runs_guest_kernels_natively(self) -> bool {
         matches!(self, KvmFlavor::HardwareVmx | KvmFlavor::HardwareSvm)

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use crate::restore::{RestoreError, open_checked};
-use crate::verify::KeyChoice;
+use snapshot::KeyChoice;
 
 use super::config::FunctionConfig;
 

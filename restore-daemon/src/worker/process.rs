@@ -22,11 +22,11 @@ use vmm_core::machine::{ControlError, ShellSpec};
 use super::protocol::{
     FailureKind, FrameError, Reply, Request, WireMemoryMode, read_frame, write_frame,
 };
-use crate::agent::{AfterRestoreError, InvokeError, InvokeRequest};
 use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use crate::restore::{ChunkCheck, RestoreOptions};
 use crate::shells::ShellPool;
-use crate::verify::KeyChoice;
+use hooks_sdk::host::{AfterRestoreError, InvokeError, InvokeRequest};
+use snapshot::KeyChoice;
 
 /// The guest console kept in memory: the end of it, for `Invoked` and failures.
 const CONSOLE_KEEP: usize = 64 << 10;

@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent::InvokeOutcome;
 use crate::restore::MemoryMode;
+use hooks_sdk::host::InvokeOutcome;
 
 /// `Vec<u8>` fields as one byte string. On the wire this is what serde's default gives (a u64
 /// length, then the bytes), but encoded and decoded in one copy instead of one call per byte,

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use vmm_core::machine::MachineController;
 use vmm_core::memory::GuestMemory;
 
-use crate::snapshot_create::{Sealing, SnapshotTarget, snapshot_paused};
+use crate::capture::{Sealing, SnapshotTarget, capture_paused};
 
 /// Largest request body accepted: every request is a small JSON object.
 const MAX_BODY: usize = 16 * 1024;
@@ -351,7 +351,7 @@ fn create_snapshot(api: &Api, request: &SnapshotCreate) -> HttpResponse {
     };
     // SAFETY: `state` is locked for the whole write, and every resume goes through
     // `patch_vm`, which takes the same lock: the machine stays paused until this returns.
-    match unsafe { snapshot_paused(&api.ctx.controller, &api.ctx.memory, &target) } {
+    match unsafe { capture_paused(&api.ctx.controller, &api.ctx.memory, &target) } {
         Ok((summary, capture)) => json(
             StatusCode::OK,
             &serde_json::json!({

@@ -7,8 +7,8 @@ use vmm_core::config::{DEFAULT_LINUX_CMDLINE, KernelSource, VsockConfig};
 use vmm_core::machine::ConsoleInput;
 use vmm_core::{ExitReason, Machine, MachineConfig, MachineError};
 
-use crate::api_server::{self, ApiContext, ApiError};
-use crate::snapshot_create::Sealing;
+use crate::capture::Sealing;
+use crate::control_api::{self, ApiContext, ApiError};
 
 /// What `thaw run` was asked to boot.
 #[derive(Clone, Debug, Default)]
@@ -77,11 +77,11 @@ pub struct ApiOptions {
 pub fn run(options: &RunOptions, api: Option<ApiOptions>) -> Result<ExitReason, RunError> {
     let config = options.machine_config()?;
     if let Some(api) = &api {
-        api_server::check_path(&api.path)?;
+        control_api::check_path(&api.path)?;
     }
     let machine = Machine::create(&config, Box::new(std::io::stdout()))?;
     let _server = match api {
-        Some(api) => Some(api_server::start(
+        Some(api) => Some(control_api::start(
             &api.path,
             ApiContext {
                 controller: machine.controller(),

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
 use restore_daemon::restore::{RestoreOptions, RunOutcome};
-use restore_daemon::verify::KeyChoice;
+use snapshot::KeyChoice;
 use vmm_core::exit::ExitReason;
 
 /// How long one `--invoke` may take.
@@ -21,20 +21,20 @@ pub struct RestoreApi {
     /// Where it listens.
     pub path: std::path::PathBuf,
     /// How snapshots made through it are sealed.
-    pub sealing: crate::snapshot_create::Sealing,
+    pub sealing: crate::capture::Sealing,
 }
 
 /// Serves the control API for `restored` at `api`, if asked for.
 fn serve_api(
     api: Option<RestoreApi>,
     restored: &restore_daemon::restore::Restored,
-) -> anyhow::Result<Option<crate::api_server::ApiServer>> {
+) -> anyhow::Result<Option<crate::control_api::ApiServer>> {
     let Some(api) = api else {
         return Ok(None);
     };
-    let server = crate::api_server::start(
+    let server = crate::control_api::start(
         &api.path,
-        crate::api_server::ApiContext {
+        crate::control_api::ApiContext {
             controller: restored.controller(),
             memory: restored.memory().clone(),
             sealing: api.sealing,
@@ -86,7 +86,7 @@ pub fn run(
     api: Option<RestoreApi>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(api) = &api {
-        crate::api_server::check_path(&api.path)?;
+        crate::control_api::check_path(&api.path)?;
     }
     if options.vsock_uds.is_some() {
         // Someone else drives the agent: restore and run, with the console on this terminal.
@@ -114,7 +114,7 @@ pub fn run(
         restore: options,
         after_restore_budget: agent
             .after_restore_timeout
-            .unwrap_or(restore_daemon::agent::AFTER_RESTORE_BUDGET),
+            .unwrap_or(hooks_sdk::host::AFTER_RESTORE_BUDGET),
         ..EnvironmentOptions::default()
     };
     let _api = serve_api(api, prepared.restored())?;

@@ -12,16 +12,19 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::{MasterKey, MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary};
+use snapshot::WriteSummary;
 use vmm_core::config::{DEFAULT_GUEST_CID, VsockConfig};
 use vmm_core::machine::{ControlError, MachineController};
-use vmm_core::memory::GuestMemory;
 use vmm_core::{ExitReason, Machine, MachineError};
 
-use crate::agent_checkpoint::{self, CheckpointError};
-use crate::console_watch::{self, ConsoleWatch};
-use crate::run::{RunError, RunOptions};
-use restore_daemon::state_codec;
+use crate::capture::{self, CaptureError, Sealing, SnapshotTarget};
+use crate::commands::run::{RunError, RunOptions};
+
+pub mod agent_checkpoint;
+pub mod console_watch;
+
+use agent_checkpoint::CheckpointError;
+use console_watch::ConsoleWatch;
 
 /// Lambda's init phase limit for SnapStart functions.
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(130);
@@ -33,15 +36,6 @@ pub enum Readiness {
     Agent,
     /// This text appeared on the serial console.
     Serial(String),
-}
-
-/// How the snapshot is sealed.
-#[derive(Debug)]
-pub enum Sealing {
-    /// Encrypted and authenticated under this master key.
-    Encrypted(MasterKey),
-    /// Not encrypted, not authenticated: for benchmarks only.
-    InsecurePlaintext,
 }
 
 /// What `thaw snapshot create` was asked to do.
@@ -133,15 +127,12 @@ pub enum CreateError {
         /// The last console lines.
         console: String,
     },
-    /// Pausing or capturing failed.
-    #[error("cannot capture the machine's state")]
-    Capture(#[source] ControlError),
-    /// The state could not be encoded.
+    /// Pausing the machine failed.
+    #[error("cannot pause the machine")]
+    Pause(#[source] ControlError),
+    /// Capturing or writing failed (nothing is left at the target).
     #[error(transparent)]
-    State(#[from] state_codec::StateCodecError),
-    /// Writing the snapshot failed (nothing is left at the target).
-    #[error(transparent)]
-    Write(#[from] snapshot::WriteError),
+    Capture(#[from] CaptureError),
 }
 
 /// What decides that the guest is ready.
@@ -264,7 +255,7 @@ pub fn create(
     };
     let init = started.elapsed();
 
-    running.controller.pause().map_err(CreateError::Capture)?;
+    running.controller.pause().map_err(CreateError::Pause)?;
     let target = SnapshotTarget {
         out: &options.out,
         replace: options.replace,
@@ -272,7 +263,8 @@ pub fn create(
     };
     // SAFETY: only this thread holds the controller, and it does not resume the machine: it
     // stops it below.
-    let (summary, capture) = unsafe { snapshot_paused(&running.controller, &memory, &target)? };
+    let (summary, capture) =
+        unsafe { capture::capture_paused(&running.controller, &memory, &target)? };
     running.stop();
     drop(socket_dir);
     Ok(Created {
@@ -320,65 +312,4 @@ fn wait_for_marker(
         timeout,
         console: watch.tail(),
     })
-}
-
-/// Where and how a snapshot is written.
-pub struct SnapshotTarget<'a> {
-    /// The snapshot directory.
-    pub out: &'a Path,
-    /// Replace an existing snapshot there.
-    pub replace: bool,
-    /// Encryption.
-    pub sealing: &'a Sealing,
-}
-
-/// Captures a paused machine's state and writes it with `memory` to `target`; returns what was
-/// written and how long the capture took. Fails (with nothing written) unless the machine is
-/// paused.
-///
-/// # Safety
-///
-/// Guest memory is read in place: no thread may resume the machine before this returns.
-pub unsafe fn snapshot_paused(
-    controller: &MachineController,
-    memory: &GuestMemory,
-    target: &SnapshotTarget<'_>,
-) -> Result<(WriteSummary, Duration), CreateError> {
-    let capture_start = Instant::now();
-    // Refuses a running machine, so the memory read below happens while it is paused.
-    let state = controller.save().map_err(CreateError::Capture)?;
-    let capture = capture_start.elapsed();
-    let state_bytes = state_codec::encode(&state)?;
-    let meta = SnapshotMeta {
-        fingerprint: state_codec::fingerprint(&state),
-        vcpus: state.vcpus.len() as u8,
-    };
-    // SAFETY: the machine is paused (`save` succeeded) — every vCPU parked outside KVM_RUN and
-    // the event loop doing no device work — and the caller keeps it so until this returns, so
-    // nothing writes guest memory while these slices are read.
-    let regions = unsafe { vmm_core::memory::host_slices(memory) };
-    let regions: Vec<MemoryRegion<'_>> = regions
-        .iter()
-        .map(|(guest_addr, bytes)| MemoryRegion {
-            guest_addr: *guest_addr,
-            bytes,
-        })
-        .collect();
-    let protection = match target.sealing {
-        Sealing::Encrypted(key) => Protection::Encrypted(key),
-        Sealing::InsecurePlaintext => Protection::InsecurePlaintext,
-    };
-    let write_options = WriteOptions {
-        replace: target.replace,
-        ..WriteOptions::default()
-    };
-    let summary = snapshot::write(
-        target.out,
-        &meta,
-        &state_bytes,
-        &regions,
-        &protection,
-        &write_options,
-    )?;
-    Ok((summary, capture))
 }

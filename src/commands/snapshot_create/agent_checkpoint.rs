@@ -7,9 +7,9 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
+use hooks_sdk::host::{Frames, Waited, accept, failure};
 use hooks_sdk::protocol::io::{self, FrameError};
 use hooks_sdk::protocol::{InitType, Message};
-use restore_daemon::agent::{Frames, Waited, accept, failure};
 
 /// The guest did not reach its checkpoint.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! Per-user locations the XDG way: an explicit override, else `$XDG_*_HOME/thaw`, else
-//! `~/<fallback>/thaw`. Shared by the kernel cache and the host key.
+//! `~/<fallback>/thaw`. Shared by the host key and
+//! `thaw`'s caches (the kernel, function images).
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -1,13 +1,12 @@
-//! Where the host's master key lives when `--key-file` is not given, and loading it: snapshots
-//! are encrypted by default, so the first `thaw snapshot create` on a host makes the key
-//! (0600, atomically) and later commands find it in the same place.
+//! Which master key seals or opens a snapshot on this host: the one the user named, else the
+//! host key. Snapshots are encrypted by default, so the first `thaw snapshot create` on a host
+//! makes the host key (0600, atomically) and later commands (and thawd's workers) find it in
+//! the same place.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use snapshot::{KeyError, MasterKey};
-
-use restore_daemon::verify::KeyChoice;
+use crate::{KeyError, MasterKey, ReadError, Snapshot};
 
 /// The host key file: `$THAW_KEY_FILE`, else `$XDG_CONFIG_HOME/thaw/host.key`, else
 /// `~/.config/thaw/host.key`.
@@ -69,6 +68,33 @@ pub fn for_sealing(explicit: Option<&Path>) -> Result<MasterKey, HostKeyError> {
         }
     };
     key.map_err(|source| HostKeyError::Key { path, source })
+}
+
+/// Where the key to open a snapshot came from.
+pub enum KeyChoice {
+    /// `--key-file`: the snapshot must be sealed with it.
+    Given(MasterKey),
+    /// The host key, found in its default place: used if the snapshot is encrypted.
+    HostDefault(MasterKey),
+    /// No key.
+    None,
+}
+
+impl Snapshot {
+    /// Opens (and authenticates) the snapshot at `dir` with the key `key` names. A plaintext
+    /// snapshot is refused when a key was given explicitly — the user expects an encrypted one,
+    /// and a flipped protection field must not downgrade it silently — but opened without the
+    /// host's default key.
+    pub fn open_with(dir: &Path, key: &KeyChoice) -> Result<Snapshot, ReadError> {
+        match key {
+            KeyChoice::Given(k) => Snapshot::open(dir, Some(k)),
+            KeyChoice::None => Snapshot::open(dir, None),
+            KeyChoice::HostDefault(k) => match Snapshot::open(dir, Some(k)) {
+                Err(ReadError::PlaintextWithKey) => Snapshot::open(dir, None),
+                other => other,
+            },
+        }
+    }
 }
 
 /// The key to open a snapshot with: `explicit`, else the host key if there is one (a plaintext

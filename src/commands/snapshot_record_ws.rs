@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use restore_daemon::agent::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
 use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
-use restore_daemon::verify::KeyChoice;
+use snapshot::KeyChoice;
 use snapshot::{RecordingEnd, WorkingSet};
 
 /// What was recorded and stored.

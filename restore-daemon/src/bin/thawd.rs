@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Worker) = cli.command {
         let config = restore_daemon::worker::process::WorkerConfig {
-            host_key_file: thaw::host_key::default_key_file(),
+            host_key_file: snapshot::host_key::default_key_file(),
         };
         return restore_daemon::worker::process::main_with(&config);
     }
@@ -73,7 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Functions without a key file use the host key, as `thaw restore` does; workers get the
     // resolved path.
-    let host_key = thaw::host_key::default_key_file().filter(|p| p.exists());
+    let host_key = snapshot::host_key::default_key_file().filter(|p| p.exists());
     for f in config.functions.values_mut() {
         if f.key_file.is_none() {
             f.key_file.clone_from(&host_key);

@@ -8,8 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hooks_sdk::protocol::io::{self, Frame, FrameError};
-use hooks_sdk::protocol::{Failure, InitType, Invoke, Message, Restored};
+use crate::protocol::io::{self, Frame, FrameError};
+use crate::protocol::{Failure, InitType, Invoke, Message, Restored};
 
 /// How often waits look at the clock and at whether the guest is still running.
 const POLL: Duration = Duration::from_millis(1);

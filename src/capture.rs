@@ -1,0 +1,110 @@
+//! Capturing a paused machine into a snapshot: its state (through the VMM), its memory (read
+//! in place), this host's fingerprint, sealed and written atomically by the `snapshot` crate.
+//! The one capture path: `thaw snapshot create` and the control API's `PUT /snapshot/create`
+//! both end here.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use snapshot::state_blob::{self, StateBlobError};
+use snapshot::{
+    CpuidEntry, Fingerprint, MasterKey, MemoryRegion, Protection, SnapshotMeta, WriteOptions,
+    WriteSummary,
+};
+use vmm_core::machine::{ControlError, MachineController, MachineState};
+use vmm_core::memory::GuestMemory;
+
+/// A paused machine could not be captured; nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The machine's state could not be read (or it was not paused).
+    #[error("cannot capture the machine's state")]
+    Save(#[source] ControlError),
+    /// The state could not be encoded.
+    #[error(transparent)]
+    State(#[from] StateBlobError),
+    /// Writing the snapshot failed (nothing is left at the target).
+    #[error(transparent)]
+    Write(#[from] snapshot::WriteError),
+}
+
+/// How the snapshot is sealed.
+#[derive(Debug)]
+pub enum Sealing {
+    /// Encrypted and authenticated under this master key.
+    Encrypted(MasterKey),
+    /// Not encrypted, not authenticated: for benchmarks only.
+    InsecurePlaintext,
+}
+
+/// Where and how a snapshot is written.
+pub struct SnapshotTarget<'a> {
+    /// The snapshot directory.
+    pub out: &'a Path,
+    /// Replace an existing snapshot there.
+    pub replace: bool,
+    /// Encryption.
+    pub sealing: &'a Sealing,
+}
+
+/// Captures a paused machine's state and writes it with `memory` to `target`; returns what was
+/// written and how long the capture took. Fails (with nothing written) unless the machine is
+/// paused.
+///
+/// # Safety
+///
+/// Guest memory is read in place: no thread may resume the machine before this returns.
+pub unsafe fn capture_paused(
+    controller: &MachineController,
+    memory: &GuestMemory,
+    target: &SnapshotTarget<'_>,
+) -> Result<(WriteSummary, Duration), CaptureError> {
+    let capture_start = Instant::now();
+    // Refuses a running machine, so the memory read below happens while it is paused.
+    let state = controller.save().map_err(CaptureError::Save)?;
+    let capture = capture_start.elapsed();
+    let state_bytes = state_blob::encode(&state)?;
+    let meta = SnapshotMeta {
+        fingerprint: fingerprint(&state),
+        vcpus: state.vcpus.len() as u8,
+    };
+    // SAFETY: the machine is paused (`save` succeeded) — every vCPU parked outside KVM_RUN and
+    // the event loop doing no device work — and the caller keeps it so until this returns, so
+    // nothing writes guest memory while these slices are read.
+    let regions = unsafe { vmm_core::memory::host_slices(memory) };
+    let regions: Vec<MemoryRegion<'_>> = regions
+        .iter()
+        .map(|(guest_addr, bytes)| MemoryRegion {
+            guest_addr: *guest_addr,
+            bytes,
+        })
+        .collect();
+    let protection = match target.sealing {
+        Sealing::Encrypted(key) => Protection::Encrypted(key),
+        Sealing::InsecurePlaintext => Protection::InsecurePlaintext,
+    };
+    let write_options = WriteOptions {
+        replace: target.replace,
+        ..WriteOptions::default()
+    };
+    let summary = snapshot::write(
+        target.out,
+        &meta,
+        &state_bytes,
+        &regions,
+        &protection,
+        &write_options,
+    )?;
+    Ok((summary, capture))
+}
+
+/// This host's fingerprint, with the CPUID the saved guest's boot vCPU saw.
+pub fn fingerprint(state: &MachineState) -> Fingerprint {
+    let guest_cpuid = state.vcpus.first().map_or_else(Vec::new, |v| {
+        v.cpuid
+            .iter()
+            .map(|e| CpuidEntry::from_fields(vmm_core::cpuid::fields(e)))
+            .collect()
+    });
+    Fingerprint::of_this_host(guest_cpuid, vmm_core::kvm::flavor().id())
+}

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::InvokeOutcome;
 use hooks_sdk::protocol::io as frames;
 use hooks_sdk::protocol::{Invoke, Kind, Message};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
@@ -85,12 +85,12 @@ struct Workload {
     raw: PathBuf,
 }
 
-fn request() -> InvokeRequest {
-    InvokeRequest {
-        request_id: "bench".into(),
+fn request() -> Invoke<'static> {
+    Invoke {
+        request_id: "bench",
         deadline_ms: u64::MAX / 2,
-        payload: PAYLOAD.to_vec(),
-        ..InvokeRequest::default()
+        payload: PAYLOAD,
+        ..Invoke::default()
     }
 }
 

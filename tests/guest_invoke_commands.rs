@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
-use hooks_sdk::host::{InvokeError, InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeError, InvokeOutcome, deadline_after};
+use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions, Prepared};
 use sha2::{Digest, Sha256};
 use snapshot::KeyChoice;
@@ -55,8 +56,14 @@ fn key_choice(key: &Path) -> KeyChoice {
     KeyChoice::Given(snapshot::MasterKey::load(key).unwrap())
 }
 
-fn request(id: &str, payload: &[u8]) -> InvokeRequest {
-    InvokeRequest::new(id.into(), ARN, payload.to_vec(), ANSWER_TIMEOUT)
+fn request<'a>(id: &'a str, payload: &'a [u8]) -> Invoke<'a> {
+    Invoke {
+        request_id: id,
+        deadline_ms: deadline_after(ANSWER_TIMEOUT),
+        function_arn: ARN,
+        payload,
+        ..Invoke::default()
+    }
 }
 
 /// Invokes `payload`; the function must answer with a response.
@@ -257,7 +264,10 @@ fn commands_that_answer_then_a_hang_in_one_environment() {
 
     // Last, since nothing comes after a hang: the host's timeout decides, promptly.
     let timeout = Duration::from_secs(1);
-    let hang = InvokeRequest::new("hang".into(), ARN, b"thaw:hang".to_vec(), timeout);
+    let hang = Invoke {
+        deadline_ms: deadline_after(timeout),
+        ..request("hang", b"thaw:hang")
+    };
     let started = Instant::now();
     let err = env.invoke(&hang, timeout).unwrap_err();
     let took = started.elapsed();

@@ -22,7 +22,8 @@ use fixture::thawd::{Thawd, boto3};
 use fixture::{
     Console, cache_key, debian_kernel, output_text, static_thaw_init, thaw_bin, vm_slot,
 };
-use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, deadline_after};
+use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
 use serde_json::{Value, json};
@@ -177,12 +178,14 @@ fn environment(snap: &Snapshot, memory: MemoryMode, console: &Console) -> Enviro
 
 /// Invokes `event`; the answer as JSON, and how long it took as the host saw it.
 fn invoke(env: &mut Environment, console: &Console, event: Value) -> (Value, Duration) {
-    let request = InvokeRequest::new(
-        format!("req-{}", unix_ns()),
-        ARN,
-        event.to_string().into_bytes(),
-        ANSWER_TIMEOUT,
-    );
+    let (request_id, payload) = (format!("req-{}", unix_ns()), event.to_string());
+    let request = Invoke {
+        request_id: &request_id,
+        deadline_ms: deadline_after(ANSWER_TIMEOUT),
+        function_arn: ARN,
+        payload: payload.as_bytes(),
+        ..Invoke::default()
+    };
     let started = Instant::now();
     let outcome = env
         .invoke(&request, ANSWER_TIMEOUT)

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::{Console, pattern, require_kvm, vm_slot};
-use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, deadline_after};
+use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
@@ -116,12 +117,14 @@ fn two_hundred_restore_and_discard_cycles_leak_nothing() {
         let console = Console::default();
         let mut env = Environment::start(&snap, &key, &options, Box::new(console.clone()))
             .unwrap_or_else(|e| panic!("cycle {cycle}: {e:#}\n{}", console.text()));
-        let request = InvokeRequest::new(
-            format!("cycle-{cycle}"),
-            "arn:aws:lambda:us-east-1:123456789012:function:f",
-            payload.clone(),
-            Duration::from_secs(60),
-        );
+        let request_id = format!("cycle-{cycle}");
+        let request = Invoke {
+            request_id: &request_id,
+            deadline_ms: deadline_after(Duration::from_secs(60)),
+            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f",
+            payload: &payload,
+            ..Invoke::default()
+        };
         let answer = env.invoke(&request, Duration::from_secs(30)).unwrap();
         assert_eq!(
             answer,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fixture::{Console, pattern, require_kvm, thaw_bin, vm_slot};
-use hooks_sdk::host::{AfterRestoreError, InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{AfterRestoreError, InvokeOutcome, deadline_after};
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
@@ -308,13 +308,14 @@ fn fill_checksum(console: &str) -> String {
         .to_string()
 }
 
-fn invoke_request(id: &str, payload: &[u8]) -> InvokeRequest {
-    InvokeRequest::new(
-        id.into(),
-        "arn:aws:lambda:us-east-1:123456789012:function:f",
-        payload.to_vec(),
-        Duration::from_secs(60),
-    )
+fn invoke_request<'a>(id: &'a str, payload: &'a [u8]) -> Invoke<'a> {
+    Invoke {
+        request_id: id,
+        deadline_ms: deadline_after(Duration::from_secs(60)),
+        function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f",
+        payload,
+        ..Invoke::default()
+    }
 }
 
 #[test]

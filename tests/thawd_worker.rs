@@ -14,15 +14,16 @@
 mod fixture;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fixture::{pattern, require_kvm, vm_slot};
+use hooks_sdk::host::deadline_after;
 use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{
-    INVOKE_GRACE, InvokeSpec, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
+    INVOKE_GRACE, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
 };
 use restore_daemon::worker::protocol::{
-    FailureKind, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
+    FailureKind, Invoke, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
 };
 use sha2::{Digest, Sha256};
 
@@ -83,17 +84,14 @@ fn restore_spec(snapshot: &Path, key: &Path) -> RestoreSpec {
     }
 }
 
-fn invocation(id: &str, payload: Vec<u8>, timeout: Duration) -> InvokeSpec {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    InvokeSpec {
+fn invocation(id: &str, payload: Vec<u8>, timeout: Duration) -> Invoke {
+    Invoke {
         request_id: id.into(),
-        deadline_ms: now_ms + timeout.as_millis() as u64,
+        deadline_ms: deadline_after(timeout),
         function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
         client_context: String::new(),
         payload,
+        timeout_ms: timeout.as_millis() as u64,
     }
 }
 
@@ -102,7 +100,7 @@ async fn invoke_and_check(worker: &mut Worker, id: &str, payload: Vec<u8>) -> In
     let want: [u8; 32] = Sha256::digest(&payload).into();
     let timeout = Duration::from_secs(30);
     let invoked = worker
-        .invoke(invocation(id, payload, timeout), timeout)
+        .invoke(invocation(id, payload, timeout))
         .await
         .unwrap_or_else(|e| panic!("invoke {id}: {e}"));
     assert_eq!(
@@ -202,7 +200,7 @@ async fn invoking_a_frozen_environment_times_out_in_the_worker() {
         let timeout = Duration::from_millis(500);
         let started = Instant::now();
         let err = worker
-            .invoke(invocation("frozen", b"{}".to_vec(), timeout), timeout)
+            .invoke(invocation("frozen", b"{}".to_vec(), timeout))
             .await
             .unwrap_err();
         let took = started.elapsed();
@@ -313,10 +311,10 @@ async fn a_worker_killed_mid_life_is_reported_dead() {
         .unwrap();
         let started = Instant::now();
         let err = worker
-            .invoke(
-                invocation("after", b"dead".to_vec(), SHORT),
-                Duration::from_secs(30),
-            )
+            .invoke(Invoke {
+                timeout_ms: 30_000,
+                ..invocation("after", b"dead".to_vec(), SHORT)
+            })
             .await
             .unwrap_err();
         assert!(
@@ -404,7 +402,7 @@ async fn a_worker_that_cannot_answer_in_time_is_given_up_and_killed() {
         let timeout = Duration::from_millis(200);
         let started = Instant::now();
         let err = worker
-            .invoke(invocation("stuck", b"{}".to_vec(), timeout), timeout)
+            .invoke(invocation("stuck", b"{}".to_vec(), timeout))
             .await
             .unwrap_err();
         let waited = started.elapsed();
@@ -505,14 +503,14 @@ fn requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it(
         assert!(bad_request(&reply), "{wrong:?}: {reply:?}");
     }
     let payload = pattern(5000, 11);
-    let reply = worker.ask(&Request::Invoke {
+    let reply = worker.ask(&Request::Invoke(Invoke {
         request_id: "still-alive".into(),
         deadline_ms: 0,
         function_arn: "f".into(),
         client_context: String::new(),
         payload: payload.clone(),
         timeout_ms: 30_000,
-    });
+    }));
     let want: [u8; 32] = Sha256::digest(&payload).into();
     assert!(
         matches!(&reply, Reply::Invoked { outcome: WireOutcome::Response(r), .. } if r == &want),

@@ -330,45 +330,12 @@ pub fn after_restore(
     }
 }
 
-/// One invocation, as the Invoke frame carries it.
-#[derive(Clone, Debug, Default)]
-pub struct InvokeRequest {
-    /// Lambda's request id.
-    pub request_id: String,
-    /// The invocation's deadline, Unix milliseconds.
-    pub deadline_ms: u64,
-    /// The function's ARN.
-    pub function_arn: String,
-    /// X-Ray trace id, or empty.
-    pub trace_id: String,
-    /// Client context, or empty.
-    pub client_context: String,
-    /// Cognito identity, or empty.
-    pub cognito_identity: String,
-    /// The event.
-    pub payload: Vec<u8>,
-}
-
-impl InvokeRequest {
-    /// An invocation of `function_arn` with `payload` whose deadline is `timeout` from now.
-    pub fn new(
-        request_id: String,
-        function_arn: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Self {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        InvokeRequest {
-            request_id,
-            deadline_ms: now_ms.saturating_add(timeout_ms),
-            function_arn: function_arn.to_owned(),
-            payload,
-            ..InvokeRequest::default()
-        }
-    }
+/// The `deadline_ms` of an invocation that may run for `timeout` from now (Unix ms).
+pub fn deadline_after(timeout: Duration) -> u64 {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    now_ms.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What the function answered.
@@ -403,22 +370,14 @@ pub enum InvokeError {
 }
 
 impl AgentConnection {
-    /// Sends `request` and waits up to `timeout` for its answer.
+    /// Sends `invoke` and waits up to `timeout` for its answer.
     pub fn invoke(
         &mut self,
-        request: &InvokeRequest,
+        invoke: &Invoke<'_>,
         timeout: Duration,
         guest_ended: &dyn Fn() -> bool,
     ) -> Result<InvokeOutcome, InvokeError> {
-        let message = Message::Invoke(Invoke {
-            request_id: &request.request_id,
-            deadline_ms: request.deadline_ms,
-            function_arn: &request.function_arn,
-            trace_id: &request.trace_id,
-            client_context: &request.client_context,
-            cognito_identity: &request.cognito_identity,
-            payload: &request.payload,
-        });
+        let message = Message::Invoke(*invoke);
         let deadline = Instant::now() + timeout;
         match io::write_message(&mut self.stream, &message) {
             Ok(()) => {}
@@ -464,10 +423,10 @@ impl AgentConnection {
                 )));
             }
         };
-        if request_id != request.request_id {
+        if request_id != invoke.request_id {
             return Err(InvokeError::Protocol(format!(
                 "answer for request {request_id:?}, expected {:?}",
-                request.request_id
+                invoke.request_id
             )));
         }
         Ok(outcome)

@@ -217,8 +217,11 @@ impl Header {
     }
 }
 
-/// An invocation request (H→G `Invoke`), with Lambda's `Lambda-Runtime-*` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An invocation request (H→G `Invoke`), with Lambda's `Lambda-Runtime-*` values. The one
+/// type an invocation has on the guest wire: the host builds it from borrowed parts
+/// (`host::AgentConnection::invoke`), and the agent keeps the frame it came in and reads it
+/// back through this type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Invoke<'a> {
     /// `Lambda-Runtime-Aws-Request-Id`.
     pub request_id: &'a str,

@@ -17,8 +17,9 @@ use crate::pager::PageServer;
 use crate::restore::{RestoreError, RestoreOptions, RestoreTimings, Restored, RunOutcome};
 use hooks_sdk::host::{
     AFTER_RESTORE_BUDGET, AfterRestoreError, AgentConnection, InvokeError, InvokeOutcome,
-    InvokeRequest, Uniqueness,
+    Uniqueness,
 };
+use hooks_sdk::protocol::Invoke;
 use snapshot::KeyChoice;
 
 /// How long the restored agent may take to reconnect.
@@ -259,11 +260,11 @@ impl Environment {
     /// page server that fails meanwhile is the error.
     pub fn invoke(
         &mut self,
-        request: &InvokeRequest,
+        invoke: &Invoke<'_>,
         timeout: Duration,
     ) -> Result<InvokeOutcome, EnvironmentError> {
         let exit = self.exit.clone();
-        match self.agent.invoke(request, timeout, &move || exit.is_set()) {
+        match self.agent.invoke(invoke, timeout, &move || exit.is_set()) {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 if self.exit.is_set() {

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, deadline_after};
+use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
 use restore_daemon::restore::{RestoreOptions, RunOutcome};
 use snapshot::KeyChoice;
@@ -143,13 +144,15 @@ pub fn run(
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for (n, payload) in agent.invoke.iter().enumerate() {
-        let request = InvokeRequest::new(
-            format!("{}-{n}", env.restore_id()),
-            "arn:aws:lambda:local:000000000000:function:thaw-restore",
-            payload.as_bytes().to_vec(),
-            INVOKE_TIMEOUT,
-        );
-        match env.invoke(&request, INVOKE_TIMEOUT)? {
+        let request_id = format!("{}-{n}", env.restore_id());
+        let invoke = Invoke {
+            request_id: &request_id,
+            deadline_ms: deadline_after(INVOKE_TIMEOUT),
+            function_arn: "arn:aws:lambda:local:000000000000:function:thaw-restore",
+            payload: payload.as_bytes(),
+            ..Invoke::default()
+        };
+        match env.invoke(&invoke, INVOKE_TIMEOUT)? {
             InvokeOutcome::Response(bytes) => match std::str::from_utf8(&bytes) {
                 Ok(text) => writeln!(stdout, "{text}")?,
                 // Binary responses are shown in hex, so the terminal stays usable.

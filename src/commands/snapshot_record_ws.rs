@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hooks_sdk::host::{InvokeOutcome, InvokeRequest};
+use hooks_sdk::host::{InvokeOutcome, deadline_after};
+use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
 use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
 use snapshot::KeyChoice;
@@ -65,13 +66,15 @@ pub fn record(
         .pager()
         .cloned()
         .context("a lazy restore has a page server")?;
-    let request = InvokeRequest::new(
-        format!("{}-record-ws", env.restore_id()),
-        "arn:aws:lambda:local:000000000000:function:thaw-record-ws",
-        payload.to_vec(),
-        invoke_timeout,
-    );
-    let answer = env.invoke(&request, invoke_timeout);
+    let request_id = format!("{}-record-ws", env.restore_id());
+    let invoke = Invoke {
+        request_id: &request_id,
+        deadline_ms: deadline_after(invoke_timeout),
+        function_arn: "arn:aws:lambda:local:000000000000:function:thaw-record-ws",
+        payload,
+        ..Invoke::default()
+    };
+    let answer = env.invoke(&invoke, invoke_timeout);
     pager.stop_recording();
     let first_answer = started.elapsed();
     let chunks = pager.recorded();

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use super::Agent;
 use super::lambda::ApiReply;
-use super::machine::{Answer, InvokeEvent, PostBody};
+use super::machine::{Answer, InvokeFrame, PostBody};
 use crate::protocol::{InitType, MAX_PAYLOAD};
 
 const PREFIX: &str = "/2018-06-01";
@@ -266,16 +266,17 @@ fn render(reply: ApiReply) -> HttpResponse {
 
 /// An invocation: the event as the body, its context in `Lambda-Runtime-*` headers (empty
 /// values are left out, as Lambda does).
-fn invocation(event: &InvokeEvent) -> HttpResponse {
-    let mut resp = Response::new(Full::new(event.payload.clone()));
+fn invocation(frame: &InvokeFrame) -> HttpResponse {
+    let event = frame.invoke();
+    let mut resp = Response::new(Full::new(frame.payload()));
     let headers = resp.headers_mut();
     let deadline = event.deadline_ms.to_string();
     let fields = [
-        ("lambda-runtime-aws-request-id", event.request_id.as_str()),
-        ("lambda-runtime-trace-id", &event.trace_id),
-        ("lambda-runtime-client-context", &event.client_context),
-        ("lambda-runtime-cognito-identity", &event.cognito_identity),
-        ("lambda-runtime-invoked-function-arn", &event.function_arn),
+        ("lambda-runtime-aws-request-id", event.request_id),
+        ("lambda-runtime-trace-id", event.trace_id),
+        ("lambda-runtime-client-context", event.client_context),
+        ("lambda-runtime-cognito-identity", event.cognito_identity),
+        ("lambda-runtime-invoked-function-arn", event.function_arn),
         ("lambda-runtime-deadline-ms", &deadline),
     ];
     for (name, value) in fields {

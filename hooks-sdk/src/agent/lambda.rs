@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::machine::InvokeEvent;
+use crate::protocol::Invoke;
+
+use super::machine::InvokeFrame;
 use crate::protocol::{self, MAX_PAYLOAD, MAX_STRING, Message, RUNTIME_EXIT_ERROR};
 
 /// Lambda's error type and the error document, owned (the protocol's `Failure` borrows).
@@ -112,7 +114,7 @@ impl ToHost {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiReply {
     /// 200 with the invocation's event and `Lambda-Runtime-*` headers.
-    Invocation(Arc<InvokeEvent>),
+    Invocation(Arc<InvokeFrame>),
     /// 200, empty: `restore/next` returns after a restore.
     RestoreResumed,
     /// 202 `{"status":"OK"}`.
@@ -201,14 +203,14 @@ pub fn valid_error_type(header: Option<&str>) -> String {
 }
 
 /// The first field of `event` that cannot be an HTTP header value (control characters).
-pub fn unsendable_header(event: &InvokeEvent) -> Option<&'static str> {
+pub fn unsendable_header(event: &Invoke<'_>) -> Option<&'static str> {
     let bad = |s: &str| s.bytes().any(|c| (c < 0x20 && c != b'\t') || c == 0x7f);
     [
-        ("request id", event.request_id.as_str()),
-        ("function ARN", &event.function_arn),
-        ("trace id", &event.trace_id),
-        ("client context", &event.client_context),
-        ("Cognito identity", &event.cognito_identity),
+        ("request id", event.request_id),
+        ("function ARN", event.function_arn),
+        ("trace id", event.trace_id),
+        ("client context", event.client_context),
+        ("Cognito identity", event.cognito_identity),
     ]
     .into_iter()
     .find(|(_, v)| bad(v))
@@ -256,17 +258,15 @@ mod tests {
 
     #[test]
     fn control_characters_cannot_be_headers() {
-        let mut e = InvokeEvent {
-            request_id: "r".into(),
+        let mut e = Invoke {
+            request_id: "r",
             deadline_ms: 1,
-            function_arn: "arn".into(),
-            trace_id: String::new(),
-            client_context: "{\"a\":\"é\"}".into(),
-            cognito_identity: String::new(),
-            payload: Bytes::new(),
+            function_arn: "arn",
+            client_context: "{\"a\":\"é\"}",
+            ..Invoke::default()
         };
         assert_eq!(unsendable_header(&e), None);
-        e.cognito_identity = "a\nb".into();
+        e.cognito_identity = "a\nb";
         assert_eq!(unsendable_header(&e), Some("Cognito identity"));
     }
 }

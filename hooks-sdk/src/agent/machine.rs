@@ -15,7 +15,8 @@ use super::lambda::{
     ApiReply, Failure, ToHost, exit_failure, invoke_exit_failure, lambda_error_body,
     response_too_large_failure, valid_error_type,
 };
-use crate::protocol::{InitType, MAX_PAYLOAD};
+use crate::protocol::io::Frame;
+use crate::protocol::{HEADER_LEN, InitType, Invoke, Kind, MAX_PAYLOAD, Message};
 
 /// Where the runtime is in Lambda's lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,23 +58,46 @@ impl RuntimeState {
     }
 }
 
-/// An invocation as the host sent it, owned.
+/// An `Invoke` frame as the host sent it, kept whole so it can wait for the runtime and be
+/// shared by the Runtime API's handlers: its fields are read back through the wire type
+/// [`Invoke`] (the only type an invocation has in the guest before the function's own SDK), and
+/// the payload is a slice of the frame's buffer, not a copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvokeEvent {
-    /// `Lambda-Runtime-Aws-Request-Id`.
-    pub request_id: String,
-    /// `Lambda-Runtime-Deadline-Ms`.
-    pub deadline_ms: u64,
-    /// `Lambda-Runtime-Invoked-Function-Arn`.
-    pub function_arn: String,
-    /// `Lambda-Runtime-Trace-Id` (empty: absent).
-    pub trace_id: String,
-    /// `Lambda-Runtime-Client-Context` (empty: absent).
-    pub client_context: String,
-    /// `Lambda-Runtime-Cognito-Identity` (empty: absent).
-    pub cognito_identity: String,
-    /// The event.
-    pub payload: Bytes,
+pub struct InvokeFrame {
+    body: Bytes,
+}
+
+impl InvokeFrame {
+    /// The frame, if it holds a well-formed `Invoke`.
+    pub fn new(frame: Frame) -> Option<Self> {
+        matches!(frame.message(), Ok(Message::Invoke(_))).then(|| InvokeFrame {
+            body: Bytes::from(frame.body),
+        })
+    }
+
+    /// The frame that carries `invoke` (or `None` if it breaks the protocol's limits).
+    pub fn encode(invoke: &Invoke<'_>) -> Option<Self> {
+        let message = Message::Invoke(*invoke);
+        let mut frame = vec![0u8; message.frame_len()];
+        message.encode_into(&mut frame).ok()?;
+        Some(InvokeFrame {
+            body: Bytes::from(frame).slice(HEADER_LEN..),
+        })
+    }
+
+    /// The invocation.
+    pub fn invoke(&self) -> Invoke<'_> {
+        match Message::decode(Kind::Invoke, &self.body) {
+            Ok(Message::Invoke(invoke)) => invoke,
+            // Unreachable: the body decoded as an `Invoke` when this was made, and is immutable.
+            _ => Invoke::default(),
+        }
+    }
+
+    /// The event, sharing the frame's buffer.
+    pub fn payload(&self) -> Bytes {
+        self.body.slice_ref(self.invoke().payload)
+    }
 }
 
 /// A request body the Runtime API read: the bytes kept (at most [`MAX_PAYLOAD`]) and the
@@ -131,11 +155,11 @@ pub struct Machine {
     /// Invocations may be handed out (on-demand: always; snap-start: once restored).
     serving: bool,
     /// The last invocation handed to the runtime; posts must name its id.
-    current: Option<Arc<InvokeEvent>>,
+    current: Option<Arc<InvokeFrame>>,
     /// The invocation the host awaits an answer for.
     inflight: Option<String>,
     /// An invocation received but not yet handed out.
-    queued: Option<Arc<InvokeEvent>>,
+    queued: Option<Arc<InvokeFrame>>,
     next_waiters: VecDeque<oneshot::Sender<ApiReply>>,
     restore_waiter: Option<oneshot::Sender<ApiReply>>,
     /// What ended the environment (init or restore failure), answered to later invokes.
@@ -206,7 +230,7 @@ impl Machine {
     }
 
     /// Hands `event` to the first waiting `next` call still listening; false if none was.
-    fn deliver(&mut self, event: Arc<InvokeEvent>) -> bool {
+    fn deliver(&mut self, event: Arc<InvokeFrame>) -> bool {
         while let Some(waiter) = self.next_waiters.pop_front() {
             if waiter.send(ApiReply::Invocation(event.clone())).is_ok() {
                 self.state = RuntimeState::Running;
@@ -285,7 +309,7 @@ impl Machine {
     /// Checks that a post names the current invocation and that the runtime is working on it.
     fn check_post(&self, request_id: &str, target: &str) -> Result<String, ApiReply> {
         match &self.current {
-            Some(cur) if !request_id.is_empty() && cur.request_id == request_id => {}
+            Some(cur) if !request_id.is_empty() && cur.invoke().request_id == request_id => {}
             _ => return Err(invalid_request_id()),
         }
         if self.state != RuntimeState::Running {
@@ -491,8 +515,8 @@ impl Machine {
     }
 
     /// Host `Invoke`.
-    pub fn invoke(&mut self, event: InvokeEvent) {
-        let id = event.request_id.clone();
+    pub fn invoke(&mut self, event: InvokeFrame) {
+        let id = event.invoke().request_id.to_owned();
         if let Some(busy) = &self.inflight {
             let msg = format!("invocation {busy} is still running; {id} refused");
             tracing::warn!("{msg}");
@@ -518,7 +542,7 @@ impl Machine {
             });
             return;
         }
-        if let Some(field) = super::lambda::unsendable_header(&event) {
+        if let Some(field) = super::lambda::unsendable_header(&event.invoke()) {
             let msg = format!("the invocation's {field} cannot be sent as an HTTP header");
             self.send(ToHost::InvokeError {
                 request_id: id,

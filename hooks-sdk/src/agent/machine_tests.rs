@@ -16,16 +16,20 @@ fn frames(rx: &mut mpsc::UnboundedReceiver<ToHost>) -> Vec<ToHost> {
     out
 }
 
-fn event(id: &str) -> InvokeEvent {
-    InvokeEvent {
-        request_id: id.to_owned(),
+fn event_with(id: &str, trace_id: &str) -> InvokeFrame {
+    InvokeFrame::encode(&Invoke {
+        request_id: id,
         deadline_ms: 1_800_000_000_000,
-        function_arn: "arn:aws:lambda:us-east-1:1:function:f".to_owned(),
-        trace_id: String::new(),
-        client_context: String::new(),
-        cognito_identity: String::new(),
-        payload: Bytes::from_static(b"{}"),
-    }
+        function_arn: "arn:aws:lambda:us-east-1:1:function:f",
+        trace_id,
+        payload: b"{}",
+        ..Invoke::default()
+    })
+    .unwrap()
+}
+
+fn event(id: &str) -> InvokeFrame {
+    event_with(id, "")
 }
 
 fn later(answer: Answer) -> oneshot::Receiver<ApiReply> {
@@ -37,7 +41,7 @@ fn later(answer: Answer) -> oneshot::Receiver<ApiReply> {
 
 fn invocation_id(reply: ApiReply) -> String {
     match reply {
-        ApiReply::Invocation(e) => e.request_id.clone(),
+        ApiReply::Invocation(e) => e.invoke().request_id.to_owned(),
         other => panic!("expected an invocation, got {other:?}"),
     }
 }
@@ -286,9 +290,7 @@ fn invalid_response_mode_and_unsendable_headers() {
         }
         other => panic!("{other:?}"),
     }
-    let mut bad = event("b");
-    bad.trace_id = "x\r\ny".into();
-    m.invoke(bad);
+    m.invoke(event_with("b", "x\r\ny"));
     match &frames(&mut rx)[..] {
         [ToHost::InvokeError { failure, .. }] => {
             assert_eq!(failure.error_type, "Thaw.InvalidInvoke")

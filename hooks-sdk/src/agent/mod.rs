@@ -27,12 +27,11 @@ pub mod transport;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
 use self::config::AgentConfig;
-use self::machine::{InvokeEvent, Machine, RestoreOutcome};
+use self::machine::{InvokeFrame, Machine, RestoreOutcome};
 use crate::protocol::io::Frame;
 use crate::protocol::{InitType, Message};
 
@@ -119,7 +118,7 @@ impl Agent {
                     outcome => tracing::info!(restore_id = r.restore_id, ?outcome, "restored"),
                 }
             }
-            Message::Invoke(_) => match invoke_event(frame) {
+            Message::Invoke(_) => match InvokeFrame::new(frame) {
                 Some(event) => self.lock().invoke(event),
                 None => tracing::error!("undecodable Invoke frame"),
             },
@@ -150,32 +149,6 @@ impl Agent {
             Err(e) => tracing::error!("setting the wall clock failed: {e}"),
         }
     }
-}
-
-/// The owned invocation in an `Invoke` frame; the payload shares the frame's buffer.
-fn invoke_event(frame: Frame) -> Option<InvokeEvent> {
-    let (mut event, range) = {
-        let Ok(Message::Invoke(i)) = frame.message() else {
-            return None;
-        };
-        let offset = (i.payload.as_ptr() as usize).checked_sub(frame.body.as_ptr() as usize)?;
-        let event = InvokeEvent {
-            request_id: i.request_id.to_owned(),
-            deadline_ms: i.deadline_ms,
-            function_arn: i.function_arn.to_owned(),
-            trace_id: i.trace_id.to_owned(),
-            client_context: i.client_context.to_owned(),
-            cognito_identity: i.cognito_identity.to_owned(),
-            payload: Bytes::new(),
-        };
-        (event, offset..offset + i.payload.len())
-    };
-    let body = Bytes::from(frame.body);
-    if range.end > body.len() {
-        return None;
-    }
-    event.payload = body.slice(range);
-    Some(event)
 }
 
 /// Runs the agent until the host says `Shutdown` (or, in host mode, SIGTERM/SIGINT), then

@@ -299,16 +299,6 @@ struct InvokeQuery {
     qualifier: Option<String>,
 }
 
-/// What an invocation's path, query and headers ask for.
-#[derive(Debug)]
-struct InvokeRequest {
-    function: String,
-    qualifier: Option<String>,
-    kind: InvocationType,
-    tail_logs: bool,
-    client_context: Option<String>,
-}
-
 async fn invoke<B: Backend>(
     State(backend): State<Arc<B>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -317,8 +307,8 @@ async fn invoke<B: Backend>(
     headers: HeaderMap,
     mut body: Body,
 ) -> Response {
-    let outcome = match parse_request(path, query, &headers) {
-        Ok(request) => run(&*backend, request, request_id, &headers, &mut body).await,
+    let outcome = match parse_request(path, query, &headers, request_id) {
+        Ok((invocation, kind)) => run(&*backend, invocation, kind, &headers, &mut body).await,
         Err(error) => Err(error),
     };
     discard_rest(&mut body, &headers).await;
@@ -329,7 +319,8 @@ fn parse_request(
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<InvokeQuery>, QueryRejection>,
     headers: &HeaderMap,
-) -> Result<InvokeRequest, ApiError> {
+    request_id: String,
+) -> Result<(Invocation, InvocationType), ApiError> {
     let Path(raw_name) = path.map_err(|rejection| {
         ApiError::Validation(format!(
             "Value at 'functionName' failed to satisfy constraint: {}",
@@ -344,43 +335,41 @@ fn parse_request(
     })?;
     let (function, from_name) = parse_function_name(&raw_name)?;
     let qualifier = resolve_qualifier(from_name, query.qualifier)?;
-    Ok(InvokeRequest {
+    let kind = invocation_type(headers)?;
+    let tail_logs = tail_logs(headers)?;
+    // The payload is read once the rest of the request has been found valid.
+    let invocation = Invocation {
         function: function.to_owned(),
         qualifier,
-        kind: invocation_type(headers)?,
-        tail_logs: tail_logs(headers)?,
+        payload: Bytes::new(),
+        request_id,
         client_context: client_context(headers)?,
-    })
+        tail_logs,
+    };
+    Ok((invocation, kind))
 }
 
 async fn run<B: Backend>(
     backend: &B,
-    request: InvokeRequest,
-    request_id: String,
+    mut invocation: Invocation,
+    kind: InvocationType,
     headers: &HeaderMap,
     body: &mut Body,
 ) -> Result<Response, ApiError> {
-    let payload = read_payload(body, headers, request.kind).await?;
-    check_json(&payload)?;
+    invocation.payload = read_payload(body, headers, kind).await?;
+    check_json(&invocation.payload)?;
     tracing::debug!(
-        %request_id,
-        function = %request.function,
-        kind = ?request.kind,
-        bytes = payload.len(),
+        request_id = %invocation.request_id,
+        function = %invocation.function,
+        ?kind,
+        bytes = invocation.payload.len(),
         "invoke"
     );
-    let mut invocation = Invocation {
-        function: request.function,
-        qualifier: request.qualifier,
-        payload,
-        request_id,
-        client_context: request.client_context,
-        tail_logs: request.tail_logs,
-    };
-    match request.kind {
+    match kind {
         InvocationType::RequestResponse => {
+            let tail_logs = invocation.tail_logs;
             let completed = backend.invoke(invocation).await?;
-            Ok(completed_response(completed, request.tail_logs))
+            Ok(completed_response(completed, tail_logs))
         }
         InvocationType::Event => {
             // Lambda gives neither a log tail nor the client context to asynchronous

@@ -16,9 +16,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::restore::MemoryMode;
 use crate::worker::handle::{
-    InvokeSpec, Invoked, RestoreSpec, RestoredInfo, Worker, WorkerCommand, WorkerError,
+    Invoked, RestoreSpec, RestoredInfo, Worker, WorkerCommand, WorkerError,
 };
-use crate::worker::protocol::{FailureKind, WireOutcome};
+use crate::worker::protocol::{FailureKind, Invoke, WireOutcome};
 
 use super::config::{Config, FunctionConfig, MemoryChoice};
 use super::logs::{self, LogSink, Report};
@@ -245,15 +245,16 @@ impl Pool {
             .checked_add(timeout)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let spec = InvokeSpec {
+        let invoke = Invoke {
             request_id: inv.request_id.clone(),
             deadline_ms,
             function_arn: f.arn.clone(),
             client_context: inv.client_context.clone().unwrap_or_default(),
             payload: inv.payload.to_vec(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         };
         let started = Instant::now();
-        let result = env.worker.invoke(spec, timeout).await;
+        let result = env.worker.invoke(invoke).await;
         let duration = started.elapsed();
         let (ending, console) = match result {
             Ok(invoked) => {

@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::protocol::{
-    FailureKind, FrameError, Reply, Request, WireOutcome, read_frame_async, write_frame_async,
+    FailureKind, FrameError, Invoke, Reply, Request, WireOutcome, read_frame_async,
+    write_frame_async,
 };
 use crate::restore::MemoryMode;
 
@@ -61,21 +62,6 @@ pub struct RestoreSpec {
     pub chunks_verified: bool,
     /// The after-restore hooks' budget (Lambda: 10 s).
     pub after_restore_timeout: Duration,
-}
-
-/// An invocation for a worker to run.
-#[derive(Clone, Debug, Default)]
-pub struct InvokeSpec {
-    /// Lambda's request id.
-    pub request_id: String,
-    /// The deadline, Unix milliseconds.
-    pub deadline_ms: u64,
-    /// The function's ARN.
-    pub function_arn: String,
-    /// Client context, or empty.
-    pub client_context: String,
-    /// The event.
-    pub payload: Vec<u8>,
 }
 
 /// A worker's environment is ready.
@@ -253,22 +239,12 @@ impl Worker {
         }
     }
 
-    /// Runs one invocation that may take up to `timeout` (the function's timeout). The worker
-    /// reports a function that runs longer as [`FailureKind::InvokeTimeout`]; a worker that
-    /// does not even do that within [`INVOKE_GRACE`] more is a [`WorkerError::Timeout`].
-    pub async fn invoke(
-        &mut self,
-        spec: InvokeSpec,
-        timeout: Duration,
-    ) -> Result<Invoked, WorkerError> {
-        let request = Request::Invoke {
-            request_id: spec.request_id,
-            deadline_ms: spec.deadline_ms,
-            function_arn: spec.function_arn,
-            client_context: spec.client_context,
-            payload: spec.payload,
-            timeout_ms: millis(timeout),
-        };
+    /// Runs one invocation that may take up to its `timeout_ms` (the function's timeout). The
+    /// worker reports a function that runs longer as [`FailureKind::InvokeTimeout`]; a worker
+    /// that does not even do that within [`INVOKE_GRACE`] more is a [`WorkerError::Timeout`].
+    pub async fn invoke(&mut self, invoke: Invoke) -> Result<Invoked, WorkerError> {
+        let timeout = Duration::from_millis(invoke.timeout_ms);
+        let request = Request::Invoke(invoke);
         match self
             .ask(&request, "Invoke", timeout.saturating_add(INVOKE_GRACE))
             .await?
@@ -569,7 +545,10 @@ mod tests {
             .await
             .unwrap();
         let err = worker
-            .invoke(InvokeSpec::default(), Duration::from_secs(1))
+            .invoke(Invoke {
+                timeout_ms: 1000,
+                ..Invoke::default()
+            })
             .await
             .unwrap_err();
         assert!(

@@ -20,12 +20,12 @@ use vmm_core::exit::ExitReason;
 use vmm_core::machine::{ControlError, ShellSpec};
 
 use super::protocol::{
-    FailureKind, FrameError, Reply, Request, WireMemoryMode, read_frame, write_frame,
+    FailureKind, FrameError, Invoke, Reply, Request, WireMemoryMode, read_frame, write_frame,
 };
 use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use crate::restore::{ChunkCheck, RestoreOptions};
 use crate::shells::ShellPool;
-use hooks_sdk::host::{AfterRestoreError, InvokeError, InvokeRequest};
+use hooks_sdk::host::{AfterRestoreError, InvokeError};
 use snapshot::KeyChoice;
 
 /// The guest console kept in memory: the end of it, for `Invoked` and failures.
@@ -275,24 +275,7 @@ impl<'c> Session<'c> {
                 Duration::from_millis(after_restore_timeout_ms),
                 chunks_verified,
             ),
-            Request::Invoke {
-                request_id,
-                deadline_ms,
-                function_arn,
-                client_context,
-                payload,
-                timeout_ms,
-            } => {
-                let request = InvokeRequest {
-                    request_id,
-                    deadline_ms,
-                    function_arn,
-                    client_context,
-                    payload,
-                    ..InvokeRequest::default()
-                };
-                self.invoke(&request, Duration::from_millis(timeout_ms))
-            }
+            Request::Invoke(invoke) => self.invoke(&invoke),
             Request::Freeze => self.freeze(),
             Request::Thaw => self.thaw(),
             Request::Shutdown => self.shutdown(),
@@ -389,14 +372,14 @@ impl<'c> Session<'c> {
         }
     }
 
-    fn invoke(&mut self, request: &InvokeRequest, timeout: Duration) -> Reply {
+    fn invoke(&mut self, invoke: &Invoke) -> Reply {
         let State::Running { env, .. } = &mut self.state else {
             return self.bad_request("Invoke");
         };
         // Only what the guest prints for this invocation goes with its answer.
         self.console.take();
         let started = Instant::now();
-        let result = env.invoke(request, timeout);
+        let result = env.invoke(&invoke.wire(), Duration::from_millis(invoke.timeout_ms));
         let duration = started.elapsed();
         match result {
             Ok(outcome) => Reply::Invoked {
@@ -596,14 +579,14 @@ mod tests {
     }
 
     fn invoke() -> Request {
-        Request::Invoke {
+        Request::Invoke(Invoke {
             request_id: "r1".into(),
             deadline_ms: 0,
             function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
             client_context: String::new(),
             payload: b"{}".to_vec(),
             timeout_ms: 1000,
-        }
+        })
     }
 
     fn restore(snapshot: &Path, key_file: Option<PathBuf>) -> Request {

@@ -100,22 +100,7 @@ pub enum Request {
         chunks_verified: bool,
     },
     /// Run one invocation; answered `Invoked`, or `Failed` if it got no answer.
-    Invoke {
-        /// Lambda's request id.
-        request_id: String,
-        /// The deadline, Unix milliseconds.
-        deadline_ms: u64,
-        /// The function's ARN.
-        function_arn: String,
-        /// Client context, or empty.
-        client_context: String,
-        /// The event.
-        #[serde(with = "bulk")]
-        payload: Vec<u8>,
-        /// How long the function may run, ms; past it the worker answers `Failed` with
-        /// `FailureKind::InvokeTimeout`.
-        timeout_ms: u64,
-    },
+    Invoke(Invoke),
     /// Pause every vCPU (Lambda's freeze of an idle environment); answered `Frozen`.
     Freeze,
     /// Resume them; answered `Thawed`.
@@ -123,6 +108,41 @@ pub enum Request {
     /// Ask the guest to power off, stop the VM and exit; answered `ShutDown` just before the
     /// worker exits.
     Shutdown,
+}
+
+/// One invocation on the worker pipe: the daemon's [`Invocation`](crate::daemon::Invocation)
+/// with what the daemon adds (deadline, ARN, time limit). The worker hands the guest the same
+/// values as the guest wire's [`hooks_sdk::protocol::Invoke`] ([`Invoke::wire`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invoke {
+    /// Lambda's request id.
+    pub request_id: String,
+    /// The deadline, Unix milliseconds.
+    pub deadline_ms: u64,
+    /// The function's ARN.
+    pub function_arn: String,
+    /// Client context, or empty.
+    pub client_context: String,
+    /// The event.
+    #[serde(with = "bulk")]
+    pub payload: Vec<u8>,
+    /// How long the function may run, ms; past it the worker answers `Failed` with
+    /// `FailureKind::InvokeTimeout`.
+    pub timeout_ms: u64,
+}
+
+impl Invoke {
+    /// The invocation as the guest wire carries it.
+    pub fn wire(&self) -> hooks_sdk::protocol::Invoke<'_> {
+        hooks_sdk::protocol::Invoke {
+            request_id: &self.request_id,
+            deadline_ms: self.deadline_ms,
+            function_arn: &self.function_arn,
+            client_context: &self.client_context,
+            payload: &self.payload,
+            ..Default::default()
+        }
+    }
 }
 
 /// The function's answer to one invocation.
@@ -455,14 +475,14 @@ mod tests {
                 after_restore_timeout_ms: 0,
                 chunks_verified: false,
             },
-            Request::Invoke {
+            Request::Invoke(Invoke {
                 request_id: "5b1c".into(),
                 deadline_ms: u64::MAX,
                 function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f".into(),
                 client_context: String::new(),
                 payload: (0..=255).collect(),
                 timeout_ms: 3000,
-            },
+            }),
             Request::Freeze,
             Request::Thaw,
             Request::Shutdown,
@@ -666,14 +686,10 @@ mod tests {
     fn a_message_too_large_to_send_is_refused_before_anything_is_written() {
         // A string rather than the payload: serde encodes it in one piece, the payload byte by
         // byte, which takes seconds in a debug build.
-        let request = Request::Invoke {
-            request_id: String::new(),
-            deadline_ms: 0,
-            function_arn: String::new(),
+        let request = Request::Invoke(Invoke {
             client_context: "x".repeat(MAX_FRAME),
-            payload: Vec::new(),
-            timeout_ms: 0,
-        };
+            ..Invoke::default()
+        });
         let mut out = Vec::new();
         let err = write_frame(&mut out, &request).unwrap_err();
         assert!(
@@ -694,16 +710,7 @@ mod tests {
         let err = refusal(&raw_frame(body.len() as u32, &body));
         assert!(matches!(err, FrameError::Decode(_)), "{err:?}");
         // A payload claiming more bytes than any frame holds: refused, not allocated.
-        let mut body = encode_frame(&Request::Invoke {
-            request_id: String::new(),
-            deadline_ms: 0,
-            function_arn: String::new(),
-            client_context: String::new(),
-            payload: Vec::new(),
-            timeout_ms: 0,
-        })
-        .unwrap()[4..]
-            .to_vec();
+        let mut body = encode_frame(&Request::Invoke(Invoke::default())).unwrap()[4..].to_vec();
         // Variant, three string lengths and the deadline come first.
         body[36..44].copy_from_slice(&u64::MAX.to_le_bytes());
         let err = refusal(&raw_frame(body.len() as u32, &body));

@@ -1,10 +1,15 @@
 //! The userfaultfd page server: guest memory starts empty and registered with userfaultfd
 //! (missing mode); the first touch of any page — by a vCPU through KVM or by the VMM itself —
-//! stops the toucher until the server installs the whole snapshot chunk around it, decrypted
-//! and decompressed (`UFFDIO_COPY`), or maps zeros for a chunk the snapshot elided
-//! (`UFFDIO_ZEROPAGE`). A background thread installs the snapshot's working set first (the
-//! chunks a recorded restore touched, in that order) and, once the guest's first burst of faults
-//! is over, every other chunk, so the guest runs while its memory arrives.
+//! stops the toucher until the server installs the whole chunk around it (`UFFDIO_COPY`), or
+//! maps zeros for a chunk the source elided (`UFFDIO_ZEROPAGE`). A background thread installs
+//! the working set first (the chunks a recorded restore touched, in that order) and, once the
+//! guest's first burst of faults is over, every other chunk, so the guest runs while its memory
+//! arrives.
+//!
+//! The bytes come from a [`PageSource`], which also lays memory out in chunks: a sealed local
+//! snapshot ([`SnapshotSource`], every chunk authenticated as it is read) or plaintext memory
+//! in this process ([`MemorySource`]). The server owns when chunks are installed; the source,
+//! what they hold.
 //!
 //! Each chunk is installed once: a per-chunk state (missing → installing → installed) decides
 //! who installs it. Whoever loses that race, or gets `EEXIST` from the kernel, only wakes the
@@ -20,6 +25,10 @@
 //! handing over a remove event and the removed bits being set (a copy landing after the zap
 //! would resurrect snapshot data).
 //!
+//! **Accounting.** When the full prefetch (or `install_all`) has passed over every chunk, the
+//! server checks that every chunk is installed and that its counts add up
+//! ([`PageServer::check_complete`]); if not, that is a failure like any other.
+//!
 //! **Failure.** If the server cannot go on (a chunk does not authenticate, an ioctl fails, a
 //! fault lands outside guest memory, a server thread panics) it records the error, calls
 //! [`PagerOptions::on_failure`] once and unregisters all guest memory, which wakes every blocked
@@ -27,18 +36,34 @@
 //! is no longer the snapshot's and the VM must not run on**. The owner stops it from
 //! `on_failure`; the server only guarantees nothing hangs.
 
+mod accounting;
+mod error;
 mod serve;
 mod shared;
+mod source;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests_discard;
+#[cfg(test)]
+mod tests_failure;
+#[cfg(test)]
+mod tests_serving;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::Snapshot;
 use userfaultfd::{FeatureFlags, UffdBuilder};
 
+pub use accounting::{PagerStats, Tally};
+pub use error::{BoxError, InstallOp, LayoutError, PagerError, SourceError, UffdError};
 use shared::Shared;
+pub use source::{
+    ChunkLayout, Fill, MemorySource, PageSource, SnapshotSource, SourceChunk, SourceRegion,
+};
 
 /// After the guest's first fault, the full prefetch waits until no fault has arrived for this
 /// long. A restored guest first touches the pages its next instructions need, in a dense burst;
@@ -50,62 +75,6 @@ pub const PREFETCH_QUIET: Duration = Duration::from_millis(2);
 /// guest that keeps faulting steadily (or never faults) must still get its memory in the
 /// background instead of paying a fault per chunk for ever.
 pub const PREFETCH_DEADLINE: Duration = Duration::from_millis(50);
-
-/// The page server could not start or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PagerError {
-    /// userfaultfd could not be opened or the memory registered.
-    #[error("userfaultfd setup failed: {0}")]
-    Setup(String),
-    /// A region of guest memory is not what the snapshot describes.
-    #[error("guest memory does not match the snapshot: {0}")]
-    Layout(String),
-    /// The working set names a chunk the snapshot does not have.
-    #[error("working set names chunk {index}; the snapshot has {chunks}")]
-    WorkingSet {
-        /// The chunk named.
-        index: u32,
-        /// Chunks in the snapshot.
-        chunks: usize,
-    },
-    /// A chunk could not be read from the snapshot.
-    #[error("chunk {index} could not be read")]
-    Chunk {
-        /// The chunk.
-        index: usize,
-        /// Why.
-        #[source]
-        source: snapshot::ReadError,
-    },
-    /// Installing a chunk failed.
-    #[error("installing chunk {index} failed: {reason}")]
-    Install {
-        /// The chunk.
-        index: usize,
-        /// The ioctl's error.
-        reason: String,
-    },
-    /// A fault outside every registered region.
-    #[error("page fault at {addr:#x}, outside guest memory")]
-    StrayFault {
-        /// Host address.
-        addr: usize,
-    },
-    /// Reading userfaultfd events failed.
-    #[error("reading userfaultfd events failed: {0}")]
-    Events(String),
-    /// A server thread panicked.
-    #[error("page server thread {thread} panicked: {message}")]
-    Panic {
-        /// The thread's name.
-        thread: &'static str,
-        /// The panic's message, if it had one.
-        message: String,
-    },
-    /// A server thread could not start.
-    #[error("cannot start the page server's threads")]
-    Thread(#[source] std::io::Error),
-}
 
 /// Where a region of guest memory lives in this process.
 #[derive(Clone, Copy, Debug)]
@@ -128,7 +97,7 @@ pub struct PagerOptions {
     pub prefetch: bool,
     /// Chunk indices to install first, in this order, starting at once and in parallel with
     /// the guest; installed even if `prefetch` is false. Typically the snapshot's recorded
-    /// working set. Each must be below the snapshot's chunk count.
+    /// working set. Each must be below the source's chunk count.
     pub working_set: Vec<u32>,
     /// Record the order in which the fault thread first installs chunks for faults (see
     /// [`PageServer::recorded`]). Chunks installed by the background thread are not recorded,
@@ -164,33 +133,6 @@ impl std::fmt::Debug for PagerOptions {
     }
 }
 
-/// Counts of what the server did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PagerStats {
-    /// Page faults received.
-    pub faults: u64,
-    /// Chunks installed with data.
-    pub data_chunks: u64,
-    /// Chunks answered with zero pages.
-    pub zero_chunks: u64,
-    /// Chunks installed by the background thread from the working set.
-    pub working_set: u64,
-    /// Chunks installed by the background thread's full prefetch.
-    pub prefetched: u64,
-    /// Pages the kernel refused as already present (`EEXIST`).
-    pub lost_races: u64,
-    /// Remove events (memory discarded with `MADV_DONTNEED` and the like).
-    pub removes: u64,
-    /// Pages newly marked removed by those events.
-    pub removed_pages: u64,
-    /// Faults in removed pages, answered with a zero page.
-    pub zero_page_faults: u64,
-    /// Installs retried because the kernel answered `EAGAIN` while it processed a remove.
-    pub retries: u64,
-    /// Chunks in the snapshot.
-    pub chunks: u64,
-}
-
 /// A running page server. Dropping it stops its threads and closes the userfaultfd, which
 /// unregisters the memory: pages not installed by then read as zeros, so drop it only after the
 /// VM has stopped (or once [`PageServer::complete`]).
@@ -200,29 +142,28 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    /// Registers `regions` (empty, private anonymous memory laid out as the snapshot's regions)
-    /// with userfaultfd and starts serving faults from `snapshot`, filling memory in the
+    /// Registers `regions` (empty, private anonymous memory laid out as the source's regions)
+    /// with userfaultfd and starts serving faults from `source`, filling memory in the
     /// background as `options` say.
     pub fn start(
-        snapshot: Arc<Snapshot>,
+        source: Arc<dyn PageSource>,
         regions: Vec<HostRegion>,
         options: PagerOptions,
     ) -> Result<PageServer, PagerError> {
-        let described: Vec<(u64, u64)> = snapshot
+        let layout = source.layout();
+        let described: Vec<(u64, u64)> = layout
             .regions()
             .iter()
-            .map(|r| (r.guest_addr, r.size))
+            .map(|r| (r.guest_addr, r.len))
             .collect();
         let given: Vec<(u64, u64)> = regions
             .iter()
             .map(|r| (r.guest_addr, r.len as u64))
             .collect();
         if described != given {
-            return Err(PagerError::Layout(format!(
-                "snapshot regions {described:x?}, guest memory {given:x?}"
-            )));
+            return Err(LayoutError::Regions { described, given }.into());
         }
-        let chunks = snapshot.chunks().len();
+        let chunks = layout.chunks().len();
         if let Some(&index) = options.working_set.iter().find(|&&i| i as usize >= chunks) {
             return Err(PagerError::WorkingSet { index, chunks });
         }
@@ -232,11 +173,15 @@ impl PageServer {
             .user_mode_only(false)
             .require_features(FeatureFlags::EVENT_REMOVE)
             .create()
-            .map_err(|e| PagerError::Setup(format!("cannot open userfaultfd: {e}")))?;
+            .map_err(|e| PagerError::Open(e.into()))?;
         for r in &regions {
             // Registration failing half-way needs no undo: dropping the uffd unregisters.
             uffd.register(r.host_addr as *mut libc::c_void, r.len)
-                .map_err(|e| PagerError::Setup(format!("cannot register guest memory: {e}")))?;
+                .map_err(|e| PagerError::Register {
+                    host_addr: r.host_addr,
+                    len: r.len,
+                    source: e.into(),
+                })?;
         }
         let PagerOptions {
             prefetch,
@@ -244,7 +189,7 @@ impl PageServer {
             record,
             on_failure,
         } = options;
-        let shared = Arc::new(Shared::new(snapshot, uffd, &regions, record, on_failure)?);
+        let shared = Arc::new(Shared::new(source, uffd, &regions, record, on_failure)?);
         let server = PageServer {
             shared: shared.clone(),
             threads: std::sync::Mutex::new(Vec::new()),
@@ -273,9 +218,17 @@ impl PageServer {
         self.shared.stats()
     }
 
-    /// Whether every chunk has been installed (the final accounting: nothing left to fault).
+    /// Whether every chunk has been installed (nothing left to fault).
     pub fn complete(&self) -> bool {
         self.shared.complete()
+    }
+
+    /// The final accounting: the stats, once every chunk is installed and the counts add up
+    /// (see [`PagerStats::check_totals`]); otherwise [`PagerError::Incomplete`] or
+    /// [`PagerError::Unaccounted`]. The background thread runs it when its full prefetch ends,
+    /// and `install_all` before it returns; either fails the server if it does not hold.
+    pub fn check_complete(&self) -> Result<PagerStats, PagerError> {
+        self.shared.check_complete()
     }
 
     /// Waits until every chunk is installed, the server fails, or `timeout` passes; returns
@@ -328,8 +281,9 @@ impl PageServer {
     }
 
     /// Installs every chunk not yet installed, from the calling thread, and returns once all
-    /// memory is the snapshot's: for callers about to read all of guest memory themselves
-    /// (a new snapshot of a lazily restored guest). Fails if the server has failed.
+    /// memory is the source's and accounted for: for callers about to read all of guest
+    /// memory themselves (a new snapshot of a lazily restored guest). Fails if the server has
+    /// failed (or fails it, if the final accounting does not hold).
     pub fn install_all(&self) -> Result<(), Arc<PagerError>> {
         serve::install_all(&self.shared);
         match self.shared.failure() {

@@ -25,7 +25,7 @@ use vmm_core::machine::{
 use vmm_core::memory::GuestMemory;
 use vmm_core::{Machine, MachineError};
 
-use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats};
+use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
 use crate::shells::ShellPool;
 use crate::verify::{self, VerifyError};
 use snapshot::KeyChoice;
@@ -228,7 +228,7 @@ impl PagerWatch {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        failure.get_or_insert_with(|| e.to_string());
+        failure.get_or_insert_with(|| e.full_message());
         if let Some(c) = self.controller.get() {
             c.stop();
         }
@@ -506,7 +506,9 @@ fn start_pager(
         record: options.record_working_set,
         on_failure: Some(Box::new(move |e: &PagerError| on_failure.failed(e))),
     };
-    PageServer::start(snap.clone(), regions, pager_options).map_err(RestoreError::PagerStart)
+    let source = SnapshotSource::new(snap.clone())
+        .map_err(|e| RestoreError::PagerStart(PagerError::Layout(e)))?;
+    PageServer::start(Arc::new(source), regions, pager_options).map_err(RestoreError::PagerStart)
 }
 
 /// Decrypts and decompresses every data chunk straight into guest memory, on all cores: an

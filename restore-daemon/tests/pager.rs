@@ -1,10 +1,12 @@
-//! The page server on real userfaultfd: memory registered empty comes back byte-exact from an
-//! encrypted snapshot, by faults alone, by the prefetcher alone, by both racing and by the
-//! working set; the first-fault order is recorded; discarded memory (MADV_DONTNEED) reads as
-//! zeros afterwards whether its chunk was installed before, after or during the discard; a
-//! chunk that fails to authenticate releases the faulting thread instead of hanging it; and a
-//! memory layout that is not the snapshot's is refused. Every test runs under a watchdog so a
-//! regression that blocks a faulting thread fails instead of hanging the suite.
+//! The page server end to end from a sealed, encrypted snapshot file on real userfaultfd:
+//! the snapshot source lays memory out as the snapshot does and hands over exactly what
+//! `read_chunk` decodes; memory registered empty comes back byte-exact with faults racing the
+//! working set and the prefetcher, and the final accounting holds; a chunk damaged after the
+//! snapshot was opened fails authentication, which releases the faulting thread instead of
+//! hanging it; and a memory layout that is not the snapshot's is refused. The pager's
+//! mechanics (discards, recording, ordering, failures) are unit-tested in `src/pager/` from an
+//! in-memory source. Every test runs under a watchdog so a regression that blocks a faulting
+//! thread fails instead of hanging the suite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use restore_daemon::pager::{HostRegion, PageServer, PagerError, PagerOptions};
+use restore_daemon::pager::{
+    Fill, HostRegion, LayoutError, PageServer, PageSource, PagerError, PagerOptions,
+    SnapshotSource, SourceError,
+};
 use snapshot::{
     Fingerprint, MasterKey, MemoryRegion, Protection, Snapshot, SnapshotMeta, WriteOptions,
 };
@@ -188,55 +193,49 @@ fn touch_chunk(m: &Mapping, chunk: usize) {
     m.read_page(chunk * PAGES_PER_CHUNK, &mut page);
 }
 
-#[test]
-fn faults_alone_bring_every_page_back() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let server = PageServer::start(snap.clone(), vec![m.region()], options(false)).unwrap();
-        check_all_pages(&m, &want);
-        let stats = server.stats();
-        assert!(server.complete(), "{stats:?}");
-        assert_eq!(stats.chunks, (LEN / CHUNK) as u64);
-        assert_eq!(stats.data_chunks + stats.zero_chunks, stats.chunks);
-        assert!(stats.zero_chunks >= stats.chunks / 4, "{stats:?}");
-        // One fault per chunk: the whole chunk is installed at the first touch.
-        assert_eq!(stats.faults, stats.chunks, "{stats:?}");
-        assert_eq!(stats.prefetched, 0);
-        assert_eq!(stats.working_set, 0);
-        assert!(server.failure().is_none());
-        assert!(server.recorded().is_empty(), "not recording");
-    });
+/// The page source over a sealed snapshot.
+fn source(snap: &Arc<Snapshot>) -> Arc<SnapshotSource> {
+    Arc::new(SnapshotSource::new(snap.clone()).unwrap())
 }
 
 #[test]
-fn the_prefetcher_alone_brings_every_page_back() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let server = PageServer::start(snap, vec![m.region()], options(true)).unwrap();
-        wait_complete(&server);
-        let stats = server.stats();
-        assert_eq!(stats.faults, 0, "{stats:?}");
-        assert_eq!(stats.prefetched, stats.chunks);
-        check_all_pages(&m, &want);
-        assert_eq!(server.stats().faults, 0, "installed memory faults no more");
-    });
+fn the_snapshot_source_serves_the_snapshot_as_read_chunk_decodes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = memory();
+    let snap = snapshot(dir.path(), &want);
+    let src = source(&snap);
+    let layout = src.layout();
+    assert_eq!(layout.chunk_size(), CHUNK);
+    assert_eq!(layout.chunks().len(), snap.chunks().len());
+    let mut got = vec![0u8; CHUNK];
+    let mut read = vec![0u8; CHUNK];
+    for (index, (c, info)) in layout.chunks().iter().zip(snap.chunks()).enumerate() {
+        assert_eq!((c.guest_addr, c.len), (info.guest_addr, info.len as usize));
+        assert_eq!(
+            c.zero,
+            info.kind == snapshot::ChunkKind::Zero,
+            "chunk {index}"
+        );
+        let fill = src.fill_chunk(index, &mut got).unwrap();
+        assert_eq!(fill, if c.zero { Fill::Zero } else { Fill::Data });
+        snap.read_chunk(index, &mut read).unwrap();
+        if fill == Fill::Data {
+            assert_eq!(got, read, "chunk {index}");
+        } else {
+            assert!(read.iter().all(|b| *b == 0), "chunk {index}");
+        }
+    }
 }
 
 #[test]
-fn faults_racing_the_prefetcher_are_served_once_each() {
+fn a_sealed_snapshot_comes_back_byte_exact_with_faults_racing_the_prefetcher() {
     within_a_minute(|| {
         let dir = tempfile::tempdir().unwrap();
         let want = memory();
         let snap = snapshot(dir.path(), &want);
         let m = Arc::new(Mapping::new(LEN));
         let server = PageServer::start(
-            snap,
+            source(&snap),
             vec![m.region()],
             PagerOptions {
                 working_set: (0..(LEN / CHUNK) as u32).rev().step_by(3).collect(),
@@ -266,249 +265,13 @@ fn faults_racing_the_prefetcher_are_served_once_each() {
             r.join().unwrap();
         }
         wait_complete(&server);
-        let stats = server.stats();
-        assert_eq!(
-            stats.data_chunks + stats.zero_chunks,
-            stats.chunks,
-            "{stats:?}"
-        );
-        assert!(stats.prefetched + stats.working_set <= stats.chunks);
-    });
-}
-
-#[test]
-fn the_working_set_is_installed_at_once_without_prefetch() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let set = vec![9u32, 3, 77, 3, 120];
-        let server = PageServer::start(
-            snap,
-            vec![m.region()],
-            PagerOptions {
-                working_set: set.clone(),
-                ..options(false)
-            },
-        )
-        .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while server.stats().working_set < 4 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", server.stats());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut page = vec![0u8; PAGE];
-        for &c in &set {
-            for p in c as usize * PAGES_PER_CHUNK..(c as usize + 1) * PAGES_PER_CHUNK {
-                m.read_page(p, &mut page);
-                assert_eq!(&page[..], &want[p * PAGE..(p + 1) * PAGE], "page {p}");
-            }
-        }
-        let stats = server.stats();
-        assert_eq!(
-            stats.faults, 0,
-            "the working set was installed before the touch"
-        );
-        assert_eq!(
-            stats.working_set, 4,
-            "duplicates are installed once: {stats:?}"
-        );
-        assert_eq!(stats.prefetched, 0);
-        assert!(
-            !server.complete(),
-            "nothing but the working set without prefetch"
-        );
-        // The rest still comes by faults.
+        let stats = server.check_complete().unwrap();
+        assert_eq!(stats.chunks, (LEN / CHUNK) as u64);
+        assert_eq!(stats.data_chunks + stats.zero_chunks, stats.chunks);
+        assert!(stats.zero_chunks >= stats.chunks / 4, "{stats:?}");
+        assert_eq!(stats.installed_pages, (LEN / PAGE) as u64, "{stats:?}");
+        assert!(server.failure().is_none());
         check_all_pages(&m, &want);
-        assert!(server.complete());
-    });
-}
-
-#[test]
-fn a_working_set_naming_a_missing_chunk_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let want = memory();
-    let snap = snapshot(dir.path(), &want);
-    let m = Mapping::new(LEN);
-    let opts = PagerOptions {
-        working_set: vec![1, 128],
-        ..options(false)
-    };
-    match PageServer::start(snap, vec![m.region()], opts) {
-        Err(PagerError::WorkingSet {
-            index: 128,
-            chunks: 128,
-        }) => {}
-        Err(other) => panic!("wrong error: {other}"),
-        Ok(_) => panic!("a chunk past the end was accepted"),
-    }
-}
-
-#[test]
-fn the_first_fault_order_is_recorded_once_per_chunk() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let server = PageServer::start(
-            snap,
-            vec![m.region()],
-            PagerOptions {
-                record: true,
-                working_set: vec![40],
-                ..options(false)
-            },
-        )
-        .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while server.stats().working_set < 1 {
-            assert!(std::time::Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for c in [7, 2, 7, 40, 12, 2] {
-            touch_chunk(&m, c);
-        }
-        // A later page of an installed chunk faults no more and records nothing.
-        let mut page = vec![0u8; PAGE];
-        m.read_page(7 * PAGES_PER_CHUNK + 5, &mut page);
-        assert_eq!(
-            server.recorded(),
-            vec![7, 2, 12],
-            "working-set chunk 40 is not a fault"
-        );
-        server.stop_recording();
-        touch_chunk(&m, 3);
-        assert_eq!(server.recorded(), vec![7, 2, 12]);
-        assert_eq!(server.stats().faults, 4);
-    });
-}
-
-/// Expected contents after discarding `removed` pages: zeros there, the snapshot elsewhere.
-fn with_removed(want: &[u8], removed: &[(usize, usize)]) -> Vec<u8> {
-    let mut out = want.to_vec();
-    for &(page, pages) in removed {
-        out[page * PAGE..(page + pages) * PAGE].fill(0);
-    }
-    out
-}
-
-#[test]
-fn discarded_pages_of_an_installed_chunk_read_as_zeros() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let server = PageServer::start(snap, vec![m.region()], options(false)).unwrap();
-        // Chunk 5 is text, chunk 6 random: install both, then discard across them.
-        touch_chunk(&m, 5);
-        touch_chunk(&m, 6);
-        let first = 5 * PAGES_PER_CHUNK + 10;
-        m.discard(first, 9);
-        let expect = with_removed(&want, &[(first, 9)]);
-        let mut page = vec![0u8; PAGE];
-        for p in 5 * PAGES_PER_CHUNK..7 * PAGES_PER_CHUNK {
-            m.read_page(p, &mut page);
-            assert_eq!(&page[..], &expect[p * PAGE..(p + 1) * PAGE], "page {p}");
-        }
-        // Discarding again, after the zero pages were written, still yields zeros.
-        // SAFETY: inside the mapping, whose page `first` is installed.
-        unsafe { m.ptr.add(first * PAGE).write_volatile(0x5a) };
-        m.discard(first, 1);
-        m.read_page(first, &mut page);
-        assert!(page.iter().all(|b| *b == 0));
-        let stats = server.stats();
-        assert_eq!(stats.removes, 2, "{stats:?}");
-        assert_eq!(stats.removed_pages, 9, "{stats:?}");
-        assert_eq!(stats.zero_page_faults, 10, "{stats:?}");
-        assert!(server.failure().is_none());
-    });
-}
-
-#[test]
-fn discarded_pages_of_a_chunk_not_yet_installed_stay_zero() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Mapping::new(LEN);
-        let server = PageServer::start(snap, vec![m.region()], options(false)).unwrap();
-        // Chunk 9 (text): discard its first pages and two in the middle, then fault it in from
-        // a page that was not discarded; chunk 10 (random): fault it in from a discarded page.
-        let removed = [
-            (9 * PAGES_PER_CHUNK, 3),
-            (9 * PAGES_PER_CHUNK + 7, 2),
-            (10 * PAGES_PER_CHUNK + 4, 4),
-            // a zero chunk
-            (12 * PAGES_PER_CHUNK + 1, 1),
-        ];
-        for &(p, n) in &removed {
-            m.discard(p, n);
-        }
-        let expect = with_removed(&want, &removed);
-        let mut page = vec![0u8; PAGE];
-        let mut check = |p: usize| {
-            m.read_page(p, &mut page);
-            assert_eq!(&page[..], &expect[p * PAGE..(p + 1) * PAGE], "page {p}");
-        };
-        check(9 * PAGES_PER_CHUNK + 5);
-        check(10 * PAGES_PER_CHUNK + 5);
-        for p in 8 * PAGES_PER_CHUNK..13 * PAGES_PER_CHUNK {
-            check(p);
-        }
-        let stats = server.stats();
-        assert_eq!(stats.removed_pages, 10, "{stats:?}");
-        assert!(server.failure().is_none());
-        // Everything else is untouched by the discards.
-        check_all_pages(&m, &expect);
-        assert!(server.complete());
-    });
-}
-
-#[test]
-fn discards_while_the_prefetcher_runs_read_as_zeros() {
-    within_a_minute(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let want = memory();
-        let snap = snapshot(dir.path(), &want);
-        let m = Arc::new(Mapping::new(LEN));
-        let chunks = (LEN / CHUNK) as u32;
-        let server = PageServer::start(
-            snap,
-            vec![m.region()],
-            PagerOptions {
-                working_set: (0..chunks).rev().collect(),
-                ..options(true)
-            },
-        )
-        .unwrap();
-        // Discard a run in every third chunk, straddling chunk boundaries, while the working
-        // set installs everything from the back and a reader faults from the front.
-        let removed: Vec<(usize, usize)> = (0..chunks as usize)
-            .step_by(3)
-            .map(|c| (c * PAGES_PER_CHUNK + (c % PAGES_PER_CHUNK), 5 + c % 13))
-            .filter(|(p, n)| (p + n) * PAGE <= LEN)
-            .collect();
-        let reader = {
-            let m = m.clone();
-            std::thread::spawn(move || {
-                let mut page = vec![0u8; PAGE];
-                for p in (0..LEN / PAGE).step_by(7) {
-                    m.read_page(p, &mut page);
-                }
-            })
-        };
-        for &(p, n) in &removed {
-            m.discard(p, n);
-        }
-        reader.join().unwrap();
-        wait_complete(&server);
-        check_all_pages(&m, &with_removed(&want, &removed));
-        let stats = server.stats();
-        assert_eq!(stats.removes, removed.len() as u64, "{stats:?}");
-        assert!(server.failure().is_none());
     });
 }
 
@@ -543,11 +306,11 @@ fn a_chunk_corrupted_after_open_fails_the_server_without_hanging_the_guest() {
             Box::new(move |e: &PagerError| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 assert!(matches!(e, PagerError::Chunk { index: 6, .. }), "{e}");
-                *seen.lock().unwrap() = e.to_string();
+                *seen.lock().unwrap() = e.full_message();
             })
         };
         let server = PageServer::start(
-            snap,
+            source(&snap),
             vec![m.region()],
             PagerOptions {
                 on_failure: Some(hook),
@@ -570,13 +333,23 @@ fn a_chunk_corrupted_after_open_fails_the_server_without_hanging_the_guest() {
             .expect("a thread faulting on the damaged chunk was left blocked");
         assert!(page.iter().all(|b| *b == 0), "released as anonymous memory");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(seen.lock().unwrap().contains("chunk 6"));
+        let message = seen.lock().unwrap().clone();
+        assert!(
+            message.contains("chunk 6") && message.contains("failed authentication"),
+            "{message}"
+        );
         let failure = server.failure().expect("failure recorded");
         match &*failure {
             PagerError::Chunk {
                 index: 6,
-                source: snapshot::ReadError::ChunkTampered { index: 6 },
-            } => {}
+                source: SourceError::Unauthentic(cause),
+            } => assert!(
+                matches!(
+                    cause.downcast_ref::<snapshot::ReadError>(),
+                    Some(snapshot::ReadError::ChunkTampered { index: 6 })
+                ),
+                "{cause:?}"
+            ),
             other => panic!("wrong failure: {other:?}"),
         }
         // Installed memory keeps its contents; the rest is plain anonymous memory now and
@@ -593,13 +366,16 @@ fn a_chunk_corrupted_after_open_fails_the_server_without_hanging_the_guest() {
 }
 
 #[test]
-fn memory_laid_out_otherwise_is_refused() {
+fn memory_laid_out_otherwise_than_the_snapshot_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let want = memory();
     let snap = snapshot(dir.path(), &want);
     let m = Mapping::new(LEN / 2);
-    match PageServer::start(snap, vec![m.region()], options(false)) {
-        Err(PagerError::Layout(reason)) => assert!(reason.contains("snapshot regions")),
+    match PageServer::start(source(&snap), vec![m.region()], options(false)) {
+        Err(PagerError::Layout(LayoutError::Regions { described, given })) => {
+            assert_eq!(described, vec![(0, LEN as u64)]);
+            assert_eq!(given, vec![(0, LEN as u64 / 2)]);
+        }
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a half-size memory was accepted"),
     }

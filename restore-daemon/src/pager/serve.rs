@@ -113,7 +113,8 @@ pub(super) fn background_thread(shared: &Shared, working_set: &[u32], prefetch: 
 }
 
 /// Installs `working_set`, then with `prefetch` every other chunk — after the guest's first
-/// burst of faults if `after_burst`.
+/// burst of faults if `after_burst` — and then runs the final accounting: once installs still
+/// in flight have finished, every chunk must be installed and the counts must add up.
 fn fill_in_background(
     shared: &Shared,
     working_set: &[u32],
@@ -121,8 +122,9 @@ fn fill_in_background(
     after_burst: bool,
 ) -> Result<(), PagerError> {
     let mut buf = Vec::new();
-    // Returns whether to go on (false once the server stops). A chunk is counted when claimed, before it is marked installed, so that once
-    // `complete()` holds the counters add up too.
+    // Returns whether to go on (false once the server stops). A chunk is counted when
+    // claimed, before it is marked installed, so that once `complete()` holds the counters add
+    // up too.
     let install = |index: usize,
                    buf: &mut Vec<u8>,
                    counter: &std::sync::atomic::AtomicU64|
@@ -150,7 +152,11 @@ fn fill_in_background(
             return Ok(());
         }
     }
-    tracing::debug!("prefetch complete");
+    if !shared.settle() {
+        return Ok(());
+    }
+    let stats = shared.check_complete()?;
+    tracing::debug!(?stats, "prefetch complete, every chunk accounted for");
     Ok(())
 }
 

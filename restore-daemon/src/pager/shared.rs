@@ -1,15 +1,20 @@
 //! The state every server thread shares: where each chunk lives, who has installed it, which
-//! pages were discarded, and the installing itself.
+//! pages were discarded, the events and faults, the final accounting and failing; installing
+//! itself is in `install`.
+
+mod install;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use snapshot::{ChunkKind, Snapshot};
 use userfaultfd::{Event, Uffd};
 
-use super::{FailureHook, HostRegion, PagerError, PagerStats};
+use super::accounting::Counters;
+use super::error::{LayoutError, PagerError};
+use super::source::PageSource;
+use super::{FailureHook, HostRegion, PagerStats};
 
 /// The granularity of userfaultfd installs and of the removed record (the format's elision page
 /// and the host page are both 4 KiB).
@@ -19,9 +24,8 @@ const MISSING: u8 = 0;
 const INSTALLING: u8 = 1;
 const INSTALLED: u8 = 2;
 
-/// How long a background installer waits for the fault thread to read a pending remove event
-/// before it tries again.
-const AGAIN_WAIT: Duration = Duration::from_micros(50);
+/// How often the final accounting looks whether installs in flight have finished.
+const SETTLE_WAIT: Duration = Duration::from_micros(100);
 
 struct Region {
     host: usize,
@@ -34,21 +38,8 @@ struct Chunk {
     host: usize,
     len: usize,
     first_page: usize,
-    kind: ChunkKind,
-}
-
-#[derive(Default)]
-pub(super) struct Counters {
-    pub faults: AtomicU64,
-    pub data_chunks: AtomicU64,
-    pub zero_chunks: AtomicU64,
-    pub working_set: AtomicU64,
-    pub prefetched: AtomicU64,
-    pub lost_races: AtomicU64,
-    pub removes: AtomicU64,
-    pub removed_pages: AtomicU64,
-    pub zero_page_faults: AtomicU64,
-    pub retries: AtomicU64,
+    /// Elided by the source: zero pages, without asking it.
+    zero: bool,
 }
 
 /// Why an install stopped short.
@@ -73,16 +64,8 @@ pub(super) enum Outcome {
     Skipped,
 }
 
-enum Placed {
-    Bytes(usize),
-    /// The first page of the range is present already.
-    Exists,
-    /// The kernel is processing a remove event (`mmap_changing`); retry after it is read.
-    Again,
-}
-
 pub(super) struct Shared {
-    snapshot: Arc<Snapshot>,
+    source: Arc<dyn PageSource>,
     uffd: Uffd,
     regions: Vec<Region>,
     chunk_size: usize,
@@ -92,6 +75,7 @@ pub(super) struct Shared {
     /// once the page was discarded, never cleared. Written only by the fault thread with `gate`
     /// held exclusively; read by background installers with it held shared.
     removed: Vec<AtomicU64>,
+    pages: usize,
     gate: RwLock<()>,
     started: Instant,
     pub stop: AtomicBool,
@@ -112,43 +96,44 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// `host_regions` must be the source's regions (the caller checked their guest addresses
+    /// and lengths).
     pub fn new(
-        snapshot: Arc<Snapshot>,
+        source: Arc<dyn PageSource>,
         uffd: Uffd,
         host_regions: &[HostRegion],
         record: bool,
         on_failure: Option<FailureHook>,
     ) -> Result<Shared, PagerError> {
-        let chunk_size = snapshot.chunk_size() as usize;
+        let layout = source.layout();
+        let chunk_size = layout.chunk_size();
         let mut regions = Vec::with_capacity(host_regions.len());
-        let mut chunks = Vec::with_capacity(snapshot.chunks().len());
+        let mut chunks = Vec::with_capacity(layout.chunks().len());
+        let expected: usize = host_regions
+            .iter()
+            .map(|r| r.len.div_ceil(chunk_size))
+            .sum();
+        if expected != layout.chunks().len() {
+            return Err(LayoutError::ChunkCount {
+                chunks: layout.chunks().len(),
+                expected,
+            }
+            .into());
+        }
         let mut first_page = 0;
         for r in host_regions {
             let first_chunk = chunks.len();
-            // The snapshot cuts each region into chunk_size pieces from its start, the last
-            // possibly shorter; `locate` relies on that, so check it against the manifest.
-            for (k, info) in snapshot
-                .chunks()
-                .iter()
-                .skip(first_chunk)
-                .take(r.len.div_ceil(chunk_size))
-                .enumerate()
+            // The layout cuts each region into chunk_size pieces from its start (checked by
+            // `ChunkLayout::new`); `locate` relies on it.
+            for (off, info) in (0..r.len)
+                .step_by(chunk_size)
+                .zip(layout.chunks().iter().skip(first_chunk))
             {
-                let off = k * chunk_size;
-                if info.guest_addr != r.guest_addr + off as u64
-                    || info.len as usize != chunk_size.min(r.len - off)
-                {
-                    return Err(PagerError::Layout(format!(
-                        "chunk {} at {:#x} is not where its region's layout puts it",
-                        first_chunk + k,
-                        info.guest_addr
-                    )));
-                }
                 chunks.push(Chunk {
                     host: r.host_addr + off,
-                    len: info.len as usize,
+                    len: info.len,
                     first_page: first_page + off / PAGE,
-                    kind: info.kind,
+                    zero: info.zero,
                 });
             }
             regions.push(Region {
@@ -159,15 +144,8 @@ impl Shared {
             });
             first_page += r.len.div_ceil(PAGE);
         }
-        if chunks.len() != snapshot.chunks().len() {
-            return Err(PagerError::Layout(format!(
-                "{} chunks in guest memory, {} in the snapshot",
-                chunks.len(),
-                snapshot.chunks().len()
-            )));
-        }
         Ok(Shared {
-            snapshot,
+            source,
             uffd,
             regions,
             chunk_size,
@@ -176,6 +154,7 @@ impl Shared {
             removed: (0..first_page.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            pages: first_page,
             gate: RwLock::new(()),
             started: Instant::now(),
             stop: AtomicBool::new(false),
@@ -221,27 +200,66 @@ impl Shared {
     }
 
     pub fn stats(&self) -> PagerStats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        PagerStats {
-            faults: get(&c.faults),
-            data_chunks: get(&c.data_chunks),
-            zero_chunks: get(&c.zero_chunks),
-            working_set: get(&c.working_set),
-            prefetched: get(&c.prefetched),
-            lost_races: get(&c.lost_races),
-            removes: get(&c.removes),
-            removed_pages: get(&c.removed_pages),
-            zero_page_faults: get(&c.zero_page_faults),
-            retries: get(&c.retries),
-            chunks: self.chunks.len() as u64,
-        }
+        self.counters.stats(self.chunks.len(), self.pages)
     }
 
     pub fn complete(&self) -> bool {
         self.state
             .iter()
             .all(|s| s.load(Ordering::Acquire) == INSTALLED)
+    }
+
+    /// The final accounting: every chunk installed and the counts adding up.
+    pub fn check_complete(&self) -> Result<PagerStats, PagerError> {
+        let (mut missing, mut installing, mut first) = (0, 0, None);
+        for (index, s) in self.state.iter().enumerate() {
+            match s.load(Ordering::Acquire) {
+                INSTALLED => continue,
+                MISSING => missing += 1,
+                _ => installing += 1,
+            }
+            first.get_or_insert(index);
+        }
+        if let Some(first) = first {
+            return Err(PagerError::Incomplete {
+                chunks: self.chunks.len(),
+                missing,
+                installing,
+                first,
+            });
+        }
+        // Every install counted itself before marking its chunk installed (Release), and the
+        // loads above saw every mark (Acquire), so the counts below include every install.
+        let stats = self.stats();
+        stats.check_totals()?;
+        Ok(stats)
+    }
+
+    /// Waits until no chunk is being installed, for the final accounting after a full pass
+    /// (a chunk the pass skipped because the fault thread was installing it may still be in
+    /// flight); false if the server stops or fails first.
+    pub fn settle(&self) -> bool {
+        loop {
+            if self.halted() {
+                return false;
+            }
+            if !self
+                .state
+                .iter()
+                .any(|s| s.load(Ordering::Acquire) == INSTALLING)
+            {
+                return true;
+            }
+            std::thread::sleep(SETTLE_WAIT);
+        }
+    }
+
+    /// Test hook: marks chunk `index` as never installed, as a bookkeeping bug would.
+    #[cfg(test)]
+    pub fn forget_install(&self, index: usize) {
+        if let Some(s) = self.state.get(index) {
+            s.store(MISSING, Ordering::Release);
+        }
     }
 
     pub fn failure(&self) -> Option<Arc<PagerError>> {
@@ -323,7 +341,7 @@ impl Shared {
                 }
                 Ok(Some(other)) => tracing::debug!(?other, "userfaultfd event ignored"),
                 Ok(None) => return Ok(read),
-                Err(e) => return Err(PagerError::Events(e.to_string())),
+                Err(e) => return Err(PagerError::Events(e.into())),
             }
             read += 1;
         }
@@ -347,9 +365,10 @@ impl Shared {
                 .fetch_add(1, Ordering::Relaxed);
             return self.zero_removed_page(addr & !(PAGE - 1), pending);
         }
-        // Recorded when claimed, before the copy wakes the faulter, so whoever the fault
-        // released already sees its chunk in `recorded`.
+        // Counted and recorded when claimed, before the copy wakes the faulter, so whoever
+        // the fault released already sees its chunk in `recorded`.
         let record = || {
+            Counters::add(&self.counters.fault_installs, 1);
             if self.recording.load(Ordering::Acquire) {
                 if let Some(seen) = seen.get_mut(index).filter(|s| !**s) {
                     *seen = true;
@@ -359,189 +378,6 @@ impl Shared {
         };
         self.install(index, buf, &mut Role::Faults(pending), record)?;
         Ok(())
-    }
-
-    fn zero_removed_page(&self, host: usize, pending: &mut VecDeque<usize>) -> Result<(), Halt> {
-        loop {
-            match self.place(host, None, PAGE, true) {
-                Ok(Placed::Bytes(_)) => return Ok(()),
-                Ok(Placed::Exists) => {
-                    self.wake(host, PAGE);
-                    return Ok(());
-                }
-                Ok(Placed::Again) => self.wait_for_events(&mut Role::Faults(&mut *pending))?,
-                Err(reason) => {
-                    let index = self.locate(host).map_or(0, |(c, _)| c);
-                    return Err(Halt::Failed(PagerError::Install { index, reason }));
-                }
-            }
-        }
-    }
-
-    /// Installs chunk `index` unless someone else has or is, calling `claimed` once this call
-    /// has taken it on; `buf` is scratch.
-    pub fn install(
-        &self,
-        index: usize,
-        buf: &mut Vec<u8>,
-        role: &mut Role,
-        claimed: impl FnOnce(),
-    ) -> Result<Outcome, Halt> {
-        let (Some(chunk), Some(state)) = (self.chunks.get(index), self.state.get(index)) else {
-            return Err(Halt::Failed(PagerError::Layout(format!(
-                "chunk {index} is outside guest memory"
-            ))));
-        };
-        if state
-            .compare_exchange(MISSING, INSTALLING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Installed: its copy woke the waiters, but a fault may have been queued after
-            // that; waking again is harmless. Installing: the installer's copy wakes them.
-            if matches!(role, Role::Faults(_)) && state.load(Ordering::Acquire) == INSTALLED {
-                self.wake(chunk.host, chunk.len);
-            }
-            return Ok(Outcome::Skipped);
-        }
-        claimed();
-        let data = match chunk.kind {
-            ChunkKind::Zero => None,
-            ChunkKind::Data => {
-                buf.resize(chunk.len, 0);
-                self.snapshot
-                    .read_chunk_authenticated(index, buf)
-                    .map_err(|source| Halt::Failed(PagerError::Chunk { index, source }))?;
-                Some(&buf[..])
-            }
-        };
-        self.write_chunk(index, chunk, data, role)?;
-        // Accounted before anyone waiting on the chunk is woken, so a thread its fault
-        // released already finds the chunk installed and counted.
-        match chunk.kind {
-            ChunkKind::Zero => self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed),
-            ChunkKind::Data => self.counters.data_chunks.fetch_add(1, Ordering::Relaxed),
-        };
-        state.store(INSTALLED, Ordering::Release);
-        self.wake(chunk.host, chunk.len);
-        Ok(Outcome::Installed)
-    }
-
-    /// Copies `data` (or zero pages, for `None`) into every page of the chunk that was not
-    /// removed, run by run, resuming after partial copies and `EAGAIN`. Nobody is woken yet;
-    /// the caller wakes the whole chunk once it is accounted.
-    fn write_chunk(
-        &self,
-        index: usize,
-        chunk: &Chunk,
-        data: Option<&[u8]>,
-        role: &mut Role,
-    ) -> Result<(), Halt> {
-        let pages = chunk.len / PAGE;
-        let mut cursor = 0;
-        loop {
-            let gate = match role {
-                Role::Background => Some(self.read_gate()),
-                // The fault thread is the only writer of the removed bits.
-                Role::Faults(_) => None,
-            };
-            let again = loop {
-                while cursor < pages && self.is_removed(chunk.first_page + cursor) {
-                    cursor += 1;
-                }
-                if cursor == pages {
-                    break false;
-                }
-                let mut end = cursor + 1;
-                while end < pages && !self.is_removed(chunk.first_page + end) {
-                    end += 1;
-                }
-                let host = chunk.host + cursor * PAGE;
-                let src = match data {
-                    Some(d) => Some(d.get(cursor * PAGE..end * PAGE).ok_or_else(|| {
-                        Halt::Failed(PagerError::Install {
-                            index,
-                            reason: "chunk data shorter than the chunk".into(),
-                        })
-                    })?),
-                    None => None,
-                };
-                match self.place(host, src, (end - cursor) * PAGE, false) {
-                    Ok(Placed::Bytes(n)) if n >= PAGE => cursor += n / PAGE,
-                    Ok(Placed::Bytes(_)) | Ok(Placed::Again) => break true,
-                    Ok(Placed::Exists) => {
-                        self.counters.lost_races.fetch_add(1, Ordering::Relaxed);
-                        self.wake(host, PAGE);
-                        cursor += 1;
-                    }
-                    Err(reason) => return Err(Halt::Failed(PagerError::Install { index, reason })),
-                }
-            };
-            drop(gate);
-            if !again {
-                return Ok(());
-            }
-            self.wait_for_events(role)?;
-        }
-    }
-
-    /// After an `EAGAIN`: lets the pending remove event be read, by reading it ourselves on the
-    /// fault thread or by stepping aside elsewhere. Gives up when the server stops or fails, so
-    /// a retry loop cannot outlive the server.
-    fn wait_for_events(&self, role: &mut Role) -> Result<(), Halt> {
-        self.counters.retries.fetch_add(1, Ordering::Relaxed);
-        if self.halted() {
-            return Err(Halt::Stopped);
-        }
-        match role {
-            Role::Faults(pending) => {
-                // The kernel raises mmap_changing just before it queues the event.
-                if self.drain_events(pending).map_err(Halt::Failed)? == 0 {
-                    std::thread::yield_now();
-                }
-            }
-            Role::Background => std::thread::sleep(AGAIN_WAIT),
-        }
-        Ok(())
-    }
-
-    fn read_gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// One `UFFDIO_COPY` of `src` (or `UFFDIO_ZEROPAGE` for `None`) to [host, host + len).
-    fn place(
-        &self,
-        host: usize,
-        src: Option<&[u8]>,
-        len: usize,
-        wake: bool,
-    ) -> Result<Placed, String> {
-        let dst = host as *mut libc::c_void;
-        let result = match src {
-            // SAFETY: `src` is a live buffer of `len` bytes, and [host, host + len) is inside a
-            // registered region of guest memory (chunk and page ranges come from the region
-            // table); UFFDIO_COPY only fills pages that are not present, so nothing of ours is
-            // overwritten.
-            Some(data) => unsafe { self.uffd.copy(data.as_ptr().cast(), dst, len, wake) },
-            // SAFETY: as above; UFFDIO_ZEROPAGE only maps zero pages where none are present.
-            None => unsafe { self.uffd.zeropage(dst, len, wake) },
-        };
-        use userfaultfd::Error as E;
-        match result {
-            Ok(n) => Ok(Placed::Bytes(n)),
-            // The crate reports a copy's EAGAIN as PartiallyCopied with the kernel's count,
-            // which is the negated errno when nothing was copied.
-            Err(E::PartiallyCopied(n)) if (n as isize) > 0 => Ok(Placed::Bytes(n)),
-            Err(E::PartiallyCopied(_)) => Ok(Placed::Again),
-            Err(E::CopyFailed(errno) | E::ZeropageFailed(errno)) => match errno as i32 {
-                libc::EEXIST => Ok(Placed::Exists),
-                // A zeropage's EAGAIN may also follow partial progress; the retry then meets
-                // the pages already done as EEXIST and steps over them.
-                libc::EAGAIN => Ok(Placed::Again),
-                _ => Err(format!("{errno}")),
-            },
-            Err(other) => Err(other.to_string()),
-        }
     }
 
     /// Records the first failure, tells the owner, and releases every faulting thread by

@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{FeatureFlags, UffdBuilder};
 
-pub use accounting::{PagerStats, Tally};
-pub use error::{BoxError, InstallOp, LayoutError, PagerError, SourceError, UffdError};
+pub use accounting::PagerStats;
+pub use error::{BoxError, InstallOp, LayoutError, PagerError, SourceError, Tally, UffdError};
 use shared::Shared;
 pub use source::{
     ChunkLayout, Fill, MemorySource, PageSource, SnapshotSource, SourceChunk, SourceRegion,

@@ -47,13 +47,10 @@ pub const MAX_REGIONS: usize = 64;
 pub const PROTECTION_AES_256_GCM: u32 = 1;
 pub const PROTECTION_INSECURE_PLAINTEXT: u32 = 2;
 
-/// Length of an AES-256-GCM tag, and of the BLAKE3 digest that stands in for it in plaintext
-/// mode.
-pub const GCM_TAG_LEN: usize = 16;
+/// The crypto's sizes belong to the key code; the format lays them out.
+pub use crate::keys::{GCM_TAG_LEN, NONCE_LEN, WRAPPED_KEY_LEN};
+/// Length of the BLAKE3 digest that stands in for a GCM tag in plaintext mode.
 pub const BLAKE3_TAG_LEN: usize = 32;
-/// A data key wrapped by the master key: 32 bytes of ciphertext and a GCM tag.
-pub const WRAPPED_KEY_LEN: usize = 32 + GCM_TAG_LEN;
-pub const NONCE_LEN: usize = 12;
 
 /// bincode 2, standard configuration with fixed-width little-endian integers: every integer
 /// has its natural width, so the header's size does not depend on the offsets written into it

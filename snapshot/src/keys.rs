@@ -12,10 +12,14 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::format::{NONCE_LEN, WRAPPED_KEY_LEN};
-
 /// Length of a master key and of a data key.
 pub const KEY_LEN: usize = 32;
+/// Length of an AES-256-GCM tag.
+pub const GCM_TAG_LEN: usize = 16;
+/// Length of an AES-256-GCM nonce.
+pub const NONCE_LEN: usize = 12;
+/// A data key wrapped by the master key: its ciphertext and a GCM tag.
+pub const WRAPPED_KEY_LEN: usize = KEY_LEN + GCM_TAG_LEN;
 /// The key file: this prefix, 64 lowercase hex digits, a newline. Text so operators can move it
 /// through secret stores; a prefix so a stray 32-byte file is not taken for a key.
 const KEY_FILE_PREFIX: &str = "thaw-master-key-v1 ";

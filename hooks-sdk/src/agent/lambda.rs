@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::protocol::Invoke;
 
-use super::machine::InvokeFrame;
+use super::invoke_frame::InvokeFrame;
 use crate::protocol::{self, MAX_PAYLOAD, MAX_STRING, Message, RUNTIME_EXIT_ERROR};
 
 /// Lambda's error type and the error document, owned (the protocol's `Failure` borrows).

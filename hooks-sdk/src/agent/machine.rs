@@ -15,8 +15,9 @@ use super::lambda::{
     ApiReply, Failure, ToHost, exit_failure, invoke_exit_failure, lambda_error_body,
     response_too_large_failure, valid_error_type,
 };
-use crate::protocol::io::Frame;
-use crate::protocol::{HEADER_LEN, InitType, Invoke, Kind, MAX_PAYLOAD, Message};
+use crate::protocol::{InitType, MAX_PAYLOAD};
+
+pub use super::invoke_frame::InvokeFrame;
 
 /// Where the runtime is in Lambda's lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,48 +56,6 @@ impl RuntimeState {
             RuntimeState::RestoreError => "RuntimeRestoreErrorState",
             RuntimeState::Exited => "Exited",
         }
-    }
-}
-
-/// An `Invoke` frame as the host sent it, kept whole so it can wait for the runtime and be
-/// shared by the Runtime API's handlers: its fields are read back through the wire type
-/// [`Invoke`] (the only type an invocation has in the guest before the function's own SDK), and
-/// the payload is a slice of the frame's buffer, not a copy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvokeFrame {
-    body: Bytes,
-}
-
-impl InvokeFrame {
-    /// The frame, if it holds a well-formed `Invoke`.
-    pub fn new(frame: Frame) -> Option<Self> {
-        matches!(frame.message(), Ok(Message::Invoke(_))).then(|| InvokeFrame {
-            body: Bytes::from(frame.body),
-        })
-    }
-
-    /// The frame that carries `invoke` (or `None` if it breaks the protocol's limits).
-    pub fn encode(invoke: &Invoke<'_>) -> Option<Self> {
-        let message = Message::Invoke(*invoke);
-        let mut frame = vec![0u8; message.frame_len()];
-        message.encode_into(&mut frame).ok()?;
-        Some(InvokeFrame {
-            body: Bytes::from(frame).slice(HEADER_LEN..),
-        })
-    }
-
-    /// The invocation.
-    pub fn invoke(&self) -> Invoke<'_> {
-        match Message::decode(Kind::Invoke, &self.body) {
-            Ok(Message::Invoke(invoke)) => invoke,
-            // Unreachable: the body decoded as an `Invoke` when this was made, and is immutable.
-            _ => Invoke::default(),
-        }
-    }
-
-    /// The event, sharing the frame's buffer.
-    pub fn payload(&self) -> Bytes {
-        self.body.slice_ref(self.invoke().payload)
     }
 }
 

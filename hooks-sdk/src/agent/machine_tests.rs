@@ -2,6 +2,7 @@
 //! cause, checked through the replies and the frames queued for the host.
 
 use super::*;
+use crate::protocol::Invoke;
 
 fn machine(init_type: InitType) -> (Machine, mpsc::UnboundedReceiver<ToHost>) {
     let (tx, rx) = mpsc::unbounded_channel();

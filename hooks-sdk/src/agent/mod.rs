@@ -18,7 +18,8 @@
 
 pub mod api;
 pub mod config;
-pub mod lambda;
+pub mod invoke_frame;
+mod lambda;
 pub mod link;
 pub mod machine;
 pub mod pid1;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::error::PagerError;
+use super::error::{PagerError, Tally};
 
 /// Counts of what the server did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,30 +39,6 @@ pub struct PagerStats {
     pub chunks: u64,
     /// Pages of guest memory.
     pub pages: u64,
-}
-
-/// A sum the final accounting checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tally {
-    /// Chunks installed for faults, from the working set and by the prefetch: every chunk.
-    ChunksByInstaller,
-    /// Data and zero chunks: every chunk.
-    ChunksByKind,
-    /// Pages installed and pages skipped as removed: every page.
-    Pages,
-    /// Pages skipped as removed: at most the pages removed.
-    SkippedPages,
-}
-
-impl std::fmt::Display for Tally {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Tally::ChunksByInstaller => "chunks installed by faults, working set and prefetch",
-            Tally::ChunksByKind => "data and zero chunks installed",
-            Tally::Pages => "pages installed or skipped as removed",
-            Tally::SkippedPages => "pages skipped as removed (at most the removed pages)",
-        })
-    }
 }
 
 impl PagerStats {

@@ -3,8 +3,6 @@
 
 use nix::errno::Errno;
 
-use super::accounting::Tally;
-
 /// Any error a page source wants to pass on as the cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -290,4 +288,28 @@ pub enum LayoutError {
         /// Chunks the regions hold.
         expected: usize,
     },
+}
+
+/// A sum the final accounting checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tally {
+    /// Chunks installed for faults, from the working set and by the prefetch: every chunk.
+    ChunksByInstaller,
+    /// Data and zero chunks: every chunk.
+    ChunksByKind,
+    /// Pages installed and pages skipped as removed: every page.
+    Pages,
+    /// Pages skipped as removed: at most the pages removed.
+    SkippedPages,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tally::ChunksByInstaller => "chunks installed by faults, working set and prefetch",
+            Tally::ChunksByKind => "data and zero chunks installed",
+            Tally::Pages => "pages installed or skipped as removed",
+            Tally::SkippedPages => "pages skipped as removed (at most the removed pages)",
+        })
+    }
 }

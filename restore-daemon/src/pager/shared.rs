@@ -16,9 +16,7 @@ use super::error::{LayoutError, PagerError};
 use super::source::PageSource;
 use super::{FailureHook, HostRegion, PagerStats};
 
-/// The granularity of userfaultfd installs and of the removed record (the format's elision page
-/// and the host page are both 4 KiB).
-pub(super) const PAGE: usize = 4096;
+pub(super) use super::source::PAGE;
 
 const MISSING: u8 = 0;
 const INSTALLING: u8 = 1;

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use snapshot::{ChunkKind, Snapshot};
 
 use super::error::{LayoutError, SourceError};
-use super::shared::PAGE;
+
+/// The granularity of userfaultfd installs and of the removed record (the format's elision page
+/// and the host page are both 4 KiB).
+pub(super) const PAGE: usize = 4096;
 
 /// Where guest memory's bytes come from, one chunk at a time.
 ///

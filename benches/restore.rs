@@ -281,14 +281,13 @@ fn cold_boot_once(w: &Workload, dir: &Path) -> Sample {
 }
 
 /// The floor an eager restore cannot go below: decrypting and decompressing every data chunk
-/// into fresh guest memory on all cores, timed alone (no VM, no state, no snapshot opening).
+/// into a fresh shell's guest memory on all cores, timed alone (the shell is built before the
+/// clock starts; no state, no snapshot opening).
 fn floor_once(w: &Workload, key: &KeyChoice) -> Duration {
     let opened = restore_daemon::verify::open(&w.snap, key).unwrap();
-    let spec = shell_spec(w);
-    let mut memory = vmm_core::memory::create_guest_memory(spec.mem_bytes).unwrap();
+    let mut shell = vmm_core::machine::MachineShell::create(shell_spec(w)).unwrap();
     let started = Instant::now();
-    // SAFETY: `memory` was just mapped here and nothing else uses it.
-    unsafe { restore_daemon::restore::decode_all_into(&opened, &mut memory) }.unwrap();
+    restore_daemon::restore::decode_all_into(&opened, &mut shell).unwrap();
     started.elapsed()
 }
 

@@ -1,7 +1,7 @@
 //! Capturing a paused machine into a snapshot: its state (through the VMM), its memory (read
-//! in place), this host's fingerprint, sealed and written atomically by the `snapshot` crate.
-//! The one capture path: `thaw snapshot create` and the control API's `PUT /snapshot/create`
-//! both end here.
+//! in place through the pause guard, which keeps the machine paused while it is borrowed), this
+//! host's fingerprint, sealed and written atomically by the `snapshot` crate. The one capture
+//! path: `thaw snapshot create` and the control API's `PUT /snapshot/create` both end here.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,13 +11,12 @@ use snapshot::{
     CpuidEntry, Fingerprint, MasterKey, MemoryRegion, Protection, SnapshotMeta, WriteOptions,
     WriteSummary,
 };
-use vmm_core::machine::{ControlError, MachineController, MachineState};
-use vmm_core::memory::GuestMemory;
+use vmm_core::machine::{ControlError, MachineState, Paused};
 
 /// A paused machine could not be captured; nothing was written.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// The machine's state could not be read (or it was not paused).
+    /// The machine's state could not be read.
     #[error("cannot capture the machine's state")]
     Save(#[source] ControlError),
     /// The state could not be encoded.
@@ -47,31 +46,21 @@ pub struct SnapshotTarget<'a> {
     pub sealing: &'a Sealing,
 }
 
-/// Captures a paused machine's state and writes it with `memory` to `target`; returns what was
-/// written and how long the capture took. Fails (with nothing written) unless the machine is
-/// paused.
-///
-/// # Safety
-///
-/// Guest memory is read in place: no thread may resume the machine before this returns.
-pub unsafe fn capture_paused(
-    controller: &MachineController,
-    memory: &GuestMemory,
+/// Captures the paused machine's state and writes it with its memory, read in place, to
+/// `target`; returns what was written and how long the capture took.
+pub fn capture(
+    paused: &Paused,
     target: &SnapshotTarget<'_>,
 ) -> Result<(WriteSummary, Duration), CaptureError> {
     let capture_start = Instant::now();
-    // Refuses a running machine, so the memory read below happens while it is paused.
-    let state = controller.save().map_err(CaptureError::Save)?;
+    let state = paused.save().map_err(CaptureError::Save)?;
     let capture = capture_start.elapsed();
     let state_bytes = state_blob::encode(&state)?;
     let meta = SnapshotMeta {
         fingerprint: fingerprint(&state),
         vcpus: state.vcpus.len() as u8,
     };
-    // SAFETY: the machine is paused (`save` succeeded) — every vCPU parked outside KVM_RUN and
-    // the event loop doing no device work — and the caller keeps it so until this returns, so
-    // nothing writes guest memory while these slices are read.
-    let regions = unsafe { vmm_core::memory::host_slices(memory) };
+    let regions = paused.memory();
     let regions: Vec<MemoryRegion<'_>> = regions
         .iter()
         .map(|(guest_addr, bytes)| MemoryRegion {

@@ -16,10 +16,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use vmm_core::machine::MachineController;
-use vmm_core::memory::GuestMemory;
+use vmm_core::machine::{MachineController, Paused};
 
-use crate::capture::{Sealing, SnapshotTarget, capture_paused};
+use crate::capture::{Sealing, SnapshotTarget, capture};
 
 /// Largest request body accepted: every request is a small JSON object.
 const MAX_BODY: usize = 16 * 1024;
@@ -45,8 +44,6 @@ pub enum ApiError {
 pub struct ApiContext {
     /// The machine.
     pub controller: MachineController,
-    /// Its memory, read in place by snapshots.
-    pub memory: GuestMemory,
     /// How snapshots made through the API are sealed.
     pub sealing: Sealing,
     /// A lazily restored guest's page server. Memory it has not installed yet is not present
@@ -55,18 +52,13 @@ pub struct ApiContext {
     pub pager: Option<std::sync::Arc<restore_daemon::pager::PageServer>>,
 }
 
-/// Run state as the API reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum VmState {
-    Running,
-    Paused,
-}
-
 struct Api {
     ctx: ApiContext,
-    /// Held for the whole of every request that changes the machine: a resume can never
-    /// overlap a snapshot reading guest memory, and the reported state is the real one.
-    state: Mutex<VmState>,
+    /// The machine's pause guard while the API holds it paused (`PATCH /vm` makes and consumes
+    /// it, snapshots borrow it, so a resume cannot overlap a snapshot reading guest memory).
+    /// Held locked for the whole of every request that changes the machine, so the reported
+    /// state is the real one.
+    paused: Mutex<Option<Paused>>,
 }
 
 /// The control socket, served on its own thread; removed from the filesystem when dropped.
@@ -116,7 +108,7 @@ pub fn start(path: &Path, ctx: ApiContext) -> Result<ApiServer, ApiError> {
         .map_err(listen_err)?;
     let api = Arc::new(Api {
         ctx,
-        state: Mutex::new(VmState::Running),
+        paused: Mutex::new(None),
     });
     let (tx, mut rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -285,8 +277,8 @@ async fn blocking(
     }
 }
 
-fn lock(api: &Api) -> std::sync::MutexGuard<'_, VmState> {
-    match api.state.lock() {
+fn lock(api: &Api) -> std::sync::MutexGuard<'_, Option<Paused>> {
+    match api.paused.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     }
@@ -294,8 +286,8 @@ fn lock(api: &Api) -> std::sync::MutexGuard<'_, VmState> {
 
 fn info(api: &Api) -> HttpResponse {
     let state = match *lock(api) {
-        VmState::Running => "Running",
-        VmState::Paused => "Paused",
+        None => "Running",
+        Some(_) => "Paused",
     };
     json(
         StatusCode::OK,
@@ -308,10 +300,22 @@ fn info(api: &Api) -> HttpResponse {
 }
 
 fn patch_vm(api: &Api, wanted: &str) -> HttpResponse {
-    let mut state = lock(api);
-    let (result, next) = match wanted {
-        "Paused" => (api.ctx.controller.pause(), VmState::Paused),
-        "Resumed" => (api.ctx.controller.resume(), VmState::Running),
+    let mut paused = lock(api);
+    // Pausing a paused VM or resuming a running one is a no-op, but still an error once the VM
+    // has exited.
+    let result = match wanted {
+        "Paused" => match paused.as_ref() {
+            Some(_) => api.ctx.controller.check_alive(),
+            None => api
+                .ctx
+                .controller
+                .pause()
+                .map(|guard| *paused = Some(guard)),
+        },
+        "Resumed" => match paused.take() {
+            Some(guard) => guard.resume(),
+            None => api.ctx.controller.check_alive(),
+        },
         other => {
             return fault(
                 StatusCode::BAD_REQUEST,
@@ -320,22 +324,19 @@ fn patch_vm(api: &Api, wanted: &str) -> HttpResponse {
         }
     };
     match result {
-        Ok(()) => {
-            *state = next;
-            no_content()
-        }
+        Ok(()) => no_content(),
         Err(e) => fault(StatusCode::BAD_REQUEST, e),
     }
 }
 
 fn create_snapshot(api: &Api, request: &SnapshotCreate) -> HttpResponse {
-    let state = lock(api);
-    if *state != VmState::Paused {
+    let held = lock(api);
+    let Some(paused) = held.as_ref() else {
         return fault(
             StatusCode::BAD_REQUEST,
             "the VM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
         );
-    }
+    };
     if let Some(pager) = &api.ctx.pager {
         if let Err(e) = pager.install_all() {
             return fault(
@@ -349,9 +350,7 @@ fn create_snapshot(api: &Api, request: &SnapshotCreate) -> HttpResponse {
         replace: request.replace,
         sealing: &api.ctx.sealing,
     };
-    // SAFETY: `state` is locked for the whole write, and every resume goes through
-    // `patch_vm`, which takes the same lock: the machine stays paused until this returns.
-    match unsafe { capture_paused(&api.ctx.controller, &api.ctx.memory, &target) } {
+    match capture(paused, &target) {
         Ok((summary, capture)) => json(
             StatusCode::OK,
             &serde_json::json!({

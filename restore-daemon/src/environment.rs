@@ -245,7 +245,7 @@ impl Environment {
         self.pager.as_ref()
     }
 
-    /// Controls the machine (pause, resume, save, stop).
+    /// Controls the machine: pause (into a guard that saves and resumes it) and stop.
     pub fn controller(&self) -> &MachineController {
         &self.controller
     }

@@ -4,7 +4,7 @@
 //! decode and describe the memory layout the snapshot holds. Then memory is either filled
 //! completely (eager: decrypt and decompress on all cores) or handed to the userfaultfd page
 //! server (lazy: chunks arrive when first touched, and in the background), and the machine is
-//! rebuilt from its state (`Machine::restore`, in its documented order).
+//! rebuilt from its state (`Machine::restore_in`, in its documented order).
 //!
 //! Lazily restored memory stays tied to the page server: [`Restored::run`] keeps the server
 //! alive for as long as the guest runs, stops the machine if the server fails (its memory would
@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use snapshot::{ChunkKind, Snapshot};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::{
     ConsoleInput, MachineController, MachineShell, RestoreConfig, ShellSpec, StateError,
 };
-use vmm_core::memory::GuestMemory;
+use vmm_core::memory::MappingHold;
 use vmm_core::{Machine, MachineError};
 
 use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
@@ -248,7 +247,7 @@ pub struct Restored {
     // Field order is drop order: the page server stops before the memory it serves is unmapped.
     pager: Option<Arc<PageServer>>,
     watch: Arc<PagerWatch>,
-    _memory: GuestMemory,
+    _memory: MappingHold,
     snapshot: Arc<Snapshot>,
     /// Where the time went.
     pub timings: RestoreTimings,
@@ -269,7 +268,8 @@ impl Restored {
         &self.snapshot
     }
 
-    /// Controls the machine (pause, resume, save, stop) while it runs.
+    /// Controls the machine while it runs: pause (into a guard that saves it, reads its memory
+    /// and resumes it) and stop.
     pub fn controller(&self) -> MachineController {
         self.machine.controller()
     }
@@ -279,11 +279,6 @@ impl Restored {
         self.machine.exit_signal()
     }
 
-    /// Its memory (shared with the machine).
-    pub fn memory(&self) -> &GuestMemory {
-        self.machine.memory()
-    }
-
     /// The page server, for a lazy restore.
     pub fn pager(&self) -> Option<Arc<PageServer>> {
         self.pager.clone()
@@ -291,7 +286,7 @@ impl Restored {
 
     /// Whether the guest has a vsock device (and so, normally, an agent).
     pub fn has_vsock(&self) -> bool {
-        self.machine.vsock().is_some()
+        self.machine.has_vsock()
     }
 
     /// Runs the guest until its machine stops. A page-server failure stops it and is the
@@ -415,9 +410,7 @@ pub fn restore(
         Some(path) => {
             let file = std::fs::File::open(path)
                 .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
-            let memory = vmm_core::memory::map_file_private(&file, state.mem_bytes)
-                .map_err(|e| RestoreError::Memory(e.to_string()))?;
-            (MachineShell::with_memory(memory, spec.vcpus)?, false)
+            (MachineShell::from_file(&file, spec)?, false)
         }
         None => take_shell(spec, options.shells.as_deref())?,
     };
@@ -429,22 +422,18 @@ pub fn restore(
     let pager = match (&options.baseline_memory_file, options.memory) {
         (Some(_), _) => None,
         (None, MemoryMode::Eager) => {
-            // SAFETY: the shell is fresh, taken for this restore alone: its VM has never run a
-            // vCPU and no device exists on its memory yet, so nothing else touches the memory.
-            unsafe { decode_all_into(&snap, shell.memory_mut()) }.map_err(|source| {
-                RestoreError::Chunk {
-                    path: dir.to_owned(),
-                    source,
-                }
+            decode_all_into(&snap, &mut shell).map_err(|source| RestoreError::Chunk {
+                path: dir.to_owned(),
+                source,
             })?;
             None
         }
         (None, MemoryMode::Lazy) => {
-            let pager = start_pager(&snap, shell.memory(), options, &watch)?;
+            let pager = start_pager(&snap, &shell, options, &watch)?;
             Some(Arc::new(pager))
         }
     };
-    let memory = shell.memory().clone();
+    let memory = shell.hold_mapping();
     let memory_elapsed = started.elapsed();
 
     let started = Instant::now();
@@ -452,7 +441,7 @@ pub fn restore(
         vsock_uds_path: options.vsock_uds.clone(),
     };
     let machine = Machine::restore_in(shell, &config, console, &state)?;
-    // A failure before this point surfaced in this thread (Machine::restore itself touches no
+    // A failure before this point surfaced in this thread (Machine::restore_in touches no
     // guest memory); from here on it stops the machine.
     let _ = watch.controller.set(machine.controller());
     if let Some(failure) = watch.failure() {
@@ -477,24 +466,19 @@ pub fn restore(
 
 fn start_pager(
     snap: &Arc<Snapshot>,
-    memory: &GuestMemory,
+    shell: &MachineShell,
     options: &RestoreOptions,
     watch: &Arc<PagerWatch>,
 ) -> Result<PageServer, RestoreError> {
-    let mut regions = Vec::new();
-    for region in memory.iter() {
-        let start = region.start_addr();
-        let host = memory
-            .get_host_address(start)
-            .map_err(|e| RestoreError::Memory(e.to_string()))?;
-        let len = usize::try_from(region.len())
-            .map_err(|_| RestoreError::Memory("a memory region is too large".into()))?;
-        regions.push(HostRegion {
-            guest_addr: start.0,
-            host_addr: host as usize,
-            len,
-        });
-    }
+    let regions = shell
+        .host_ranges()
+        .into_iter()
+        .map(|r| HostRegion {
+            guest_addr: r.guest_addr,
+            host_addr: r.host_addr,
+            len: r.len,
+        })
+        .collect();
     let working_set = match (options.use_working_set, snap.working_set()) {
         (true, Some(ws)) => ws.chunks.clone(),
         _ => Vec::new(),
@@ -511,22 +495,16 @@ fn start_pager(
     PageServer::start(Arc::new(source), regions, pager_options).map_err(RestoreError::PagerStart)
 }
 
-/// Decrypts and decompresses every data chunk straight into guest memory, on all cores: an
-/// eager restore's memory phase, public so the restore bench can time it alone (the floor an
-/// eager restore cannot go below). Zero chunks are skipped: `memory` must be fresh anonymous
-/// memory, which reads as zero.
-///
-/// # Safety
-///
-/// Nothing else may read or write `memory` while this runs: no machine may run on it and no
-/// device may use it (see [`vmm_core::memory::host_slices_mut`]).
-pub unsafe fn decode_all_into(
+/// Decrypts and decompresses every data chunk straight into `shell`'s guest memory, on all
+/// cores: an eager restore's memory phase, public so the restore bench can time it alone (the
+/// floor an eager restore cannot go below). Zero chunks are skipped: the shell's memory must
+/// be fresh anonymous memory, which reads as zero. The shell has never run, which is what lets
+/// its memory be written in place ([`MachineShell::ram_mut`]).
+pub fn decode_all_into(
     snap: &Snapshot,
-    memory: &mut GuestMemory,
+    shell: &mut MachineShell,
 ) -> Result<(), snapshot::ReadError> {
-    // SAFETY: the caller guarantees that nothing else touches `memory` while the slices live
-    // (they end with this function).
-    let regions = unsafe { vmm_core::memory::host_slices_mut(memory) };
+    let regions = shell.ram_mut();
     chunk_targets(snap, regions)?
         .into_par_iter()
         .try_for_each(|(index, out)| snap.read_chunk_authenticated(index, out))

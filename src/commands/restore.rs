@@ -37,7 +37,6 @@ fn serve_api(
         &api.path,
         crate::control_api::ApiContext {
             controller: restored.controller(),
-            memory: restored.memory().clone(),
             sealing: api.sealing,
             pager: restored.pager(),
         },

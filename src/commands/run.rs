@@ -85,7 +85,6 @@ pub fn run(options: &RunOptions, api: Option<ApiOptions>) -> Result<ExitReason, 
             &api.path,
             ApiContext {
                 controller: machine.controller(),
-                memory: machine.memory().clone(),
                 sealing: api.sealing,
                 pager: None,
             },

@@ -219,7 +219,6 @@ pub fn create(
 
     let started = Instant::now();
     let machine = Machine::create(&config, Box::new(console))?;
-    let memory = machine.memory().clone();
     let exit = machine.exit_signal();
     let mut running = Running {
         controller: machine.controller(),
@@ -255,17 +254,17 @@ pub fn create(
     };
     let init = started.elapsed();
 
-    running.controller.pause().map_err(CreateError::Pause)?;
+    let paused = running.controller.pause().map_err(CreateError::Pause)?;
     let target = SnapshotTarget {
         out: &options.out,
         replace: options.replace,
         sealing: &options.sealing,
     };
-    // SAFETY: only this thread holds the controller, and it does not resume the machine: it
-    // stops it below.
-    let (summary, capture) =
-        unsafe { capture::capture_paused(&running.controller, &memory, &target)? };
+    let captured = capture::capture(&paused, &target);
+    // Stopped while still paused, whatever the capture did; the guard then resumes nothing.
     running.stop();
+    drop(paused);
+    let (summary, capture) = captured?;
     drop(socket_dir);
     Ok(Created {
         summary,

@@ -9,6 +9,11 @@
 //! large pages. On this project's PVM host a 4 KiB first-touch fault costs about 3.4 µs, so
 //! filling 256 MiB page by page spends over 200 ms in faults; with huge pages about 40 ms.
 //! Pages installed through userfaultfd stay 4 KiB; the advice only costs them nothing.
+//!
+//! This module hands out addresses ([`host_ranges`]) but no slices: reading guest RAM in place
+//! is sound only while nothing writes it, which is known to a pause guard
+//! ([`crate::machine::Paused::memory`]) and to a shell that has never run
+//! ([`crate::machine::MachineShell::ram_mut`]), so the slices come from there.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -201,46 +206,59 @@ pub fn is_ram(memory: &GuestMemory, start: u64, len: u64) -> bool {
     })
 }
 
-/// Each RAM region as `(guest address, the host bytes that back it)`, for reading memory
-/// without copying it (a snapshot of a 10 GiB guest must not need 10 GiB more).
-///
-/// # Safety
-///
-/// Nothing may write guest memory while the slices live: the machine's vCPUs and device work
-/// must be paused (or not yet started) for that whole time, or the reads race with writes.
-pub unsafe fn host_slices(memory: &GuestMemory) -> Vec<(u64, &[u8])> {
-    memory
-        .iter()
-        .map(|r| {
-            let len = r.len() as usize;
-            // SAFETY: the region maps `len` bytes at `as_ptr()` for as long as `memory` (and
-            // so the borrow) lives; the caller guarantees no one writes them meanwhile.
-            let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr().cast_const(), len) };
-            (r.start_addr().raw_value(), bytes)
+/// Where one RAM region lives: its guest-physical start and the host mapping that backs it.
+/// Addresses only, no access: for registering the mapping with userfaultfd (a lazy restore's
+/// page server) and for reporting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRange {
+    /// Guest-physical start of the region.
+    pub guest_addr: u64,
+    /// Host virtual address of its first byte.
+    pub host_addr: usize,
+    /// Its size in bytes.
+    pub len: usize,
+}
+
+/// Each RAM region of `memory` as a [`HostRange`], in address order.
+pub fn host_ranges(memory: &GuestMemory) -> Vec<HostRange> {
+    raw_regions(memory)
+        .map(|(guest_addr, host, len)| HostRange {
+            guest_addr,
+            host_addr: host as usize,
+            len,
         })
         .collect()
 }
 
-/// Each RAM region as `(guest address, the host bytes that back it)`, writable: for filling
-/// memory in place before a machine runs on it.
-///
-/// # Safety
-///
-/// Nothing else may read or write guest memory while the slices live: no machine may be
-/// running on it (its vCPUs and devices would race with the writes), and no other slices of it
-/// may exist.
-pub unsafe fn host_slices_mut(memory: &mut GuestMemory) -> Vec<(u64, &mut [u8])> {
+/// Each RAM region as `(guest address, host pointer, length)`: the mapping `memory` keeps alive.
+/// Turning these into slices is for the two places that know nothing else touches the bytes:
+/// a pause guard ([`crate::machine::Paused::memory`]) and a shell that never ran
+/// ([`crate::machine::MachineShell::ram_mut`]).
+pub(crate) fn raw_regions(memory: &GuestMemory) -> impl Iterator<Item = (u64, *mut u8, usize)> {
     memory
         .iter()
-        .map(|r| {
-            let len = r.len() as usize;
-            // SAFETY: the region maps `len` writable bytes at `as_ptr()` for as long as
-            // `memory` (and so the borrow) lives; regions do not overlap, and the caller
-            // guarantees these are the only references to the bytes meanwhile.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), len) };
-            (r.start_addr().raw_value(), bytes)
-        })
-        .collect()
+        .map(|r| (r.start_addr().raw_value(), r.as_ptr(), r.size()))
+}
+
+/// Keeps guest memory mapped without giving any access to it: for code that writes the memory
+/// through raw addresses (a page server, through userfaultfd) and must not see it unmapped
+/// before it stops.
+pub struct MappingHold {
+    _memory: GuestMemory,
+}
+
+impl MappingHold {
+    pub(crate) fn new(memory: GuestMemory) -> Self {
+        Self { _memory: memory }
+    }
+}
+
+impl std::fmt::Debug for MappingHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappingHold")
+            .field("bytes", &total_bytes(&self._memory))
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -274,15 +292,21 @@ mod tests {
     }
 
     #[test]
-    fn host_slices_show_what_the_guest_memory_holds() {
-        use vm_memory::Bytes;
-        let mem = create_guest_memory(128 << 20).unwrap();
-        mem.write_slice(b"thaw", GuestAddress(0x1000)).unwrap();
-        // SAFETY: no guest runs on this memory.
-        let slices = unsafe { host_slices(&mem) };
-        assert_eq!(slices.len(), 1);
-        assert_eq!(slices[0].0, 0);
-        assert_eq!(slices[0].1.len(), 128 << 20);
-        assert_eq!(&slices[0].1[0x1000..0x1004], b"thaw");
+    fn host_ranges_describe_every_region_in_order() {
+        let mem = create_guest_memory(10 << 30).unwrap();
+        let ranges = host_ranges(&mem);
+        assert_eq!(ranges.len(), 2);
+        for (range, (start, size)) in ranges.iter().zip(ram_ranges(10 << 30)) {
+            assert_eq!(range.guest_addr, start.raw_value());
+            assert_eq!(range.len as u64, size);
+            assert_eq!(
+                range.host_addr,
+                mem.get_host_address(start).unwrap() as usize,
+                "{range:?}"
+            );
+        }
+        let held = MappingHold::new(mem.clone());
+        drop(mem);
+        assert!(format!("{held:?}").contains(&(10u64 << 30).to_string()));
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::ExitReason;
-use vmm_core::machine::{ControlError, ShellSpec};
+use vmm_core::machine::{ControlError, Paused, ShellSpec};
 
 use super::protocol::{
     FailureKind, FrameError, Invoke, Reply, Request, WireMemoryMode, read_frame, write_frame,
@@ -222,8 +222,11 @@ impl Write for ConsoleTail {
 enum State {
     /// Nothing restored yet; perhaps a shell prepared for the restore.
     Empty { shells: Option<Arc<ShellPool>> },
-    /// A restored environment.
-    Running { env: Box<Environment>, frozen: bool },
+    /// A restored environment; frozen while the worker holds its pause guard.
+    Running {
+        env: Box<Environment>,
+        frozen: Option<Paused>,
+    },
     /// The environment failed (or could not be made) and was discarded.
     Discarded,
 }
@@ -233,8 +236,10 @@ impl State {
         match self {
             State::Empty { shells: None } => "nothing restored yet",
             State::Empty { shells: Some(_) } => "a shell is prepared, nothing restored yet",
-            State::Running { frozen: false, .. } => "an environment is running",
-            State::Running { frozen: true, .. } => "an environment is frozen",
+            State::Running { frozen: None, .. } => "an environment is running",
+            State::Running {
+                frozen: Some(_), ..
+            } => "an environment is frozen",
             State::Discarded => "the environment failed and was discarded",
         }
     }
@@ -360,7 +365,7 @@ impl<'c> Session<'c> {
                 );
                 self.state = State::Running {
                     env: Box::new(env),
-                    frozen: false,
+                    frozen: None,
                 };
                 Reply::Restored {
                     restore_us: micros(timings.restore.total()),
@@ -399,11 +404,14 @@ impl<'c> Session<'c> {
         let State::Running { env, frozen } = &mut self.state else {
             return self.bad_request("Freeze");
         };
-        match env.controller().pause() {
-            Ok(()) => {
-                *frozen = true;
-                Reply::Frozen
-            }
+        // Freezing a frozen environment is a no-op (but not once its guest has ended).
+        let result = if frozen.is_some() {
+            env.controller().check_alive()
+        } else {
+            env.controller().pause().map(|guard| *frozen = Some(guard))
+        };
+        match result {
+            Ok(()) => Reply::Frozen,
             Err(e) => self.fail(control_failure(&e), chain(&e)),
         }
     }
@@ -412,11 +420,12 @@ impl<'c> Session<'c> {
         let State::Running { env, frozen } = &mut self.state else {
             return self.bad_request("Thaw");
         };
-        match env.controller().resume() {
-            Ok(()) => {
-                *frozen = false;
-                Reply::Thawed
-            }
+        let result = match frozen.take() {
+            Some(guard) => guard.resume(),
+            None => env.controller().check_alive(),
+        };
+        match result {
+            Ok(()) => Reply::Thawed,
             Err(e) => self.fail(control_failure(&e), chain(&e)),
         }
     }
@@ -426,7 +435,9 @@ impl<'c> Session<'c> {
         {
             // A frozen guest could not hear the request and would only be stopped after the
             // grace period.
-            if frozen && let Err(e) = env.controller().resume() {
+            if let Some(guard) = frozen
+                && let Err(e) = guard.resume()
+            {
                 tracing::debug!(error = %e, "cannot resume the guest to shut it down");
             }
             match env.shutdown() {

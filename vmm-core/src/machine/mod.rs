@@ -3,9 +3,13 @@
 //! is the order KVM requires.
 //!
 //! Submodules: `devices` wires devices into the VM, `event_loop` is the VMM thread, `control`
-//! the [`MachineController`] that pauses, saves and resumes a running machine, `state` the
-//! saved machine, `shell` the KVM resources a restore fills in, and `restore` rebuilding a
-//! machine from a saved one.
+//! the [`MachineController`] that pauses a running machine (into the [`Paused`] guard that
+//! saves it, reads its memory and resumes it) or stops it, `state` the saved machine, `shell`
+//! the KVM resources a restore fills in, and `restore` rebuilding a machine from a saved one.
+//!
+//! A machine's guest memory never leaves this crate as a `GuestMemory` handle: it is read in
+//! place through a [`Paused`] guard, or filled through a [`MachineShell`] before anything runs
+//! on it, which is what lets both hand out plain slices safely.
 
 mod control;
 mod devices;
@@ -36,7 +40,7 @@ use crate::{cpuid, kvm};
 use control::ControlShared;
 use devices::{LegacyDevices, PlacedVsock, VirtioDevices};
 
-pub use control::{ControlError, MachineController, SaveError};
+pub use control::{ControlError, MachineController, Paused, SaveError};
 pub use restore::{RestoreConfig, RestoreError};
 pub use shell::{MachineShell, ShellSpec};
 pub use state::{
@@ -150,11 +154,14 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, MachineError> {
     Ok(vm)
 }
 
-fn new_exit_signal() -> Result<(Arc<ExitSignal>, Arc<ControlShared>), MachineError> {
+fn new_exit_signal(
+    memory: &GuestMemory,
+) -> Result<(Arc<ExitSignal>, Arc<ControlShared>), MachineError> {
     let device_err = |device| move |source| MachineError::Device { device, source };
     let exit = Arc::new(ExitSignal::new().map_err(device_err("exit signal"))?);
-    let control =
-        Arc::new(ControlShared::new(exit.clone()).map_err(device_err("control eventfd"))?);
+    let control = Arc::new(
+        ControlShared::new(exit.clone(), memory.clone()).map_err(device_err("control eventfd"))?,
+    );
     Ok((exit, control))
 }
 
@@ -209,7 +216,7 @@ impl Machine {
             &virtio.described,
         )?;
 
-        let (exit, control) = new_exit_signal()?;
+        let (exit, control) = new_exit_signal(&memory)?;
         let serial = SerialConsole::new(devices::serial_irq(&vm)?, console).map_err(|source| {
             MachineError::Device {
                 device: "serial console",
@@ -248,9 +255,16 @@ impl Machine {
     }
 
     /// The vsock device, if the machine has one, to inspect it. (A restored machine has already
-    /// reset its transport: [`MmioTransport::reset_vsock_transport`].)
+    /// reset its transport: [`MmioTransport::reset_vsock_transport`].) Driving the device
+    /// through this handle bypasses the event loop, and with it a pause: not while a
+    /// [`Paused`] guard's memory is read.
     pub fn vsock(&self) -> Option<VsockHandle> {
         self.vsock.as_ref().map(|v| v.handle.clone())
+    }
+
+    /// Whether the machine has a vsock device.
+    pub fn has_vsock(&self) -> bool {
+        self.vsock.is_some()
     }
 
     /// The signal that stops the machine; `request(ExitReason::Stopped)` from any thread ends
@@ -259,14 +273,16 @@ impl Machine {
         self.exit.clone()
     }
 
-    /// A handle that pauses, saves, resumes and stops this machine while [`Machine::run`] runs
-    /// it, from any thread.
+    /// A handle that pauses (into a [`Paused`] guard, which saves and resumes) and stops this
+    /// machine while [`Machine::run`] runs it, from any thread.
     pub fn controller(&self) -> MachineController {
         MachineController::new(self.control.clone())
     }
 
-    /// Guest memory.
-    pub fn memory(&self) -> &GuestMemory {
+    /// Guest memory, for tests. Outside them it is read through a [`Paused`] guard, which can
+    /// promise that nothing writes it meanwhile.
+    #[cfg(test)]
+    pub(crate) fn memory(&self) -> &GuestMemory {
         &self.memory
     }
 

@@ -1,11 +1,12 @@
 //! Pause, save, resume and restore of whole machines on real KVM, with a tiny guest that counts:
-//! the proof that a restored machine continues where the saved one stopped.
+//! the proof that a restored machine continues where the saved one stopped, and that a
+//! [`Paused`] guard keeps it paused (one guard at a time; dropping it resumes).
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::test_support::{Capture, require_kvm, tiny_elf};
@@ -89,29 +90,72 @@ fn wait_for_count(mem: &GuestMemory, value: u64) -> u64 {
     }
 }
 
-/// A copy of `mem` in fresh guest memory, as a snapshot's memory file would provide it.
-fn copy_memory(mem: &GuestMemory) -> GuestMemory {
-    let copy = memory::create_guest_memory(memory::total_bytes(mem)).unwrap();
-    copy_into(mem, &copy);
+/// The value at guest address `addr` as guest memory slices show it.
+fn read_u64_in(regions: &[(u64, &[u8])], addr: u64) -> u64 {
+    let (start, bytes) = regions
+        .iter()
+        .find(|(start, bytes)| addr >= *start && addr + 8 <= start + bytes.len() as u64)
+        .unwrap();
+    let at = (addr - start) as usize;
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// Guest memory is copied in chunks of this size; chunks of zeros are left out, so untouched
+/// memory stays unallocated in the copy too.
+const CHUNK: usize = 1 << 20;
+
+/// A copy of the paused machine's memory, read in place through its guard, in fresh guest
+/// memory (as a snapshot's memory file would provide it).
+fn copy_paused(paused: &Paused) -> GuestMemory {
+    let regions = paused.memory();
+    let mem_bytes = regions.iter().map(|(_, b)| b.len() as u64).sum();
+    let copy = memory::create_guest_memory(mem_bytes).unwrap();
+    for (addr, bytes) in &regions {
+        for (n, part) in bytes.chunks(CHUNK).enumerate() {
+            if part.iter().any(|&b| b != 0) {
+                let at = addr + (n * CHUNK) as u64;
+                copy.write_slice(part, GuestAddress(at)).unwrap();
+            }
+        }
+    }
     copy
 }
 
-/// Copies what `mem` holds into `copy`, which is laid out the same.
-fn copy_into(mem: &GuestMemory, copy: &GuestMemory) {
-    let mut chunk = vec![0u8; 1 << 20];
-    for region in mem.iter() {
-        let mut at = region.start_addr().0;
-        let end = at + region.len();
-        while at < end {
-            let n = chunk.len().min((end - at) as usize);
-            mem.read_slice(&mut chunk[..n], GuestAddress(at)).unwrap();
-            // Untouched memory stays unallocated in the copy too.
-            if chunk[..n].iter().any(|&b| b != 0) {
-                copy.write_slice(&chunk[..n], GuestAddress(at)).unwrap();
+/// A fresh shell of `vcpus` vCPUs whose memory holds what `mem` holds, filled in place.
+fn shell_holding(mem: &GuestMemory, vcpus: u8) -> MachineShell {
+    let mut shell = MachineShell::create(ShellSpec {
+        mem_bytes: memory::total_bytes(mem),
+        vcpus,
+    })
+    .unwrap();
+    fill_shell(&mut shell, mem);
+    shell
+}
+
+/// Fills `shell`'s memory in place with what `mem`, laid out the same, holds.
+fn fill_shell(shell: &mut MachineShell, mem: &GuestMemory) {
+    let mut chunk = vec![0u8; CHUNK];
+    for (addr, bytes) in shell.ram_mut() {
+        for (n, part) in bytes.chunks_mut(CHUNK).enumerate() {
+            let from = &mut chunk[..part.len()];
+            let at = addr + (n * CHUNK) as u64;
+            mem.read_slice(from, GuestAddress(at)).unwrap();
+            if from.iter().any(|&b| b != 0) {
+                part.copy_from_slice(from);
             }
-            at += n as u64;
         }
     }
+}
+
+/// Writes `value` at guest address `addr` of `shell`'s memory.
+fn write_u64_in(shell: &mut MachineShell, addr: u64, value: u64) {
+    let (start, bytes) = shell
+        .ram_mut()
+        .into_iter()
+        .find(|(start, bytes)| addr >= *start && addr + 8 <= start + bytes.len() as u64)
+        .unwrap();
+    let at = (addr - start) as usize;
+    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
 }
 
 #[test]
@@ -130,7 +174,7 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
     let first = start(machine);
     wait_for_count(&first.mem, 3000);
 
-    first.control.pause().unwrap();
+    let paused = first.control.pause().unwrap();
     let paused_at = read_u64(&first.mem, COUNTER);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
@@ -138,9 +182,21 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
         paused_at,
         "a paused guest does not run"
     );
-    let state = first.control.save().unwrap();
+    let state = paused.save().unwrap();
+    // Memory read in place through the guard, as a snapshot reads it.
+    assert_eq!(read_u64_in(&paused.memory(), COUNTER), paused_at);
+    let saved_memory = copy_paused(&paused);
+    // Stopped while paused: the guard outlives the machine, still reads its memory, and
+    // resumes nothing.
     first.control.stop();
     assert_eq!(first.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+    assert_eq!(read_u64_in(&paused.memory(), COUNTER), paused_at);
+    assert!(matches!(
+        paused.resume(),
+        Err(ControlError::Exited {
+            reason: Some(ExitReason::Stopped)
+        })
+    ));
     assert_eq!(state.vcpus.len(), 2);
     // The pause can fall between the two increments: r12 may be one ahead, never more.
     let r12 = state.vcpus[0].regs.r12;
@@ -185,10 +241,11 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
             refused.err()
         );
     }
-    let shell = MachineShell::create(spec).unwrap();
-    copy_into(&first.mem, shell.memory());
+    // Filled in place, as an eager restore fills it.
+    let mut shell = MachineShell::create(spec).unwrap();
+    fill_shell(&mut shell, &saved_memory);
     let steps = 2048;
-    write_u64(shell.memory(), TARGET, paused_at + steps);
+    write_u64_in(&mut shell, TARGET, paused_at + steps);
     let out = Capture::default();
     let restored = Machine::restore_in(
         shell,
@@ -217,7 +274,7 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
 }
 
 #[test]
-fn many_pauses_and_resumes_lose_no_progress_and_saving_needs_a_pause() {
+fn many_pauses_and_resumes_lose_no_progress() {
     if !require_kvm() {
         return;
     }
@@ -229,22 +286,72 @@ fn many_pauses_and_resumes_lose_no_progress_and_saving_needs_a_pause() {
     write_u64(machine.memory(), TARGET, u64::MAX);
     let run = start(machine);
     wait_for_count(&run.mem, 100);
-    assert!(matches!(run.control.save(), Err(ControlError::NotPaused)));
-    run.control.resume().unwrap(); // resuming a running machine does nothing
-    for _ in 0..20 {
-        run.control.pause().unwrap();
-        run.control.pause().unwrap(); // pausing twice does nothing
+    for round in 0..20 {
+        let paused = run.control.pause().unwrap();
         let at = read_u64(&run.mem, COUNTER);
         std::thread::sleep(Duration::from_millis(10));
         assert_eq!(read_u64(&run.mem, COUNTER), at);
-        let state = run.control.save().unwrap();
+        let state = paused.save().unwrap();
         let r12 = state.vcpus[0].regs.r12;
         assert!(r12 == at || r12 == at + 1, "r12 {r12}, memory {at}");
-        run.control.resume().unwrap();
+        assert_eq!(read_u64_in(&paused.memory(), COUNTER), at);
+        // Resumed either way: explicitly, or by dropping the guard.
+        if round % 2 == 0 {
+            paused.resume().unwrap();
+        } else {
+            drop(paused);
+        }
         wait_for_count(&run.mem, at + 10);
     }
     let now = read_u64(&run.mem, COUNTER);
     write_u64(&run.mem, TARGET, now + 100);
+    assert_eq!(
+        run.thread.join().unwrap().unwrap(),
+        ExitReason::GuestExit(AGREE)
+    );
+}
+
+#[test]
+fn a_second_pause_is_refused_while_a_guard_lives_and_dropping_the_guard_resumes() {
+    if !require_kvm() {
+        return;
+    }
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &counting_guest()), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    write_u64(machine.memory(), TARGET, u64::MAX);
+    let run = start(machine);
+    wait_for_count(&run.mem, 100);
+
+    let paused = run.control.pause().unwrap();
+    // Refused from this controller and from a clone on another thread alike, without asking
+    // the event loop (which would answer a pause of a paused machine with success).
+    assert!(matches!(
+        run.control.pause(),
+        Err(ControlError::AlreadyPaused)
+    ));
+    let other = run.control.clone();
+    let refused = within_seconds(move || other.pause().map(drop));
+    assert!(
+        matches!(refused, Err(ControlError::AlreadyPaused)),
+        "{refused:?}"
+    );
+    run.control.check_alive().unwrap();
+    // The refusals resumed nothing.
+    let at = read_u64(&run.mem, COUNTER);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(read_u64(&run.mem, COUNTER), at, "the guest stays paused");
+    paused.save().unwrap();
+
+    // Dropping the guard resumes the guest, and a new pause is allowed.
+    drop(paused);
+    wait_for_count(&run.mem, at + 10);
+    let again = run.control.pause().unwrap();
+    let now = read_u64(&run.mem, COUNTER);
+    write_u64(&run.mem, TARGET, now + 100);
+    drop(again);
     assert_eq!(
         run.thread.join().unwrap().unwrap(),
         ExitReason::GuestExit(AGREE)
@@ -286,14 +393,38 @@ fn requests_after_the_machine_exited_fail_instead_of_hanging() {
         ),
         "{paused:?}"
     );
-    let c = control.clone();
     assert!(matches!(
-        within_seconds(move || c.save()),
+        control.check_alive(),
         Err(ControlError::Exited { .. })
     ));
-    let c = control.clone();
+
+    // A guard whose machine ends: saving fails instead of hanging, its memory stays readable,
+    // and dropping it does nothing. (Resuming one fails too: see the first test.)
+    let machine = Machine::create(
+        &config(tiny_elf(0x10_0000, &counting_guest()), 1),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    write_u64(machine.memory(), TARGET, u64::MAX);
+    let run = start(machine);
+    wait_for_count(&run.mem, 100);
+    let paused = run.control.pause().unwrap();
+    let at = read_u64(&run.mem, COUNTER);
+    run.control.stop();
+    assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+    let (paused, saved) = within_seconds(move || {
+        let saved = paused.save();
+        (paused, saved)
+    });
+    assert!(
+        matches!(saved, Err(ControlError::Exited { .. })),
+        "{saved:?}"
+    );
+    assert_eq!(read_u64_in(&paused.memory(), COUNTER), at);
+    within_seconds(move || drop(paused));
+    let c = run.control.clone();
     assert!(matches!(
-        within_seconds(move || c.resume()),
+        within_seconds(move || c.pause()),
         Err(ControlError::Exited { .. })
     ));
 
@@ -330,7 +461,7 @@ fn a_guest_exiting_while_pausing_is_an_exit_not_a_hang() {
     let mut exited = false;
     for _ in 0..100_000 {
         match run.control.pause() {
-            Ok(()) => run.control.resume().unwrap(),
+            Ok(paused) => paused.resume().unwrap(),
             Err(ControlError::Exited { reason }) => {
                 assert_eq!(reason, Some(ExitReason::GuestExit(AGREE)));
                 exited = true;
@@ -356,16 +487,15 @@ fn saved_vsock_machine(dir: &std::path::Path) -> (MachineState, GuestMemory) {
     let run = start(Machine::create(&cfg, Box::new(std::io::sink())).unwrap());
     // Saved once the guest sits in its `hlt`, so a restored copy has nothing left to run and
     // saves the same registers again.
-    let state = loop {
-        run.control.pause().unwrap();
-        let state = run.control.save().unwrap();
+    let (state, mem) = loop {
+        let paused = run.control.pause().unwrap();
+        let state = paused.save().unwrap();
         if state.vcpus[0].mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED {
-            break state;
+            break (state, copy_paused(&paused));
         }
-        run.control.resume().unwrap();
+        paused.resume().unwrap();
         std::thread::sleep(Duration::from_millis(10));
     };
-    let mem = copy_memory(&run.mem);
     run.control.stop();
     assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
     (state, mem)
@@ -384,9 +514,10 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let config = RestoreConfig {
         vsock_uds_path: Some(dir.path().join("restored.sock")),
     };
-    let restore = |state: &MachineState, mem: GuestMemory, config: &RestoreConfig| {
-        Machine::restore(config, Box::new(std::io::sink()), state, mem).err()
+    let restore = |state: &MachineState, shell: MachineShell, config: &RestoreConfig| {
+        Machine::restore_in(shell, config, Box::new(std::io::sink()), state).err()
     };
+    let copy = || shell_holding(&mem, 1);
     let invalid = |e: Option<MachineError>| match e {
         Some(MachineError::Restore(RestoreError::Invalid(e))) => e,
         other => panic!("expected an invalid state, got {other:?}"),
@@ -395,7 +526,7 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let mut two = state.clone();
     two.vcpu_count = 2;
     assert!(matches!(
-        invalid(restore(&two, copy_memory(&mem), &config)),
+        invalid(restore(&two, copy(), &config)),
         StateError::VcpuMismatch {
             expected: 2,
             found: 1
@@ -404,16 +535,20 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let mut extra = state.clone();
     extra.vcpus.push(extra.vcpus[0].clone());
     assert!(matches!(
-        invalid(restore(&extra, copy_memory(&mem), &config)),
+        invalid(restore(&extra, copy(), &config)),
         StateError::VcpuMismatch { .. }
     ));
     let mut none = state.clone();
     none.vcpus.clear();
     assert!(matches!(
-        invalid(restore(&none, copy_memory(&mem), &config)),
+        invalid(restore(&none, copy(), &config)),
         StateError::VcpuCount { count: 0 }
     ));
-    let bigger = memory::create_guest_memory(256 << 20).unwrap();
+    let bigger = MachineShell::create(ShellSpec {
+        mem_bytes: 256 << 20,
+        vcpus: 1,
+    })
+    .unwrap();
     assert!(matches!(
         invalid(restore(&state, bigger, &config)),
         StateError::MemorySize { .. }
@@ -421,7 +556,7 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let mut version = state.clone();
     version.version += 1;
     assert!(matches!(
-        invalid(restore(&version, copy_memory(&mem), &config)),
+        invalid(restore(&version, copy(), &config)),
         StateError::Version { .. }
     ));
     let mut moved = state.clone();
@@ -429,23 +564,23 @@ fn restore_checks_the_state_against_the_memory_and_config() {
         v.placement.irq = 9;
     }
     assert!(matches!(
-        invalid(restore(&moved, copy_memory(&mem), &config)),
+        invalid(restore(&moved, copy(), &config)),
         StateError::VirtioPlacement { .. }
     ));
     assert!(matches!(
-        restore(&state, copy_memory(&mem), &RestoreConfig::default()),
+        restore(&state, copy(), &RestoreConfig::default()),
         Some(MachineError::Restore(RestoreError::VsockPathMissing))
     ));
 
     // The untouched state restores, with the vsock device listening on its new path.
-    let restored = Machine::restore(&config, Box::new(std::io::sink()), &state, mem).unwrap();
+    let restored = Machine::restore_in(copy(), &config, Box::new(std::io::sink()), &state).unwrap();
     assert!(dir.path().join("restored.sock").exists());
     let vsock = restored.vsock().unwrap();
     assert_eq!(lock(&vsock).device().config().guest_cid, 5);
     drop(vsock);
     let run = start(restored);
-    run.control.pause().unwrap();
-    let again = run.control.save().unwrap();
+    let paused = run.control.pause().unwrap();
+    let again = paused.save().unwrap();
     assert_eq!(again.devices, state.devices);
     assert_eq!(again.vcpus[0].regs, state.vcpus[0].regs);
     assert_eq!(again.vcpus[0].sregs, state.vcpus[0].sregs);

@@ -1,11 +1,12 @@
-//! Rebuilding a machine from a [`MachineState`] and guest memory the caller provides.
+//! Rebuilding a machine from a [`MachineState`] in a [`MachineShell`] whose memory the caller
+//! filled (or a page server fills lazily).
 //!
 //! Order, and why:
 //!
 //! 1. Check the state against the memory before touching KVM (a state file is untrusted).
-//! 2. The shell ([`MachineShell`], possibly built long before): the VM as [`Machine::create`]
-//!    makes it (`KVM_CREATE_VM`, TSS, irqchip, PIT), the guest memory slots (the caller filled
-//!    the memory, or a page server fills it lazily) and the vCPUs, created but not written.
+//! 2. The shell (possibly built long before): the VM as [`Machine::create`] makes it
+//!    (`KVM_CREATE_VM`, TSS, irqchip, PIT), the guest memory slots (filled through
+//!    [`MachineShell::ram_mut`], or by a page server) and the vCPUs, created but not written.
 //! 3. Devices from their saved state, at their saved places, each with fresh irqfd and
 //!    ioeventfds; no guest loader runs.
 //! 4. Each vCPU's state, written in `vcpu::state`'s order.
@@ -98,25 +99,6 @@ fn ram_regions(memory: &GuestMemory) -> Vec<(u64, u64)> {
 }
 
 impl Machine {
-    /// Builds a machine from `state` over `memory`, which holds the saved guest memory and must
-    /// be laid out as [`crate::memory::create_guest_memory`] lays out `state.mem_bytes`. The machine
-    /// continues where the saved one was once [`Machine::run`] is called.
-    pub fn restore(
-        config: &RestoreConfig,
-        console: ConsoleOutput,
-        state: &MachineState,
-        memory: GuestMemory,
-    ) -> Result<Self, MachineError> {
-        check_fits(config, state, &memory)?;
-        let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| {
-            RestoreError::Invalid(StateError::VcpuCount {
-                count: state.vcpus.len(),
-            })
-        })?;
-        let shell = MachineShell::with_memory(memory, vcpus)?;
-        Self::restore_in(shell, config, console, state)
-    }
-
     /// Builds a machine from `state` in `shell`, built ahead of time for the state's memory
     /// size and vCPU count; the shell's memory holds the saved guest memory (or is served
     /// lazily). A shell of another size is refused, as is an invalid state, before anything is
@@ -160,7 +142,7 @@ impl Machine {
             _ => None,
         };
 
-        let (exit, control) = new_exit_signal()?;
+        let (exit, control) = new_exit_signal(&memory)?;
         let serial_args = SerialArgs {
             irq: devices::serial_irq(&vm)?,
             output: console,

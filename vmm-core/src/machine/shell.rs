@@ -9,15 +9,27 @@
 //! platform that expects restores (`thawd`) builds shells ahead of time, off the invoke path.
 //!
 //! A shell's memory is untouched: it can still be handed to a userfaultfd page server (lazy
-//! restore) or filled in place (eager restore) before the machine is rebuilt on it.
+//! restore, through [`MachineShell::host_ranges`]) or filled in place (eager restore, through
+//! [`MachineShell::ram_mut`]) before the machine is rebuilt on it.
+//!
+//! Filling in place is a safe `&mut` borrow because the shell's memory has exactly one handle,
+//! the shell's own, until a machine is built on it: the shell maps it itself ([`create`],
+//! [`from_file`]; it never takes memory a caller could have kept a clone of), no method hands
+//! out a `GuestMemory` (only addresses, and [`MappingHold`], which gives no access), and
+//! [`Machine::restore_in`](super::Machine::restore_in), which gives the memory to devices and
+//! vCPUs, consumes the shell. Its vCPUs cannot run before that either.
+//!
+//! [`create`]: MachineShell::create
+//! [`from_file`]: MachineShell::from_file
 
+use std::fs::File;
 use std::sync::Arc;
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{MachineError, create_vm, vm_step};
 use crate::kvm;
-use crate::memory::{self, GuestMemory};
+use crate::memory::{self, GuestMemory, HostRange, MappingHold};
 use crate::vcpu::state::VcpuCaps;
 
 /// What a shell is built for: the machine's memory size and vCPU count. A saved machine fits a
@@ -47,10 +59,18 @@ impl MachineShell {
         Self::with_memory(memory, spec.vcpus)
     }
 
-    /// Builds a shell over `memory`, which the caller mapped (a restore's memory may come from
-    /// elsewhere, such as a file). `memory` must be laid out as [`memory::ram_ranges`] lays out
-    /// its size.
-    pub fn with_memory(memory: GuestMemory, vcpus: u8) -> Result<Self, MachineError> {
+    /// Builds a shell over `file` — guest memory laid out flat, region after region — mapped
+    /// privately ([`memory::map_file_private`]: read on first touch, copied on first write,
+    /// never written back). A benchmark baseline, Firecracker's `File` memory backend.
+    pub fn from_file(file: &File, spec: ShellSpec) -> Result<Self, MachineError> {
+        let memory = memory::map_file_private(file, spec.mem_bytes)?;
+        Self::with_memory(memory, spec.vcpus)
+    }
+
+    /// Builds a shell over `memory`, which must be laid out as [`memory::ram_ranges`] lays out
+    /// its size. Private: the shell must hold the only handle on its memory (see the module
+    /// docs), so callers outside this module get shells whose memory the shell mapped.
+    fn with_memory(memory: GuestMemory, vcpus: u8) -> Result<Self, MachineError> {
         if vcpus == 0 {
             return Err(crate::config::ConfigError::NoVcpus.into());
         }
@@ -83,15 +103,42 @@ impl MachineShell {
         self.spec
     }
 
-    /// Its guest memory (shared with the machine later built on it).
-    pub fn memory(&self) -> &GuestMemory {
-        &self.memory
+    /// Where its RAM regions are mapped, to register them with userfaultfd (a lazy restore's
+    /// page server, the alternative to [`MachineShell::ram_mut`]).
+    pub fn host_ranges(&self) -> Vec<HostRange> {
+        memory::host_ranges(&self.memory)
     }
 
-    /// Its guest memory, to fill in place before a machine is built on it (no vCPU has run,
-    /// so nothing else uses it yet).
-    pub fn memory_mut(&mut self) -> &mut GuestMemory {
-        &mut self.memory
+    /// Keeps its memory mapped, without access to it, past the machine built on it (for a page
+    /// server, which writes it through raw addresses and must stop before it is unmapped).
+    pub fn hold_mapping(&self) -> MappingHold {
+        MappingHold::new(self.memory.clone())
+    }
+
+    /// Each RAM region as `(guest address, its bytes)`, writable: to fill the memory in place
+    /// (an eager restore) before a machine is built on it. Fresh anonymous memory reads as
+    /// zero.
+    pub fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])> {
+        memory::raw_regions(&self.memory)
+            .map(|(guest_addr, host, len)| {
+                // SAFETY: `host` maps `len` writable bytes for as long as `self.memory`, and so
+                // the `&mut self` borrow the slice carries, lives; regions do not overlap (the
+                // collection refuses overlapping ones), so the slices are disjoint. Nothing else
+                // reads or writes the bytes while the borrow lives: `self.memory` is the only
+                // handle on this mapping (the shell mapped it and hands none out, see the module
+                // docs) and is borrowed exclusively here; the shell's vCPUs have never run and
+                // cannot until `Machine::restore_in` consumes it, and no device exists on it.
+                // `host_ranges` gives only addresses; a page server registered through them
+                // installs only pages not yet present, and a write here to such a page waits
+                // for it, so it never changes a byte under these slices (restore does not do
+                // both anyway). A file-backed shell (`from_file`, the benchmark baseline) maps
+                // its file privately: pages written here are this process's own; pages not yet
+                // written would show a change to the file, as any file mapping does, and the
+                // baseline file is not written while it is mapped.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
+                (guest_addr, bytes)
+            })
+            .collect()
     }
 }
 

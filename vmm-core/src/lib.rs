@@ -15,6 +15,8 @@ pub mod vcpu;
 pub mod vm_state;
 
 #[cfg(test)]
+pub(crate) mod persist_conformance;
+#[cfg(test)]
 pub(crate) mod test_support;
 
 pub use config::{KernelSource, MachineConfig};

@@ -80,3 +80,44 @@ pub fn tiny_config(image: Vec<u8>, vcpus: u8) -> crate::MachineConfig {
         vsock: None,
     }
 }
+
+/// `MSR_IA32_TSC`: it counts on by itself, paused or not.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
+/// Masks what moves by itself in a saved vCPU between two saves, so that comparisons see only
+/// what the vCPU carries: the TSC MSR.
+pub fn mask_vcpu_clock(state: &mut crate::vcpu::state::VcpuState) {
+    for msr in state.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+        msr.data = 0;
+    }
+}
+
+/// Masks what moves by itself in a saved VM between two saves: kvmclock (guest nanoseconds,
+/// and the host's wall time and TSC `KVM_GET_CLOCK` reports with them) and each PIT channel's
+/// load time (a host timestamp; restore keeps the count, not the host time it was loaded at).
+pub fn mask_vm_clock(state: &mut crate::vm_state::VmState) {
+    state.clock.clock = 0;
+    state.clock.realtime = 0;
+    state.clock.host_tsc = 0;
+    for channel in &mut state.pit.channels {
+        channel.count_load_time = 0;
+    }
+}
+
+/// Copies what `from` holds into `to`, laid out the same, as a snapshot's memory would arrive.
+pub fn copy_guest_memory(from: &crate::memory::GuestMemory, to: &crate::memory::GuestMemory) {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let mut chunk = vec![0u8; 1 << 20];
+    for region in from.iter() {
+        let (mut at, end) = (region.start_addr().0, region.start_addr().0 + region.len());
+        while at < end {
+            let n = chunk.len().min((end - at) as usize);
+            from.read_slice(&mut chunk[..n], GuestAddress(at)).unwrap();
+            // Untouched memory stays unallocated in the copy too.
+            if chunk[..n].iter().any(|&b| b != 0) {
+                to.write_slice(&chunk[..n], GuestAddress(at)).unwrap();
+            }
+            at += n as u64;
+        }
+    }
+}

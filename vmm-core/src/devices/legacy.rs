@@ -102,11 +102,13 @@ mod tests {
     }
 
     #[test]
-    fn i8042_state_round_trips_and_restored_device_still_resets() {
+    fn i8042_passes_persist_conformance_and_restored_device_still_resets() {
+        use crate::persist_conformance::{self, Spec};
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let saved = I8042::new(exit.clone()).save().unwrap();
+        let device = I8042::new(exit.clone());
+        let saved =
+            persist_conformance::check::<I8042>(&device, || exit.clone(), &Spec::of::<I8042>());
         let mut restored = I8042::restore(exit.clone(), &saved).unwrap();
-        assert_eq!(restored.save().unwrap(), saved);
         BusDevice::write(&mut restored, 4, &[0xfe]);
         assert_eq!(exit.reason(), Some(ExitReason::Reset));
     }

@@ -374,6 +374,12 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
 mod persist_tests;
+#[cfg(test)]
+mod round_trip_tests;
+#[cfg(test)]
+mod state_diff;
 #[cfg(test)]
 mod tests;

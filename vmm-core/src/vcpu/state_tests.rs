@@ -91,14 +91,48 @@ fn assert_same_state(a: &VcpuState, b: &VcpuState) {
 }
 
 #[test]
-fn vcpu_state_round_trips_through_a_fresh_vcpu() {
+fn vcpu_passes_persist_conformance() {
+    use crate::persist_conformance::{self, Spec};
     if !require_kvm() {
         return;
     }
     let first = test_vm();
     let caps = caps(&first);
     let vcpu = configured_vcpu(&first, caps.clone());
-    let saved = vcpu.save().unwrap();
+    let mut spares = Vec::new();
+    let fresh = || {
+        let vm = test_vm();
+        let fd = vm.vm.create_vcpu(0).unwrap();
+        spares.push(vm);
+        VcpuArgs {
+            fd,
+            index: 0,
+            caps: caps.clone(),
+        }
+    };
+    let spec = Spec::of::<Vcpu>()
+        .volatile(crate::test_support::mask_vcpu_clock)
+        .carries("general registers", |s| {
+            s.regs.rbx = 0x0bad_cafe;
+            s.regs.rip = 0x10_2000;
+        })
+        .carries("an MSR", |s| {
+            for m in s.msrs.iter_mut().filter(|m| m.index == MSR_LSTAR) {
+                m.data = 0xffff_ffff_8200_0000;
+            }
+        })
+        .carries("a debug register", |s| {
+            if let Some(dr) = s.debugregs.as_mut() {
+                dr.db[1] = 0x50_0000;
+            }
+        })
+        // The timer's LVT entry stays masked; only its vector changes.
+        .carries("the APIC timer's vector", |s| {
+            s.lapic.regs[0x320] = 0xec_u8 as i8
+        })
+        .refuses("saved as another vCPU", |s| s.index = 3)
+        .refuses("an unknown run state", |s| s.mp_state.mp_state = 99);
+    let saved = persist_conformance::check::<Vcpu>(&vcpu, fresh, &spec);
     assert_eq!(saved.regs.rax, 0x1234_5678);
     assert_eq!(msr(&saved, MSR_LSTAR), Some(0xffff_ffff_8100_0000));
     assert_eq!(msr(&saved, MSR_STAR), Some(0x0023_0010_0000_0000));
@@ -108,21 +142,23 @@ fn vcpu_state_round_trips_through_a_fresh_vcpu() {
         saved.sregs.apic_base, 0,
         "the APIC base is saved (in sregs)"
     );
+}
 
-    // Through serde, as a snapshot file would carry it.
-    let bytes = bincode::serde::encode_to_vec(&saved, bincode::config::standard()).unwrap();
-    let (decoded, _): (VcpuState, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-    assert_eq!(decoded.regs, saved.regs);
-
+#[test]
+fn restored_tsc_continues_from_the_saved_value() {
+    if !require_kvm() {
+        return;
+    }
+    let first = test_vm();
+    let caps = caps(&first);
+    let saved = configured_vcpu(&first, caps.clone()).save().unwrap();
     let second = test_vm();
     let args = VcpuArgs {
         fd: second.vm.create_vcpu(0).unwrap(),
         index: 0,
-        caps: caps.clone(),
+        caps,
     };
-    let restored = Vcpu::restore(args, &decoded).unwrap();
-    let again = restored.save().unwrap();
+    let again = Vcpu::restore(args, &saved).unwrap().save().unwrap();
     assert_same_state(&saved, &again);
 }
 

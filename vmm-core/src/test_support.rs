@@ -104,20 +104,20 @@ pub fn mask_vm_clock(state: &mut crate::vm_state::VmState) {
     }
 }
 
-/// Copies what `from` holds into `to`, laid out the same, as a snapshot's memory would arrive.
-pub fn copy_guest_memory(from: &crate::memory::GuestMemory, to: &crate::memory::GuestMemory) {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-    let mut chunk = vec![0u8; 1 << 20];
-    for region in from.iter() {
-        let (mut at, end) = (region.start_addr().0, region.start_addr().0 + region.len());
-        while at < end {
-            let n = chunk.len().min((end - at) as usize);
-            from.read_slice(&mut chunk[..n], GuestAddress(at)).unwrap();
-            // Untouched memory stays unallocated in the copy too.
-            if chunk[..n].iter().any(|&b| b != 0) {
-                to.write_slice(&chunk[..n], GuestAddress(at)).unwrap();
+/// Fills `shell`'s memory in place with what `mem`, laid out the same, holds; untouched
+/// (all-zero) memory stays unallocated in the shell too.
+pub fn fill_shell(shell: &mut crate::machine::MachineShell, mem: &crate::memory::GuestMemory) {
+    use vm_memory::{Bytes, GuestAddress};
+    const CHUNK: usize = 1 << 20;
+    let mut chunk = vec![0u8; CHUNK];
+    for (addr, bytes) in shell.ram_mut() {
+        for (n, part) in bytes.chunks_mut(CHUNK).enumerate() {
+            let from = &mut chunk[..part.len()];
+            let at = addr + (n * CHUNK) as u64;
+            mem.read_slice(from, GuestAddress(at)).unwrap();
+            if from.iter().any(|&b| b != 0) {
+                part.copy_from_slice(from);
             }
-            at += n as u64;
         }
     }
 }

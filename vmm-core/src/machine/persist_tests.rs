@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::test_support::{Capture, require_kvm, tiny_elf};
+use crate::test_support::{Capture, fill_shell, require_kvm, tiny_elf};
 
 /// The guest's memory counter.
 const COUNTER: u64 = 0x20_0000;
@@ -132,21 +132,6 @@ fn shell_holding(mem: &GuestMemory, vcpus: u8) -> MachineShell {
     shell
 }
 
-/// Fills `shell`'s memory in place with what `mem`, laid out the same, holds.
-fn fill_shell(shell: &mut MachineShell, mem: &GuestMemory) {
-    let mut chunk = vec![0u8; CHUNK];
-    for (addr, bytes) in shell.ram_mut() {
-        for (n, part) in bytes.chunks_mut(CHUNK).enumerate() {
-            let from = &mut chunk[..part.len()];
-            let at = addr + (n * CHUNK) as u64;
-            mem.read_slice(from, GuestAddress(at)).unwrap();
-            if from.iter().any(|&b| b != 0) {
-                part.copy_from_slice(from);
-            }
-        }
-    }
-}
-
 /// Writes `value` at guest address `addr` of `shell`'s memory.
 fn write_u64_in(shell: &mut MachineShell, addr: u64, value: u64) {
     let (start, bytes) = shell
@@ -205,10 +190,9 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
         "r12 {r12}, memory {paused_at}"
     );
 
-    // Through serde, as the snapshot file carries it.
-    let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
-    let (state, _): (MachineState, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    // Through the snapshot's state encoding, as the snapshot file carries it.
+    let state: MachineState =
+        crate::persist_conformance::decode(&crate::persist_conformance::encode(&state));
 
     // Restored into a shell built before its memory was filled, as a platform builds them
     // ahead of restores. Shells of another size are refused first.

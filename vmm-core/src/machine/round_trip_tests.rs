@@ -14,8 +14,7 @@ use super::state_diff::differences;
 use super::*;
 use crate::persist_conformance::{decode, encode};
 use crate::test_support::{
-    MSR_IA32_TSC, copy_guest_memory, mask_vcpu_clock, mask_vm_clock, require_kvm, tiny_config,
-    tiny_elf,
+    MSR_IA32_TSC, fill_shell, mask_vcpu_clock, mask_vm_clock, require_kvm, tiny_config, tiny_elf,
 };
 
 /// What the guest puts in r12 and at [`MARK_ADDR`].
@@ -54,6 +53,7 @@ fn settling_guest() -> Vec<u8> {
 struct Running {
     mem: GuestMemory,
     control: MachineController,
+    paused: Option<Paused>,
     thread: JoinHandle<Result<ExitReason, MachineError>>,
 }
 
@@ -65,28 +65,34 @@ impl Running {
         Self {
             mem,
             control,
+            paused: None,
             thread,
         }
     }
 
     /// Pauses the machine and saves it; it stays paused.
-    fn pause_and_save(&self) -> MachineState {
-        self.control.pause().unwrap();
-        self.control.save().unwrap()
+    fn pause_and_save(&mut self) -> MachineState {
+        let paused = self.control.pause().unwrap();
+        let state = paused.save().unwrap();
+        self.paused = Some(paused);
+        state
     }
 
-    fn resume(&self) {
-        self.control.resume().unwrap();
+    fn resume(&mut self) {
+        if let Some(paused) = self.paused.take() {
+            paused.resume().unwrap();
+        }
     }
 
-    fn stop(self) {
+    fn stop(mut self) {
         self.control.stop();
+        drop(self.paused.take());
         assert_eq!(self.thread.join().unwrap().unwrap(), ExitReason::Stopped);
     }
 }
 
 /// Saves `run` once its guest sits in `hlt` with the console input received.
-fn settled_state(run: &Running) -> MachineState {
+fn settled_state(run: &mut Running) -> MachineState {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let state = run.pause_and_save();
@@ -140,8 +146,8 @@ fn restored_machine_saves_the_state_it_was_restored_from() {
     let (input, mut feed) = UnixStream::pair().unwrap();
     feed.write_all(INPUT).unwrap();
     let machine = Machine::create(&config, Box::new(std::io::sink())).unwrap();
-    let first = Running::start(machine, Some(Box::new(input)));
-    let s1 = settled_state(&first);
+    let mut first = Running::start(machine, Some(Box::new(input)));
+    let s1 = settled_state(&mut first);
     // What is compared below is not a blank machine.
     assert_eq!(s1.vcpus[0].regs.r12, MARK, "r12 as the guest set it");
     assert_eq!(s1.devices.serial.scratch, 0x5a, "COM1's scratch register");
@@ -156,12 +162,12 @@ fn restored_machine_saves_the_state_it_was_restored_from() {
 
     // S1 travels as the snapshot's state section would; memory as the snapshot's chunks would.
     let s1_bytes = encode(&s1);
-    let shell = MachineShell::create(ShellSpec {
+    let mut shell = MachineShell::create(ShellSpec {
         mem_bytes: s1.mem_bytes,
         vcpus: s1.vcpu_count,
     })
     .unwrap();
-    copy_guest_memory(&first.mem, shell.memory());
+    fill_shell(&mut shell, &first.mem);
     first.stop();
     let restore_config = RestoreConfig {
         vsock_uds_path: Some(dir.path().join("restored.sock")),
@@ -173,7 +179,7 @@ fn restored_machine_saves_the_state_it_was_restored_from() {
         &decode(&s1_bytes),
     )
     .unwrap();
-    let second = Running::start(restored, None);
+    let mut second = Running::start(restored, None);
     let s2 = second.pause_and_save();
     second.stop();
 

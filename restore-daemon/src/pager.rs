@@ -57,6 +57,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use userfaultfd::{FeatureFlags, UffdBuilder};
+/// Where a region of guest memory lives in this process (what the server registers).
+pub use vmm_core::memory::HostRange;
 
 pub use accounting::PagerStats;
 pub use error::{BoxError, InstallOp, LayoutError, PagerError, SourceError, Tally, UffdError};
@@ -75,17 +77,6 @@ pub const PREFETCH_QUIET: Duration = Duration::from_millis(2);
 /// guest that keeps faulting steadily (or never faults) must still get its memory in the
 /// background instead of paying a fault per chunk for ever.
 pub const PREFETCH_DEADLINE: Duration = Duration::from_millis(50);
-
-/// Where a region of guest memory lives in this process.
-#[derive(Clone, Copy, Debug)]
-pub struct HostRegion {
-    /// Its guest-physical start.
-    pub guest_addr: u64,
-    /// Its host address (the mapping's start).
-    pub host_addr: usize,
-    /// Its length in bytes.
-    pub len: usize,
-}
 
 /// Called once, from the server thread that failed, with the error.
 pub type FailureHook = Box<dyn Fn(&PagerError) + Send + Sync>;
@@ -147,7 +138,7 @@ impl PageServer {
     /// background as `options` say.
     pub fn start(
         source: Arc<dyn PageSource>,
-        regions: Vec<HostRegion>,
+        regions: Vec<HostRange>,
         options: PagerOptions,
     ) -> Result<PageServer, PagerError> {
         let layout = source.layout();

@@ -24,7 +24,7 @@ use vmm_core::machine::{
 use vmm_core::memory::MappingHold;
 use vmm_core::{Machine, MachineError};
 
-use crate::pager::{HostRegion, PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
+use crate::pager::{PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
 use crate::shells::ShellPool;
 use crate::verify::{self, VerifyError};
 use snapshot::KeyChoice;
@@ -470,15 +470,7 @@ fn start_pager(
     options: &RestoreOptions,
     watch: &Arc<PagerWatch>,
 ) -> Result<PageServer, RestoreError> {
-    let regions = shell
-        .host_ranges()
-        .into_iter()
-        .map(|r| HostRegion {
-            guest_addr: r.guest_addr,
-            host_addr: r.host_addr,
-            len: r.len,
-        })
-        .collect();
+    let regions = shell.host_ranges();
     let working_set = match (options.use_working_set, snap.working_set()) {
         (true, Some(ws)) => ws.chunks.clone(),
         _ => Vec::new(),

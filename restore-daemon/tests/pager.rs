@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use restore_daemon::pager::{
-    Fill, HostRegion, LayoutError, PageServer, PageSource, PagerError, PagerOptions,
-    SnapshotSource, SourceError,
+    Fill, HostRange, LayoutError, PageServer, PageSource, PagerError, PagerOptions, SnapshotSource,
+    SourceError,
 };
 use snapshot::{
     Fingerprint, MasterKey, MemoryRegion, Protection, Snapshot, SnapshotMeta, WriteOptions,
@@ -53,8 +53,8 @@ impl Mapping {
         }
     }
 
-    fn region(&self) -> HostRegion {
-        HostRegion {
+    fn region(&self) -> HostRange {
+        HostRange {
             guest_addr: 0,
             host_addr: self.ptr as usize,
             len: self.len,

@@ -14,7 +14,7 @@ use userfaultfd::{Event, Uffd};
 use super::accounting::Counters;
 use super::error::{LayoutError, PagerError};
 use super::source::PageSource;
-use super::{FailureHook, HostRegion, PagerStats};
+use super::{FailureHook, HostRange, PagerStats};
 
 pub(super) use super::source::PAGE;
 
@@ -99,7 +99,7 @@ impl Shared {
     pub fn new(
         source: Arc<dyn PageSource>,
         uffd: Uffd,
-        host_regions: &[HostRegion],
+        host_regions: &[HostRange],
         record: bool,
         on_failure: Option<FailureHook>,
     ) -> Result<Shared, PagerError> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use super::{
-    ChunkLayout, Fill, HostRegion, MemorySource, PageServer, PageSource, PagerOptions, SourceError,
+    ChunkLayout, Fill, HostRange, MemorySource, PageServer, PageSource, PagerOptions, SourceError,
 };
 
 pub const PAGE: usize = 4096;
@@ -43,12 +43,12 @@ impl Mapping {
     }
 
     /// This mapping as guest memory at guest address 0.
-    pub fn region(&self) -> HostRegion {
+    pub fn region(&self) -> HostRange {
         self.region_at(0)
     }
 
-    pub fn region_at(&self, guest_addr: u64) -> HostRegion {
-        HostRegion {
+    pub fn region_at(&self, guest_addr: u64) -> HostRange {
+        HostRange {
             guest_addr,
             host_addr: self.ptr as usize,
             len: self.len,

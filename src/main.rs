@@ -663,6 +663,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 vsock_uds,
                 baseline_memory_file: None,
                 shells: None,
+                shared_copy: None,
             };
             thaw::commands::restore::run(
                 &dir,

@@ -12,6 +12,7 @@
 //! processes, one per environment (`worker`), which drive the restore library.
 
 // The restore library.
+pub mod decoded_copy;
 pub mod environment;
 pub mod pager;
 pub mod restore;

@@ -24,6 +24,7 @@ use vmm_core::machine::{
 use vmm_core::memory::MappingHold;
 use vmm_core::{Machine, MachineError};
 
+use crate::decoded_copy::{self, CopyError, DecodedCopy};
 use crate::pager::{PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
 use crate::shells::ShellPool;
 use crate::verify::{self, VerifyError};
@@ -94,6 +95,15 @@ pub enum RestoreError {
     /// no longer the snapshot's.
     #[error("the page server failed, so the restored guest was stopped: {0}")]
     PagerFailed(String),
+    /// The decoded copy given for the restore is unusable for this snapshot.
+    #[error("snapshot {}: its decoded copy cannot be used", path.display())]
+    SharedCopy {
+        /// The snapshot.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: CopyError,
+    },
     /// The machine could not be rebuilt or run.
     #[error(transparent)]
     Machine(#[from] MachineError),
@@ -172,6 +182,11 @@ pub struct RestoreOptions {
     /// Machine shells built ahead of time: the restore takes one of its size if one is ready
     /// and builds its own otherwise.
     pub shells: Option<Arc<ShellPool>>,
+    /// The snapshot's memory, already decoded once for this host and shared by every clone
+    /// ([`DecodedCopy`]): guest memory is mapped from it copy-on-write, so nothing is decoded
+    /// or paged and `memory` and the lazy options are ignored. It must have been decoded from
+    /// this very snapshot (checked by id and size).
+    pub shared_copy: Option<Arc<DecodedCopy>>,
 }
 
 impl Default for RestoreOptions {
@@ -185,6 +200,7 @@ impl Default for RestoreOptions {
             vsock_uds: None,
             baseline_memory_file: None,
             shells: None,
+            shared_copy: None,
         }
     }
 }
@@ -387,10 +403,22 @@ pub fn restore(
     let snap = Arc::new(snap);
     let open = started.elapsed();
 
+    let copy_refused = |source| RestoreError::SharedCopy {
+        path: dir.to_owned(),
+        source,
+    };
+    let copy_runs = match &options.shared_copy {
+        Some(copy) => {
+            copy.check_matches(&snap).map_err(copy_refused)?;
+            Some(decoded_copy::file_runs(&snap).map_err(copy_refused)?)
+        }
+        None => None,
+    };
     let started = Instant::now();
     if options.memory == MemoryMode::Lazy
         && options.chunk_check == ChunkCheck::UpFront
         && options.baseline_memory_file.is_none()
+        && copy_runs.is_none()
     {
         snap.authenticate_chunks()
             .map_err(|source| RestoreError::Chunk {
@@ -419,16 +447,23 @@ pub fn restore(
     let started = Instant::now();
     let watch = Arc::new(PagerWatch::default());
     let mut shell = shell;
-    let pager = match (&options.baseline_memory_file, options.memory) {
-        (Some(_), _) => None,
-        (None, MemoryMode::Eager) => {
+    let shared = options.shared_copy.as_ref().zip(copy_runs.as_ref());
+    let pager = match (&options.baseline_memory_file, shared, options.memory) {
+        (Some(_), _, _) => None,
+        // The copy was decoded from authenticated chunks (checked against this snapshot's id
+        // above); mapping it is all there is to do.
+        (None, Some((copy, runs)), _) => {
+            shell.overlay_private(copy.file(), runs)?;
+            None
+        }
+        (None, None, MemoryMode::Eager) => {
             decode_all_into(&snap, &mut shell).map_err(|source| RestoreError::Chunk {
                 path: dir.to_owned(),
                 source,
             })?;
             None
         }
-        (None, MemoryMode::Lazy) => {
+        (None, None, MemoryMode::Lazy) => {
             let pager = start_pager(&snap, &shell, options, &watch)?;
             Some(Arc::new(pager))
         }

@@ -50,6 +50,7 @@ pub fn record(
             vsock_uds: None,
             baseline_memory_file: None,
             shells: None,
+            shared_copy: None,
         },
         ..EnvironmentOptions::default()
     };

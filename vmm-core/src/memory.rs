@@ -48,6 +48,31 @@ pub enum MemoryError {
         /// Guest-physical start of the region.
         start: u64,
     },
+    /// A stretch of memory to take from a file is not page-aligned or not inside one RAM region.
+    #[error(
+        "cannot overlay {len} bytes at guest address {guest_addr:#x} (file offset {file_offset:#x}): {reason}"
+    )]
+    OverlayOutside {
+        /// Guest-physical start of the stretch.
+        guest_addr: u64,
+        /// Its length.
+        len: u64,
+        /// Where it starts in the file.
+        file_offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The host refused to map the file over guest memory.
+    #[error("cannot map the file over {len} bytes of guest memory at {guest_addr:#x}")]
+    Overlay {
+        /// Guest-physical start of the stretch.
+        guest_addr: u64,
+        /// Its length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused memory slot {slot} (guest {start:#x}, {size} bytes)")]
     KvmSlot {
@@ -147,6 +172,94 @@ pub fn map_file_private(file: &std::fs::File, mem_bytes: u64) -> Result<GuestMem
             .build()
             .map_err(map_error)
     })
+}
+
+/// One stretch of guest RAM taken from a file: `len` bytes at guest-physical `guest_addr` read
+/// from `file_offset` on. All three are multiples of the 4 KiB page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRun {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Where the bytes start in the file.
+    pub file_offset: u64,
+}
+
+const PAGE: u64 = 4096;
+
+/// Where `run` lives in this process: the host address of its first byte, after checking it
+/// is page-aligned and inside one region of `memory`.
+fn overlay_target(memory: &GuestMemory, run: &FileRun) -> Result<*mut u8, MemoryError> {
+    let refuse = |reason| MemoryError::OverlayOutside {
+        guest_addr: run.guest_addr,
+        len: run.len,
+        file_offset: run.file_offset,
+        reason,
+    };
+    if run.len == 0 || (run.guest_addr | run.len | run.file_offset) % PAGE != 0 {
+        return Err(refuse("not whole pages"));
+    }
+    let end = run
+        .guest_addr
+        .checked_add(run.len)
+        .ok_or(refuse("past the end of the address space"))?;
+    raw_regions(memory)
+        .find(|&(start, _, len)| run.guest_addr >= start && end <= start + len as u64)
+        .map(|(start, host, _)| host.wrapping_add((run.guest_addr - start) as usize))
+        .ok_or(refuse("not inside one RAM region"))
+}
+
+/// Replaces each stretch of `memory` named in `runs` by a private mapping of `file`: pages are
+/// read from the file on first touch and copied on first write, and this process's writes
+/// never reach the file (copy-on-write, as `MAP_PRIVATE` gives). Many machines mapping one file
+/// this way share every page none of them has written. The rest of `memory` stays what it
+/// was (anonymous memory reads as zero).
+///
+/// Only for memory nothing else holds a reference into and no vCPU has run on (the pages
+/// under the runs are discarded): a shell that never ran
+/// ([`crate::machine::MachineShell::overlay_private`]). The KVM memory slots stay as they are:
+/// they name host addresses, and the addresses do not change.
+pub(crate) fn overlay_private(
+    memory: &GuestMemory,
+    file: &std::fs::File,
+    runs: &[FileRun],
+) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    let targets = runs
+        .iter()
+        .map(|run| overlay_target(memory, run))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (run, host) in runs.iter().zip(targets) {
+        let failed = |source| MemoryError::Overlay {
+            guest_addr: run.guest_addr,
+            len: run.len,
+            source,
+        };
+        let len = usize::try_from(run.len)
+            .map_err(|_| failed(std::io::ErrorKind::InvalidInput.into()))?;
+        let offset = libc::off_t::try_from(run.file_offset)
+            .map_err(|_| failed(std::io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: [host, host + len) lies inside one mapping `memory` owns (overlay_target
+        // checked it against the regions), so MAP_FIXED replaces only pages of that mapping and
+        // never another object's; the caller guarantees nothing references those pages (see
+        // the doc comment), and the region's eventual munmap covers the new mapping too, since
+        // it spans the same addresses. The file descriptor is valid for the call.
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// Hands every region of `memory` to KVM as a memory slot, numbered in address order.
@@ -308,5 +421,88 @@ mod tests {
         let held = MappingHold::new(mem.clone());
         drop(mem);
         assert!(format!("{held:?}").contains(&(10u64 << 30).to_string()));
+    }
+
+    fn file_of(bytes: &[u8]) -> std::fs::File {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn overlay_reads_the_file_and_keeps_writes_private() {
+        use std::io::{Read, Seek};
+        let mem = create_guest_memory(1 << 20).unwrap();
+        let mut contents = vec![0u8; 3 * 4096];
+        contents[..4096].fill(7);
+        contents[4096..].fill(9);
+        let mut file = file_of(&contents);
+        let runs = [FileRun {
+            guest_addr: 2 * 4096,
+            len: 2 * 4096,
+            file_offset: 4096,
+        }];
+        overlay_private(&mem, &file, &runs).unwrap();
+        let (_, host, _) = raw_regions(&mem).next().unwrap();
+        // SAFETY: the test owns `mem` and nothing else touches it.
+        let ram = unsafe { std::slice::from_raw_parts_mut(host, 1 << 20) };
+        assert!(ram[..2 * 4096].iter().all(|&b| b == 0), "left alone");
+        assert!(
+            ram[2 * 4096..4 * 4096].iter().all(|&b| b == 9),
+            "from the file"
+        );
+        assert!(ram[4 * 4096..].iter().all(|&b| b == 0));
+        ram[2 * 4096] = 1;
+        assert_eq!(ram[2 * 4096], 1);
+        let mut back = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut back).unwrap();
+        assert_eq!(back, contents, "the write stayed in this mapping");
+    }
+
+    #[test]
+    fn overlay_refuses_stretches_that_are_not_whole_pages_inside_ram() {
+        let mem = create_guest_memory(1 << 20).unwrap();
+        let file = file_of(&[1u8; 8192]);
+        let bad = [
+            FileRun {
+                guest_addr: 100,
+                len: 4096,
+                file_offset: 0,
+            },
+            FileRun {
+                guest_addr: 0,
+                len: 100,
+                file_offset: 0,
+            },
+            FileRun {
+                guest_addr: 0,
+                len: 4096,
+                file_offset: 1,
+            },
+            FileRun {
+                guest_addr: 0,
+                len: 0,
+                file_offset: 0,
+            },
+            FileRun {
+                guest_addr: (1 << 20) - 4096,
+                len: 8192,
+                file_offset: 0,
+            },
+            FileRun {
+                guest_addr: u64::MAX - 4095,
+                len: 8192,
+                file_offset: 0,
+            },
+        ];
+        for run in bad {
+            let e = overlay_private(&mem, &file, &[run]).unwrap_err();
+            assert!(
+                matches!(e, MemoryError::OverlayOutside { .. }),
+                "{run:?}: {e}"
+            );
+        }
     }
 }

@@ -29,7 +29,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{MachineError, create_vm, vm_step};
 use crate::kvm;
-use crate::memory::{self, GuestMemory, HostRange, MappingHold};
+use crate::memory::{self, FileRun, GuestMemory, HostRange, MappingHold};
 use crate::vcpu::state::VcpuCaps;
 
 /// What a shell is built for: the machine's memory size and vCPU count. A saved machine fits a
@@ -113,6 +113,18 @@ impl MachineShell {
     /// server, which writes it through raw addresses and must stop before it is unmapped).
     pub fn hold_mapping(&self) -> MappingHold {
         MappingHold::new(self.memory.clone())
+    }
+
+    /// Takes the stretches of guest RAM named in `runs` from `file`, mapped privately: read
+    /// from the file on first touch, copied on the guest's first write, never written back
+    /// (see [`memory::overlay_private`]). Machines restored from one decoded copy of a snapshot
+    /// this way share every page none of them writes. The rest of the memory stays fresh (it
+    /// reads as zero).
+    ///
+    /// `&mut self` is what makes replacing the pages sound: no slice of this memory can be
+    /// alive ([`MachineShell::ram_mut`]'s borrow has ended), and the shell has never run.
+    pub fn overlay_private(&mut self, file: &File, runs: &[FileRun]) -> Result<(), MachineError> {
+        Ok(memory::overlay_private(&self.memory, file, runs)?)
     }
 
     /// Each RAM region as `(guest address, its bytes)`, writable: to fill the memory in place

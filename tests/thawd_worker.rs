@@ -5,7 +5,9 @@
 //! hooks fail the restore with their kinds; a frozen guest's invocation times out in the
 //! worker; a worker that misses the handle's deadline (a restore too slow for it, an invocation
 //! of a stopped worker) is reported and killed; a worker killed with SIGKILL is reported dead,
-//! not waited for; and a worker dies with the thread that spawned it. Spoken to directly (the handle gives up on a worker after any failure), a worker
+//! not waited for; a worker dies with the thread that spawned it; and workers restored from
+//! one shared decoded copy (its memfd passed over the descriptor channel) each see only their
+//! own writes. Spoken to directly (the handle gives up on a worker after any failure), a worker
 //! refuses requests that come in the wrong state without harming its guest, and stops its guest
 //! and exits when its stdin closes.
 
@@ -14,13 +16,15 @@
 mod fixture;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixture::{pattern, require_kvm, vm_slot};
 use hooks_sdk::host::deadline_after;
+use restore_daemon::decoded_copy::DecodedCopy;
 use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{
-    INVOKE_GRACE, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
+    CopyGrant, INVOKE_GRACE, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
 };
 use restore_daemon::worker::protocol::{
     FailureKind, Invoke, Reply, Request, WireMemoryMode, WireOutcome, read_frame, write_frame,
@@ -61,10 +65,10 @@ fn snapshot_with(options: &str) -> Snap {
 
 /// A new worker with `snap` restored in it (its shell built by the restore), and its pid.
 async fn restored_worker(snap: &Snap) -> (Worker, u32) {
-    let mut worker = Worker::spawn(&thawd()).await.unwrap();
+    let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
     let pid = worker.pid().unwrap();
     worker
-        .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+        .restore(restore_spec(&snap.path, &snap.key), None, RESTORE_TIMEOUT)
         .await
         .unwrap();
     (worker, pid)
@@ -121,6 +125,68 @@ async fn limited(test: impl std::future::Future<Output = ()>) {
         .expect("the test hung");
 }
 
+/// Sets the guest's note (`thaw:note=TEXT`); the note it replaced.
+async fn swap_note(worker: &mut Worker, text: &str) -> Vec<u8> {
+    let timeout = Duration::from_secs(30);
+    let payload = format!("thaw:note={text}").into_bytes();
+    match worker.invoke(invocation("note", payload, timeout)).await {
+        Ok(Invoked {
+            outcome: WireOutcome::Response(previous),
+            ..
+        }) => previous,
+        other => panic!("thaw:note={text}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn workers_restore_from_one_shared_copy_and_each_sees_only_its_own_writes() {
+    if !require_kvm("workers_restore_from_one_shared_copy_and_each_sees_only_its_own_writes") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    let key = snapshot::KeyChoice::Given(snapshot::MasterKey::load(&snap.key).unwrap());
+    let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
+    let grant = CopyGrant {
+        function: "f".into(),
+        copy: Arc::new(DecodedCopy::decode(&opened).unwrap()),
+    };
+    limited(async {
+        let _slot = vm_slot();
+        let mut workers = Vec::new();
+        for text in ["one", "two"] {
+            let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
+            worker
+                .restore(
+                    restore_spec(&snap.path, &snap.key),
+                    Some(&grant),
+                    RESTORE_TIMEOUT,
+                )
+                .await
+                .unwrap();
+            assert_eq!(swap_note(&mut worker, text).await, b"from the snapshot");
+            invoke_and_check(&mut worker, "digest", b"still a function".to_vec()).await;
+            // Frozen, as thawd keeps idle environments: only one guest spins at a time.
+            worker.freeze(SHORT).await.unwrap();
+            workers.push(worker);
+        }
+        for (worker, text) in workers.iter_mut().zip(["one", "two"]) {
+            worker.thaw(SHORT).await.unwrap();
+            assert_eq!(swap_note(worker, "").await, text.as_bytes());
+            worker.freeze(SHORT).await.unwrap();
+        }
+        assert_eq!(
+            Arc::strong_count(&grant.copy),
+            3,
+            "each worker holds the copy while its guest maps it"
+        );
+        for worker in workers {
+            assert!(worker.shutdown(SHORT).await.unwrap().success());
+        }
+        assert_eq!(Arc::strong_count(&grant.copy), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down() {
     if !require_kvm("a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down") {
@@ -130,11 +196,11 @@ async fn a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down() {
     limited(async {
         let _slot = vm_slot();
         let started = Instant::now();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let pid = worker.pid().unwrap();
         let shell = worker.prepare(MEM_BYTES, 1, SHORT).await.unwrap();
         let restored = worker
-            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .restore(restore_spec(&snap.path, &snap.key), None, RESTORE_TIMEOUT)
             .await
             .unwrap();
         assert!(restored.shell_was_ready, "{restored:?}");
@@ -188,11 +254,11 @@ async fn invoking_a_frozen_environment_times_out_in_the_worker() {
     let snap = snapshot_of_test_guest();
     limited(async {
         let _slot = vm_slot();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let pid = worker.pid().unwrap();
         // Without Prepare the restore builds its own shell.
         let restored = worker
-            .restore(restore_spec(&snap.path, &snap.key), RESTORE_TIMEOUT)
+            .restore(restore_spec(&snap.path, &snap.key), None, RESTORE_TIMEOUT)
             .await
             .unwrap();
         assert!(!restored.shell_was_ready);
@@ -251,10 +317,10 @@ async fn a_tampered_snapshot_is_refused_and_a_late_worker_is_killed() {
 
     limited(async {
         let _slot = vm_slot();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let pid = worker.pid().unwrap();
         let err = worker
-            .restore(restore_spec(&tampered, &snap.key), RESTORE_TIMEOUT)
+            .restore(restore_spec(&tampered, &snap.key), None, RESTORE_TIMEOUT)
             .await
             .unwrap_err();
         let WorkerError::Failed { kind, message, .. } = &err else {
@@ -267,11 +333,12 @@ async fn a_tampered_snapshot_is_refused_and_a_late_worker_is_killed() {
         assert!(reaped(pid));
 
         // A deadline no restore can meet: the handle gives up, the caller kills the worker.
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let pid = worker.pid().unwrap();
         let err = worker
             .restore(
                 restore_spec(&snap.path, &snap.key),
+                None,
                 Duration::from_millis(1),
             )
             .await
@@ -342,9 +409,13 @@ async fn failing_and_slow_after_restore_hooks_fail_the_restore() {
     let slow = snapshot_with("thaw.restore-hook-ms=3000");
     limited(async {
         let _slot = vm_slot();
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let err = worker
-            .restore(restore_spec(&failing.path, &failing.key), RESTORE_TIMEOUT)
+            .restore(
+                restore_spec(&failing.path, &failing.key),
+                None,
+                RESTORE_TIMEOUT,
+            )
             .await
             .unwrap_err();
         let WorkerError::Failed { kind, console, .. } = &err else {
@@ -360,11 +431,14 @@ async fn failing_and_slow_after_restore_hooks_fail_the_restore() {
         assert!(console.contains("failing as asked"), "{console}");
         assert!(worker.shutdown(SHORT).await.unwrap().success());
 
-        let mut worker = Worker::spawn(&thawd()).await.unwrap();
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
         let mut spec = restore_spec(&slow.path, &slow.key);
         spec.after_restore_timeout = Duration::from_millis(300);
         let started = Instant::now();
-        let err = worker.restore(spec, RESTORE_TIMEOUT).await.unwrap_err();
+        let err = worker
+            .restore(spec, None, RESTORE_TIMEOUT)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -488,6 +562,7 @@ fn requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it(
         key_file: Some(snap.key.clone()),
         memory: WireMemoryMode::Eager,
         after_restore_timeout_ms: 10_000,
+        shared_copy: None,
         chunks_verified: false,
     };
     let reply = worker.ask(&restore);

@@ -53,6 +53,8 @@ fn main() -> ExitCode {
     if let Some(Command::Worker) = cli.command {
         let config = restore_daemon::worker::process::WorkerConfig {
             host_key_file: snapshot::host_key::default_key_file(),
+            // Taken from fd 3 by main_with.
+            copy_channel: None,
         };
         return restore_daemon::worker::process::main_with(&config);
     }

@@ -10,6 +10,7 @@
 //! max_idle_per_function = 4        # idle environments kept; 0: every invocation restores
 //! dead_letter_dir = "/var/lib/thawd/dead-letter"  # failed asynchronous invocations
 //! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
+//! decoded_copy_budget_mib = 4096   # host memory for decoded snapshot copies (default: 1/4 of RAM)
 //!
 //! [functions.hello]
 //! snapshot = "/srv/snapshots/hello"
@@ -17,7 +18,7 @@
 //! timeout_secs = 3
 //! reserved_concurrency = 2         # optional
 //! key_file = "/etc/thawd/hello.key" # optional: default is the host key
-//! memory = "lazy"                  # or "eager"
+//! memory = "shared"                # default; or "lazy" or "eager" (private memory per clone)
 //! ```
 
 use std::collections::BTreeMap;
@@ -70,8 +71,13 @@ pub enum ConfigError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemoryChoice {
-    /// Lazily through userfaultfd (working set first): the default.
+    /// Mapped copy-on-write from one decoded copy of the snapshot's memory that every
+    /// environment of the function shares (`crate::decoded_copy`): the default. While the copy
+    /// is being decoded, or when the host's budget for copies has no room, restores take the
+    /// lazy path instead (and the metrics say so).
     #[default]
+    Shared,
+    /// Lazily through userfaultfd (working set first), into memory private to the clone.
     Lazy,
     /// All of it before the guest runs.
     Eager,
@@ -89,6 +95,7 @@ struct RawConfig {
     dead_letter_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     event_queue_capacity: Option<u32>,
+    decoded_copy_budget_mib: Option<u64>,
     event_retry_delays_ms: Option<Vec<u64>>,
     region: Option<String>,
     account_id: Option<String>,
@@ -158,6 +165,9 @@ pub struct Config {
     pub event_queue_capacity: u32,
     /// Delays before the retries of a failed asynchronous invocation (Lambda retries twice).
     pub event_retry_delays: Vec<Duration>,
+    /// Host memory decoded snapshot copies may hold, all functions together, bytes; 0: no
+    /// copies (every restore is private).
+    pub decoded_copy_budget: u64,
     /// The region in ARNs.
     pub region: String,
     /// The account id in ARNs.
@@ -174,6 +184,18 @@ impl Config {
             self.region, self.account_id
         )
     }
+}
+
+/// A quarter of the host's RAM (`MemTotal`), or 1 GiB if it cannot be read.
+fn default_copy_budget() -> u64 {
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    mem_total.map_or(1 << 30, |bytes| bytes / 4)
 }
 
 /// Reads and checks the config file at `path`. Relative paths in it are taken relative to
@@ -237,6 +259,12 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
     if event_queue_capacity == 0 {
         return Err(invalid("event_queue_capacity", "must be at least 1".into()));
     }
+    let decoded_copy_budget = match raw.decoded_copy_budget_mib {
+        Some(mib) => mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| invalid("decoded_copy_budget_mib", format!("{mib} MiB is too large")))?,
+        None => default_copy_budget(),
+    };
     let region = raw.region.unwrap_or_else(|| "us-east-1".into());
     if region.is_empty()
         || !region
@@ -302,6 +330,7 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             .into_iter()
             .map(Duration::from_millis)
             .collect(),
+        decoded_copy_budget,
         region,
         account_id,
         functions,
@@ -362,7 +391,8 @@ mod tests {
         let f = &c.functions["hello"];
         assert_eq!(f.snapshot, PathBuf::from("/etc/thawd/snaps/hello"));
         assert_eq!(f.timeout, Duration::from_secs(3));
-        assert_eq!(f.memory, MemoryChoice::Lazy);
+        assert_eq!(f.memory, MemoryChoice::Shared);
+        assert!(c.decoded_copy_budget > 0, "a quarter of RAM");
         assert_eq!(
             c.arn("hello"),
             "arn:aws:lambda:us-east-1:000000000000:function:hello"
@@ -375,12 +405,14 @@ mod tests {
             "unix_socket = \"/run/t.sock\"\nmax_concurrency = 2\nidle_ttl_secs = 1\n\
              spare_workers = 0\nmax_idle_per_function = 0\ndead_letter_dir = \"/d\"\nlog_dir = \"/l\"\nevent_queue_capacity = 5\n\
              event_retry_delays_ms = [10, 20]\nregion = \"eu-west-1\"\n\
+             decoded_copy_budget_mib = 0\n\
              account_id = \"123456789012\"\n\
              [functions.a]\nsnapshot = \"/s\"\nmemory_mib = 256\ntimeout_secs = 900\n\
              reserved_concurrency = 0\nkey_file = \"k\"\nmemory = \"eager\"\n",
         );
         assert_eq!(c.listen, Listen::Unix("/run/t.sock".into()));
         assert_eq!(c.max_idle_per_function, 0);
+        assert_eq!(c.decoded_copy_budget, 0);
         assert_eq!(c.event_retry_delays.len(), 2);
         let f = &c.functions["a"];
         assert_eq!(f.reserved_concurrency, Some(0));
@@ -416,6 +448,11 @@ mod tests {
             ("listen = \"127.0.0.1:1\"\nunix_socket = \"/s\"\n", "either"),
             ("max_concurrency = -1\n", "max_concurrency"),
             ("max_concurrency = \"many\"\n", "max_concurrency"),
+            ("decoded_copy_budget_mib = -1\n", "decoded_copy_budget_mib"),
+            (
+                "decoded_copy_budget_mib = 17592186044416\n",
+                "decoded_copy_budget_mib",
+            ),
         ] {
             let text = if text.contains("[functions") {
                 text.to_owned()

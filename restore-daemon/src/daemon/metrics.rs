@@ -85,6 +85,40 @@ struct EnvironmentLabels {
     state: EnvironmentState,
 }
 
+/// Why a restore of a function whose memory is `shared` did not use the decoded copy.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CopyMiss {
+    /// The copy is still being decoded.
+    Decoding,
+    /// The host's budget for decoded copies has no room for it.
+    Budget,
+    /// Decoding it failed.
+    Failed,
+}
+
+impl CopyMiss {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Decoding => "decoding",
+            Self::Budget => "budget",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for CopyMiss {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MissLabels {
+    function: Escaped,
+    reason: CopyMiss,
+}
+
 type Counters = Family<FunctionLabels, Counter>;
 type Histograms = Family<FunctionLabels, Histogram, fn() -> Histogram>;
 
@@ -108,6 +142,11 @@ pub struct Metrics {
     async_queued: Counters,
     async_retries: Counters,
     dead_letters: Counters,
+    shared_restores: Counters,
+    copy_misses: Family<MissLabels, Counter>,
+    copy_evictions: Counters,
+    copy_bytes: Family<FunctionLabels, Gauge>,
+    copy_budget: Gauge,
 }
 
 impl Default for Metrics {
@@ -147,6 +186,35 @@ impl Metrics {
             "Event invocations given up and written to the dead-letter directory",
         );
 
+        let shared_restores = counter(
+            "shared_copy_restores",
+            "Environments restored with memory mapped from the function's shared decoded copy",
+        );
+        let copy_evictions = counter(
+            "decoded_copy_evictions",
+            "Decoded copies dropped because no environment used them",
+        );
+        let copy_misses = Family::<MissLabels, Counter>::default();
+        registry.register(
+            "shared_copy_misses",
+            "Restores of a function with shared memory that took the private path instead, by reason",
+            copy_misses.clone(),
+        );
+        let copy_bytes = Family::<FunctionLabels, Gauge>::default();
+        registry.register_with_unit(
+            "decoded_copy",
+            "Host memory held by each function's decoded copy",
+            Unit::Bytes,
+            copy_bytes.clone(),
+        );
+        let copy_budget = Gauge::default();
+        registry.register_with_unit(
+            "decoded_copy_budget",
+            "Host memory decoded copies may hold, all functions together",
+            Unit::Bytes,
+            copy_budget.clone(),
+        );
+
         let restore_seconds = Histograms::new_with_constructor(restore_histogram as fn() -> _);
         registry.register_with_unit(
             "restore_duration",
@@ -174,7 +242,44 @@ impl Metrics {
             async_queued,
             async_retries,
             dead_letters,
+            shared_restores,
+            copy_misses,
+            copy_evictions,
+            copy_bytes,
+            copy_budget,
         }
+    }
+
+    /// An environment was restored from the function's shared decoded copy.
+    pub fn shared_copy_restore(&self, function: &str) {
+        inc(&self.shared_restores, function);
+    }
+
+    /// A restore that should have used the shared copy took the private path.
+    pub fn shared_copy_miss(&self, function: &str, reason: CopyMiss) {
+        let labels = MissLabels {
+            function: Escaped::new(function),
+            reason,
+        };
+        self.copy_misses.get_or_create(&labels).inc();
+    }
+
+    /// The function's decoded copy now holds `bytes` (0: it has none).
+    pub fn set_copy_bytes(&self, function: &str, bytes: u64) {
+        self.copy_bytes
+            .get_or_create(&FunctionLabels::new(function))
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A decoded copy was dropped.
+    pub fn copy_evicted(&self, function: &str) {
+        inc(&self.copy_evictions, function);
+    }
+
+    /// The budget for decoded copies.
+    pub fn set_copy_budget(&self, bytes: u64) {
+        self.copy_budget
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// An invocation was accepted.
@@ -281,6 +386,12 @@ mod tests {
         metrics.async_queued("events");
         metrics.async_retry("events");
         metrics.dead_letter("events");
+        metrics.shared_copy_restore("hello");
+        metrics.shared_copy_miss("hello", CopyMiss::Budget);
+        metrics.shared_copy_miss("hello", CopyMiss::Decoding);
+        metrics.copy_evicted("hello");
+        metrics.set_copy_bytes("hello", 5 << 20);
+        metrics.set_copy_budget(1 << 30);
         let text = metrics.render();
 
         assert_has(
@@ -330,6 +441,27 @@ mod tests {
             &text,
             "thawd_environments{function=\"hello\",state=\"busy\"} 1",
         );
+        assert_has(
+            &text,
+            "thawd_shared_copy_restores_total{function=\"hello\"} 1",
+        );
+        assert_has(
+            &text,
+            "thawd_shared_copy_misses_total{function=\"hello\",reason=\"budget\"} 1",
+        );
+        assert_has(
+            &text,
+            "thawd_shared_copy_misses_total{function=\"hello\",reason=\"decoding\"} 1",
+        );
+        assert_has(
+            &text,
+            "thawd_decoded_copy_evictions_total{function=\"hello\"} 1",
+        );
+        assert_has(
+            &text,
+            "thawd_decoded_copy_bytes{function=\"hello\"} 5242880",
+        );
+        assert_has(&text, "thawd_decoded_copy_budget_bytes 1073741824");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 

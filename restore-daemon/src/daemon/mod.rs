@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 pub mod api;
 pub mod config;
+pub mod copies;
 pub mod events;
 pub mod logs;
 pub mod metrics;

@@ -21,9 +21,10 @@ use crate::worker::handle::{
 use crate::worker::protocol::{FailureKind, Invoke, WireOutcome};
 
 use super::config::{Config, FunctionConfig, MemoryChoice};
+use super::copies::{CopyCache, CopySource};
 use super::logs::{self, LogSink, Report};
 use super::metrics::Metrics;
-use super::registry::SnapshotShape;
+use super::registry::{self, SnapshotShape};
 use super::{Completed, Invocation, InvokeFailure, LATEST, ThrottleReason};
 
 /// How long a restore (with its after-restore hooks) may take before thawd gives up on it.
@@ -62,6 +63,8 @@ pub struct Function {
     config: FunctionConfig,
     arn: String,
     shape: SnapshotShape,
+    /// For a function whose memory is `shared`: where its decoded copy comes from.
+    copy_source: Option<CopySource>,
     reserved: Option<Arc<Semaphore>>,
     idle: Mutex<Vec<Idle>>,
     spares: Mutex<Vec<Worker>>,
@@ -88,6 +91,7 @@ pub struct Pool {
     functions: BTreeMap<String, Arc<Function>>,
     global: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    copies: Arc<CopyCache>,
     logs: LogSink,
     worker: WorkerCommand,
     spare_workers: usize,
@@ -95,6 +99,26 @@ pub struct Pool {
     idle_ttl: Duration,
     /// `arn:aws:lambda:REGION:ACCOUNT:function:`, for naming functions that do not exist.
     arn_prefix: String,
+}
+
+/// Where `f`'s decoded copy comes from, if its memory is `shared`. Its key was loaded when it
+/// was registered; should loading it again fail, its restores stay private.
+fn copy_source(f: &FunctionConfig, shape: &SnapshotShape) -> Option<CopySource> {
+    if f.memory != MemoryChoice::Shared {
+        return None;
+    }
+    match registry::key_for(f) {
+        Ok(key) => Some(CopySource {
+            function: f.name.clone(),
+            snapshot: f.snapshot.clone(),
+            key: Arc::new(key),
+            data_bytes: shape.data_bytes,
+        }),
+        Err(e) => {
+            tracing::warn!(function = f.name, error = %e, "no decoded copy: its restores stay private");
+            None
+        }
+    }
 }
 
 /// Holds an invocation's concurrency permits until it is answered.
@@ -138,6 +162,7 @@ impl Pool {
                     config: f.clone(),
                     arn: config.arn(&f.name),
                     shape,
+                    copy_source: copy_source(f, &shape),
                     reserved: f
                         .reserved_concurrency
                         .map(|n| Arc::new(Semaphore::new(n as usize))),
@@ -148,10 +173,12 @@ impl Pool {
                 Some((f.name.clone(), Arc::new(function)))
             })
             .collect();
+        let copies = CopyCache::new(config.decoded_copy_budget, metrics.clone());
         Ok(Self {
             functions,
             global: Arc::new(Semaphore::new(config.max_concurrency as usize)),
             metrics,
+            copies,
             logs: LogSink::new(&config.log_dir)?,
             worker,
             spare_workers: config.spare_workers as usize,
@@ -394,7 +421,7 @@ impl Pool {
             }
             None => {
                 self.refill_spares(f);
-                Worker::spawn(&self.worker)
+                Worker::spawn(&self.worker, name)
                     .await
                     .map_err(|e| service("cannot start a worker", &e))?
             }
@@ -404,16 +431,30 @@ impl Pool {
             snapshot: f.config.snapshot.clone(),
             key_file: f.config.key_file.clone(),
             memory: match f.config.memory {
-                MemoryChoice::Lazy => MemoryMode::Lazy,
+                // Without the copy (still decoding, no room), the private path is lazy.
+                MemoryChoice::Shared | MemoryChoice::Lazy => MemoryMode::Lazy,
                 MemoryChoice::Eager => MemoryMode::Eager,
             },
             after_restore_timeout: AFTER_RESTORE_BUDGET,
             // The registry authenticated every chunk at start.
             chunks_verified: true,
         };
-        match worker.restore(spec, RESTORE_TIMEOUT).await {
+        let grant = f
+            .copy_source
+            .as_ref()
+            .and_then(|source| match self.copies.grant(source) {
+                Ok(grant) => Some(grant),
+                Err(miss) => {
+                    self.metrics.shared_copy_miss(name, miss);
+                    None
+                }
+            });
+        match worker.restore(spec, grant.as_ref(), RESTORE_TIMEOUT).await {
             Ok(info) => {
                 self.metrics.restore(name, info.ready);
+                if grant.is_some() {
+                    self.metrics.shared_copy_restore(name);
+                }
                 Ok((
                     Env {
                         worker,
@@ -442,7 +483,7 @@ impl Pool {
 
     async fn add_spare(&self, f: &Function) {
         let prepared = async {
-            let mut w = Worker::spawn(&self.worker).await?;
+            let mut w = Worker::spawn(&self.worker, &f.config.name).await?;
             w.prepare(f.shape.mem_bytes, f.shape.vcpus, PREPARE_TIMEOUT)
                 .await?;
             Ok::<_, WorkerError>(w)
@@ -463,11 +504,26 @@ impl Pool {
         }
     }
 
-    /// Starts every function's spare workers (at daemon start).
+    /// Starts every function's spare workers, and decoding the copies of those whose memory
+    /// is shared (at daemon start).
     pub fn fill_spares(self: &Arc<Self>) {
         for f in self.functions.values() {
+            if let Some(source) = &f.copy_source
+                && let Err(miss) = self.copies.prepare(source)
+            {
+                tracing::info!(
+                    function = f.config.name,
+                    reason = miss.as_str(),
+                    "no decoded copy for now"
+                );
+            }
             self.refill_spares(f);
         }
+    }
+
+    /// The decoded copies.
+    pub fn copies(&self) -> &Arc<CopyCache> {
+        &self.copies
     }
 
     /// Freezes an environment that answered and keeps it for the next invocation (unless the
@@ -516,6 +572,8 @@ impl Pool {
         loop {
             tokio::time::sleep(period).await;
             let Some(pool) = weak.upgrade() else { return };
+            // A copy no environment has mapped for an idle TTL goes, as the environments do.
+            pool.copies.evict_unused(pool.idle_ttl);
             for f in pool.functions.values() {
                 let expired: Vec<Idle> = {
                     let mut idle = lock(&f.idle);
@@ -596,6 +654,7 @@ mod tests {
                 let shape = SnapshotShape {
                     mem_bytes: 128 << 20,
                     vcpus: 1,
+                    data_bytes: 1 << 20,
                 };
                 (name.clone(), shape)
             })

@@ -57,6 +57,8 @@ pub struct SnapshotShape {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// Bytes of its data chunks: what a decoded copy of its memory holds.
+    pub data_bytes: u64,
 }
 
 /// The key to open `function`'s snapshot with: its key file, else none (the caller resolves the
@@ -101,5 +103,11 @@ pub fn register(function: &FunctionConfig) -> Result<SnapshotShape, RegistryErro
         mem_bytes: state.mem_bytes,
         // A valid state has 1 to 255 vCPUs.
         vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
+        data_bytes: snap
+            .chunks()
+            .iter()
+            .filter(|c| c.kind == snapshot::ChunkKind::Data)
+            .map(|c| u64::from(c.len))
+            .sum(),
     })
 }

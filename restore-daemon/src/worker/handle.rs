@@ -10,16 +10,20 @@
 //! that live as long as the daemon (a runtime's worker threads, not `spawn_blocking`).
 
 use std::ffi::OsString;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+use super::copy_channel::{self, ChannelError};
 use super::protocol::{
     FailureKind, FrameError, Invoke, Reply, Request, WireOutcome, read_frame_async,
     write_frame_async,
 };
+use crate::decoded_copy::DecodedCopy;
 use crate::restore::MemoryMode;
 
 /// How much longer than the function's timeout the daemon waits for an invocation's reply:
@@ -62,6 +66,15 @@ pub struct RestoreSpec {
     pub chunks_verified: bool,
     /// The after-restore hooks' budget (Lambda: 10 s).
     pub after_restore_timeout: Duration,
+}
+
+/// A decoded copy of a function's snapshot, granted to that function's workers only.
+#[derive(Clone, Debug)]
+pub struct CopyGrant {
+    /// The function whose snapshot it was decoded from.
+    pub function: String,
+    /// The copy.
+    pub copy: Arc<DecodedCopy>,
 }
 
 /// A worker's environment is ready.
@@ -124,20 +137,41 @@ pub enum WorkerError {
     /// An earlier request failed, so this worker's state is unknown.
     #[error("the worker is unusable after an earlier error")]
     Poisoned,
+    /// A decoded copy was offered to a worker of another function; nothing was sent.
+    #[error(
+        "the decoded copy of function {copy_of}'s snapshot is refused to a worker of function {worker_of}"
+    )]
+    ForeignCopy {
+        /// Whose copy it is.
+        copy_of: String,
+        /// Whose worker this is.
+        worker_of: String,
+    },
+    /// The decoded copy's descriptor could not be passed.
+    #[error("cannot hand the decoded copy to the worker")]
+    Channel(#[source] ChannelError),
 }
 
-/// A running worker process.
+/// A running worker process, started for one function.
 pub struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
     /// Set while a request is out and after any error: the stream may hold a stray reply.
     poisoned: bool,
+    /// The function it serves: only that function's decoded copy is handed to it.
+    function: String,
+    /// The descriptor channel (the worker's fd 3).
+    channel: UnixStream,
+    /// The decoded copy its guest maps, kept until the worker is gone so the copy is never
+    /// counted as unused while a guest still maps it.
+    copy: Option<Arc<DecodedCopy>>,
 }
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
+            .field("function", &self.function)
             .field("pid", &self.child.id())
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
@@ -162,17 +196,26 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Worker {
-    /// Starts a worker process: stdin and stdout are its request and reply streams, stderr
-    /// (its log) is the daemon's. The process is killed if the `Worker` is dropped.
-    pub async fn spawn(cmd: &WorkerCommand) -> Result<Worker, WorkerError> {
-        let mut child = Command::new(&cmd.program)
+    /// Starts a worker process for `function`: stdin and stdout are its request and reply
+    /// streams, stderr (its log) is the daemon's, fd 3 its descriptor channel. The process is
+    /// killed if the `Worker` is dropped.
+    pub async fn spawn(cmd: &WorkerCommand, function: &str) -> Result<Worker, WorkerError> {
+        let (channel, child_end) = copy_channel::pair().map_err(|e| match e {
+            ChannelError::Io(io) => WorkerError::Spawn(io),
+            other => WorkerError::Spawn(std::io::Error::other(other)),
+        })?;
+        let mut command = Command::new(&cmd.program);
+        command
             .args(&cmd.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(WorkerError::Spawn)?;
+            .kill_on_drop(true);
+        copy_channel::install(&mut command, child_end);
+        let mut child = command.spawn().map_err(WorkerError::Spawn)?;
+        // The child's end lives in the closure, which goes with the command: drop it now so a
+        // worker that exits closes the channel.
+        drop(command);
         let pipes = child.stdin.take().zip(child.stdout.take());
         let Some((stdin, stdout)) = pipes else {
             return Err(WorkerError::Spawn(std::io::Error::other(
@@ -185,6 +228,9 @@ impl Worker {
             stdin,
             stdout,
             poisoned: false,
+            function: function.to_owned(),
+            channel,
+            copy: None,
         })
     }
 
@@ -212,18 +258,46 @@ impl Worker {
         }
     }
 
+    /// The function this worker serves.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
     /// Restores a snapshot in the worker and waits until its after-restore hooks are done.
+    /// With `copy`, guest memory is mapped from that decoded copy, which must be this worker's
+    /// function's ([`WorkerError::ForeignCopy`] otherwise, before anything is sent).
     pub async fn restore(
         &mut self,
         spec: RestoreSpec,
+        copy: Option<&CopyGrant>,
         timeout: Duration,
     ) -> Result<RestoredInfo, WorkerError> {
+        if let Some(grant) = copy
+            && grant.function != self.function
+        {
+            return Err(WorkerError::ForeignCopy {
+                copy_of: grant.function.clone(),
+                worker_of: self.function.clone(),
+            });
+        }
+        if self.poisoned {
+            return Err(WorkerError::Poisoned);
+        }
+        if let Some(grant) = copy {
+            // Sent before the request, which tells the worker to take it.
+            if let Err(e) = copy_channel::send(&self.channel, grant.copy.fd()) {
+                self.poisoned = true;
+                return Err(WorkerError::Channel(e));
+            }
+            self.copy = Some(grant.copy.clone());
+        }
         let request = Request::Restore {
             snapshot: spec.snapshot,
             key_file: spec.key_file,
             memory: spec.memory.into(),
             after_restore_timeout_ms: millis(spec.after_restore_timeout),
             chunks_verified: spec.chunks_verified,
+            shared_copy: copy.map(|g| g.copy.ticket()),
         };
         match self.ask(&request, "Restore", timeout).await? {
             Reply::Restored {
@@ -290,6 +364,9 @@ impl Worker {
             mut stdin,
             mut stdout,
             poisoned,
+            function: _,
+            channel: _channel,
+            copy: _copy,
         } = self;
         let polite = async {
             if let Err(e) = write_frame_async(&mut stdin, &Request::Shutdown).await {
@@ -451,7 +528,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_exits_is_reported_dead_with_its_status() {
-        let mut worker = Worker::spawn(&sh("exit 3")).await.unwrap();
+        let mut worker = Worker::spawn(&sh("exit 3"), "f").await.unwrap();
         let err = worker.freeze(SHORT).await.unwrap_err();
         assert!(
             matches!(&err, WorkerError::Died { status } if status.contains('3')),
@@ -467,7 +544,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_worker_times_out_and_is_poisoned() {
-        let mut worker = Worker::spawn(&sh("exec sleep 30")).await.unwrap();
+        let mut worker = Worker::spawn(&sh("exec sleep 30"), "f").await.unwrap();
         let pid = worker.pid().unwrap();
         let err = worker
             .prepare(1 << 20, 1, Duration::from_millis(100))
@@ -493,7 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_ignores_shutdown_is_killed_after_the_grace() {
-        let worker = Worker::spawn(&sh("exec sleep 30")).await.unwrap();
+        let worker = Worker::spawn(&sh("exec sleep 30"), "f").await.unwrap();
         let started = std::time::Instant::now();
         let status = worker.shutdown(Duration::from_millis(200)).await.unwrap();
         assert!(!status.success(), "{status}");
@@ -502,7 +579,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_is_a_protocol_error() {
-        let mut worker = Worker::spawn(&sh("head -c1 >/dev/null; printf '\\005\\000\\000\\000\\377\\377\\377\\377\\377'; exec sleep 30"))
+        let mut worker = Worker::spawn(&sh("head -c1 >/dev/null; printf '\\005\\000\\000\\000\\377\\377\\377\\377\\377'; exec sleep 30"), "f")
             .await
             .unwrap();
         let err = worker.freeze(SHORT).await.unwrap_err();
@@ -513,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn replies_are_matched_to_their_requests() {
         let dir = tempfile::tempdir().unwrap();
-        let mut worker = Worker::spawn(&answering(&dir, &[Reply::Frozen], "exec sleep 30"))
+        let mut worker = Worker::spawn(&answering(&dir, &[Reply::Frozen], "exec sleep 30"), "f")
             .await
             .unwrap();
         worker.freeze(SHORT).await.unwrap();
@@ -521,7 +598,7 @@ mod tests {
         worker.kill().await;
 
         // The wrong reply.
-        let mut worker = Worker::spawn(&answering(&dir, &[Reply::Thawed], "exec sleep 30"))
+        let mut worker = Worker::spawn(&answering(&dir, &[Reply::Thawed], "exec sleep 30"), "f")
             .await
             .unwrap();
         let err = worker.freeze(SHORT).await.unwrap_err();
@@ -541,7 +618,7 @@ mod tests {
             message: "the guest stopped".into(),
             console: b"panic".to_vec(),
         };
-        let mut worker = Worker::spawn(&answering(&dir, &[failed], "exec sleep 30"))
+        let mut worker = Worker::spawn(&answering(&dir, &[failed], "exec sleep 30"), "f")
             .await
             .unwrap();
         let err = worker
@@ -566,7 +643,7 @@ mod tests {
     #[tokio::test]
     async fn a_worker_that_shuts_down_is_reaped_with_its_status() {
         let dir = tempfile::tempdir().unwrap();
-        let worker = Worker::spawn(&answering(&dir, &[Reply::ShutDown], "exit 0"))
+        let worker = Worker::spawn(&answering(&dir, &[Reply::ShutDown], "exit 0"), "f")
             .await
             .unwrap();
         let status = worker.shutdown(SHORT).await.unwrap();
@@ -574,10 +651,83 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_copy_of_another_function_is_refused_before_anything_is_sent() {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create("t", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(4096).unwrap();
+        let seals = SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        let ticket = crate::decoded_copy::CopyTicket {
+            snapshot_id: [1; 16],
+            mem_bytes: 4096,
+        };
+        let grant = CopyGrant {
+            function: "other".into(),
+            copy: Arc::new(DecodedCopy::adopt(file.into(), ticket).unwrap()),
+        };
+        // A worker that would die on any byte: nothing may reach it.
+        let mut worker = Worker::spawn(&sh("exec sleep 30"), "mine").await.unwrap();
+        assert_eq!(worker.function(), "mine");
+        let spec = RestoreSpec {
+            snapshot: "/s".into(),
+            key_file: None,
+            memory: MemoryMode::Lazy,
+            chunks_verified: true,
+            after_restore_timeout: Duration::from_secs(1),
+        };
+        let e = worker
+            .restore(spec, Some(&grant), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, WorkerError::ForeignCopy { copy_of, worker_of } if copy_of == "other" && worker_of == "mine"),
+            "{e}"
+        );
+        assert!(!worker.is_poisoned(), "nothing was sent");
+        assert!(
+            Arc::strong_count(&grant.copy) == 1,
+            "the worker kept no reference"
+        );
+        worker.kill().await;
+    }
+
+    #[tokio::test]
+    async fn the_worker_gets_its_descriptor_channel_at_fd_3() {
+        // The fake worker reports what fd 3 is.
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("fd3");
+        let script = format!(
+            "readlink /proc/self/fd/3 > {}; exec sleep 30",
+            out.display()
+        );
+        let worker = Worker::spawn(&sh(&script), "f").await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let link = loop {
+            if let Ok(text) = std::fs::read_to_string(&out)
+                && !text.is_empty()
+            {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker never wrote"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(link.starts_with("socket:"), "{link}");
+        worker.kill().await;
+    }
+
+    #[tokio::test]
     async fn a_missing_program_cannot_be_spawned() {
         let cmd = WorkerCommand::thawd("/nonexistent/thawd".into());
         assert!(matches!(
-            Worker::spawn(&cmd).await,
+            Worker::spawn(&cmd, "f").await,
             Err(WorkerError::Spawn(_))
         ));
     }

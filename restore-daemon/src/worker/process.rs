@@ -10,6 +10,7 @@ use std::error::Error;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,9 +20,11 @@ use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::ExitReason;
 use vmm_core::machine::{ControlError, Paused, ShellSpec};
 
+use super::copy_channel;
 use super::protocol::{
     FailureKind, FrameError, Invoke, Reply, Request, WireMemoryMode, read_frame, write_frame,
 };
+use crate::decoded_copy::{CopyTicket, DecodedCopy};
 use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use crate::restore::{ChunkCheck, RestoreOptions};
 use crate::shells::ShellPool;
@@ -48,6 +51,9 @@ pub struct WorkerConfig {
     /// exists; a plaintext snapshot needs none). `None`: such restores use no key, so only
     /// plaintext snapshots open without a key file.
     pub host_key_file: Option<PathBuf>,
+    /// The descriptor channel from the daemon (fd 3), over which a decoded copy's memfd
+    /// arrives; `None`: restores from a shared copy fail.
+    pub copy_channel: Option<Arc<UnixStream>>,
 }
 
 /// The worker could not go on talking to the daemon.
@@ -77,6 +83,9 @@ pub fn main() -> ExitCode {
 
 /// The worker process's entry point, with what its parent knows (e.g. the host key file).
 pub fn main_with(config: &WorkerConfig) -> ExitCode {
+    let mut config = config.clone();
+    config.copy_channel = copy_channel::inherited().map(Arc::new);
+    let config = &config;
     if let Err(e) = die_with_parent() {
         tracing::error!(error = %e, "cannot tie the worker's life to the daemon's; exiting");
         return ExitCode::FAILURE;
@@ -273,12 +282,14 @@ impl<'c> Session<'c> {
                 memory,
                 after_restore_timeout_ms,
                 chunks_verified,
+                shared_copy,
             } => self.restore(
                 &snapshot,
                 key_file.as_deref(),
                 memory,
                 Duration::from_millis(after_restore_timeout_ms),
                 chunks_verified,
+                shared_copy,
             ),
             Request::Invoke(invoke) => self.invoke(&invoke),
             Request::Freeze => self.freeze(),
@@ -331,10 +342,16 @@ impl<'c> Session<'c> {
         memory: WireMemoryMode,
         after_restore_budget: Duration,
         chunks_verified: bool,
+        shared_copy: Option<CopyTicket>,
     ) -> Reply {
         let shells = match &mut self.state {
             State::Empty { shells } => shells.take(),
             _ => return self.bad_request("Restore"),
+        };
+        let shared_copy = match shared_copy.map(|ticket| self.receive_copy(ticket)) {
+            None => None,
+            Some(Ok(copy)) => Some(Arc::new(copy)),
+            Some(Err(message)) => return self.fail(FailureKind::Restore, message),
         };
         let key = match key_choice(key_file, self.config.host_key_file.as_deref()) {
             Ok(key) => key,
@@ -349,6 +366,7 @@ impl<'c> Session<'c> {
                     ChunkCheck::UpFront
                 },
                 shells,
+                shared_copy,
                 ..RestoreOptions::default()
             },
             after_restore_budget,
@@ -375,6 +393,18 @@ impl<'c> Session<'c> {
             }
             Err(e) => self.fail(restore_failure(&e), chain(&e)),
         }
+    }
+
+    /// Takes the decoded copy the daemon sent for this restore and checks it is sealed and of
+    /// the ticket's size (its snapshot id is checked against the snapshot by the restore).
+    fn receive_copy(&self, ticket: CopyTicket) -> Result<DecodedCopy, String> {
+        let channel = self
+            .config
+            .copy_channel
+            .as_deref()
+            .ok_or_else(|| chain(&copy_channel::ChannelError::Missing))?;
+        let fd = copy_channel::receive(channel).map_err(|e| chain(&e))?;
+        DecodedCopy::adopt(fd, ticket).map_err(|e| chain(&e))
     }
 
     fn invoke(&mut self, invoke: &Invoke) -> Reply {
@@ -607,6 +637,7 @@ mod tests {
             memory: WireMemoryMode::Lazy,
             after_restore_timeout_ms: 10_000,
             chunks_verified: false,
+            shared_copy: None,
         }
     }
 
@@ -721,6 +752,49 @@ mod tests {
             );
         }
         assert_eq!(replies[5], Reply::ShutDown);
+    }
+
+    #[test]
+    fn a_shared_copy_without_a_descriptor_channel_fails_the_restore() {
+        let mut request = restore(Path::new("/nonexistent"), None);
+        if let Request::Restore { shared_copy, .. } = &mut request {
+            *shared_copy = Some(CopyTicket {
+                snapshot_id: [0; 16],
+                mem_bytes: 128 << 20,
+            });
+        }
+        let (ended, replies) = run(&[request], &WorkerConfig::default());
+        assert_eq!(ended.unwrap(), Ended::InputClosed);
+        let Reply::Failed { kind, message, .. } = &replies[0] else {
+            panic!("{replies:?}");
+        };
+        assert_eq!(*kind, FailureKind::Restore);
+        assert!(message.contains("no descriptor channel"), "{message}");
+    }
+
+    #[test]
+    fn a_shared_copy_that_is_not_sealed_fails_the_restore() {
+        let (daemon, worker) = UnixStream::pair().unwrap();
+        let unsealed = tempfile::tempfile().unwrap();
+        unsealed.set_len(128 << 20).unwrap();
+        copy_channel::send(&daemon, unsealed.as_fd()).unwrap();
+        let config = WorkerConfig {
+            copy_channel: Some(Arc::new(worker)),
+            ..WorkerConfig::default()
+        };
+        let mut request = restore(Path::new("/nonexistent"), None);
+        if let Request::Restore { shared_copy, .. } = &mut request {
+            *shared_copy = Some(CopyTicket {
+                snapshot_id: [0; 16],
+                mem_bytes: 128 << 20,
+            });
+        }
+        let (_, replies) = run(&[request], &config);
+        let Reply::Failed { kind, message, .. } = &replies[0] else {
+            panic!("{replies:?}");
+        };
+        assert_eq!(*kind, FailureKind::Restore);
+        assert!(message.contains("seal"), "{message}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::decoded_copy::CopyTicket;
 use crate::restore::MemoryMode;
 use hooks_sdk::host::InvokeOutcome;
 
@@ -98,6 +99,10 @@ pub enum Request {
         /// restore then checks each chunk only as it installs it (`ChunkCheck::OnInstall`)
         /// instead of reading the whole file again first.
         chunks_verified: bool,
+        /// Guest memory comes from a decoded copy of the snapshot shared by the function's
+        /// environments: its sealed memfd was sent on the descriptor channel just before this
+        /// request (`super::copy_channel`), and `memory` applies only if it cannot be used.
+        shared_copy: Option<CopyTicket>,
     },
     /// Run one invocation; answered `Invoked`, or `Failed` if it got no answer.
     Invoke(Invoke),
@@ -467,6 +472,10 @@ mod tests {
                 memory: WireMemoryMode::Lazy,
                 after_restore_timeout_ms: 10_000,
                 chunks_verified: true,
+                shared_copy: Some(CopyTicket {
+                    snapshot_id: [7; 16],
+                    mem_bytes: 128 << 20,
+                }),
             },
             Request::Restore {
                 snapshot: "s".into(),
@@ -474,6 +483,7 @@ mod tests {
                 memory: WireMemoryMode::Eager,
                 after_restore_timeout_ms: 0,
                 chunks_verified: false,
+                shared_copy: None,
             },
             Request::Invoke(Invoke {
                 request_id: "5b1c".into(),

@@ -1,8 +1,9 @@
 //! The test guest's invocation commands (`thaw:error`, `thaw:crash`, `thaw:hang`,
-//! `thaw:sleep=MS`, `thaw:log=N`, `thaw:echo=TEXT`, and malformed ones), invoked through a
-//! restored execution environment as `thawd` invokes functions: a function error arrives with
-//! its type and document, a crash ends the guest with status 1, a hang runs into the host's
-//! timeout, a sleep takes its time, log lines reach the console although the guest is quiet.
+//! `thaw:sleep=MS`, `thaw:log=N`, `thaw:echo=TEXT`, `thaw:note=TEXT`, and malformed ones),
+//! invoked through a restored execution environment as `thawd` invokes functions: a function
+//! error arrives with its type and document, a crash ends the guest with status 1, a hang runs
+//! into the host's timeout, a sleep takes its time, log lines reach the console although the
+//! guest is quiet, the note starts as the snapshot's and then is what the clone last wrote.
 //! One snapshot serves every test; everything that leaves the guest running shares one
 //! restore.
 
@@ -147,6 +148,15 @@ fn check_echo(env: &mut Environment, console: &Console) {
     }
 }
 
+/// The note page comes back from the snapshot, then holds what this clone wrote.
+fn check_note(env: &mut Environment, console: &Console) {
+    assert_eq!(
+        response(env, console, "note-abc", b"thaw:note=abc"),
+        b"from the snapshot"
+    );
+    assert_eq!(response(env, console, "note-xyz", b"thaw:note=xyz"), b"abc");
+}
+
 fn check_sleep(env: &mut Environment, console: &Console) {
     for ms in [0u64, 300, 1200] {
         let id = format!("sleep-{ms}");
@@ -215,6 +225,7 @@ fn check_bad_commands(env: &mut Environment, console: &Console) {
             r#"thaw:log=N: "many" is not a decimal number of lines"#,
         ),
         (b"thaw:echo", r#"thaw:echo needs its text after "=""#),
+        (b"thaw:note", r#"thaw:note needs its text after "=""#),
         (b"thaw:xyz", r#"unknown command "thaw:xyz""#),
         (b"thaw:", r#"unknown command "thaw:""#),
         (b"thaw:crash=1", "thaw:crash takes no value"),
@@ -251,6 +262,8 @@ fn commands_that_answer_then_a_hang_in_one_environment() {
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", console.text()));
     check_old_answers(&mut env, &console);
+    // No invocation before this one wrote the note: it is still the snapshot's.
+    check_note(&mut env, &console);
     check_error(&mut env, &console);
     check_echo(&mut env, &console);
     check_sleep(&mut env, &console);

@@ -2,9 +2,9 @@
 //! `hooks_sdk::protocol` over the vsock connection to host port 9000. It says `Hello` (and
 //! `Ready` when on-demand) on every connection, runs the registered hooks on `Checkpoint` and
 //! `Restored`, answers each `Invoke` with the SHA-256 of its payload (or carries out the
-//! invocation command the payload names: `thaw:status`, `thaw:error`, `thaw:sleep=MS`... see
-//! the library's `invoke_cmd`), and powers off on `Shutdown`. A malformed frame is logged and
-//! the connection reset; then it reconnects.
+//! invocation command the payload names: `thaw:status`, `thaw:error`, `thaw:sleep=MS`,
+//! `thaw:note=TEXT`... see the library's `invoke_cmd`), and powers off on `Shutdown`. A
+//! malformed frame is logged and the connection reset; then it reconnects.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -17,7 +17,8 @@ use thaw_test_guest::cmdline::{Fail, Options};
 use thaw_test_guest::driver::Error;
 use thaw_test_guest::hooks::{GuestState, Hooks};
 use thaw_test_guest::invoke_cmd::{
-    self, BAD_COMMAND_TYPE, Command, INVOKE_ERROR_BODY, INVOKE_ERROR_TYPE, MAX_ERROR_JSON,
+    self, BAD_COMMAND_TYPE, Command, INITIAL_NOTE, INVOKE_ERROR_BODY, INVOKE_ERROR_TYPE,
+    MAX_ERROR_JSON, MAX_NOTE,
 };
 use thaw_test_guest::status::{MAX_STATUS_JSON, Status};
 use thaw_test_guest::text::format_into;
@@ -42,13 +43,92 @@ static FRAME: Shared<[u8; FRAME_BUF]> = Shared::new([0; FRAME_BUF]);
 /// whole payload. Untouched pages of it cost a snapshot nothing (zero pages are elided).
 static REPLY: Shared<[u8; FRAME_BUF]> = Shared::new([0; FRAME_BUF]);
 
-/// Room for any answer the agent formats itself: a digest, a short text, the status document
-/// or a bad command's error document.
+/// Room for any answer the agent formats itself: a digest, a short text, the status document,
+/// a bad command's error document or the previous note.
 const ANSWER_BUF: usize = if MAX_STATUS_JSON > MAX_ERROR_JSON {
     MAX_STATUS_JSON
 } else {
     MAX_ERROR_JSON
 };
+const _: () = assert!(ANSWER_BUF >= MAX_NOTE);
+
+/// The size of the note page.
+const NOTE_PAGE_BYTES: usize = 4096;
+/// Room in the note page after the length.
+const NOTE_ROOM: usize = NOTE_PAGE_BYTES - size_of::<u32>();
+
+/// The whole state of `thaw:note=TEXT`, in one page: the note's length, its bytes, then fill.
+/// A host test restores several clones that share one copy of the snapshot's memory
+/// copy-on-write; each writes its own note to this same page and reads it back. So that the
+/// test covers the note entirely, its length lives in the page too; and so that the page comes
+/// from the shared copy at all, it starts non-zero (`INITIAL_NOTE`, then `.` to its end): a
+/// zero page would be elided from the snapshot and restored as a fresh zero page.
+#[repr(C, align(4096))]
+pub struct NotePage {
+    /// The note's length in bytes (at most `MAX_NOTE`).
+    len: u32,
+    /// The note, then whatever earlier notes or the initial fill left.
+    bytes: [u8; NOTE_ROOM],
+}
+
+const _: () = assert!(size_of::<NotePage>() == NOTE_PAGE_BYTES);
+const _: () = assert!(MAX_NOTE <= NOTE_ROOM && INITIAL_NOTE.len() <= MAX_NOTE);
+
+impl NotePage {
+    const fn initial() -> Self {
+        let mut bytes = [b'.'; NOTE_ROOM];
+        let mut i = 0;
+        while i < INITIAL_NOTE.len() {
+            bytes[i] = INITIAL_NOTE[i];
+            i += 1;
+        }
+        NotePage {
+            len: INITIAL_NOTE.len() as u32,
+            bytes,
+        }
+    }
+}
+
+/// The note page, in .data (initialised, page-aligned, page-sized: no other variable shares
+/// its page). Not mangled, so a host can find its guest-physical address (= virtual here) in
+/// the image's symbol table.
+#[unsafe(no_mangle)]
+pub static THAW_NOTE_PAGE: Shared<NotePage> = Shared::new(NotePage::initial());
+
+/// Reads the note from guest memory into `out`; returns its length. Volatile reads: the bytes
+/// must come from the page as it is now (the snapshot's, or this clone's own writes), never
+/// from what the compiler remembers.
+fn read_note(out: &mut [u8; ANSWER_BUF]) -> usize {
+    let page = THAW_NOTE_PAGE.get();
+    // SAFETY: only the agent, on the boot CPU, touches the note page, one invocation at a
+    // time; every pointer stays inside the page (the length is clamped to MAX_NOTE, which fits
+    // in both the page and `out`).
+    unsafe {
+        let len = (core::ptr::read_volatile(&raw const (*page).len) as usize).min(MAX_NOTE);
+        let bytes = (&raw const (*page).bytes).cast::<u8>();
+        for (k, b) in out[..len].iter_mut().enumerate() {
+            *b = core::ptr::read_volatile(bytes.add(k));
+        }
+        len
+    }
+}
+
+/// Writes `text` (at most `MAX_NOTE` bytes: the parser refuses longer) as the note. Volatile
+/// writes: each must really reach the page, so that it is this clone's page that changes.
+fn write_note(text: &[u8]) {
+    let text = &text[..text.len().min(MAX_NOTE)];
+    let page = THAW_NOTE_PAGE.get();
+    // SAFETY: as for `read_note`; `text` fits in the page and is not in it (it is in the frame
+    // buffer).
+    unsafe {
+        let bytes = (&raw mut (*page).bytes).cast::<u8>();
+        for (k, &b) in text.iter().enumerate() {
+            core::ptr::write_volatile(bytes.add(k), b);
+        }
+        // MAX_NOTE fits in a u32.
+        core::ptr::write_volatile(&raw mut (*page).len, text.len() as u32);
+    }
+}
 
 /// The frame buffer. Only the boot CPU runs the agent or the bench, and only one of them.
 pub fn frame_buffer() -> &'static mut [u8; FRAME_BUF] {
@@ -288,6 +368,12 @@ impl Agent {
                 format_into(buf, format_args!("logged {n} lines")).unwrap_or(0)
             }
             Command::Echo(text) => return Answer::Response(text),
+            Command::Note(text) => {
+                // The previous note is read before the new one overwrites it.
+                let previous = read_note(buf);
+                write_note(text);
+                previous
+            }
             Command::Bad(bad) => {
                 // ANSWER_BUF holds any bad command's document (MAX_ERROR_JSON).
                 let len = bad.write_json(buf).unwrap_or(0);
@@ -315,6 +401,12 @@ impl Agent {
                     json.len()
                 );
             }
+            (Command::Note(text), Answer::Response(previous)) => println!(
+                "agent: invoke #{n} {id:?}: thaw:note, answered the previous note ({} bytes), \
+                 kept a note of {} bytes",
+                previous.len(),
+                text.len()
+            ),
             (Command::Digest, Answer::Response([a, b, c, d, ..])) => println!(
                 "agent: invoke #{n} {id:?}: {} payload bytes, sha-256 \
                  {a:02x}{b:02x}{c:02x}{d:02x}...",

@@ -1,6 +1,7 @@
 //! Invocation commands: payloads starting with `thaw:` that make the agent's "function"
 //! misbehave on request (fail, crash, hang, take its time, print output, echo), so a host's
-//! handling of each can be tested. Every other payload is answered with its SHA-256.
+//! handling of each can be tested, or keep a note in one page of guest memory, so a host can
+//! tell whose writes a restored clone sees. Every other payload is answered with its SHA-256.
 //!
 //! This module only reads payloads and words the error documents; the agent carries them out.
 
@@ -16,6 +17,12 @@ pub const MAX_SLEEP_MS: u32 = 600_000;
 /// Most lines `thaw:log=N` prints (on PVM each console byte costs tens of µs: a line with a
 /// UUID request id took about 4.4 ms, so 10,000 lines take most of a minute).
 pub const MAX_LOG_LINES: u32 = 10_000;
+/// Longest note `thaw:note=TEXT` keeps: small enough to fit, with its length, in the one
+/// page that holds the whole note state, and in the agent's answer buffer.
+pub const MAX_NOTE: usize = 1024;
+/// The note before any `thaw:note`: what a clone's first `thaw:note` answers, read from the
+/// snapshot's copy of the note page.
+pub const INITIAL_NOTE: &[u8] = b"from the snapshot";
 
 /// The error type of `thaw:error`.
 pub const INVOKE_ERROR_TYPE: &str = "TestGuest.InvokeError";
@@ -47,6 +54,9 @@ pub enum Command<'a> {
     Log(u32),
     /// `thaw:echo=TEXT`: answer with TEXT's bytes.
     Echo(&'a [u8]),
+    /// `thaw:note=TEXT`: replace the note with TEXT (at most `MAX_NOTE` bytes), answer with
+    /// the previous note's bytes.
+    Note(&'a [u8]),
     /// A `thaw:` payload that is no valid command: a function error saying why.
     Bad(BadCommand<'a>),
 }
@@ -63,6 +73,7 @@ impl Command<'_> {
             Command::Sleep(_) => "thaw:sleep",
             Command::Log(_) => "thaw:log",
             Command::Echo(_) => "thaw:echo",
+            Command::Note(_) => "thaw:note",
             Command::Bad(_) => "bad command",
         }
     }
@@ -115,8 +126,10 @@ pub enum BadCommand<'a> {
     Unknown(&'a [u8]),
     /// A command that takes no value got one (`thaw:crash=1`); its usage.
     UnexpectedValue(&'static str),
-    /// `thaw:echo` without `=`.
-    EchoWithoutText,
+    /// `thaw:echo` or `thaw:note` without `=`; the command's name.
+    WithoutText(&'static str),
+    /// `thaw:note=TEXT` with a TEXT longer than `MAX_NOTE`; its length in bytes.
+    NoteTooLong(usize),
     /// `thaw:sleep` or `thaw:log` without a number (no `=`, or nothing after it).
     MissingNumber(Numbered),
     /// The value is not a plain decimal number.
@@ -131,13 +144,17 @@ impl fmt::Display for BadCommand<'_> {
             BadCommand::Unknown(name) => write!(
                 f,
                 "unknown command \"thaw:{}\" (known: thaw:status, thaw:error, thaw:crash, \
-                 thaw:hang, thaw:sleep=MS, thaw:log=N, thaw:echo=TEXT)",
+                 thaw:hang, thaw:sleep=MS, thaw:log=N, thaw:echo=TEXT, thaw:note=TEXT)",
                 Lossy(name)
             ),
             BadCommand::UnexpectedValue(usage) => write!(f, "{usage} takes no value"),
-            BadCommand::EchoWithoutText => {
-                f.write_str("thaw:echo needs its text after \"=\" (thaw:echo=TEXT)")
+            BadCommand::WithoutText(name) => {
+                write!(f, "{name} needs its text after \"=\" ({name}=TEXT)")
             }
+            BadCommand::NoteTooLong(len) => write!(
+                f,
+                "thaw:note=TEXT: a note of {len} bytes is too long (at most {MAX_NOTE} bytes)"
+            ),
             BadCommand::MissingNumber(n) => write!(
                 f,
                 "{} needs a decimal number of {} from 0 to {}",
@@ -246,7 +263,12 @@ pub fn parse(payload: &[u8]) -> Command<'_> {
         (b"sleep", value) => numbered(Numbered::Sleep, value),
         (b"log", value) => numbered(Numbered::Log, value),
         (b"echo", Some(text)) => Command::Echo(text),
-        (b"echo", None) => Command::Bad(BadCommand::EchoWithoutText),
+        (b"echo", None) => Command::Bad(BadCommand::WithoutText("thaw:echo")),
+        (b"note", Some(text)) if text.len() > MAX_NOTE => {
+            Command::Bad(BadCommand::NoteTooLong(text.len()))
+        }
+        (b"note", Some(text)) => Command::Note(text),
+        (b"note", None) => Command::Bad(BadCommand::WithoutText("thaw:note")),
         (b"status", Some(_)) => Command::Bad(BadCommand::UnexpectedValue("thaw:status")),
         (b"error", Some(_)) => Command::Bad(BadCommand::UnexpectedValue("thaw:error")),
         (b"crash", Some(_)) => Command::Bad(BadCommand::UnexpectedValue("thaw:crash")),
@@ -264,6 +286,7 @@ mod tests {
         assert!(matches!(parse(b"\"thaw:hang\""), Command::Hang));
         assert!(matches!(parse(b"\"thaw:status\""), Command::Status));
         assert!(matches!(parse(b"\"thaw:echo=hi\""), Command::Echo(b"hi")));
+        assert!(matches!(parse(b"\"thaw:note=hi\""), Command::Note(b"hi")));
         // Other JSON strings are events like any other.
         assert!(matches!(parse(b"\"hello\""), Command::Digest));
     }
@@ -335,6 +358,41 @@ mod tests {
     }
 
     #[test]
+    fn a_note_is_everything_after_the_equals_sign_up_to_the_limit() {
+        assert_eq!(parse(b"thaw:note=abc"), Command::Note(b"abc"));
+        assert_eq!(parse(b"thaw:note=a=b\n\xff"), Command::Note(b"a=b\n\xff"));
+        assert_eq!(parse(b"thaw:note=thaw:crash"), Command::Note(b"thaw:crash"));
+        // An empty text is a note too: the empty one.
+        assert_eq!(parse(b"thaw:note="), Command::Note(b""));
+        let mut payload = b"thaw:note=".to_vec();
+        payload.extend_from_slice(&[b'n'; MAX_NOTE]);
+        assert_eq!(parse(&payload), Command::Note(&[b'n'; MAX_NOTE]));
+        payload.push(b'n');
+        assert_eq!(bad(&payload), BadCommand::NoteTooLong(MAX_NOTE + 1));
+        // The JSON string form is measured without its quotes.
+        let mut quoted = b"\"thaw:note=".to_vec();
+        quoted.extend_from_slice(&[b'q'; MAX_NOTE]);
+        quoted.push(b'"');
+        assert_eq!(parse(&quoted), Command::Note(&[b'q'; MAX_NOTE]));
+        // The note a snapshot starts with obeys the same limit.
+        assert!(INITIAL_NOTE.len() <= MAX_NOTE);
+    }
+
+    #[test]
+    fn a_note_too_long_says_the_limit() {
+        let mut payload = b"thaw:note=".to_vec();
+        payload.extend_from_slice(&[b'x'; 5000]);
+        assert_eq!(
+            message(&payload),
+            "thaw:note=TEXT: a note of 5000 bytes is too long (at most 1024 bytes)"
+        );
+        assert_eq!(
+            json(&bad(&payload)),
+            r#"{"errorMessage":"thaw:note=TEXT: a note of 5000 bytes is too long (at most 1024 bytes)","errorType":"TestGuest.BadCommand","stackTrace":[]}"#
+        );
+    }
+
+    #[test]
     fn malformed_numbers_say_what_is_wrong() {
         let sleep = Numbered::Sleep;
         assert_eq!(bad(b"thaw:sleep"), BadCommand::MissingNumber(sleep));
@@ -382,7 +440,9 @@ mod tests {
         assert_eq!(bad(b"thaw:=1"), BadCommand::Unknown(b""));
         assert_eq!(bad(b"thaw:SLEEP=1"), BadCommand::Unknown(b"SLEEP"));
         assert_eq!(bad(b"thaw:status "), BadCommand::Unknown(b"status "));
-        assert_eq!(bad(b"thaw:echo"), BadCommand::EchoWithoutText);
+        assert_eq!(bad(b"thaw:echo"), BadCommand::WithoutText("thaw:echo"));
+        assert_eq!(bad(b"thaw:note"), BadCommand::WithoutText("thaw:note"));
+        assert_eq!(bad(b"thaw:NOTE=x"), BadCommand::Unknown(b"NOTE"));
         for (payload, usage) in [
             (&b"thaw:status=1"[..], "thaw:status"),
             (b"thaw:error=", "thaw:error"),
@@ -407,11 +467,18 @@ mod tests {
             message(b"thaw:log=10001"),
             "thaw:log=N: 10001 lines is out of range (0 to 10000)"
         );
-        assert!(message(b"thaw:xyz").starts_with(r#"unknown command \"thaw:xyz\" (known: "#));
+        assert_eq!(
+            message(b"thaw:xyz"),
+            r#"unknown command \"thaw:xyz\" (known: thaw:status, thaw:error, thaw:crash, thaw:hang, thaw:sleep=MS, thaw:log=N, thaw:echo=TEXT, thaw:note=TEXT)"#
+        );
         assert_eq!(message(b"thaw:crash=1"), "thaw:crash takes no value");
         assert_eq!(
             message(b"thaw:echo"),
             r#"thaw:echo needs its text after \"=\" (thaw:echo=TEXT)"#
+        );
+        assert_eq!(
+            message(b"thaw:note"),
+            r#"thaw:note needs its text after \"=\" (thaw:note=TEXT)"#
         );
     }
 

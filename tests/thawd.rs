@@ -336,3 +336,103 @@ fn a_killed_worker_costs_one_environment_not_the_daemon() {
     assert!(thawd.stop().success());
     assert!(children(pid).is_empty());
 }
+
+/// The value of the metric line that starts with `series` (e.g. `thawd_x_total{function="a"}`).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn restores_map_the_shared_copy_and_an_exhausted_budget_falls_back_to_private() {
+    if !require_kvm("restores_map_the_shared_copy_and_an_exhausted_budget_falls_back_to_private") {
+        return;
+    }
+    let slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "hello", &key);
+    // Every invocation restores (nothing is kept idle), so each one shows which path it took.
+    let config = |budget_mib: u64| {
+        format!(
+            "spare_workers = 1\nmax_idle_per_function = 0\ndecoded_copy_budget_mib = {budget_mib}\n\
+             [functions.hello]\nsnapshot = {snap:?}\nmemory_mib = 128\nkey_file = {key:?}\n",
+            snap = snap.display().to_string(),
+            key = key.display().to_string(),
+        )
+    };
+    let invoke = |thawd: &Thawd, text: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args([
+                "invoke",
+                "hello",
+                &format!("\"thaw:note={text}\""),
+                "--endpoint",
+                &thawd.endpoint,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // Every environment is a fresh clone: it sees the snapshot's note, never an earlier
+        // clone's.
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the snapshot\n");
+    };
+
+    // With room for the copy: once it is decoded, restores map it.
+    let thawd = Thawd::start(dir.path(), &config(1024));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    let text = loop {
+        invoke(&thawd, &format!("clone {n}"));
+        n += 1;
+        let text = ureq_get(&format!("{}/metrics", thawd.endpoint));
+        if metric(
+            &text,
+            "thawd_shared_copy_restores_total{function=\"hello\"}",
+        ) >= Some(2.0)
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restore used the copy:\n{text}"
+        );
+    };
+    println!("{n} invocations until two restores used the copy");
+    let bytes = metric(&text, "thawd_decoded_copy_bytes{function=\"hello\"}").unwrap_or(0.0);
+    assert!(bytes > 0.0, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "thawd_shared_copy_misses_total{function=\"hello\",reason=\"budget\"}"
+        ),
+        None,
+        "{text}"
+    );
+    assert!(thawd.stop().success());
+
+    // Without room: every restore is private, still answers, and the metrics say why.
+    let thawd = Thawd::start(dir.path(), &config(0));
+    for n in 0..3 {
+        invoke(&thawd, &format!("private {n}"));
+    }
+    let text = ureq_get(&format!("{}/metrics", thawd.endpoint));
+    assert_eq!(
+        metric(
+            &text,
+            "thawd_shared_copy_misses_total{function=\"hello\",reason=\"budget\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "thawd_shared_copy_restores_total{function=\"hello\"}"
+        ),
+        None
+    );
+    assert_eq!(metric(&text, "thawd_decoded_copy_budget_bytes"), Some(0.0));
+    assert!(thawd.stop().success());
+    drop(slots);
+}

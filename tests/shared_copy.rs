@@ -19,7 +19,7 @@ use std::time::Duration;
 use fixture::{Console, require_kvm, vm_slot};
 use hooks_sdk::host::{InvokeOutcome, deadline_after};
 use hooks_sdk::protocol::Invoke;
-use restore_daemon::decoded_copy::DecodedCopy;
+use restore_daemon::decoded_copy::{CopyBacking, DecodedCopy};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use restore_daemon::restore::{RestoreError, RestoreOptions};
 use sha2::{Digest, Sha256};
@@ -57,9 +57,20 @@ fn key(path: &Path) -> KeyChoice {
     KeyChoice::Given(snapshot::MasterKey::load(path).unwrap())
 }
 
-fn decode(dir: &Path, key_file: &Path) -> Arc<DecodedCopy> {
+fn decode(dir: &Path, key_file: &Path, backing: &CopyBacking) -> Arc<DecodedCopy> {
     let snap = restore_daemon::verify::open(dir, &key(key_file)).unwrap();
-    Arc::new(DecodedCopy::decode(&snap).unwrap())
+    Arc::new(DecodedCopy::decode(&snap, backing).unwrap())
+}
+
+/// Both backings: sealed memfds, and huge pages where this process may mount a tmpfs (as root).
+fn backings() -> Vec<CopyBacking> {
+    let huge = CopyBacking::detect(1 << 30);
+    if huge.huge() {
+        vec![CopyBacking::Memfd, huge]
+    } else {
+        println!("no private tmpfs mount here (not root?): testing memfd copies only");
+        vec![CopyBacking::Memfd]
+    }
 }
 
 fn clone_of(dir: &Path, copy: &Arc<DecodedCopy>, console: &Console) -> Environment {
@@ -108,16 +119,22 @@ fn clones_of_one_copy_each_see_only_their_own_writes() {
         return;
     }
     let snaps = snapshots();
-    let copy = decode(&snaps.first, &snaps.key);
-    let before = digest(&copy);
+    for backing in backings() {
+        clones_see_only_their_own_writes(&decode(&snaps.first, &snaps.key, &backing));
+    }
+}
+
+fn clones_see_only_their_own_writes(copy: &Arc<DecodedCopy>) {
+    let snaps = snapshots();
+    let before = digest(copy);
     let _slot = vm_slot();
 
     let (console_a, console_b) = (Console::default(), Console::default());
-    let mut a = clone_of(&snaps.first, &copy, &console_a);
+    let mut a = clone_of(&snaps.first, copy, &console_a);
     assert_eq!(swap_note(&mut a, &console_a, "written by A"), ORIGINAL_NOTE);
     let frozen_a = a.controller().pause().unwrap();
 
-    let mut b = clone_of(&snaps.first, &copy, &console_b);
+    let mut b = clone_of(&snaps.first, copy, &console_b);
     assert_eq!(
         swap_note(&mut b, &console_b, "written by B"),
         ORIGINAL_NOTE,
@@ -134,7 +151,7 @@ fn clones_of_one_copy_each_see_only_their_own_writes() {
 
     // A clone restored after both wrote starts from the snapshot, and the copy is unchanged.
     let console_c = Console::default();
-    let mut c = clone_of(&snaps.first, &copy, &console_c);
+    let mut c = clone_of(&snaps.first, copy, &console_c);
     assert_eq!(swap_note(&mut c, &console_c, "C"), ORIGINAL_NOTE);
     c.shutdown().unwrap();
     assert_eq!(
@@ -150,7 +167,7 @@ fn a_copy_of_another_snapshot_is_refused_before_the_guest_runs() {
         return;
     }
     let snaps = snapshots();
-    let copy = decode(&snaps.second, &snaps.key);
+    let copy = decode(&snaps.second, &snaps.key, &CopyBacking::Memfd);
     let console = Console::default();
     let options = EnvironmentOptions {
         restore: RestoreOptions {

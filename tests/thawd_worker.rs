@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use fixture::{pattern, require_kvm, vm_slot};
 use hooks_sdk::host::deadline_after;
-use restore_daemon::decoded_copy::DecodedCopy;
+use restore_daemon::decoded_copy::{CopyBacking, DecodedCopy};
 use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{
     CopyGrant, INVOKE_GRACE, Invoked, RestoreSpec, Worker, WorkerCommand, WorkerError,
@@ -148,7 +148,7 @@ async fn workers_restore_from_one_shared_copy_and_each_sees_only_its_own_writes(
     let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
     let grant = CopyGrant {
         function: "f".into(),
-        copy: Arc::new(DecodedCopy::decode(&opened).unwrap()),
+        copy: Arc::new(DecodedCopy::decode(&opened, &CopyBacking::detect(1 << 30)).unwrap()),
     };
     limited(async {
         let _slot = vm_slot();

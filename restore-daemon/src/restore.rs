@@ -410,7 +410,7 @@ pub fn restore(
     let copy_runs = match &options.shared_copy {
         Some(copy) => {
             copy.check_matches(&snap).map_err(copy_refused)?;
-            Some(decoded_copy::file_runs(&snap).map_err(copy_refused)?)
+            Some(decoded_copy::map_runs(&snap, copy.huge()).map_err(copy_refused)?)
         }
         None => None,
     };

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::decoded_copy::DecodedCopy;
+use crate::decoded_copy::{CopyBacking, CopySizes, DecodedCopy};
 use crate::worker::handle::CopyGrant;
 use snapshot::KeyChoice;
 
@@ -31,8 +31,8 @@ pub struct CopySource {
     pub snapshot: PathBuf,
     /// The key to open it.
     pub key: Arc<KeyChoice>,
-    /// Host memory the copy will hold: the snapshot's data chunks.
-    pub data_bytes: u64,
+    /// Host memory the copy will hold at most.
+    pub sizes: CopySizes,
 }
 
 impl std::fmt::Debug for CopySource {
@@ -40,7 +40,7 @@ impl std::fmt::Debug for CopySource {
         f.debug_struct("CopySource")
             .field("function", &self.function)
             .field("snapshot", &self.snapshot)
-            .field("data_bytes", &self.data_bytes)
+            .field("sizes", &self.sizes)
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +79,7 @@ impl Entry {
 /// The decoded copies of every function.
 pub struct CopyCache {
     budget: u64,
+    backing: CopyBacking,
     metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
@@ -91,11 +92,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CopyCache {
-    /// A cache that may hold `budget` bytes of copies.
+    /// A cache that may hold `budget` bytes of copies, on huge pages if this process may
+    /// mount a tmpfs of its own ([`CopyBacking::detect`]).
     pub fn new(budget: u64, metrics: Arc<Metrics>) -> Arc<Self> {
+        let backing = if budget == 0 {
+            CopyBacking::Memfd
+        } else {
+            CopyBacking::detect(budget)
+        };
+        Self::with_backing(budget, backing, metrics)
+    }
+
+    /// A cache whose copies are made on `backing`.
+    pub fn with_backing(budget: u64, backing: CopyBacking, metrics: Arc<Metrics>) -> Arc<Self> {
         metrics.set_copy_budget(budget);
         Arc::new(Self {
             budget,
+            backing,
             metrics,
             entries: Mutex::new(BTreeMap::new()),
         })
@@ -136,7 +149,7 @@ impl CopyCache {
         entries: &mut BTreeMap<String, Entry>,
         source: &CopySource,
     ) -> Result<(), CopyMiss> {
-        let needed = source.data_bytes;
+        let needed = self.backing.resident_upper_bound(source.sizes);
         if needed > self.budget {
             return Err(CopyMiss::Budget);
         }
@@ -179,7 +192,7 @@ impl CopyCache {
         let started = Instant::now();
         let decoded = crate::verify::open(&source.snapshot, &source.key)
             .map_err(|e| e.to_string())
-            .and_then(|snap| DecodedCopy::decode(&snap).map_err(|e| e.to_string()));
+            .and_then(|snap| DecodedCopy::decode(&snap, &self.backing).map_err(|e| e.to_string()));
         let mut entries = lock(&self.entries);
         let Some(entry) = entries.get_mut(&source.function) else {
             return;
@@ -227,6 +240,11 @@ impl CopyCache {
     /// Host memory the copies hold now (and reserve for those being decoded).
     pub fn held_bytes(&self) -> u64 {
         lock(&self.entries).values().map(Entry::held).sum()
+    }
+
+    /// Whether copies are on huge pages.
+    pub fn huge_pages(&self) -> bool {
+        self.backing.huge()
     }
 
     /// Whether the function's copy is ready.
@@ -277,8 +295,16 @@ mod tests {
             function: name.to_owned(),
             snapshot: path,
             key: Arc::new(KeyChoice::None),
-            data_bytes: data_mib as u64 * MIB,
+            sizes: CopySizes {
+                small_pages: data_mib as u64 * MIB,
+                huge_pages: data_mib.div_ceil(2) as u64 * 2 * MIB,
+            },
         }
+    }
+
+    /// The budget's arithmetic is exact on 4 KiB pages.
+    fn memfd_cache(budget: u64, metrics: Arc<Metrics>) -> Arc<CopyCache> {
+        CopyCache::with_backing(budget, CopyBacking::Memfd, metrics)
     }
 
     fn wait_ready(cache: &CopyCache, function: &str) {
@@ -297,7 +323,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = snapshot(dir.path(), "a", 1);
         let metrics = Arc::new(Metrics::new());
-        let cache = CopyCache::new(16 * MIB, metrics.clone());
+        let cache = memfd_cache(16 * MIB, metrics.clone());
         assert_eq!(cache.grant(&a).err(), Some(CopyMiss::Decoding));
         wait_ready(&cache, "a");
         let grant = cache.grant(&a).unwrap();
@@ -312,10 +338,26 @@ mod tests {
     }
 
     #[test]
+    fn copies_on_huge_pages_are_granted_when_this_process_may_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = snapshot(dir.path(), "a", 1);
+        let cache = CopyCache::new(16 * MIB, Arc::new(Metrics::new()));
+        if !cache.huge_pages() {
+            println!("no private tmpfs mount here: only memfd copies are tested");
+            return;
+        }
+        cache.prepare(&a).unwrap();
+        wait_ready(&cache, "a");
+        let grant = cache.grant(&a).unwrap();
+        assert!(grant.copy.huge());
+        assert!(grant.copy.resident_bytes() <= 2 * MIB);
+    }
+
+    #[test]
     fn a_copy_larger_than_the_budget_is_never_made() {
         let dir = tempfile::tempdir().unwrap();
         let a = snapshot(dir.path(), "a", 2);
-        let cache = CopyCache::new(MIB, Arc::new(Metrics::new()));
+        let cache = memfd_cache(MIB, Arc::new(Metrics::new()));
         assert_eq!(cache.grant(&a).err(), Some(CopyMiss::Budget));
         assert_eq!(cache.grant(&a).err(), Some(CopyMiss::Budget));
         assert_eq!(cache.held_bytes(), 0);
@@ -326,7 +368,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (snapshot(dir.path(), "a", 1), snapshot(dir.path(), "b", 1));
         let metrics = Arc::new(Metrics::new());
-        let cache = CopyCache::new(MIB + MIB / 2, metrics.clone());
+        let cache = memfd_cache(MIB + MIB / 2, metrics.clone());
         cache.prepare(&a).unwrap();
         wait_ready(&cache, "a");
         let held = cache.grant(&a).unwrap();
@@ -347,7 +389,7 @@ mod tests {
     fn unused_copies_expire_and_mapped_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (snapshot(dir.path(), "a", 1), snapshot(dir.path(), "b", 1));
-        let cache = CopyCache::new(16 * MIB, Arc::new(Metrics::new()));
+        let cache = memfd_cache(16 * MIB, Arc::new(Metrics::new()));
         cache.prepare(&a).unwrap();
         cache.prepare(&b).unwrap();
         wait_ready(&cache, "a");
@@ -364,7 +406,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = snapshot(dir.path(), "a", 1);
         a.snapshot = dir.path().join("missing");
-        let cache = CopyCache::new(16 * MIB, Arc::new(Metrics::new()));
+        let cache = memfd_cache(16 * MIB, Arc::new(Metrics::new()));
         assert_eq!(cache.grant(&a).err(), Some(CopyMiss::Decoding));
         let deadline = Instant::now() + Duration::from_secs(30);
         while cache.grant(&a).err() != Some(CopyMiss::Failed) {

@@ -112,7 +112,7 @@ fn copy_source(f: &FunctionConfig, shape: &SnapshotShape) -> Option<CopySource> 
             function: f.name.clone(),
             snapshot: f.snapshot.clone(),
             key: Arc::new(key),
-            data_bytes: shape.data_bytes,
+            sizes: shape.copy_sizes,
         }),
         Err(e) => {
             tracing::warn!(function = f.name, error = %e, "no decoded copy: its restores stay private");
@@ -654,7 +654,7 @@ mod tests {
                 let shape = SnapshotShape {
                     mem_bytes: 128 << 20,
                     vcpus: 1,
-                    data_bytes: 1 << 20,
+                    copy_sizes: Default::default(),
                 };
                 (name.clone(), shape)
             })

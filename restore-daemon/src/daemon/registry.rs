@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use crate::decoded_copy::CopySizes;
 use crate::restore::{RestoreError, open_checked};
 use snapshot::KeyChoice;
 
@@ -57,8 +58,8 @@ pub struct SnapshotShape {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// Bytes of its data chunks: what a decoded copy of its memory holds.
-    pub data_bytes: u64,
+    /// What a decoded copy of its memory holds at most.
+    pub copy_sizes: CopySizes,
 }
 
 /// The key to open `function`'s snapshot with: its key file, else none (the caller resolves the
@@ -103,11 +104,8 @@ pub fn register(function: &FunctionConfig) -> Result<SnapshotShape, RegistryErro
         mem_bytes: state.mem_bytes,
         // A valid state has 1 to 255 vCPUs.
         vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
-        data_bytes: snap
-            .chunks()
-            .iter()
-            .filter(|c| c.kind == snapshot::ChunkKind::Data)
-            .map(|c| u64::from(c.len))
-            .sum(),
+        // The snapshot authenticated and its state describes its regions, so its chunks lie in
+        // them; a failure here would only cost the function its shared copy.
+        copy_sizes: CopySizes::of(&snap).unwrap_or_default(),
     })
 }

@@ -44,17 +44,27 @@ impl Frames {
         Ok(Self { rx })
     }
 
-    /// The next frame by `deadline`: `Got(None)` when the connection ended.
+    /// The next frame by `deadline`: `Got(None)` when the connection ended. Wakes as soon as
+    /// the frame arrives; looks at the guest every [`POLL`] meanwhile.
     pub fn next(
         &self,
         deadline: Instant,
         guest_ended: &dyn Fn() -> bool,
     ) -> Waited<Option<Result<Frame, FrameError>>> {
-        wait(deadline, guest_ended, || match self.rx.try_recv() {
-            Ok(f) => Some(Some(f)),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some(None),
-        })
+        loop {
+            let slice = deadline.saturating_duration_since(Instant::now()).min(POLL);
+            match self.rx.recv_timeout(slice) {
+                Ok(f) => return Waited::Got(Some(f)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Waited::Got(None),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if guest_ended() {
+                return Waited::GuestEnded;
+            }
+            if Instant::now() >= deadline {
+                return Waited::TimedOut;
+            }
+        }
     }
 }
 
@@ -98,13 +108,28 @@ pub fn accept(
     deadline: Instant,
     guest_ended: &dyn Fn() -> bool,
 ) -> Waited<std::io::Result<UnixStream>> {
+    use std::os::fd::AsFd;
     if let Err(e) = listener.set_nonblocking(true) {
         return Waited::Got(Err(e));
     }
-    let accepted = wait(deadline, guest_ended, || match listener.accept() {
-        Ok((s, _)) => Some(Ok(s)),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-        Err(e) => Some(Err(e)),
+    // Sleep in poll(2) on the listener, not in a timer: the connection wakes it at once.
+    let accepted = wait(deadline, guest_ended, || {
+        match listener.accept() {
+            Ok((s, _)) => return Some(Ok(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Some(Err(e)),
+        }
+        let slice = deadline.saturating_duration_since(Instant::now()).min(POLL);
+        let timeout =
+            nix::poll::PollTimeout::try_from(slice).unwrap_or(nix::poll::PollTimeout::ZERO);
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => None,
+            Err(e) => Some(Err(e.into())),
+        }
     });
     match accepted {
         Waited::Got(Ok(s)) => Waited::Got(s.set_nonblocking(false).map(|()| s)),
@@ -216,6 +241,8 @@ pub struct AgentConnection {
     pub restore_id: String,
     /// From `Restored` sent to `RestoreDone` received: the hooks' time.
     pub hooks: Duration,
+    /// When the agent's `Hello` arrived: the restored guest's first sign of life.
+    pub hello_at: Instant,
 }
 
 /// Waits for the restored guest's agent on `listener`, sends it `Restored` with `unique` and
@@ -229,6 +256,7 @@ pub fn after_restore(
     guest_ended: &dyn Fn() -> bool,
 ) -> Result<AgentConnection, AfterRestoreError> {
     let deadline = Instant::now() + connect_timeout;
+    let mut hello_at;
     loop {
         let mut stream = match accept(listener, deadline, guest_ended) {
             Waited::Got(Ok(s)) => s,
@@ -244,6 +272,7 @@ pub fn after_restore(
         let agent = match frames.next(deadline, guest_ended) {
             Waited::Got(Some(Ok(frame))) => match frame.message() {
                 Ok(Message::Hello { agent, init_type }) => {
+                    hello_at = Instant::now();
                     if init_type != InitType::SnapStart {
                         tracing::warn!(agent, "a restored agent said it started on-demand");
                     }
@@ -313,6 +342,7 @@ pub fn after_restore(
                 agent,
                 restore_id: unique.restore_id.clone(),
                 hooks: sent.elapsed(),
+                hello_at,
             }),
             Ok(Message::RestoreError(f)) => {
                 let (error_type, message) = failure(&f);

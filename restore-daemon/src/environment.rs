@@ -80,6 +80,8 @@ pub struct EnvironmentTimings {
     pub ready: Duration,
     /// The after-restore hooks (from `Restored` sent to `RestoreDone`).
     pub hooks: Duration,
+    /// From the start until the agent's `Hello`: the restored guest's first sign of life.
+    pub hello: Duration,
 }
 
 /// A restored guest, ready for invocations.
@@ -203,6 +205,7 @@ impl Prepared {
             }
         };
         let hooks = agent.hooks;
+        let hello = agent.hello_at.saturating_duration_since(started);
         Ok(Environment {
             agent,
             exit,
@@ -214,6 +217,7 @@ impl Prepared {
                 restore: restore_timings,
                 ready: started.elapsed(),
                 hooks,
+                hello,
             },
         })
     }

@@ -128,10 +128,11 @@ pub fn run(
         "restored guest ready"
     );
     eprintln!(
-        "thaw: restored {} in {:.1?}: ready (after-restore hooks done) {:.1?} after start; \
-         restore id {}",
+        "thaw: restored {} in {:.1?}: first sign of life (the agent's Hello) {:.1?} and ready \
+         (after-restore hooks done) {:.1?} after start; restore id {}",
         dir.display(),
         env.timings.restore.total(),
+        env.timings.hello,
         env.timings.ready,
         env.restore_id()
     );

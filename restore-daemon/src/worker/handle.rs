@@ -84,6 +84,8 @@ pub struct RestoredInfo {
     pub restore: Duration,
     /// From the start until the after-restore hooks finished.
     pub ready: Duration,
+    /// From the start until the agent's `Hello`, the guest's first sign of life.
+    pub hello: Duration,
     /// Whether the restore found a prepared shell.
     pub shell_was_ready: bool,
 }
@@ -303,10 +305,12 @@ impl Worker {
             Reply::Restored {
                 restore_us,
                 ready_us,
+                hello_us,
                 shell_was_ready,
             } => Ok(RestoredInfo {
                 restore: Duration::from_micros(restore_us),
                 ready: Duration::from_micros(ready_us),
+                hello: Duration::from_micros(hello_us),
                 shell_was_ready,
             }),
             other => Err(self.unexpected("Restore", &other)),

@@ -388,6 +388,7 @@ impl<'c> Session<'c> {
                 Reply::Restored {
                     restore_us: micros(timings.restore.total()),
                     ready_us: micros(timings.ready),
+                    hello_us: micros(timings.hello),
                     shell_was_ready: timings.restore.shell_was_ready,
                 }
             }

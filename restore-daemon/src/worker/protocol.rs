@@ -214,6 +214,8 @@ pub enum Reply {
         restore_us: u64,
         /// From the start until the after-restore hooks finished, µs.
         ready_us: u64,
+        /// From the start until the agent's `Hello` (the guest's first sign of life), µs.
+        hello_us: u64,
         /// Whether the restore found a prepared shell.
         shell_was_ready: bool,
     },
@@ -510,6 +512,7 @@ mod tests {
             Reply::Restored {
                 restore_us: 1,
                 ready_us: 2,
+                hello_us: 4,
                 shell_was_ready: true,
             },
             Reply::Invoked {

@@ -1,0 +1,273 @@
+//! First sign of life: from the start of a restore until the restored guest's agent says
+//! `Hello` over vsock, the moment Firecracker's figures in issue 13 were taken at (its load
+//! call → `Hello`: 10.2 ms on this host, with the same test guest, a 128 MiB guest and its File
+//! memory backend). Also when the machine could run and when the after-restore hooks were done
+//! (the hook reads the whole workload).
+//!
+//! The test guest's agent with a workload of 0, 64 and 256 MiB, snapshotted encrypted. Rows:
+//!
+//! - **thawd**: a `thawd worker` process whose shell was built (`Prepare`, as thawd prepares
+//!   spare workers) restores with the function's shared decoded copy; the worker times it from
+//!   the `Restore` request it received.
+//! - the restore library in this process, as `thaw restore` and the worker call it: shared copy
+//!   (huge pages) with a pre-built shell; lazy with a pre-built shell and chunks checked as
+//!   installed (thawd's path while a copy is not ready); lazy with everything done on the path
+//!   (`thaw restore`'s default: no shell, every chunk authenticated up front); eager with a
+//!   pre-built shell.
+//!
+//! Run: `cargo bench --bench first_sign_of_life [-- --iterations N] [-- --write]`
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use restore_daemon::decoded_copy::{CopyBacking, DecodedCopy};
+use restore_daemon::environment::{Environment, EnvironmentOptions};
+use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
+use restore_daemon::shells::ShellPool;
+use restore_daemon::worker::handle::{CopyGrant, RestoreSpec, Worker, WorkerCommand};
+use snapshot::KeyChoice;
+use thaw::capture::Sealing;
+use thaw::commands::run::RunOptions;
+use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
+use vmm_core::config::VsockConfig;
+use vmm_core::machine::ShellSpec;
+
+mod support;
+#[path = "../tests/fixture/thawd_bin.rs"]
+mod thawd_bin;
+use support::{Stats, ms, stats};
+
+/// Firecracker v1.16.1 on this host, load call → `Hello` (issue 13), and half of it: the goal.
+const FIRECRACKER_LOAD_TO_HELLO: Duration = Duration::from_micros(10_200);
+/// Guest memory below the workload and above it.
+const BELOW_MIB: u64 = 64;
+const SPARE_MIB: u64 = 64;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Thawd,
+    SharedShell,
+    LazyShell,
+    LazyCold,
+    EagerShell,
+}
+
+impl Mode {
+    const ALL: [Mode; 5] = [
+        Mode::Thawd,
+        Mode::SharedShell,
+        Mode::LazyShell,
+        Mode::LazyCold,
+        Mode::EagerShell,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Thawd => "thawd: prepared worker, shared copy (huge pages)",
+            Mode::SharedShell => "shared copy (huge pages), pre-built shell",
+            Mode::LazyShell => "lazy, pre-built shell, chunks checked on install",
+            Mode::LazyCold => "lazy, nothing ahead (`thaw restore`)",
+            Mode::EagerShell => "eager, pre-built shell",
+        }
+    }
+}
+
+struct Workload {
+    fill_mib: u64,
+    snap: PathBuf,
+    copy: Arc<DecodedCopy>,
+}
+
+impl Workload {
+    fn spec(&self) -> ShellSpec {
+        ShellSpec {
+            mem_bytes: (BELOW_MIB + self.fill_mib + SPARE_MIB) << 20,
+            vcpus: 1,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    runnable: Vec<Duration>,
+    hello: Vec<Duration>,
+    ready: Vec<Duration>,
+}
+
+fn make_workload(dir: &Path, key: &Path, fill_mib: u64, backing: &CopyBacking) -> Workload {
+    let snap = dir.join(format!("snap-{fill_mib}"));
+    let options = CreateOptions {
+        boot: RunOptions {
+            cmdline: Some(format!(
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
+            )),
+            mem_mib: BELOW_MIB + fill_mib + SPARE_MIB,
+            vcpus: 1,
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join(format!("create-{fill_mib}.sock")),
+            }),
+            ..RunOptions::default()
+        },
+        out: snap.clone(),
+        replace: false,
+        ready: Readiness::Agent,
+        init_timeout: Duration::from_secs(120),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
+    };
+    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    let opened = restore_daemon::verify::open(&snap, &key_choice(key)).unwrap();
+    let copy = Arc::new(DecodedCopy::decode(&opened, backing).unwrap());
+    Workload {
+        fill_mib,
+        snap,
+        copy,
+    }
+}
+
+fn key_choice(key: &Path) -> KeyChoice {
+    KeyChoice::Given(snapshot::MasterKey::load(key).unwrap())
+}
+
+fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, out: &mut Samples) {
+    let restore = match mode {
+        Mode::SharedShell => RestoreOptions {
+            shared_copy: Some(w.copy.clone()),
+            shells: Some(shells.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::LazyShell => RestoreOptions {
+            chunk_check: ChunkCheck::OnInstall,
+            shells: Some(shells.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::LazyCold => RestoreOptions::default(),
+        Mode::EagerShell => RestoreOptions {
+            memory: MemoryMode::Eager,
+            shells: Some(shells.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::Thawd => unreachable!("not in this process"),
+    };
+    if restore.shells.is_some() {
+        // Built ahead, off the timed path, as thawd builds them.
+        assert!(shells.wait_ready(w.spec(), 1, Duration::from_secs(60)));
+    }
+    let options = EnvironmentOptions {
+        restore,
+        ..EnvironmentOptions::default()
+    };
+    let env = Environment::start(&w.snap, &key_choice(key), &options, Box::new(std::io::sink()))
+        .unwrap();
+    assert_eq!(env.timings.restore.shell_was_ready, mode != Mode::LazyCold);
+    out.runnable.push(env.timings.restore.total());
+    out.hello.push(env.timings.hello);
+    out.ready.push(env.timings.ready);
+    env.kill().unwrap();
+}
+
+async fn thawd_once(w: &Workload, key: &Path, out: &mut Samples) {
+    let command = WorkerCommand::thawd(thawd_bin::thawd_bin());
+    let mut worker = Worker::spawn(&command, "fsol").await.unwrap();
+    let spec = w.spec();
+    worker
+        .prepare(spec.mem_bytes, spec.vcpus, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let grant = CopyGrant {
+        function: "fsol".into(),
+        copy: w.copy.clone(),
+    };
+    let restore = RestoreSpec {
+        snapshot: w.snap.clone(),
+        key_file: Some(key.to_owned()),
+        memory: MemoryMode::Lazy,
+        chunks_verified: true,
+        after_restore_timeout: Duration::from_secs(60),
+    };
+    let info = worker
+        .restore(restore, Some(&grant), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(info.shell_was_ready);
+    out.runnable.push(info.restore);
+    out.hello.push(info.hello);
+    out.ready.push(info.ready);
+    worker.kill().await;
+}
+
+fn cell(s: &Stats) -> String {
+    format!("{} ({}–{})", ms(s.median), ms(s.min), ms(s.max))
+}
+
+fn main() {
+    let args = support::args(15);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let backing = CopyBacking::detect(4 << 30);
+    assert!(
+        backing.huge(),
+        "this bench needs a private tmpfs on huge pages (run it as root)"
+    );
+    let sizes: &[u64] = if args.iterations > 1 {
+        &[0, 64, 256]
+    } else {
+        &[0]
+    };
+    let workloads: Vec<Workload> = sizes
+        .iter()
+        .map(|&mib| make_workload(dir.path(), &key, mib, &backing))
+        .collect();
+    let shells = Arc::new(ShellPool::new().unwrap());
+    for w in &workloads {
+        shells.keep_ready(w.spec(), 1);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut table = String::from(
+        "| workload | restore | restore → runnable | restore → `Hello` | `Hello` ÷ Firecracker's 10.2 ms | restore → ready (hooks done, workload read) |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for w in &workloads {
+        let mut samples: Vec<Samples> = Mode::ALL.iter().map(|_| Samples::default()).collect();
+        // Round robin: the host's slow spells fall on every mode alike.
+        for _ in 0..args.iterations {
+            for (mode, out) in Mode::ALL.iter().zip(samples.iter_mut()) {
+                match mode {
+                    Mode::Thawd => runtime.block_on(thawd_once(w, &key, out)),
+                    _ => library_once(w, &key, *mode, &shells, out),
+                }
+            }
+        }
+        for (mode, s) in Mode::ALL.iter().zip(samples) {
+            let hello = stats(s.hello);
+            table.push_str(&format!(
+                "| {} MiB | {} | {} | {} | {:.2} | {} |\n",
+                w.fill_mib,
+                mode.name(),
+                cell(&stats(s.runnable)),
+                cell(&hello),
+                hello.median.as_secs_f64() / FIRECRACKER_LOAD_TO_HELLO.as_secs_f64(),
+                cell(&stats(s.ready)),
+            ));
+        }
+    }
+    let body = format!(
+        "{}; test guest agent (quiet), 1 vCPU, guest memory 128 MiB plus the workload, \
+         encrypted snapshots in a warm page cache; {} iterations, each one sample of every row \
+         in turn; medians with (min–max). Firecracker v1.16.1's load call → `Hello` on this host \
+         was 10.2 ms (issue 13); the goal is half of it.\n\n{table}",
+        support::machine(),
+        args.iterations,
+    );
+    println!("{body}");
+    if args.write {
+        support::write_section("first-sign-of-life", &body).expect("update docs/BENCHMARKS.md");
+    }
+}

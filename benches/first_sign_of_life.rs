@@ -6,9 +6,10 @@
 //!
 //! The test guest's agent with a workload of 0, 64 and 256 MiB, snapshotted encrypted. Rows:
 //!
-//! - **thawd**: a `thawd worker` process whose shell was built (`Prepare`, as thawd prepares
-//!   spare workers) restores with the function's shared decoded copy; the worker times it from
-//!   the `Restore` request it received.
+//! - **thawd**: a `thawd worker` process prepared as thawd prepares spare workers, timed by the
+//!   worker from the `Restore` request it received: restored ahead from the function's shared
+//!   decoded copy (`PrepareRestore`: the request only starts the guest), or with only its shell
+//!   built and the copy sent with the request.
 //! - the restore library in this process, as `thaw restore` and the worker call it: shared copy
 //!   (huge pages) with a pre-built shell; lazy with a pre-built shell and chunks checked as
 //!   installed (thawd's path while a copy is not ready); lazy with everything done on the path
@@ -48,6 +49,7 @@ const SPARE_MIB: u64 = 64;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    ThawdAhead,
     Thawd,
     SharedShell,
     LazyShell,
@@ -56,7 +58,8 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
+        Mode::ThawdAhead,
         Mode::Thawd,
         Mode::SharedShell,
         Mode::LazyShell,
@@ -66,7 +69,8 @@ impl Mode {
 
     fn name(self) -> &'static str {
         match self {
-            Mode::Thawd => "thawd: prepared worker, shared copy (huge pages)",
+            Mode::ThawdAhead => "thawd: spare worker restored ahead from the shared copy",
+            Mode::Thawd => "thawd: spare worker with its shell, shared copy sent with the request",
             Mode::SharedShell => "shared copy (huge pages), pre-built shell",
             Mode::LazyShell => "lazy, pre-built shell, chunks checked on install",
             Mode::LazyCold => "lazy, nothing ahead (`thaw restore`)",
@@ -150,7 +154,7 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
             shells: Some(shells.clone()),
             ..RestoreOptions::default()
         },
-        Mode::Thawd => unreachable!("not in this process"),
+        Mode::Thawd | Mode::ThawdAhead => unreachable!("not in this process"),
     };
     if restore.shells.is_some() {
         // Built ahead, off the timed path, as thawd builds them.
@@ -160,8 +164,13 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
         restore,
         ..EnvironmentOptions::default()
     };
-    let env = Environment::start(&w.snap, &key_choice(key), &options, Box::new(std::io::sink()))
-        .unwrap();
+    let env = Environment::start(
+        &w.snap,
+        &key_choice(key),
+        &options,
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
     assert_eq!(env.timings.restore.shell_was_ready, mode != Mode::LazyCold);
     out.runnable.push(env.timings.restore.total());
     out.hello.push(env.timings.hello);
@@ -169,14 +178,9 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
     env.kill().unwrap();
 }
 
-async fn thawd_once(w: &Workload, key: &Path, out: &mut Samples) {
+async fn thawd_once(w: &Workload, key: &Path, ahead: bool, out: &mut Samples) {
     let command = WorkerCommand::thawd(thawd_bin::thawd_bin());
     let mut worker = Worker::spawn(&command, "fsol").await.unwrap();
-    let spec = w.spec();
-    worker
-        .prepare(spec.mem_bytes, spec.vcpus, Duration::from_secs(60))
-        .await
-        .unwrap();
     let grant = CopyGrant {
         function: "fsol".into(),
         copy: w.copy.clone(),
@@ -188,11 +192,26 @@ async fn thawd_once(w: &Workload, key: &Path, out: &mut Samples) {
         chunks_verified: true,
         after_restore_timeout: Duration::from_secs(60),
     };
+    // As thawd prepares its spare workers, before any invocation.
+    if ahead {
+        worker
+            .prepare_restore(&restore, &grant, Duration::from_secs(60))
+            .await
+            .unwrap();
+    } else {
+        let spec = w.spec();
+        worker
+            .prepare(spec.mem_bytes, spec.vcpus, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let sent = (!ahead).then_some(&grant);
     let info = worker
-        .restore(restore, Some(&grant), Duration::from_secs(60))
+        .restore(restore, sent, Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(info.shell_was_ready);
+    // Restored ahead, the worker built its shell then, off the timed path.
+    assert!(ahead || info.shell_was_ready);
     out.runnable.push(info.restore);
     out.hello.push(info.hello);
     out.ready.push(info.ready);
@@ -240,7 +259,8 @@ fn main() {
         for _ in 0..args.iterations {
             for (mode, out) in Mode::ALL.iter().zip(samples.iter_mut()) {
                 match mode {
-                    Mode::Thawd => runtime.block_on(thawd_once(w, &key, out)),
+                    Mode::Thawd => runtime.block_on(thawd_once(w, &key, false, out)),
+                    Mode::ThawdAhead => runtime.block_on(thawd_once(w, &key, true, out)),
                     _ => library_once(w, &key, *mode, &shells, out),
                 }
             }

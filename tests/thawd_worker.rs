@@ -188,6 +188,66 @@ async fn workers_restore_from_one_shared_copy_and_each_sees_only_its_own_writes(
 }
 
 #[tokio::test]
+async fn a_spare_restored_ahead_only_starts_its_guest_and_refuses_another_snapshot() {
+    if !require_kvm("a_spare_restored_ahead_only_starts_its_guest_and_refuses_another_snapshot") {
+        return;
+    }
+    let snap = snapshot_of_test_guest();
+    let key = snapshot::KeyChoice::Given(snapshot::MasterKey::load(&snap.key).unwrap());
+    let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
+    let grant = CopyGrant {
+        function: "f".into(),
+        copy: Arc::new(DecodedCopy::decode(&opened, &CopyBacking::detect(1 << 30)).unwrap()),
+    };
+    limited(async {
+        let _slot = vm_slot();
+        let spec = restore_spec(&snap.path, &snap.key);
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
+        worker.prepare_restore(&spec, &grant, SHORT).await.unwrap();
+        let info = worker
+            .restore(spec.clone(), None, RESTORE_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(info.restore, Duration::ZERO, "nothing was left to restore");
+        assert!(info.hello <= info.ready, "{info:?}");
+        assert_eq!(swap_note(&mut worker, "ahead").await, b"from the snapshot");
+        invoke_and_check(&mut worker, "after", b"ahead".to_vec()).await;
+        assert!(worker.shutdown(SHORT).await.unwrap().success());
+
+        // Restored ahead for one snapshot, asked for another: refused, guest never started.
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
+        worker.prepare_restore(&spec, &grant, SHORT).await.unwrap();
+        let other = restore_spec(&snap.dir.path().join("other"), &snap.key);
+        let err = worker
+            .restore(other, None, RESTORE_TIMEOUT)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                WorkerError::Failed {
+                    kind: FailureKind::BadRequest,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        worker.kill().await;
+
+        // A copy of another function is refused before anything reaches the worker.
+        let mut worker = Worker::spawn(&thawd(), "g").await.unwrap();
+        let err = worker
+            .prepare_restore(&spec, &grant, SHORT)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WorkerError::ForeignCopy { .. }), "{err}");
+        assert!(!worker.is_poisoned());
+        worker.kill().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down() {
     if !require_kvm("a_worker_prepares_restores_invokes_freezes_thaws_and_shuts_down") {
         return;

@@ -210,7 +210,8 @@ impl Default for RestoreOptions {
 pub struct RestoreTimings {
     /// Opening and authenticating the snapshot, the host check, decoding the state.
     pub open: Duration,
-    /// Taking a ready machine shell, or building one.
+    /// Taking a ready machine shell, or building one (when built while the chunks were
+    /// authenticated, only the part that outlasted the authentication).
     pub shell: Duration,
     /// Whether the shell came ready from a [`ShellPool`].
     pub shell_was_ready: bool,
@@ -414,35 +415,68 @@ pub fn restore(
         }
         None => None,
     };
-    let started = Instant::now();
-    if options.memory == MemoryMode::Lazy
-        && options.chunk_check == ChunkCheck::UpFront
-        && options.baseline_memory_file.is_none()
-        && copy_runs.is_none()
-    {
-        snap.authenticate_chunks()
-            .map_err(|source| RestoreError::Chunk {
-                path: dir.to_owned(),
-                source,
-            })?;
-    }
-    let authenticate = started.elapsed();
-
-    let started = Instant::now();
     let spec = ShellSpec {
         mem_bytes: state.mem_bytes,
         // validate() allows at most 255 vCPUs.
         vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
     };
-    let (shell, shell_was_ready) = match &options.baseline_memory_file {
-        Some(path) => {
-            let file = std::fs::File::open(path)
-                .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
-            (MachineShell::from_file(&file, spec)?, false)
+    let authenticate_up_front = options.memory == MemoryMode::Lazy
+        && options.chunk_check == ChunkCheck::UpFront
+        && options.baseline_memory_file.is_none()
+        && copy_runs.is_none();
+    let authenticate_chunks = || -> Result<Duration, RestoreError> {
+        let started = Instant::now();
+        if authenticate_up_front {
+            snap.authenticate_chunks()
+                .map_err(|source| RestoreError::Chunk {
+                    path: dir.to_owned(),
+                    source,
+                })?;
         }
-        None => take_shell(spec, options.shells.as_deref())?,
+        Ok(started.elapsed())
     };
-    let shell_elapsed = started.elapsed();
+    let get_shell = || -> Result<(MachineShell, bool, Duration), RestoreError> {
+        let started = Instant::now();
+        let (shell, ready) = match &options.baseline_memory_file {
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
+                (MachineShell::from_file(&file, spec)?, false)
+            }
+            None => take_shell(spec, options.shells.as_deref())?,
+        };
+        Ok((shell, ready, started.elapsed()))
+    };
+    // Without a ready shell, building one (several ms on PVM, most of it KVM waiting for its
+    // first memory slot) and authenticating the chunks do not depend on each other: both run
+    // at once. Nothing from the snapshot but the memory size and vCPU count reaches the shell
+    // before the chunks are authenticated, and a failure of either drops the other's work.
+    let shell_is_ready = options.baseline_memory_file.is_none()
+        && options
+            .shells
+            .as_deref()
+            .is_some_and(|pool| pool.ready(spec) > 0);
+    let overlapped = authenticate_up_front && !shell_is_ready;
+    let (authenticated, got_shell) = if overlapped {
+        std::thread::scope(|scope| {
+            let building = scope.spawn(get_shell);
+            let authenticated = authenticate_chunks();
+            let got_shell = building.join().unwrap_or_else(|_| {
+                Err(RestoreError::Memory(
+                    "the shell-building thread panicked".into(),
+                ))
+            });
+            (authenticated, got_shell)
+        })
+    } else {
+        (authenticate_chunks(), get_shell())
+    };
+    let authenticate = authenticated?;
+    let (shell, shell_was_ready, mut shell_elapsed) = got_shell?;
+    if overlapped {
+        // Only the wait beyond the authentication it overlapped adds to the restore.
+        shell_elapsed = shell_elapsed.saturating_sub(authenticate);
+    }
 
     let started = Instant::now();
     let watch = Arc::new(PagerWatch::default());

@@ -58,6 +58,13 @@ struct Idle {
     since: Instant,
 }
 
+/// A worker started ahead of any invocation, with its machine shell built, or, when the
+/// function's shared copy was ready, its restore prepared up to a machine that could run.
+struct Spare {
+    worker: Worker,
+    restored_ahead: bool,
+}
+
 /// One registered function and its environments.
 pub struct Function {
     config: FunctionConfig,
@@ -67,7 +74,7 @@ pub struct Function {
     copy_source: Option<CopySource>,
     reserved: Option<Arc<Semaphore>>,
     idle: Mutex<Vec<Idle>>,
-    spares: Mutex<Vec<Worker>>,
+    spares: Mutex<Vec<Spare>>,
     busy: std::sync::atomic::AtomicI64,
 }
 
@@ -81,7 +88,7 @@ impl Function {
         lock(&self.idle).pop().map(|i| i.env)
     }
 
-    fn take_spare(&self) -> Option<Worker> {
+    fn take_spare(&self) -> Option<Spare> {
         lock(&self.spares).pop()
     }
 }
@@ -414,19 +421,21 @@ impl Pool {
         let service = |what: &str, e: &dyn std::fmt::Display| InvokeFailure::Service {
             message: format!("function {name}: {what}: {e}"),
         };
-        let worker = match f.take_spare() {
-            Some(w) => {
-                self.refill_spares(f);
-                w
-            }
-            None => {
-                self.refill_spares(f);
-                Worker::spawn(&self.worker, name)
+        // The spare taken is replaced once this restore is done (below): starting a worker
+        // now would compete with this restore for the CPUs.
+        let spare = match f.take_spare() {
+            Some(spare) => spare,
+            None => Spare {
+                worker: Worker::spawn(&self.worker, name)
                     .await
-                    .map_err(|e| service("cannot start a worker", &e))?
-            }
+                    .map_err(|e| service("cannot start a worker", &e))?,
+                restored_ahead: false,
+            },
         };
-        let mut worker = worker;
+        let Spare {
+            mut worker,
+            restored_ahead,
+        } = spare;
         let spec = RestoreSpec {
             snapshot: f.config.snapshot.clone(),
             key_file: f.config.key_file.clone(),
@@ -439,20 +448,23 @@ impl Pool {
             // The registry authenticated every chunk at start.
             chunks_verified: true,
         };
-        let grant = f
-            .copy_source
-            .as_ref()
-            .and_then(|source| match self.copies.grant(source) {
+        // A spare restored ahead already maps the copy; otherwise the copy, if it is ready.
+        let grant = match (&f.copy_source, restored_ahead) {
+            (Some(source), false) => match self.copies.grant(source) {
                 Ok(grant) => Some(grant),
                 Err(miss) => {
                     self.metrics.shared_copy_miss(name, miss);
                     None
                 }
-            });
-        match worker.restore(spec, grant.as_ref(), RESTORE_TIMEOUT).await {
+            },
+            _ => None,
+        };
+        let restored = worker.restore(spec, grant.as_ref(), RESTORE_TIMEOUT).await;
+        self.refill_spares(f);
+        match restored {
             Ok(info) => {
                 self.metrics.restore(name, info.ready);
-                if grant.is_some() {
+                if grant.is_some() || restored_ahead {
                     self.metrics.shared_copy_restore(name);
                 }
                 Ok((
@@ -481,22 +493,46 @@ impl Pool {
         }
     }
 
+    /// Starts a spare worker for `f`: its restore prepared ahead when the function's shared copy
+    /// is ready (an invocation then only starts the guest), else its shell built.
     async fn add_spare(&self, f: &Function) {
+        let grant = f
+            .copy_source
+            .as_ref()
+            .and_then(|source| self.copies.grant(source).ok());
         let prepared = async {
-            let mut w = Worker::spawn(&self.worker, &f.config.name).await?;
-            w.prepare(f.shape.mem_bytes, f.shape.vcpus, PREPARE_TIMEOUT)
-                .await?;
-            Ok::<_, WorkerError>(w)
+            let mut worker = Worker::spawn(&self.worker, &f.config.name).await?;
+            let w = &mut worker;
+            match &grant {
+                Some(grant) => {
+                    let spec = RestoreSpec {
+                        snapshot: f.config.snapshot.clone(),
+                        key_file: f.config.key_file.clone(),
+                        memory: MemoryMode::Lazy,
+                        after_restore_timeout: AFTER_RESTORE_BUDGET,
+                        chunks_verified: true,
+                    };
+                    w.prepare_restore(&spec, grant, PREPARE_TIMEOUT).await?;
+                }
+                None => {
+                    w.prepare(f.shape.mem_bytes, f.shape.vcpus, PREPARE_TIMEOUT)
+                        .await?;
+                }
+            }
+            Ok::<_, WorkerError>(worker)
         };
         match prepared.await {
-            Ok(w) => {
+            Ok(worker) => {
                 let mut spares = lock(&f.spares);
                 if spares.len() < self.spare_workers {
-                    spares.push(w);
+                    spares.push(Spare {
+                        worker,
+                        restored_ahead: grant.is_some(),
+                    });
                     return;
                 }
                 drop(spares);
-                self.discard(w);
+                self.discard(worker);
             }
             Err(e) => {
                 tracing::warn!(function = f.config.name, error = %e, "cannot prepare a spare worker");
@@ -603,7 +639,7 @@ impl Pool {
         let mut workers = Vec::new();
         for f in self.functions.values() {
             workers.extend(lock(&f.idle).drain(..).map(|i| i.env.worker));
-            workers.extend(lock(&f.spares).drain(..));
+            workers.extend(lock(&f.spares).drain(..).map(|s| s.worker));
         }
         let tasks: Vec<_> = workers
             .into_iter()

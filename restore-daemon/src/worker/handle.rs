@@ -265,6 +265,47 @@ impl Worker {
         &self.function
     }
 
+    /// Has the worker restore `spec`'s snapshot ahead, with memory from `copy` (its function's,
+    /// or [`WorkerError::ForeignCopy`]), up to a machine that could run; the next
+    /// [`Worker::restore`] of that snapshot only starts it. How long the preparation took.
+    pub async fn prepare_restore(
+        &mut self,
+        spec: &RestoreSpec,
+        copy: &CopyGrant,
+        timeout: Duration,
+    ) -> Result<Duration, WorkerError> {
+        self.send_copy(copy)?;
+        let request = Request::PrepareRestore {
+            snapshot: spec.snapshot.clone(),
+            key_file: spec.key_file.clone(),
+            shared_copy: copy.copy.ticket(),
+        };
+        match self.ask(&request, "PrepareRestore", timeout).await? {
+            Reply::Prepared { shell_us } => Ok(Duration::from_micros(shell_us)),
+            other => Err(self.unexpected("PrepareRestore", &other)),
+        }
+    }
+
+    /// Sends `grant`'s descriptor ahead of the request that names it, after checking it is
+    /// this worker's function's; the worker keeps the copy from then on.
+    fn send_copy(&mut self, grant: &CopyGrant) -> Result<(), WorkerError> {
+        if grant.function != self.function {
+            return Err(WorkerError::ForeignCopy {
+                copy_of: grant.function.clone(),
+                worker_of: self.function.clone(),
+            });
+        }
+        if self.poisoned {
+            return Err(WorkerError::Poisoned);
+        }
+        if let Err(e) = copy_channel::send(&self.channel, grant.copy.fd()) {
+            self.poisoned = true;
+            return Err(WorkerError::Channel(e));
+        }
+        self.copy = Some(grant.copy.clone());
+        Ok(())
+    }
+
     /// Restores a snapshot in the worker and waits until its after-restore hooks are done.
     /// With `copy`, guest memory is mapped from that decoded copy, which must be this worker's
     /// function's ([`WorkerError::ForeignCopy`] otherwise, before anything is sent).
@@ -274,24 +315,9 @@ impl Worker {
         copy: Option<&CopyGrant>,
         timeout: Duration,
     ) -> Result<RestoredInfo, WorkerError> {
-        if let Some(grant) = copy
-            && grant.function != self.function
-        {
-            return Err(WorkerError::ForeignCopy {
-                copy_of: grant.function.clone(),
-                worker_of: self.function.clone(),
-            });
-        }
-        if self.poisoned {
-            return Err(WorkerError::Poisoned);
-        }
         if let Some(grant) = copy {
             // Sent before the request, which tells the worker to take it.
-            if let Err(e) = copy_channel::send(&self.channel, grant.copy.fd()) {
-                self.poisoned = true;
-                return Err(WorkerError::Channel(e));
-            }
-            self.copy = Some(grant.copy.clone());
+            self.send_copy(grant)?;
         }
         let request = Request::Restore {
             snapshot: spec.snapshot,

@@ -25,7 +25,7 @@ use super::protocol::{
     FailureKind, FrameError, Invoke, Reply, Request, WireMemoryMode, read_frame, write_frame,
 };
 use crate::decoded_copy::{CopyTicket, DecodedCopy};
-use crate::environment::{Environment, EnvironmentError, EnvironmentOptions};
+use crate::environment::{Environment, EnvironmentError, EnvironmentOptions, Prepared};
 use crate::restore::{ChunkCheck, RestoreOptions};
 use crate::shells::ShellPool;
 use hooks_sdk::host::{AfterRestoreError, InvokeError};
@@ -231,6 +231,11 @@ impl Write for ConsoleTail {
 enum State {
     /// Nothing restored yet; perhaps a shell prepared for the restore.
     Empty { shells: Option<Arc<ShellPool>> },
+    /// Restored ahead (`PrepareRestore`), not running yet.
+    Ahead {
+        prepared: Box<Prepared>,
+        snapshot: PathBuf,
+    },
     /// A restored environment; frozen while the worker holds its pause guard.
     Running {
         env: Box<Environment>,
@@ -245,6 +250,7 @@ impl State {
         match self {
             State::Empty { shells: None } => "nothing restored yet",
             State::Empty { shells: Some(_) } => "a shell is prepared, nothing restored yet",
+            State::Ahead { .. } => "a restore is prepared, not running yet",
             State::Running { frozen: None, .. } => "an environment is running",
             State::Running {
                 frozen: Some(_), ..
@@ -276,6 +282,11 @@ impl<'c> Session<'c> {
     fn handle(&mut self, request: Request) -> Reply {
         match request {
             Request::Prepare { mem_bytes, vcpus } => self.prepare(ShellSpec { mem_bytes, vcpus }),
+            Request::PrepareRestore {
+                snapshot,
+                key_file,
+                shared_copy,
+            } => self.prepare_restore(snapshot, key_file.as_deref(), shared_copy),
             Request::Restore {
                 snapshot,
                 key_file,
@@ -344,6 +355,26 @@ impl<'c> Session<'c> {
         chunks_verified: bool,
         shared_copy: Option<CopyTicket>,
     ) -> Reply {
+        if let State::Ahead {
+            snapshot: ahead, ..
+        } = &self.state
+        {
+            if ahead != snapshot {
+                return self.bad_request("Restore of another snapshot than the one prepared");
+            }
+            let State::Ahead { prepared, .. } =
+                std::mem::replace(&mut self.state, State::Discarded)
+            else {
+                return self.bad_request("Restore");
+            };
+            let mut prepared = *prepared;
+            prepared.start_clock_now();
+            let options = EnvironmentOptions {
+                after_restore_budget,
+                ..EnvironmentOptions::default()
+            };
+            return self.started(snapshot, prepared.start(&options), true);
+        }
         let shells = match &mut self.state {
             State::Empty { shells } => shells.take(),
             _ => return self.bad_request("Restore"),
@@ -372,7 +403,64 @@ impl<'c> Session<'c> {
             after_restore_budget,
             ..EnvironmentOptions::default()
         };
-        match Environment::start(snapshot, &key, &options, self.console.output()) {
+        let started = Environment::start(snapshot, &key, &options, self.console.output());
+        self.started(snapshot, started, false)
+    }
+
+    /// Restores `snapshot` up to a machine that could run, into the prepared shell, with memory
+    /// from the shared copy the daemon sent; the guest starts with the next `Restore`.
+    fn prepare_restore(
+        &mut self,
+        snapshot: PathBuf,
+        key_file: Option<&Path>,
+        ticket: CopyTicket,
+    ) -> Reply {
+        let shells = match &mut self.state {
+            State::Empty { shells } => shells.take(),
+            _ => return self.bad_request("PrepareRestore"),
+        };
+        let began = Instant::now();
+        let copy = match self.receive_copy(ticket) {
+            Ok(copy) => Arc::new(copy),
+            Err(message) => return self.fail(FailureKind::Restore, message),
+        };
+        let key = match key_choice(key_file, self.config.host_key_file.as_deref()) {
+            Ok(key) => key,
+            Err(message) => return self.fail(FailureKind::Restore, message),
+        };
+        let options = RestoreOptions {
+            shells,
+            shared_copy: Some(copy),
+            ..RestoreOptions::default()
+        };
+        match Prepared::restore(&snapshot, &key, &options, self.console.output()) {
+            Ok(prepared) if prepared.has_agent() => {
+                tracing::info!(
+                    snapshot = %snapshot.display(),
+                    timings = ?prepared.restored().timings,
+                    "restore prepared ahead"
+                );
+                self.state = State::Ahead {
+                    prepared: Box::new(prepared),
+                    snapshot,
+                };
+                Reply::Prepared {
+                    shell_us: micros(began.elapsed()),
+                }
+            }
+            Ok(_) => self.fail(FailureKind::Restore, chain(&EnvironmentError::NoAgent)),
+            Err(e) => self.fail(restore_failure(&e), chain(&e)),
+        }
+    }
+
+    /// Records an environment that started (or reports why it did not).
+    fn started(
+        &mut self,
+        snapshot: &Path,
+        started: Result<Environment, EnvironmentError>,
+        ahead: bool,
+    ) -> Reply {
+        match started {
             Ok(env) => {
                 let timings = env.timings;
                 tracing::info!(
@@ -386,7 +474,12 @@ impl<'c> Session<'c> {
                     frozen: None,
                 };
                 Reply::Restored {
-                    restore_us: micros(timings.restore.total()),
+                    // Restored ahead, the machine could run as soon as the request came.
+                    restore_us: if ahead {
+                        0
+                    } else {
+                        micros(timings.restore.total())
+                    },
                     ready_us: micros(timings.ready),
                     hello_us: micros(timings.hello),
                     shell_was_ready: timings.restore.shell_was_ready,

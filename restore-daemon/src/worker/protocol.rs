@@ -84,8 +84,22 @@ pub enum Request {
         /// vCPUs.
         vcpus: u8,
     },
+    /// Restore the snapshot now, up to a machine that could run, with memory mapped from the
+    /// function's shared decoded copy (its memfd sent on the descriptor channel just before),
+    /// but do not run it: the `Restore` that follows only starts the guest and waits for its
+    /// agent. Answered `Prepared`. Sent to spare workers, so an invocation's restore skips
+    /// opening the snapshot, the shell and the state.
+    PrepareRestore {
+        /// The snapshot directory.
+        snapshot: PathBuf,
+        /// The master key file; `None` for the host key (or an unencrypted snapshot).
+        key_file: Option<PathBuf>,
+        /// The decoded copy on the descriptor channel.
+        shared_copy: CopyTicket,
+    },
     /// Restore the snapshot and run the after-restore handshake; answered `Restored` once the
-    /// environment is ready for invocations.
+    /// environment is ready for invocations. After `PrepareRestore` of the same snapshot, only
+    /// the guest is started (the other fields are not used again).
     Restore {
         /// The snapshot directory.
         snapshot: PathBuf,

@@ -53,6 +53,7 @@ enum Mode {
     LazyPrefetch,
     LazyWorkingSet,
     LazyWorkingSetShell,
+    SharedShell,
     MapPrivateFile,
     ColdBoot,
 }
@@ -66,6 +67,9 @@ impl Mode {
             Mode::LazyPrefetch => "lazy + prefetch",
             Mode::LazyWorkingSet => "lazy + recorded working set (+ prefetch)",
             Mode::LazyWorkingSetShell => "lazy + working set, pre-built machine shell",
+            Mode::SharedShell => {
+                "shared decoded copy (huge pages, decoded once per host), pre-built machine shell"
+            }
             Mode::MapPrivateFile => "baseline: MAP_PRIVATE of a plain memory file",
             Mode::ColdBoot => "baseline: cold boot of the same guest",
         }
@@ -80,6 +84,8 @@ struct Sample {
 }
 
 struct Workload {
+    /// The snapshot's memory decoded once, as thawd keeps it for a function.
+    copy: Arc<restore_daemon::decoded_copy::DecodedCopy>,
     fill_mib: u64,
     snap: PathBuf,
     raw: PathBuf,
@@ -148,7 +154,15 @@ fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
             .unwrap();
     }
     file.sync_all().unwrap();
+    let backing = restore_daemon::decoded_copy::CopyBacking::detect(4 << 30);
+    assert!(
+        backing.huge(),
+        "the restore bench needs a private tmpfs on huge pages (root)"
+    );
+    let copy =
+        Arc::new(restore_daemon::decoded_copy::DecodedCopy::decode(&opened, &backing).unwrap());
     Workload {
+        copy,
         fill_mib,
         snap,
         raw,
@@ -171,6 +185,11 @@ fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode, shells: &Arc<ShellPoo
         },
         Mode::EagerShell => RestoreOptions {
             memory: MemoryMode::Eager,
+            shells: Some(shells.clone()),
+            ..RestoreOptions::default()
+        },
+        Mode::SharedShell => RestoreOptions {
+            shared_copy: Some(w.copy.clone()),
             shells: Some(shells.clone()),
             ..RestoreOptions::default()
         },
@@ -210,7 +229,10 @@ fn restore_once(w: &Workload, key: &KeyChoice, mode: Mode, shells: &Arc<ShellPoo
     let faults = env.pager().map(|p| p.stats().faults);
     assert_eq!(
         env.timings.restore.shell_was_ready,
-        matches!(mode, Mode::EagerShell | Mode::LazyWorkingSetShell)
+        matches!(
+            mode,
+            Mode::EagerShell | Mode::LazyWorkingSetShell | Mode::SharedShell
+        )
     );
     let sample = Sample {
         runnable: env.timings.restore.total(),
@@ -308,6 +330,7 @@ fn main() {
         Mode::LazyPrefetch,
         Mode::LazyWorkingSet,
         Mode::LazyWorkingSetShell,
+        Mode::SharedShell,
         Mode::MapPrivateFile,
         Mode::ColdBoot,
     ];

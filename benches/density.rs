@@ -27,10 +27,6 @@ use restore_daemon::restore::MemoryMode;
 use restore_daemon::worker::handle::{CopyGrant, RestoreSpec, Worker, WorkerCommand};
 use restore_daemon::worker::protocol::{Invoke, WireOutcome};
 use sha2::{Digest, Sha256};
-use thaw::capture::Sealing;
-use thaw::commands::run::RunOptions;
-use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
-use vmm_core::config::VsockConfig;
 
 mod support;
 #[path = "../tests/fixture/thawd_bin.rs"]
@@ -81,30 +77,7 @@ fn host_used() -> u64 {
 
 fn snapshot(dir: &Path) -> (PathBuf, PathBuf) {
     let key = dir.join("key");
-    let snap = dir.join("snap");
-    snapshot_create::create(
-        CreateOptions {
-            boot: RunOptions {
-                cmdline: Some(format!(
-                    "thaw.agent=1 thaw.init=snap-start thaw.quiet=1 thaw.fill-mib={WORKLOAD_MIB}"
-                )),
-                mem_mib: GUEST_MIB,
-                vcpus: 1,
-                vsock: Some(VsockConfig {
-                    guest_cid: 3,
-                    uds_path: dir.join("create.sock"),
-                }),
-                ..RunOptions::default()
-            },
-            out: snap.clone(),
-            replace: false,
-            ready: Readiness::Agent,
-            init_timeout: Duration::from_secs(120),
-            sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(&key).unwrap()),
-        },
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
+    let snap = support::agent_snapshot(dir, &key, WORKLOAD_MIB, GUEST_MIB);
     (snap, key)
 }
 

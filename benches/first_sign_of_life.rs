@@ -30,10 +30,6 @@ use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
 use restore_daemon::worker::handle::{CopyGrant, RestoreSpec, Worker, WorkerCommand};
 use snapshot::KeyChoice;
-use thaw::capture::Sealing;
-use thaw::commands::run::RunOptions;
-use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
-use vmm_core::config::VsockConfig;
 use vmm_core::machine::ShellSpec;
 
 mod support;
@@ -102,27 +98,7 @@ struct Samples {
 }
 
 fn make_workload(dir: &Path, key: &Path, fill_mib: u64, backing: &CopyBacking) -> Workload {
-    let snap = dir.join(format!("snap-{fill_mib}"));
-    let options = CreateOptions {
-        boot: RunOptions {
-            cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
-            )),
-            mem_mib: BELOW_MIB + fill_mib + SPARE_MIB,
-            vcpus: 1,
-            vsock: Some(VsockConfig {
-                guest_cid: 3,
-                uds_path: dir.join(format!("create-{fill_mib}.sock")),
-            }),
-            ..RunOptions::default()
-        },
-        out: snap.clone(),
-        replace: false,
-        ready: Readiness::Agent,
-        init_timeout: Duration::from_secs(120),
-        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
-    };
-    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    let snap = support::agent_snapshot(dir, key, fill_mib, BELOW_MIB + fill_mib + SPARE_MIB);
     let opened = restore_daemon::verify::open(&snap, &key_choice(key)).unwrap();
     let copy = Arc::new(DecodedCopy::decode(&opened, backing).unwrap());
     Workload {

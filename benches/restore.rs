@@ -101,23 +101,7 @@ fn request() -> Invoke<'static> {
 }
 
 fn make_workload(dir: &Path, key: &Path, fill_mib: u64) -> Workload {
-    let snap = dir.join(format!("snap-{fill_mib}"));
-    let options = CreateOptions {
-        boot: RunOptions {
-            cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
-            )),
-            mem_mib: BELOW_MIB + fill_mib + SPARE_MIB,
-            vcpus: 1,
-            ..RunOptions::default()
-        },
-        out: snap.clone(),
-        replace: false,
-        ready: Readiness::Agent,
-        init_timeout: Duration::from_secs(120),
-        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
-    };
-    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    let snap = support::agent_snapshot(dir, key, fill_mib, BELOW_MIB + fill_mib + SPARE_MIB);
     let key_choice = KeyChoice::Given(snapshot::MasterKey::load(key).unwrap());
     thaw::commands::snapshot_record_ws::record(
         &snap,

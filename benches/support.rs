@@ -90,3 +90,35 @@ pub fn write_section(name: &str, body: &str) -> std::io::Result<()> {
     std::fs::write(&tmp, updated)?;
     std::fs::rename(tmp, path)
 }
+
+/// Snapshots the test guest's agent (quiet) after it filled a `fill_mib` workload, in a guest
+/// of `mem_mib`, sealed with the master key at `key` (created if missing), into
+/// `dir/snap-FILL`; returns that path.
+pub fn agent_snapshot(
+    dir: &std::path::Path,
+    key: &std::path::Path,
+    fill_mib: u64,
+    mem_mib: u64,
+) -> std::path::PathBuf {
+    use thaw::capture::Sealing;
+    use thaw::commands::run::RunOptions;
+    use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
+    let snap = dir.join(format!("snap-{fill_mib}"));
+    let options = CreateOptions {
+        boot: RunOptions {
+            cmdline: Some(format!(
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
+            )),
+            mem_mib,
+            vcpus: 1,
+            ..RunOptions::default()
+        },
+        out: snap.clone(),
+        replace: false,
+        ready: Readiness::Agent,
+        init_timeout: Duration::from_secs(120),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
+    };
+    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    snap
+}

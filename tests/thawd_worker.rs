@@ -125,6 +125,17 @@ async fn limited(test: impl std::future::Future<Output = ()>) {
         .expect("the test hung");
 }
 
+/// `snap`'s memory decoded once (on huge pages where this process may mount a tmpfs), granted
+/// to function `f`'s workers.
+fn copy_grant(snap: &Snap) -> CopyGrant {
+    let key = snapshot::KeyChoice::Given(snapshot::MasterKey::load(&snap.key).unwrap());
+    let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
+    CopyGrant {
+        function: "f".into(),
+        copy: Arc::new(DecodedCopy::decode(&opened, &CopyBacking::detect(1 << 30)).unwrap()),
+    }
+}
+
 /// Sets the guest's note (`thaw:note=TEXT`); the note it replaced.
 async fn swap_note(worker: &mut Worker, text: &str) -> Vec<u8> {
     let timeout = Duration::from_secs(30);
@@ -144,12 +155,7 @@ async fn workers_restore_from_one_shared_copy_and_each_sees_only_its_own_writes(
         return;
     }
     let snap = snapshot_of_test_guest();
-    let key = snapshot::KeyChoice::Given(snapshot::MasterKey::load(&snap.key).unwrap());
-    let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
-    let grant = CopyGrant {
-        function: "f".into(),
-        copy: Arc::new(DecodedCopy::decode(&opened, &CopyBacking::detect(1 << 30)).unwrap()),
-    };
+    let grant = copy_grant(&snap);
     limited(async {
         let _slot = vm_slot();
         let mut workers = Vec::new();
@@ -193,12 +199,7 @@ async fn a_spare_restored_ahead_only_starts_its_guest_and_refuses_another_snapsh
         return;
     }
     let snap = snapshot_of_test_guest();
-    let key = snapshot::KeyChoice::Given(snapshot::MasterKey::load(&snap.key).unwrap());
-    let opened = restore_daemon::verify::open(&snap.path, &key).unwrap();
-    let grant = CopyGrant {
-        function: "f".into(),
-        copy: Arc::new(DecodedCopy::decode(&opened, &CopyBacking::detect(1 << 30)).unwrap()),
-    };
+    let grant = copy_grant(&snap);
     limited(async {
         let _slot = vm_slot();
         let spec = restore_spec(&snap.path, &snap.key);

@@ -438,7 +438,7 @@ impl DecodedCopy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn memfd(len: u64) -> File {
@@ -459,23 +459,19 @@ mod tests {
         File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap()
     }
 
-    /// A plaintext snapshot of 6 MiB of memory: MiB 0 and 5 data, the rest zero.
-    fn snapshot(dir: &std::path::Path) -> Snapshot {
+    /// A plaintext snapshot at `path` of `memory` (one region at guest address 0), opened.
+    pub(crate) fn plaintext_snapshot(path: &std::path::Path, memory: &[u8]) -> Snapshot {
         use snapshot::{Fingerprint, MemoryRegion, Protection, SnapshotMeta, WriteOptions};
-        let mut memory = vec![0u8; 6 << 20];
-        memory[..1 << 20].fill(3);
-        memory[5 << 20..].fill(5);
-        let path = dir.join("snap");
         let meta = SnapshotMeta {
             fingerprint: Fingerprint::of_this_host(Vec::new(), "pvm"),
             vcpus: 1,
         };
         let region = [MemoryRegion {
             guest_addr: 0,
-            bytes: &memory,
+            bytes: memory,
         }];
         snapshot::write(
-            &path,
+            path,
             &meta,
             b"state",
             &region,
@@ -483,7 +479,15 @@ mod tests {
             &WriteOptions::default(),
         )
         .unwrap();
-        Snapshot::open(&path, None).unwrap()
+        Snapshot::open(path, None).unwrap()
+    }
+
+    /// 6 MiB of memory: MiB 0 and 5 data, the rest zero.
+    fn snapshot(dir: &std::path::Path) -> Snapshot {
+        let mut memory = vec![0u8; 6 << 20];
+        memory[..1 << 20].fill(3);
+        memory[5 << 20..].fill(5);
+        plaintext_snapshot(&dir.join("snap"), &memory)
     }
 
     #[test]

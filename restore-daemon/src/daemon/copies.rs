@@ -259,9 +259,6 @@ impl CopyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snapshot::{
-        Fingerprint, MemoryRegion, Protection, SnapshotMeta, WriteOptions, write as write_snapshot,
-    };
 
     const MIB: u64 = 1 << 20;
 
@@ -273,24 +270,7 @@ mod tests {
             .enumerate()
             .for_each(|(i, b)| *b = (i % 251) as u8 + 1);
         let path = dir.join(name);
-        let meta = SnapshotMeta {
-            fingerprint: Fingerprint::of_this_host(Vec::new(), "pvm"),
-            vcpus: 1,
-        };
-        let region = [MemoryRegion {
-            guest_addr: 0,
-            bytes: &memory,
-        }];
-        let options = WriteOptions::default();
-        write_snapshot(
-            &path,
-            &meta,
-            b"state",
-            &region,
-            &Protection::InsecurePlaintext,
-            &options,
-        )
-        .unwrap();
+        crate::decoded_copy::tests::plaintext_snapshot(&path, &memory);
         CopySource {
             function: name.to_owned(),
             snapshot: path,

@@ -93,7 +93,8 @@ pub fn write_section(name: &str, body: &str) -> std::io::Result<()> {
 
 /// Snapshots the test guest's agent (quiet) after it filled a `fill_mib` workload, in a guest
 /// of `mem_mib`, sealed with the master key at `key` (created if missing), into
-/// `dir/snap-FILL`; returns that path.
+/// `dir/snap-FILL`; returns that path. Panics if it cannot: a bench has nothing to measure then.
+#[allow(clippy::expect_used)]
 pub fn agent_snapshot(
     dir: &std::path::Path,
     key: &std::path::Path,
@@ -117,8 +118,8 @@ pub fn agent_snapshot(
         replace: false,
         ready: Readiness::Agent,
         init_timeout: Duration::from_secs(120),
-        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).unwrap()),
+        sealing: Sealing::Encrypted(snapshot::MasterKey::load_or_create(key).expect("master key")),
     };
-    snapshot_create::create(options, Box::new(std::io::sink())).unwrap();
+    snapshot_create::create(options, Box::new(std::io::sink())).expect("snapshot of the agent");
     snap
 }

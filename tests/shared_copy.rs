@@ -155,7 +155,7 @@ fn clones_see_only_their_own_writes(copy: &Arc<DecodedCopy>) {
     assert_eq!(swap_note(&mut c, &console_c, "C"), ORIGINAL_NOTE);
     c.shutdown().unwrap();
     assert_eq!(
-        digest(&copy),
+        digest(copy),
         before,
         "a clone's write reached the shared copy"
     );

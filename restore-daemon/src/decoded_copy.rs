@@ -370,7 +370,10 @@ impl DecodedCopy {
             step: "inspect",
             source: e.into(),
         })?;
-        if i64::from(fs.f_type) != TMPFS_MAGIC {
+        // `f_type`'s integer type differs between architectures.
+        #[allow(clippy::useless_conversion)]
+        let fs_type = i64::from(fs.f_type);
+        if fs_type != TMPFS_MAGIC {
             return Err(changeable(format!(
                 "not shared memory (file system {:#x})",
                 fs.f_type
@@ -533,7 +536,9 @@ pub(crate) mod tests {
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let f = File::open(&path).unwrap();
         let fs = rustix::fs::fstatfs(&f).unwrap();
-        if i64::from(fs.f_type) == TMPFS_MAGIC {
+        #[allow(clippy::useless_conversion)]
+        let fs_type = i64::from(fs.f_type);
+        if fs_type == TMPFS_MAGIC {
             return; // the target directory is on tmpfs here: nothing to test
         }
         let e = DecodedCopy::adopt(f.into(), ticket(4096)).unwrap_err();

@@ -50,16 +50,18 @@ enum Mode {
     SharedShell,
     LazyShell,
     LazyCold,
+    LazyColdOnInstall,
     EagerShell,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 7] = [
         Mode::ThawdAhead,
         Mode::Thawd,
         Mode::SharedShell,
         Mode::LazyShell,
         Mode::LazyCold,
+        Mode::LazyColdOnInstall,
         Mode::EagerShell,
     ];
 
@@ -70,6 +72,9 @@ impl Mode {
             Mode::SharedShell => "shared copy (huge pages), pre-built shell",
             Mode::LazyShell => "lazy, pre-built shell, chunks checked on install",
             Mode::LazyCold => "lazy, nothing ahead (`thaw restore`)",
+            Mode::LazyColdOnInstall => {
+                "lazy, nothing ahead, chunks checked on install (`thaw restore --chunk-check on-install`)"
+            }
             Mode::EagerShell => "eager, pre-built shell",
         }
     }
@@ -125,6 +130,10 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
             ..RestoreOptions::default()
         },
         Mode::LazyCold => RestoreOptions::default(),
+        Mode::LazyColdOnInstall => RestoreOptions {
+            chunk_check: ChunkCheck::OnInstall,
+            ..RestoreOptions::default()
+        },
         Mode::EagerShell => RestoreOptions {
             memory: MemoryMode::Eager,
             shells: Some(shells.clone()),
@@ -132,7 +141,8 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
         },
         Mode::Thawd | Mode::ThawdAhead => unreachable!("not in this process"),
     };
-    if restore.shells.is_some() {
+    let with_shell = restore.shells.is_some();
+    if with_shell {
         // Built ahead, off the timed path, as thawd builds them.
         assert!(shells.wait_ready(w.spec(), 1, Duration::from_secs(60)));
     }
@@ -147,7 +157,7 @@ fn library_once(w: &Workload, key: &Path, mode: Mode, shells: &Arc<ShellPool>, o
         Box::new(std::io::sink()),
     )
     .unwrap();
-    assert_eq!(env.timings.restore.shell_was_ready, mode != Mode::LazyCold);
+    assert_eq!(env.timings.restore.shell_was_ready, with_shell);
     out.runnable.push(env.timings.restore.total());
     out.hello.push(env.timings.hello);
     out.ready.push(env.timings.ready);

@@ -137,11 +137,17 @@ pub struct Machine {
     boot: BootInfo,
 }
 
-/// Creates the VM with what must exist before any vCPU, in KVM's order: the TSS address must be
-/// set before vCPUs exist (Intel), and the irqchip must exist before the PIT and before any
-/// vCPU, so each vCPU gets an in-kernel local APIC.
-fn create_vm(kvm: &Kvm) -> Result<VmFd, MachineError> {
+/// Creates the VM with its memory and what must exist before any vCPU, in KVM's order: the TSS
+/// address must be set before vCPUs exist (Intel), and the irqchip must exist before the PIT
+/// and before any vCPU, so each vCPU gets an in-kernel local APIC.
+///
+/// Memory comes first, before the irqchip and the PIT: a memory-slot change waits for an SRCU
+/// grace period, which is quick while the VM has no in-kernel devices and slow once it has
+/// them. Measured on the project's PVM host: 0.3 ms registering 128 MiB first, 7–8 ms after
+/// the PIT (it was most of a machine's creation time). Firecracker registers memory first too.
+fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, MachineError> {
     let vm = kvm.create_vm().map_err(vm_step("KVM_CREATE_VM"))?;
+    memory::register_with_kvm(&vm, memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(vm_step("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()

@@ -2,11 +2,11 @@
 //! guest memory registered as KVM memory slots, and the vCPUs, all created but never written.
 //! A restore fills one in with a saved state ([`Machine::restore_in`](super::Machine::restore_in)).
 //!
-//! Why this is a separate step: building these costs most of a restore on some hosts and none
-//! of it depends on the snapshot, only on the memory size and vCPU count. On this project's PVM
-//! host each KVM memory-slot change waits for an SRCU grace period, so the first slot alone
-//! takes 5–7 ms and a shell about 8 ms, against well under 1 ms of actual state to write. A
-//! platform that expects restores (`thawd`) builds shells ahead of time, off the invoke path.
+//! Why this is a separate step: none of it depends on the snapshot, only on the memory size and
+//! vCPU count, so a platform that expects restores (`thawd`) builds shells ahead of time, off
+//! the invoke path. On this project's PVM host a shell costs about 1 ms, as much as writing a
+//! saved state into it; it cost 8 ms while memory was registered after the irqchip and PIT,
+//! when each memory-slot change waited 5–7 ms for an SRCU grace period (see `create_vm`).
 //!
 //! A shell's memory is untouched: it can still be handed to a userfaultfd page server (lazy
 //! restore, through [`MachineShell::host_ranges`]) or filled in place (eager restore, through
@@ -75,8 +75,7 @@ impl MachineShell {
             return Err(crate::config::ConfigError::NoVcpus.into());
         }
         let kvm = kvm::open()?;
-        let vm = create_vm(&kvm)?;
-        memory::register_with_kvm(&vm, &memory)?;
+        let vm = create_vm(&kvm, &memory)?;
         let caps = Arc::new(VcpuCaps::probe(&kvm, &vm).map_err(vm_step("KVM_GET_MSR_INDEX_LIST"))?);
         let mut fds = Vec::with_capacity(usize::from(vcpus));
         for index in 0..vcpus {

@@ -447,9 +447,8 @@ pub fn restore(
         };
         Ok((shell, ready, started.elapsed()))
     };
-    // Without a ready shell, building one (several ms on PVM, most of it KVM waiting for its
-    // first memory slot) and authenticating the chunks do not depend on each other: both run
-    // at once. Nothing from the snapshot but the memory size and vCPU count reaches the shell
+    // Without a ready shell, building one (about 1 ms on PVM) and authenticating the chunks
+    // (tens of ms for a large snapshot) do not depend on each other: both run at once. Nothing from the snapshot but the memory size and vCPU count reaches the shell
     // before the chunks are authenticated, and a failure of either drops the other's work.
     let shell_is_ready = options.baseline_memory_file.is_none()
         && options

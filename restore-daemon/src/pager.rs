@@ -158,13 +158,25 @@ impl PageServer {
         if let Some(&index) = options.working_set.iter().find(|&&i| i as usize >= chunks) {
             return Err(PagerError::WorkingSet { index, chunks });
         }
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .require_features(FeatureFlags::EVENT_REMOVE)
-            .create()
-            .map_err(|e| PagerError::Open(e.into()))?;
+        // With UFFDIO_MOVE (Linux 6.8) background installs move whole huge pages; a kernel
+        // without it refuses the feature, and installs go chunk by chunk.
+        let open = |features: FeatureFlags| {
+            UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .require_features(features)
+                .create()
+        };
+        let with_move =
+            FeatureFlags::EVENT_REMOVE | FeatureFlags::from_bits_retain(shared::FEATURE_MOVE);
+        let (uffd, can_move) = match open(with_move) {
+            Ok(uffd) => (uffd, true),
+            Err(_) => (
+                open(FeatureFlags::EVENT_REMOVE).map_err(|e| PagerError::Open(e.into()))?,
+                false,
+            ),
+        };
         for r in &regions {
             // Registration failing half-way needs no undo: dropping the uffd unregisters.
             uffd.register(r.host_addr as *mut libc::c_void, r.len)
@@ -180,7 +192,9 @@ impl PageServer {
             record,
             on_failure,
         } = options;
-        let shared = Arc::new(Shared::new(source, uffd, &regions, record, on_failure)?);
+        let shared = Arc::new(Shared::new(
+            source, uffd, &regions, record, can_move, on_failure,
+        )?);
         let server = PageServer {
             shared: shared.clone(),
             threads: std::sync::Mutex::new(Vec::new()),

@@ -35,6 +35,8 @@ pub struct PagerStats {
     pub installed_pages: u64,
     /// Pages of installed chunks their install left out because they had been removed.
     pub skipped_pages: u64,
+    /// 2 MiB blocks the background installers moved whole, as huge pages.
+    pub huge_blocks: u64,
     /// Chunks in the source.
     pub chunks: u64,
     /// Pages of guest memory.
@@ -94,6 +96,7 @@ pub(super) struct Counters {
     pub retries: AtomicU64,
     pub installed_pages: AtomicU64,
     pub skipped_pages: AtomicU64,
+    pub huge_blocks: AtomicU64,
 }
 
 impl Counters {
@@ -117,6 +120,7 @@ impl Counters {
             retries: get(&self.retries),
             installed_pages: get(&self.installed_pages),
             skipped_pages: get(&self.skipped_pages),
+            huge_blocks: get(&self.huge_blocks),
             chunks: chunks as u64,
             pages: pages as u64,
         }

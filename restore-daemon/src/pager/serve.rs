@@ -55,6 +55,7 @@ fn poll_events(shared: &Shared) -> bool {
 
 fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
     let mut buf = Vec::new();
+    let mut staging = None;
     let mut pending = VecDeque::new();
     let mut seen = vec![false; shared.chunk_count()];
     loop {
@@ -66,7 +67,7 @@ fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
         }
         shared.drain_events(&mut pending)?;
         while let Some(addr) = pending.pop_front() {
-            match shared.handle_fault(addr, &mut buf, &mut pending, &mut seen) {
+            match shared.handle_fault(addr, &mut buf, &mut staging, &mut pending, &mut seen) {
                 Ok(()) => {}
                 Err(Halt::Stopped) => return Ok(()),
                 Err(Halt::Failed(e)) => return Err(e),
@@ -122,24 +123,51 @@ fn fill_in_background(
     after_burst: bool,
 ) -> Result<(), PagerError> {
     let mut buf = Vec::new();
+    let mut staging = None;
     // Returns whether to go on (false once the server stops). A chunk is counted when
     // claimed, before it is marked installed, so that once `complete()` holds the counters add
-    // up too.
-    let install = |index: usize,
-                   buf: &mut Vec<u8>,
-                   counter: &std::sync::atomic::AtomicU64|
+    // up too. Whole 2 MiB blocks where they can be moved as huge pages (`install_block`).
+    let mut install = |index: usize,
+                       whole_block: bool,
+                       buf: &mut Vec<u8>,
+                       counter: &std::sync::atomic::AtomicU64|
      -> Result<bool, PagerError> {
         let claimed = || {
             counter.fetch_add(1, Ordering::Relaxed);
         };
-        match shared.install(index, buf, &mut Role::Background, claimed) {
+        match shared.install_block(
+            index,
+            whole_block,
+            &mut Role::Background,
+            &mut staging,
+            buf,
+            claimed,
+        ) {
             Ok(Outcome::Installed | Outcome::Skipped) => Ok(true),
             Err(Halt::Stopped) => Ok(false),
             Err(Halt::Failed(e)) => Err(e),
         }
     };
+    // A working set is installed by whole blocks where it covers at least half of one (a
+    // function reading a large buffer), else chunk by chunk (a few scattered chunks: decoding
+    // their whole blocks would delay them).
+    let mut wanted = vec![false; shared.chunk_count()];
     for &index in working_set {
-        if !install(index as usize, &mut buf, &shared.counters.working_set)? {
+        if let Some(w) = wanted.get_mut(index as usize) {
+            *w = true;
+        }
+    }
+    let dense = |index: usize| {
+        shared.block_of(index).is_some_and(|block| {
+            let n = block.len();
+            wanted
+                .get(block)
+                .is_some_and(|w| 2 * w.iter().filter(|&&x| x).count() >= n)
+        })
+    };
+    for &index in working_set {
+        let index = index as usize;
+        if !install(index, dense(index), &mut buf, &shared.counters.working_set)? {
             return Ok(());
         }
     }
@@ -148,7 +176,7 @@ fn fill_in_background(
         return Ok(());
     }
     for index in 0..shared.chunk_count() {
-        if !install(index, &mut buf, &shared.counters.prefetched)? {
+        if !install(index, true, &mut buf, &shared.counters.prefetched)? {
             return Ok(());
         }
     }

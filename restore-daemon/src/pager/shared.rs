@@ -2,7 +2,10 @@
 //! pages were discarded, the events and faults, the final accounting and failing; installing
 //! itself is in `install`.
 
+mod block;
 mod install;
+
+pub(super) use block::FEATURE_MOVE;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -83,6 +86,12 @@ pub(super) struct Shared {
     /// Whether the fault thread has faults queued or in hand.
     pub busy: AtomicBool,
     pub counters: Counters,
+    /// Whether background installers move whole blocks (`UFFDIO_MOVE`); cleared when the
+    /// kernel refuses a move for good.
+    can_move: AtomicBool,
+    /// Where a fault would come next if the guest reads memory in order (the fault thread's
+    /// alone): such a fault takes its whole block.
+    next_in_order: std::sync::atomic::AtomicUsize,
     pub recording: AtomicBool,
     recorded: Mutex<Vec<u32>>,
     failure: Mutex<Option<Arc<PagerError>>>,
@@ -101,6 +110,7 @@ impl Shared {
         uffd: Uffd,
         host_regions: &[HostRange],
         record: bool,
+        can_move: bool,
         on_failure: Option<FailureHook>,
     ) -> Result<Shared, PagerError> {
         let layout = source.layout();
@@ -160,6 +170,8 @@ impl Shared {
             last_fault_ns: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             counters: Counters::default(),
+            can_move: AtomicBool::new(can_move),
+            next_in_order: std::sync::atomic::AtomicUsize::new(usize::MAX),
             recording: AtomicBool::new(record),
             recorded: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
@@ -173,6 +185,11 @@ impl Shared {
 
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
+    }
+
+    fn uffd_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.uffd.as_raw_fd()
     }
 
     pub fn failed(&self) -> bool {
@@ -351,6 +368,7 @@ impl Shared {
         &self,
         addr: usize,
         buf: &mut Vec<u8>,
+        staging: &mut Option<block::Staging>,
         pending: &mut VecDeque<usize>,
         seen: &mut [bool],
     ) -> Result<(), Halt> {
@@ -374,7 +392,32 @@ impl Shared {
                 }
             }
         };
-        self.install(index, buf, &mut Role::Faults(pending), record)?;
+        // A guest reading memory in order faults chunk after chunk: its block then comes whole
+        // (one huge page, one fault per 2 MiB from here on). A scattered fault waits for its
+        // own chunk only. Not while recording: the working set records faults, chunk by chunk.
+        let in_order = self.next_in_order.load(Ordering::Relaxed) == index
+            && !self.recording.load(Ordering::Acquire);
+        self.install_block(
+            index,
+            in_order,
+            &mut Role::Faults(pending),
+            staging,
+            buf,
+            record,
+        )?;
+        // In order, the next fault is past what is installed now: past its block if the whole
+        // block is in, else past its chunk.
+        let next = match self.block_of(index) {
+            Some(block)
+                if self.state[block.clone()]
+                    .iter()
+                    .all(|s| s.load(Ordering::Acquire) == INSTALLED) =>
+            {
+                block.end
+            }
+            _ => index + 1,
+        };
+        self.next_in_order.store(next, Ordering::Relaxed);
         Ok(())
     }
 

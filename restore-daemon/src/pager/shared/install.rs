@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{PoisonError, RwLockReadGuard};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -29,9 +28,9 @@ enum Placed {
 
 /// What one chunk install did with the chunk's pages.
 #[derive(Default)]
-struct PageTally {
-    installed: u64,
-    skipped: u64,
+pub(super) struct PageTally {
+    pub installed: u64,
+    pub skipped: u64,
 }
 
 impl Shared {
@@ -121,7 +120,7 @@ impl Shared {
     /// Copies `data` (or zero pages, for `None`) into every page of the chunk that was not
     /// removed, run by run, resuming after partial copies and `EAGAIN`. Nobody is woken yet;
     /// the caller wakes the whole chunk once it is accounted.
-    fn write_chunk(
+    pub(super) fn write_chunk(
         &self,
         index: usize,
         chunk: &Chunk,
@@ -215,10 +214,6 @@ impl Shared {
             Role::Background => std::thread::sleep(AGAIN_WAIT),
         }
         Ok(())
-    }
-
-    fn read_gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// One `UFFDIO_COPY` of `src` (or `UFFDIO_ZEROPAGE` for `None`) to [host, host + len).

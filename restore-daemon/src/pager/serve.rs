@@ -10,7 +10,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::shared::{Halt, Outcome, Role, Shared};
+use super::shared::{Halt, Outcome, Shared};
 use super::{PREFETCH_DEADLINE, PREFETCH_QUIET, PagerError};
 
 /// How long the fault thread sleeps in `poll` before it looks at the stop flag.
@@ -55,7 +55,6 @@ fn poll_events(shared: &Shared) -> bool {
 
 fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
     let mut buf = Vec::new();
-    let mut staging = None;
     let mut pending = VecDeque::new();
     let mut seen = vec![false; shared.chunk_count()];
     loop {
@@ -67,7 +66,7 @@ fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
         }
         shared.drain_events(&mut pending)?;
         while let Some(addr) = pending.pop_front() {
-            match shared.handle_fault(addr, &mut buf, &mut staging, &mut pending, &mut seen) {
+            match shared.handle_fault(addr, &mut buf, &mut pending, &mut seen) {
                 Ok(()) => {}
                 Err(Halt::Stopped) => return Ok(()),
                 Err(Halt::Failed(e)) => return Err(e),
@@ -135,22 +134,17 @@ fn fill_in_background(
         let claimed = || {
             counter.fetch_add(1, Ordering::Relaxed);
         };
-        match shared.install_block(
-            index,
-            whole_block,
-            &mut Role::Background,
-            &mut staging,
-            buf,
-            claimed,
-        ) {
+        match shared.install_block(index, whole_block, &mut staging, buf, claimed) {
             Ok(Outcome::Installed | Outcome::Skipped) => Ok(true),
             Err(Halt::Stopped) => Ok(false),
             Err(Halt::Failed(e)) => Err(e),
         }
     };
-    // A working set is installed by whole blocks where it covers at least half of one (a
-    // function reading a large buffer), else chunk by chunk (a few scattered chunks: decoding
-    // their whole blocks would delay them).
+    // A working set is installed by whole blocks (huge pages) where it covers at least half of
+    // one (a function reading a large buffer), else chunk by chunk (a few scattered chunks:
+    // decoding their whole blocks would delay them). The full prefetch goes chunk by chunk:
+    // measured with ten restored VMs on the host, allocating a huge page per block made a
+    // private restore that read 64 MiB ready in 195 ms instead of 105 ms.
     let mut wanted = vec![false; shared.chunk_count()];
     for &index in working_set {
         if let Some(w) = wanted.get_mut(index as usize) {
@@ -176,7 +170,7 @@ fn fill_in_background(
         return Ok(());
     }
     for index in 0..shared.chunk_count() {
-        if !install(index, true, &mut buf, &shared.counters.prefetched)? {
+        if !install(index, false, &mut buf, &shared.counters.prefetched)? {
             return Ok(());
         }
     }

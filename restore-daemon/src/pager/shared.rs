@@ -89,9 +89,6 @@ pub(super) struct Shared {
     /// Whether background installers move whole blocks (`UFFDIO_MOVE`); cleared when the
     /// kernel refuses a move for good.
     can_move: AtomicBool,
-    /// Where a fault would come next if the guest reads memory in order (the fault thread's
-    /// alone): such a fault takes its whole block.
-    next_in_order: std::sync::atomic::AtomicUsize,
     pub recording: AtomicBool,
     recorded: Mutex<Vec<u32>>,
     failure: Mutex<Option<Arc<PagerError>>>,
@@ -171,7 +168,6 @@ impl Shared {
             busy: AtomicBool::new(false),
             counters: Counters::default(),
             can_move: AtomicBool::new(can_move),
-            next_in_order: std::sync::atomic::AtomicUsize::new(usize::MAX),
             recording: AtomicBool::new(record),
             recorded: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
@@ -368,7 +364,6 @@ impl Shared {
         &self,
         addr: usize,
         buf: &mut Vec<u8>,
-        staging: &mut Option<block::Staging>,
         pending: &mut VecDeque<usize>,
         seen: &mut [bool],
     ) -> Result<(), Halt> {
@@ -392,32 +387,7 @@ impl Shared {
                 }
             }
         };
-        // A guest reading memory in order faults chunk after chunk: its block then comes whole
-        // (one huge page, one fault per 2 MiB from here on). A scattered fault waits for its
-        // own chunk only. Not while recording: the working set records faults, chunk by chunk.
-        let in_order = self.next_in_order.load(Ordering::Relaxed) == index
-            && !self.recording.load(Ordering::Acquire);
-        self.install_block(
-            index,
-            in_order,
-            &mut Role::Faults(pending),
-            staging,
-            buf,
-            record,
-        )?;
-        // In order, the next fault is past what is installed now: past its block if the whole
-        // block is in, else past its chunk.
-        let next = match self.block_of(index) {
-            Some(block)
-                if self.state[block.clone()]
-                    .iter()
-                    .all(|s| s.load(Ordering::Acquire) == INSTALLED) =>
-            {
-                block.end
-            }
-            _ => index + 1,
-        };
-        self.next_in_order.store(next, Ordering::Relaxed);
+        self.install(index, buf, &mut Role::Faults(pending), record)?;
         Ok(())
     }
 

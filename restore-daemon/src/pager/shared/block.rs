@@ -5,9 +5,11 @@
 //! eager restore's memory, instead of 512 small ones: `UFFDIO_COPY` only ever installs 4 KiB
 //! pages, and on PVM each of those costs the guest a fault of its own.
 //!
-//! Whatever does not fit goes chunk by chunk as before: a block cut by a region's edge or not
-//! aligned, one with a discarded page or a chunk someone else has claimed, a kernel without
-//! `UFFDIO_MOVE`, and the fault thread's installs (a fault waits for one chunk, not eight).
+//! Only the working set's installer moves blocks, where the working set covers at least half
+//! of one (docs/ARCHITECTURE.md, page server, has the measurements). Everything else goes
+//! chunk by chunk as before: a block cut by a region's edge or not aligned, one mostly of
+//! zeros, with a discarded page or a chunk someone else has claimed, a kernel without
+//! `UFFDIO_MOVE`, the full prefetch, and the fault thread (a fault waits for one chunk).
 
 use std::sync::atomic::Ordering;
 use std::sync::{PoisonError, RwLockReadGuard};
@@ -96,7 +98,10 @@ impl Drop for Staging {
 
 impl Shared {
     /// The chunks of the 2 MiB block holding chunk `index`, if the block can be moved whole:
-    /// aligned, inside one region, cut into whole chunks, and no page of it discarded.
+    /// aligned, inside one region, cut into whole chunks, no page of it discarded, and at
+    /// least half of it data. A huge page costs 2 MiB however much of it is zeros, where zero
+    /// chunks installed one by one map the shared zero page and cost nothing: a block of
+    /// mostly elided chunks stays small.
     pub fn block_of(&self, index: usize) -> Option<std::ops::Range<usize>> {
         let chunk = self.chunks.get(index)?;
         let start = chunk.host - chunk.host % BLOCK;
@@ -118,9 +123,10 @@ impl Shared {
             .iter()
             .enumerate()
             .all(|(i, c)| c.host == start + i * self.chunk_size && c.len == self.chunk_size);
+        let mostly_data = 2 * chunks.iter().filter(|c| !c.zero).count() >= chunks.len();
         let first_page = chunks.first()?.first_page;
         let discarded = (first_page..first_page + BLOCK / PAGE).any(|p| self.is_removed(p));
-        (whole && !discarded).then_some(range)
+        (whole && mostly_data && !discarded).then_some(range)
     }
 
     /// Installs the whole 2 MiB block holding chunk `index` with one move when `whole` and it
@@ -130,22 +136,20 @@ impl Shared {
         &self,
         index: usize,
         whole: bool,
-        role: &mut Role,
         staging: &mut Option<Staging>,
         buf: &mut Vec<u8>,
         mut claimed: impl FnMut(),
     ) -> Result<Outcome, Halt> {
-        if whole && let Some(outcome) = self.try_block(index, role, staging, &mut claimed)? {
+        if whole && let Some(outcome) = self.try_block(index, staging, &mut claimed)? {
             return Ok(outcome);
         }
-        self.install(index, buf, role, claimed)
+        self.install(index, buf, &mut Role::Background, claimed)
     }
 
     /// `None`: the block cannot go whole; nothing was claimed.
     fn try_block(
         &self,
         index: usize,
-        role: &mut Role,
         staging: &mut Option<Staging>,
         claimed: &mut impl FnMut(),
     ) -> Result<Option<Outcome>, Halt> {
@@ -153,8 +157,7 @@ impl Shared {
             return Ok(None);
         }
         // Held until the move is done: no remove event is read (and no page discarded under
-        // us) between the check for discarded pages and the move. (The fault thread, which
-        // alone reads events, takes it too; it only ever waits for its write side itself.)
+        // us) between the check for discarded pages and the move.
         let gate = self.read_gate();
         let Some(range) = self.block_of(index) else {
             return Ok(None);
@@ -225,7 +228,7 @@ impl Shared {
             for i in range.clone() {
                 let chunk = &self.chunks[i];
                 let src = &bytes[chunk.host - start..chunk.host - start + chunk.len];
-                let tally = self.write_chunk(i, chunk, Some(src), role)?;
+                let tally = self.write_chunk(i, chunk, Some(src), &mut Role::Background)?;
                 pages += tally.installed;
                 skipped += tally.skipped;
             }

@@ -144,7 +144,7 @@ pub struct Machine {
 /// Memory comes first, before the irqchip and the PIT: a memory-slot change waits for an SRCU
 /// grace period, which is quick while the VM has no in-kernel devices and slow once it has
 /// them. Measured on the project's PVM host: 0.3 ms registering 128 MiB first, 7–8 ms after
-/// the PIT (it was most of a machine's creation time). Firecracker registers memory first too.
+/// the PIT (it was most of a machine's creation time).
 fn create_vm(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, MachineError> {
     let vm = kvm.create_vm().map_err(vm_step("KVM_CREATE_VM"))?;
     memory::register_with_kvm(&vm, memory)?;

@@ -490,7 +490,7 @@ impl GuestAgent {
 
 impl Diagnostics for GuestAgent {
     fn diagnostics(&self) -> String {
-        self.vm.console()
+        format!("{}\n{}", self.vm.console(), self.vm.status())
     }
 }
 

@@ -373,8 +373,14 @@ fn qemu_args(
     push("-initrd");
     push(&files.initrd.to_string_lossy());
     push("-append");
+    // tsc=reliable: left to itself the outer kernel finds TCG's TSCs unsynchronized between
+    // its CPUs and marks the TSC unstable; its KVM then shifts a guest's TSC each time the
+    // guest's vCPU thread moves to the other CPU, and the Linux guest's kvm-clock stalls or
+    // jumps (seen here as guests that hang mid-boot or time out a vsock connect at once, in
+    // about one run in six). TCG's TSC is one clock for all of its CPUs, so it can be trusted;
+    // the outer kernel then also keeps time with it instead of an emulated HPET.
     push(&format!(
-        "console=ttyS0 quiet panic=-1 thaw.nested.run={} thaw.nested.tmp={} \
+        "console=ttyS0 quiet panic=-1 tsc=reliable thaw.nested.run={} thaw.nested.tmp={} \
          thaw.nested.token={token}",
         files.script.display(),
         files.tmp.display()

@@ -86,9 +86,13 @@ enum Command {
         memory: restore_daemon::restore::MemoryMode,
         /// Lazy only: when memory chunks are authenticated. upfront: all of them (read and
         /// decrypted, not decompressed) before the guest runs, so a tampered snapshot is refused
-        /// first; on-install: each only as it is installed (a tampered chunk then stops the
-        /// guest mid-run; for snapshots verified beforehand).
-        #[arg(long, value_name = "WHEN", default_value = "upfront")]
+        /// first; once: as upfront, but skipped when this host already did so for this very
+        /// file and it has not changed since (recorded under $XDG_STATE_HOME/thaw/verified,
+        /// keyed with the snapshot's key; any write to the file, even one put back, means a
+        /// full pass again); on-install: each only as it is installed (a tampered chunk then
+        /// stops the guest mid-run; for snapshots verified beforehand). Every mode also
+        /// authenticates each chunk as it is installed.
+        #[arg(long, value_name = "WHEN", default_value = "once")]
         chunk_check: restore_daemon::restore::ChunkCheck,
         /// Lazy only: do not fill the rest of memory in the background; only what the guest
         /// touches is installed.
@@ -657,6 +661,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let options = restore_daemon::restore::RestoreOptions {
                 memory,
                 chunk_check,
+                verified_records: None,
                 prefetch: !no_prefetch,
                 use_working_set: !no_working_set,
                 record_working_set: false,

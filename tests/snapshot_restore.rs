@@ -18,7 +18,7 @@ use hooks_sdk::host::{AfterRestoreError, InvokeOutcome, deadline_after};
 use hooks_sdk::protocol::io::{self, Frame};
 use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
-use restore_daemon::restore::{MemoryMode, RestoreError, RestoreOptions};
+use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreError, RestoreOptions};
 use restore_daemon::shells::ShellPool;
 use sha2::{Digest, Sha256};
 use snapshot::KeyChoice;
@@ -531,6 +531,82 @@ fn corrupt_every_chunk(snap: &std::path::Path, key: &std::path::Path) {
     f.seek(std::io::SeekFrom::Start(0)).unwrap();
     f.write_all(&bytes).unwrap();
     f.sync_all().unwrap();
+}
+
+#[test]
+fn an_unchanged_snapshot_is_authenticated_in_full_once_per_host() {
+    if !require_kvm("an_unchanged_snapshot_is_authenticated_in_full_once_per_host") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_sized(dir.path(), &key, 16, "");
+    // A file changed within the last second is never recorded (coarse timestamps).
+    std::thread::sleep(snapshot::verified::RECENT + Duration::from_millis(100));
+    let records = snapshot::VerifiedRecords::new(dir.path().join("verified"));
+    let options = RestoreOptions {
+        chunk_check: ChunkCheck::Once,
+        verified_records: Some(records.clone()),
+        vsock_uds: Some(dir.path().join("r.sock")),
+        ..RestoreOptions::default()
+    };
+    let before = |check: ChunkCheck| {
+        let options = RestoreOptions {
+            chunk_check: check,
+            ..options.clone()
+        };
+        let restored = restore_daemon::restore::restore(
+            &snap,
+            &key_choice(&key),
+            &options,
+            Box::new(Console::default()),
+        )
+        .unwrap();
+        restored.timings.authenticated_before
+    };
+    assert!(
+        !before(ChunkCheck::Once),
+        "the first restore checks every chunk"
+    );
+    assert!(before(ChunkCheck::Once), "the second finds the record");
+    assert!(!before(ChunkCheck::UpFront), "upfront always checks");
+
+    // The command line's default is `once`, with records under $XDG_STATE_HOME.
+    let state = dir.path().join("state");
+    let cli_restore = || {
+        thaw_bin()
+            .args([
+                "restore",
+                snap.to_str().unwrap(),
+                "--key-file",
+                key.to_str().unwrap(),
+                "--invoke",
+                "x",
+            ])
+            .env("XDG_STATE_HOME", &state)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let _slot = vm_slot();
+    let out = cli_restore();
+    assert!(out.status.success(), "{}", fixture::output_text(&out));
+    let id = snapshot::Snapshot::open(&snap, Some(&snapshot::MasterKey::load(&key).unwrap()))
+        .unwrap()
+        .id();
+    assert!(state.join(format!("thaw/verified/{id}")).is_file());
+
+    // Damaged in place after the record: the file's ctime moved, so the record no longer
+    // matches, every chunk is checked again and the snapshot is refused before the guest runs.
+    corrupt_every_chunk(&snap, &key);
+    let out = cli_restore();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    assert!(
+        !stderr.contains("vsock: connected"),
+        "the guest ran: {stderr}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use snapshot::{ChunkKind, Snapshot};
+use snapshot::{AuthenticatedOnce, ChunkKind, Snapshot, VerifiedRecords};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::{
@@ -139,6 +139,12 @@ pub enum ChunkCheck {
     /// chunk is checked again as it is installed.
     #[default]
     UpFront,
+    /// As `UpFront`, once per host and file: skipped when this host has a record that it
+    /// already authenticated every chunk of this very file and the file is unchanged since
+    /// (device, inode, size, mtime, ctime; `snapshot::verified`), made when a pass succeeds.
+    /// Each chunk is still checked as it is installed. The records are in
+    /// [`RestoreOptions::verified_records`], else in their default place.
+    Once,
     /// Each chunk is checked only as it is installed: the guest never sees an unauthenticated
     /// byte, but a tampered chunk stops it mid-run instead of refusing it up front. For
     /// platforms that verified the snapshot when they registered it.
@@ -151,9 +157,10 @@ impl std::str::FromStr for ChunkCheck {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "upfront" => Ok(ChunkCheck::UpFront),
+            "once" => Ok(ChunkCheck::Once),
             "on-install" => Ok(ChunkCheck::OnInstall),
             other => Err(format!(
-                "unknown chunk check {other:?}: use upfront or on-install"
+                "unknown chunk check {other:?}: use upfront, once or on-install"
             )),
         }
     }
@@ -166,6 +173,9 @@ pub struct RestoreOptions {
     pub memory: MemoryMode,
     /// Lazy only: when chunks are authenticated.
     pub chunk_check: ChunkCheck,
+    /// With [`ChunkCheck::Once`]: where this host records the snapshot files it has
+    /// authenticated in full (`None`: `VerifiedRecords::default_location`).
+    pub verified_records: Option<VerifiedRecords>,
     /// Lazy only: fill the memory the guest has not touched in the background, once its first
     /// burst of faults is over.
     pub prefetch: bool,
@@ -194,6 +204,7 @@ impl Default for RestoreOptions {
         Self {
             memory: MemoryMode::Lazy,
             chunk_check: ChunkCheck::UpFront,
+            verified_records: None,
             prefetch: true,
             use_working_set: true,
             record_working_set: false,
@@ -215,8 +226,12 @@ pub struct RestoreTimings {
     pub shell: Duration,
     /// Whether the shell came ready from a [`ShellPool`].
     pub shell_was_ready: bool,
-    /// Lazy with [`ChunkCheck::UpFront`]: authenticating every chunk.
+    /// Lazy with [`ChunkCheck::UpFront`] or [`ChunkCheck::Once`]: authenticating every chunk,
+    /// or finding this host's record that it did so before.
     pub authenticate: Duration,
+    /// [`ChunkCheck::Once`]: whether the up-front pass was skipped because this host had
+    /// authenticated the unchanged file before.
+    pub authenticated_before: bool,
     /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
     /// page server.
     pub memory: Duration,
@@ -421,19 +436,38 @@ pub fn restore(
         vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
     };
     let authenticate_up_front = options.memory == MemoryMode::Lazy
-        && options.chunk_check == ChunkCheck::UpFront
+        && options.chunk_check != ChunkCheck::OnInstall
         && options.baseline_memory_file.is_none()
         && copy_runs.is_none();
-    let authenticate_chunks = || -> Result<Duration, RestoreError> {
+    let records = match options.chunk_check {
+        ChunkCheck::Once => options
+            .verified_records
+            .clone()
+            .or_else(VerifiedRecords::default_location),
+        ChunkCheck::UpFront | ChunkCheck::OnInstall => None,
+    };
+    // Whether this host authenticated the unchanged file before: then nothing is read here.
+    let authenticate_chunks = || -> Result<(Duration, bool), RestoreError> {
         let started = Instant::now();
-        if authenticate_up_front {
-            snap.authenticate_chunks()
-                .map_err(|source| RestoreError::Chunk {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+        let chunk_error = |source| RestoreError::Chunk {
+            path: dir.to_owned(),
+            source,
+        };
+        if !authenticate_up_front {
+            return Ok((started.elapsed(), false));
         }
-        Ok(started.elapsed())
+        let before = match &records {
+            Some(records) => matches!(
+                snap.authenticate_chunks_once(records)
+                    .map_err(chunk_error)?,
+                AuthenticatedOnce::Recorded { .. }
+            ),
+            None => {
+                snap.authenticate_chunks().map_err(chunk_error)?;
+                false
+            }
+        };
+        Ok((started.elapsed(), before))
     };
     let get_shell = || -> Result<(MachineShell, bool, Duration), RestoreError> {
         let started = Instant::now();
@@ -470,7 +504,7 @@ pub fn restore(
     } else {
         (authenticate_chunks(), get_shell())
     };
-    let authenticate = authenticated?;
+    let (authenticate, authenticated_before) = authenticated?;
     let (shell, shell_was_ready, mut shell_elapsed) = got_shell?;
     if overlapped {
         // Only the wait beyond the authentication it overlapped adds to the restore.
@@ -526,6 +560,7 @@ pub fn restore(
             shell: shell_elapsed,
             shell_was_ready,
             authenticate,
+            authenticated_before,
             memory: memory_elapsed,
             machine_restore: started.elapsed(),
         },

@@ -40,6 +40,7 @@ mod reader;
 mod residency;
 mod seal;
 pub mod state_blob;
+pub mod verified;
 mod working_set;
 mod writer;
 pub mod xdg;
@@ -122,7 +123,8 @@ pub use format::{
 pub use host_key::KeyChoice;
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
-pub use reader::{AuthenticateSummary, FileLayout, Snapshot, VerifySummary};
+pub use reader::{AuthenticateSummary, AuthenticatedOnce, FileLayout, Snapshot, VerifySummary};
+pub use verified::VerifiedRecords;
 pub use working_set::{
     RecordingEnd, WORKING_SET_FILE, WORKING_SET_MAGIC, WORKING_SET_PREAMBLE_LEN,
     WORKING_SET_VERSION, WorkingSet,

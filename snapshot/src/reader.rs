@@ -19,6 +19,7 @@ use crate::format::{
 use crate::info::Info;
 use crate::keys::{DataKey, MasterKey, WrappedKey};
 use crate::seal::{Domain, Sealer, nonce_bytes, section_aad};
+use crate::verified::{self, FileIdentity, VerifiedRecords};
 use crate::working_set::{self, WorkingSet};
 use crate::writer::is_temp_name;
 
@@ -34,6 +35,9 @@ pub struct Snapshot {
     manifest: Vec<ChunkEntry>,
     chunks: Vec<ChunkInfo>,
     working_set: Option<WorkingSet>,
+    /// Keys this host's records that it authenticated every chunk of this file (encrypted
+    /// snapshots only: see [`crate::verified`]).
+    record_key: Option<verified::RecordKey>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -77,6 +81,28 @@ pub struct AuthenticateSummary {
     pub stored_bytes: u64,
     /// How long it took.
     pub elapsed: Duration,
+}
+
+/// What [`Snapshot::authenticate_chunks_once`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthenticatedOnce {
+    /// This host had already authenticated every chunk of this unchanged file: nothing read.
+    Recorded {
+        /// Checking the record.
+        elapsed: Duration,
+    },
+    /// Every chunk was authenticated now.
+    Checked(AuthenticateSummary),
+}
+
+impl AuthenticatedOnce {
+    /// How long it took.
+    pub fn elapsed(&self) -> Duration {
+        match self {
+            Self::Recorded { elapsed } => *elapsed,
+            Self::Checked(summary) => summary.elapsed,
+        }
+    }
 }
 
 thread_local! {
@@ -149,6 +175,7 @@ impl Snapshot {
         }
 
         // 2. Key: the id is compared first so a wrong key is named as such, not as tampering.
+        let mut record_key = None;
         let sealer = match (preamble.protection, key) {
             (PROTECTION_AES_256_GCM, None) => {
                 return Err(ReadError::KeyRequired {
@@ -168,6 +195,7 @@ impl Snapshot {
                 };
                 let data_key =
                     DataKey::unwrap_with(master, &wrapped).map_err(|_| ReadError::KeyUnwrap)?;
+                record_key = Some(verified::record_key(&data_key));
                 Sealer::aead(&data_key).ok_or(ReadError::KeyUnwrap)?
             }
             (PROTECTION_INSECURE_PLAINTEXT, None) => Sealer::Plaintext,
@@ -254,6 +282,7 @@ impl Snapshot {
             manifest,
             chunks,
             working_set,
+            record_key,
         };
         if !snapshot.sealer.is_encrypted() {
             tracing::warn!(path = %dir.display(), "opened an INSECURE PLAINTEXT snapshot: not encrypted, not authenticated");
@@ -486,6 +515,57 @@ impl Snapshot {
             stored_bytes: stored,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// [`Snapshot::authenticate_chunks`], once per host and file: skipped if `records` hold
+    /// that this host already authenticated every chunk of this very file, unchanged since
+    /// (see [`crate::verified`]); otherwise run, and recorded when it passes. Failing to write
+    /// the record is logged, not an error: the next restore then checks every chunk again.
+    pub fn authenticate_chunks_once(
+        &self,
+        records: &VerifiedRecords,
+    ) -> Result<AuthenticatedOnce, ReadError> {
+        let started = Instant::now();
+        if records.holds(self) {
+            return Ok(AuthenticatedOnce::Recorded {
+                elapsed: started.elapsed(),
+            });
+        }
+        let before = FileIdentity::of(&self.file).map_err(|source| ReadError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let summary = self.authenticate_chunks()?;
+        if self.record_key.is_some() {
+            match records.record(self, &before) {
+                Ok(()) => {}
+                Err(e @ verified::RecordError::TooRecent) => {
+                    tracing::debug!(snapshot = %self.path.display(), "not recorded as verified: {e}");
+                }
+                Err(e) => tracing::warn!(
+                    snapshot = %self.path.display(),
+                    records = %records.dir().display(),
+                    error = ?e,
+                    "could not record the snapshot as verified: the next restore checks every \
+                     chunk again"
+                ),
+            }
+        }
+        Ok(AuthenticatedOnce::Checked(summary))
+    }
+
+    /// The identity of the snapshot file as opened (see [`crate::verified::FileIdentity`]).
+    pub fn file_identity(&self) -> std::io::Result<FileIdentity> {
+        FileIdentity::of(&self.file)
+    }
+
+    /// The snapshot file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn record_key(&self) -> Option<&verified::RecordKey> {
+        self.record_key.as_ref()
     }
 
     /// Reads and checks every chunk on `threads` threads (0: one per CPU), keeping one chunk

@@ -42,7 +42,8 @@ pub fn record(
     let options = EnvironmentOptions {
         restore: RestoreOptions {
             memory: MemoryMode::Lazy,
-            chunk_check: ChunkCheck::UpFront,
+            chunk_check: ChunkCheck::Once,
+            verified_records: None,
             // Only what the guest faults is recorded: no background installs may hide it.
             prefetch: false,
             use_working_set: false,

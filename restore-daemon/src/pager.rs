@@ -207,11 +207,21 @@ impl PageServer {
                 .spawn(move || serve::fault_thread(&faults))
                 .map_err(PagerError::Thread)?,
         );
-        if prefetch || !working_set.is_empty() {
+        let plan = Arc::new(serve::WorkingSetPlan::new(&shared, working_set));
+        if plan.wants_helper() {
+            let (shared, plan) = (shared.clone(), plan.clone());
+            server.adopt(
+                std::thread::Builder::new()
+                    .name("uffd-working-set".into())
+                    .spawn(move || serve::working_set_helper(&shared, &plan))
+                    .map_err(PagerError::Thread)?,
+            );
+        }
+        if prefetch || !plan.is_empty() {
             server.adopt(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
-                    .spawn(move || serve::background_thread(&shared, &working_set, prefetch))
+                    .spawn(move || serve::background_thread(&shared, &plan, prefetch))
                     .map_err(PagerError::Thread)?,
             );
         }

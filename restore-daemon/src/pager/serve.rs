@@ -7,10 +7,10 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::shared::{Halt, Outcome, Shared};
+use super::shared::{Halt, Outcome, Shared, Staging};
 use super::{PREFETCH_DEADLINE, PREFETCH_QUIET, PagerError};
 
 /// How long the fault thread sleeps in `poll` before it looks at the stop flag.
@@ -99,78 +99,163 @@ fn drain_until_stopped(shared: &Shared) {
     }
 }
 
-pub(super) fn background_thread(shared: &Shared, working_set: &[u32], prefetch: bool) {
-    match catch_unwind(AssertUnwindSafe(|| {
-        fill_in_background(shared, working_set, prefetch, true)
-    })) {
+pub(super) fn background_thread(shared: &Shared, plan: &WorkingSetPlan, prefetch: bool) {
+    run_caught(shared, "uffd-prefetch", || {
+        fill_in_background(shared, Some(plan), prefetch, true)
+    });
+}
+
+/// A second installer of a large working set, beside the background thread: it takes the
+/// next chunks of the same order and stops at its end (the prefetch stays with one thread).
+pub(super) fn working_set_helper(shared: &Shared, plan: &WorkingSetPlan) {
+    run_caught(shared, "uffd-working-set", || {
+        install_working_set(shared, plan, &mut Installer::default()).map(|_| ())
+    });
+}
+
+fn run_caught(
+    shared: &Shared,
+    thread: &'static str,
+    work: impl FnOnce() -> Result<(), PagerError>,
+) {
+    match catch_unwind(AssertUnwindSafe(work)) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
         Err(panic) => shared.fail(PagerError::Panic {
-            thread: "uffd-prefetch",
+            thread,
             message: panic_message(&*panic),
         }),
     }
 }
 
-/// Installs `working_set`, then with `prefetch` every other chunk — after the guest's first
-/// burst of faults if `after_burst` — and then runs the final accounting: once installs still
-/// in flight have finished, every chunk must be installed and the counts must add up.
-fn fill_in_background(
-    shared: &Shared,
-    working_set: &[u32],
-    prefetch: bool,
-    after_burst: bool,
-) -> Result<(), PagerError> {
-    let mut buf = Vec::new();
-    let mut staging = None;
-    // Returns whether to go on (false once the server stops). A chunk is counted when
-    // claimed, before it is marked installed, so that once `complete()` holds the counters add
-    // up too. Whole 2 MiB blocks where they can be moved as huge pages (`install_block`).
-    let mut install = |index: usize,
-                       whole_block: bool,
-                       buf: &mut Vec<u8>,
-                       counter: &std::sync::atomic::AtomicU64|
-     -> Result<bool, PagerError> {
+/// A working set of at least this many chunks gets a second installer where the host has a
+/// second CPU. An eager restore decodes on every core before the guest runs; a lazy one that
+/// installed a large working set from one thread took about twice as long to be ready for a
+/// guest reading 256 MiB (the decoding, not the guest, was the bottleneck: the guest waits in
+/// its faults meanwhile).
+const HELPER_MIN_CHUNKS: usize = 32;
+
+/// The working set and where its installers are in it: each takes the next chunk in the
+/// recorded order, so with two of them the guest's next chunks still come first.
+pub(super) struct WorkingSetPlan {
+    order: Vec<u32>,
+    /// Per chunk: install its whole 2 MiB block as a huge page (see `install_block`).
+    whole: Vec<bool>,
+    next: AtomicUsize,
+}
+
+impl WorkingSetPlan {
+    /// A working set is installed by whole blocks (huge pages) where it covers at least half
+    /// of one (a function reading a large buffer), else chunk by chunk (a few scattered chunks:
+    /// decoding their whole blocks would delay them). The full prefetch goes chunk by chunk:
+    /// measured with ten restored VMs on the host, allocating a huge page per block made a
+    /// private restore that read 64 MiB ready in 195 ms instead of 105 ms.
+    pub(super) fn new(shared: &Shared, order: Vec<u32>) -> Self {
+        let chunks = shared.chunk_count();
+        let mut wanted = vec![false; chunks];
+        for &index in &order {
+            if let Some(w) = wanted.get_mut(index as usize) {
+                *w = true;
+            }
+        }
+        let whole = (0..chunks)
+            .map(|index| {
+                shared.block_of(index).is_some_and(|block| {
+                    let n = block.len();
+                    wanted
+                        .get(block)
+                        .is_some_and(|w| 2 * w.iter().filter(|&&x| x).count() >= n)
+                })
+            })
+            .collect();
+        Self {
+            order,
+            whole,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether a second installer would pay off here.
+    pub(super) fn wants_helper(&self) -> bool {
+        self.order.len() >= HELPER_MIN_CHUNKS
+            && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// One installing thread's buffers.
+#[derive(Default)]
+struct Installer {
+    buf: Vec<u8>,
+    staging: Option<Staging>,
+}
+
+impl Installer {
+    /// Installs chunk `index` (its whole block with `whole`, where it can be moved as a huge
+    /// page); false once the server stops. A chunk is counted in `counter` when claimed,
+    /// before it is marked installed, so that once `complete()` holds the counters add up too.
+    fn install(
+        &mut self,
+        shared: &Shared,
+        index: usize,
+        whole: bool,
+        counter: &AtomicU64,
+    ) -> Result<bool, PagerError> {
         let claimed = || {
             counter.fetch_add(1, Ordering::Relaxed);
         };
-        match shared.install_block(index, whole_block, &mut staging, buf, claimed) {
+        match shared.install_block(index, whole, &mut self.staging, &mut self.buf, claimed) {
             Ok(Outcome::Installed | Outcome::Skipped) => Ok(true),
             Err(Halt::Stopped) => Ok(false),
             Err(Halt::Failed(e)) => Err(e),
         }
-    };
-    // A working set is installed by whole blocks (huge pages) where it covers at least half of
-    // one (a function reading a large buffer), else chunk by chunk (a few scattered chunks:
-    // decoding their whole blocks would delay them). The full prefetch goes chunk by chunk:
-    // measured with ten restored VMs on the host, allocating a huge page per block made a
-    // private restore that read 64 MiB ready in 195 ms instead of 105 ms.
-    let mut wanted = vec![false; shared.chunk_count()];
-    for &index in working_set {
-        if let Some(w) = wanted.get_mut(index as usize) {
-            *w = true;
+    }
+}
+
+/// Installs the working set's chunks this thread takes; false once the server stops.
+fn install_working_set(
+    shared: &Shared,
+    plan: &WorkingSetPlan,
+    installer: &mut Installer,
+) -> Result<bool, PagerError> {
+    loop {
+        let at = plan.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&index) = plan.order.get(at) else {
+            return Ok(true);
+        };
+        let index = index as usize;
+        let whole = plan.whole.get(index).copied().unwrap_or(false);
+        if !installer.install(shared, index, whole, &shared.counters.working_set)? {
+            return Ok(false);
         }
     }
-    let dense = |index: usize| {
-        shared.block_of(index).is_some_and(|block| {
-            let n = block.len();
-            wanted
-                .get(block)
-                .is_some_and(|w| 2 * w.iter().filter(|&&x| x).count() >= n)
-        })
-    };
-    for &index in working_set {
-        let index = index as usize;
-        if !install(index, dense(index), &mut buf, &shared.counters.working_set)? {
+}
+
+/// Installs `plan`'s working set, then with `prefetch` every other chunk — after the guest's
+/// first burst of faults if `after_burst` — and then runs the final accounting: once installs
+/// still in flight (this thread's, a helper's, the fault thread's) have finished, every chunk
+/// must be installed and the counts must add up.
+fn fill_in_background(
+    shared: &Shared,
+    plan: Option<&WorkingSetPlan>,
+    prefetch: bool,
+    after_burst: bool,
+) -> Result<(), PagerError> {
+    let mut installer = Installer::default();
+    if let Some(plan) = plan {
+        if !install_working_set(shared, plan, &mut installer)? {
             return Ok(());
         }
+        tracing::debug!(chunks = plan.order.len(), "working set taken");
     }
-    tracing::debug!(chunks = working_set.len(), "working set installed");
     if !prefetch || (after_burst && !wait_for_first_burst(shared)) {
         return Ok(());
     }
     for index in 0..shared.chunk_count() {
-        if !install(index, false, &mut buf, &shared.counters.prefetched)? {
+        if !installer.install(shared, index, false, &shared.counters.prefetched)? {
             return Ok(());
         }
     }
@@ -184,7 +269,7 @@ fn fill_in_background(
 
 /// Installs every chunk still missing from the calling thread (counted as prefetched).
 pub(super) fn install_all(shared: &Shared) {
-    if let Err(e) = fill_in_background(shared, &[], true, false) {
+    if let Err(e) = fill_in_background(shared, None, true, false) {
         shared.fail(e);
     }
 }

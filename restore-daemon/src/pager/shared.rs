@@ -5,7 +5,7 @@
 mod block;
 mod install;
 
-pub(super) use block::FEATURE_MOVE;
+pub(super) use block::{FEATURE_MOVE, Staging};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};

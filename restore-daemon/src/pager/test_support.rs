@@ -125,7 +125,9 @@ pub fn memory() -> Vec<u8> {
 }
 
 /// What a [`Scripted`] source does on chunk `index` besides serving it.
-pub type FillHook = Box<dyn Fn(usize) + Send + Sync>;
+/// Called outside the source's lock, so a hook that waits does not hold up other threads'
+/// fills.
+pub type FillHook = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// A [`MemorySource`] that counts how often each chunk is asked for and misbehaves as told.
 pub struct Scripted {
@@ -186,7 +188,8 @@ impl PageSource for Scripted {
 
     fn fill_chunk(&self, index: usize, buf: &mut [u8]) -> Result<Fill, SourceError> {
         self.fills[index].fetch_add(1, Ordering::SeqCst);
-        if let Some(hook) = &*self.hook.lock().unwrap() {
+        let hook = self.hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
             hook(index);
         }
         if self.panics == Some(index) {

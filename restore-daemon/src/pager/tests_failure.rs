@@ -170,7 +170,7 @@ fn a_chunk_left_uninstalled_after_the_full_prefetch_fails_the_server() {
         let server_slot: Arc<OnceLock<Weak<PageServer>>> = Arc::new(OnceLock::new());
         *source.hook.lock().unwrap() = Some({
             let slot = server_slot.clone();
-            Box::new(move |index| {
+            Arc::new(move |index| {
                 if index != last_data {
                     return;
                 }

@@ -102,6 +102,76 @@ fn a_dense_working_set_moves_whole_blocks_as_huge_pages_where_it_can() {
 }
 
 #[test]
+fn a_large_working_set_is_installed_by_two_threads_in_its_order() {
+    within_a_minute(|| {
+        let want = memory();
+        let source = Arc::new(Scripted::new(&want));
+        let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let fillers = Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        *source.hook.lock().unwrap() = Some({
+            let fillers = fillers.clone();
+            Arc::new(move |index| {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                let (list, changed) = &*fillers;
+                let mut list = list.lock().unwrap();
+                list.push((index, name));
+                changed.notify_all();
+                // The first chunk waits until another thread asks for one: on a test this
+                // small, the first installer could otherwise take the whole set alone.
+                if two_cpus {
+                    let _ = changed
+                        .wait_timeout_while(list, std::time::Duration::from_secs(10), |l| {
+                            l.iter().all(|(_, n)| *n == l[0].1)
+                        })
+                        .unwrap();
+                }
+            })
+        });
+        let m = Mapping::new(LEN);
+        // Back to front, chunk by chunk (every third chunk: no block is dense enough to go
+        // whole, so each chunk is one claim).
+        let set: Vec<u32> = (0..CHUNKS as u32).rev().step_by(3).collect();
+        let server = serve(
+            &source,
+            &m,
+            PagerOptions {
+                working_set: set.clone(),
+                ..options(false)
+            },
+        );
+        wait_for(&server, |s| s.working_set >= set.len() as u64);
+        for &c in &set {
+            check_chunk(&m, c as usize, &want);
+        }
+        let fillers = fillers.0.lock().unwrap().clone();
+        let threads: std::collections::BTreeSet<&str> =
+            fillers.iter().map(|(_, name)| name.as_str()).collect();
+        if two_cpus {
+            assert_eq!(
+                threads,
+                ["uffd-prefetch", "uffd-working-set"].into_iter().collect(),
+                "{fillers:?}"
+            );
+        }
+        // Each takes the next chunk of the one order: neither runs far ahead of the other.
+        // (The source is asked only for chunks that hold data.)
+        let zero = source.zero_chunks();
+        let data: Vec<u32> = set.iter().copied().filter(|&c| !zero[c as usize]).collect();
+        let position = |index: usize| data.iter().position(|&c| c as usize == index).unwrap();
+        for (asked, (index, _)) in fillers.iter().enumerate() {
+            let at = position(*index);
+            assert!(
+                at.abs_diff(asked) <= 4,
+                "chunk {index} asked {asked}th, {at}th in the set"
+            );
+        }
+        check_all_pages(&m, &want);
+        server.check_complete().unwrap();
+        each_data_chunk_filled_once(&source);
+    });
+}
+
+#[test]
 fn the_full_prefetch_installs_chunk_by_chunk() {
     within_a_minute(|| {
         let want = memory();
@@ -169,7 +239,7 @@ fn the_working_set_is_installed_at_once_and_in_order_without_prefetch() {
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         *source.hook.lock().unwrap() = Some({
             let order = order.clone();
-            Box::new(move |index| order.lock().unwrap().push(index))
+            Arc::new(move |index| order.lock().unwrap().push(index))
         });
         let m = Mapping::new(LEN);
         // Chunks 9, 77 and 121 hold text or random bytes; 3 mostly zeros; 120 is elided.

@@ -165,10 +165,7 @@ impl VerifiedRecords {
         let Ok(identity) = snap.file_identity() else {
             return false;
         };
-        let Ok(stored) = std::fs::read(self.path_for(snap)) else {
-            return false;
-        };
-        let Ok(stored) = <[u8; blake3::OUT_LEN]>::try_from(stored.as_slice()) else {
+        let Some(stored) = read_record(&self.path_for(snap)) else {
             return false;
         };
         // blake3::Hash compares in constant time.
@@ -217,6 +214,27 @@ impl VerifiedRecords {
         }
         Ok(())
     }
+}
+
+/// The record at `path` if it is a regular file of exactly a record's length. Opened without
+/// blocking, so a FIFO put in its place is refused instead of hanging the restore.
+fn read_record(path: &Path) -> Option<[u8; blake3::OUT_LEN]> {
+    use std::io::Read;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() != blake3::OUT_LEN as u64 {
+        return None;
+    }
+    let mut record = [0u8; blake3::OUT_LEN];
+    let mut rest = Vec::new();
+    let mut file = file.take(blake3::OUT_LEN as u64 + 1);
+    file.read_exact(&mut record).ok()?;
+    file.read_to_end(&mut rest).ok()?;
+    rest.is_empty().then_some(record)
 }
 
 fn mac(key: &RecordKey, snapshot_id: &[u8; 16], identity: &FileIdentity) -> blake3::Hash {

@@ -86,6 +86,17 @@ fn a_forged_or_foreign_record_is_ignored() {
         assert!(!records.holds(&snap));
     }
 
+    // Not a regular file: a FIFO is refused without blocking, a directory too.
+    std::fs::remove_file(&record).unwrap();
+    let fifo = std::ffi::CString::new(record.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) reads the NUL-terminated path and nothing else.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    assert!(!records.holds(&snap));
+    std::fs::remove_file(&record).unwrap();
+    std::fs::create_dir(&record).unwrap();
+    assert!(!records.holds(&snap));
+    std::fs::remove_dir(&record).unwrap();
+
     // A genuine record of another snapshot (same key), put in this one's place.
     let other = d.path().join("other");
     write_mixed(&other, &Protection::Encrypted(&key));

@@ -162,7 +162,7 @@ fn restore_rejects_bad_flags_before_touching_anything() {
     );
     assert_refused(
         &thaw(&["restore", "/nonexistent", "--chunk-check", "never"]),
-        "unknown chunk check \"never\": use upfront or on-install",
+        "unknown chunk check \"never\": use upfront, once or on-install",
     );
     assert_refused(
         &thaw(&["restore", "/nonexistent", "--after-restore-timeout", "0"]),

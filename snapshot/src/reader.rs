@@ -83,6 +83,41 @@ pub struct AuthenticateSummary {
     pub elapsed: Duration,
 }
 
+/// The parts of [`VerifiedRecords`] that take a snapshot (here, so that `verified` does not
+/// depend on the reader).
+impl VerifiedRecords {
+    /// Whether this host recorded that it authenticated every chunk of `snap`'s file, and the
+    /// file is still as it was then. Anything unreadable or not matching counts as no record.
+    pub fn holds(&self, snap: &Snapshot) -> bool {
+        match (snap.record_key.as_ref(), snap.file_identity()) {
+            (Some(key), Ok(identity)) => self.holds_for(snap.id(), key, &identity),
+            _ => false,
+        }
+    }
+
+    /// Records that every chunk of `snap` was authenticated while its file had the identity
+    /// `checked` (taken before the pass began). Refused if the file is not as it was then, or
+    /// changed too recently ([`verified::RECENT`]). The record is written to a temporary file
+    /// and renamed into place, so a reader sees the old record, the new one or none.
+    pub fn record(
+        &self,
+        snap: &Snapshot,
+        checked: &FileIdentity,
+    ) -> Result<(), verified::RecordError> {
+        let key = snap
+            .record_key
+            .as_ref()
+            .ok_or(verified::RecordError::Plaintext)?;
+        let now = snap
+            .file_identity()
+            .map_err(|source| verified::RecordError::Io {
+                path: snap.path.clone(),
+                source,
+            })?;
+        self.record_for(snap.id(), key, checked, &now)
+    }
+}
+
 /// What [`Snapshot::authenticate_chunks_once`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthenticatedOnce {
@@ -562,10 +597,6 @@ impl Snapshot {
     /// The snapshot file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub(crate) fn record_key(&self) -> Option<&verified::RecordKey> {
-        self.record_key.as_ref()
     }
 
     /// Reads and checks every chunk on `threads` threads (0: one per CPU), keeping one chunk

@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
 
+use crate::format::SnapshotId;
 use crate::keys::DataKey;
-use crate::reader::Snapshot;
 
 /// A file changed less than this long ago is not recorded. Filesystems stamp changes with a
 /// coarse clock (one tick is up to 10 ms), so a change made within the same tick as an earlier
@@ -152,52 +152,51 @@ impl VerifiedRecords {
         &self.dir
     }
 
-    fn path_for(&self, snap: &Snapshot) -> PathBuf {
-        self.dir.join(format!("{}", snap.id()))
+    fn path_for(&self, id: SnapshotId) -> PathBuf {
+        self.dir.join(id.to_string())
     }
 
-    /// Whether this host recorded that it authenticated every chunk of `snap`'s file, and the
-    /// file is still as it was then. Anything unreadable or not matching counts as no record.
-    pub fn holds(&self, snap: &Snapshot) -> bool {
-        let Some(key) = snap.record_key() else {
-            return false;
-        };
-        let Ok(identity) = snap.file_identity() else {
-            return false;
-        };
-        let Some(stored) = read_record(&self.path_for(snap)) else {
+    /// Whether a record for snapshot `id` matches `identity` under `key` (see
+    /// `VerifiedRecords::holds`, beside `Snapshot`).
+    pub(crate) fn holds_for(
+        &self,
+        id: SnapshotId,
+        key: &RecordKey,
+        identity: &FileIdentity,
+    ) -> bool {
+        let Some(stored) = read_record(&self.path_for(id)) else {
             return false;
         };
         // blake3::Hash compares in constant time.
-        mac(key, &snap.id().0, &identity) == blake3::Hash::from(stored)
+        mac(key, &id.0, identity) == blake3::Hash::from(stored)
     }
 
-    /// Records that every chunk of `snap` was authenticated while its file had the identity
-    /// `checked` (taken before the pass began). Refused if the file is not as it was then.
-    /// The record is written to a temporary file and renamed into place, so a reader sees the
-    /// old record, the new one or none.
-    pub fn record(&self, snap: &Snapshot, checked: &FileIdentity) -> Result<(), RecordError> {
-        let key = snap.record_key().ok_or(RecordError::Plaintext)?;
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| RecordError::Io { path, source }
-        };
-        let now = snap.file_identity().map_err(io(snap.path()))?;
-        if now != *checked {
+    /// Writes the record for snapshot `id` whose file had the identity `checked` when its pass
+    /// began and has `now` after it (see `VerifiedRecords::record`, beside `Snapshot`).
+    pub(crate) fn record_for(
+        &self,
+        id: SnapshotId,
+        key: &RecordKey,
+        checked: &FileIdentity,
+        now: &FileIdentity,
+    ) -> Result<(), RecordError> {
+        if now != checked {
             return Err(RecordError::Changed);
         }
         if checked.changed_within(RECENT, SystemTime::now()) {
             return Err(RecordError::TooRecent);
         }
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RecordError::Io { path, source }
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .map_err(io(&self.dir))?;
-        let path = self.path_for(snap);
-        let temp = self
-            .dir
-            .join(format!(".{}.{}.tmp", snap.id(), std::process::id()));
+        let path = self.path_for(id);
+        let temp = self.dir.join(format!(".{id}.{}.tmp", std::process::id()));
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -206,7 +205,7 @@ impl VerifiedRecords {
             .open(&temp)
             .map_err(io(&temp))?;
         let written = file
-            .write_all(mac(key, &snap.id().0, checked).as_bytes())
+            .write_all(mac(key, &id.0, checked).as_bytes())
             .and_then(|()| std::fs::rename(&temp, &path));
         if let Err(source) = written {
             let _ = std::fs::remove_file(&temp);

@@ -158,16 +158,36 @@ impl WorkingSetPlan {
                 *w = true;
             }
         }
-        let whole = (0..chunks)
-            .map(|index| {
-                shared.block_of(index).is_some_and(|block| {
+        // Decided once per block, for the blocks the working set touches: this runs on the
+        // restore's path, before the guest does (a check per chunk of every chunk's block cost
+        // 0.4 ms for a 384 MiB guest).
+        let mut whole = vec![false; chunks];
+        let mut decided = vec![false; chunks];
+        for &index in &order {
+            let index = index as usize;
+            if decided.get(index).copied().unwrap_or(true) {
+                continue;
+            }
+            match shared.movable_block(index) {
+                Some(block) => {
                     let n = block.len();
-                    wanted
-                        .get(block)
-                        .is_some_and(|w| 2 * w.iter().filter(|&&x| x).count() >= n)
-                })
-            })
-            .collect();
+                    let dense = wanted
+                        .get(block.clone())
+                        .is_some_and(|w| 2 * w.iter().filter(|&&x| x).count() >= n);
+                    for i in block {
+                        if let (Some(d), Some(w)) = (decided.get_mut(i), whole.get_mut(i)) {
+                            *d = true;
+                            *w = dense;
+                        }
+                    }
+                }
+                None => {
+                    if let Some(d) = decided.get_mut(index) {
+                        *d = true;
+                    }
+                }
+            }
+        }
         Self {
             order,
             whole,

@@ -103,6 +103,15 @@ impl Shared {
     /// chunks installed one by one map the shared zero page and cost nothing: a block of
     /// mostly elided chunks stays small.
     pub fn block_of(&self, index: usize) -> Option<std::ops::Range<usize>> {
+        let range = self.movable_block(index)?;
+        let first_page = self.chunks.get(range.start)?.first_page;
+        let discarded = (first_page..first_page + BLOCK / PAGE).any(|p| self.is_removed(p));
+        (!discarded).then_some(range)
+    }
+
+    /// [`Shared::block_of`] as the memory's layout decides it, whatever has been discarded
+    /// since: what a plan made before the guest runs may count on.
+    pub fn movable_block(&self, index: usize) -> Option<std::ops::Range<usize>> {
         let chunk = self.chunks.get(index)?;
         let start = chunk.host - chunk.host % BLOCK;
         let region = self
@@ -124,9 +133,7 @@ impl Shared {
             .enumerate()
             .all(|(i, c)| c.host == start + i * self.chunk_size && c.len == self.chunk_size);
         let mostly_data = 2 * chunks.iter().filter(|c| !c.zero).count() >= chunks.len();
-        let first_page = chunks.first()?.first_page;
-        let discarded = (first_page..first_page + BLOCK / PAGE).any(|p| self.is_removed(p));
-        (whole && mostly_data && !discarded).then_some(range)
+        (whole && mostly_data).then_some(range)
     }
 
     /// Installs the whole 2 MiB block holding chunk `index` with one move when `whole` and it

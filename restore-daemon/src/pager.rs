@@ -208,7 +208,12 @@ impl PageServer {
                 .map_err(PagerError::Thread)?,
         );
         let plan = Arc::new(serve::WorkingSetPlan::new(&shared, working_set));
-        if plan.wants_helper() {
+        let helper = plan.wants_helper();
+        if !plan.is_empty() {
+            // Faults may hand blocks to the working set's installers (`shared::urgent`).
+            shared.open_urgent(plan.whole().to_vec(), 1 + usize::from(helper));
+        }
+        if helper {
             let (shared, plan) = (shared.clone(), plan.clone());
             server.adopt(
                 std::thread::Builder::new()

@@ -204,6 +204,11 @@ impl WorkingSetPlan {
     pub(super) fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+
+    /// Per chunk: whether its block goes in whole.
+    pub(super) fn whole(&self) -> &[bool] {
+        &self.whole
+    }
 }
 
 /// One installing thread's buffers.
@@ -242,8 +247,19 @@ fn install_working_set(
     installer: &mut Installer,
 ) -> Result<bool, PagerError> {
     loop {
+        if let Some(index) = shared.next_urgent() {
+            if !install_urgent(shared, index, installer)? {
+                return Ok(false);
+            }
+            continue;
+        }
         let at = plan.next.fetch_add(1, Ordering::Relaxed);
         let Some(&index) = plan.order.get(at) else {
+            for index in shared.leave_urgent() {
+                if !install_urgent(shared, index, installer)? {
+                    return Ok(false);
+                }
+            }
             return Ok(true);
         };
         let index = index as usize;
@@ -252,6 +268,17 @@ fn install_working_set(
             return Ok(false);
         }
     }
+}
+
+/// Installs the block a fault handed over (see `shared::urgent`) and wakes all of it.
+fn install_urgent(
+    shared: &Shared,
+    index: usize,
+    installer: &mut Installer,
+) -> Result<bool, PagerError> {
+    let go_on = installer.install(shared, index, true, &shared.counters.working_set)?;
+    shared.wake_block(index);
+    Ok(go_on)
 }
 
 /// Installs `plan`'s working set, then with `prefetch` every other chunk — after the guest's

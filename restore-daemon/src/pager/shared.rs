@@ -4,6 +4,7 @@
 
 mod block;
 mod install;
+mod urgent;
 
 pub(super) use block::{FEATURE_MOVE, Staging};
 
@@ -93,6 +94,8 @@ pub(super) struct Shared {
     recorded: Mutex<Vec<u32>>,
     failure: Mutex<Option<Arc<PagerError>>>,
     on_failure: Mutex<Option<FailureHook>>,
+    /// Blocks faults handed to the working set's installers (see `urgent`).
+    urgent: Mutex<urgent::Urgent>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,6 +175,7 @@ impl Shared {
             recorded: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             on_failure: Mutex::new(on_failure),
+            urgent: Mutex::new(urgent::Urgent::default()),
         })
     }
 
@@ -387,6 +391,9 @@ impl Shared {
                 }
             }
         };
+        if self.hand_over_block(index) {
+            return Ok(());
+        }
         self.install(index, buf, &mut Role::Faults(pending), record)?;
         Ok(())
     }

@@ -102,6 +102,45 @@ fn a_dense_working_set_moves_whole_blocks_as_huge_pages_where_it_can() {
 }
 
 #[test]
+fn a_reader_ahead_of_the_installers_still_gets_whole_blocks() {
+    within_a_minute(|| {
+        let want = memory();
+        let source = Arc::new(Scripted::new(&want));
+        // Slow installs: the reader below overtakes the installers at once.
+        *source.hook.lock().unwrap() = Some(Arc::new(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }));
+        let m = Mapping::new(LEN);
+        let server = serve(
+            &source,
+            &m,
+            PagerOptions {
+                working_set: (0..CHUNKS as u32).collect(),
+                ..options(false)
+            },
+        );
+        // From the far end: every fault lands in a block no installer has reached.
+        let mut page = vec![0u8; PAGE];
+        for i in (0..LEN / PAGE).rev() {
+            m.read_page(i, &mut page);
+            assert_eq!(&page[..], &want[i * PAGE..(i + 1) * PAGE], "page {i}");
+        }
+        wait_complete(&server);
+        let stats = server.check_complete().unwrap();
+        check_all_pages(&m, &want);
+        each_data_chunk_filled_once(&source);
+        assert_eq!(
+            stats.fault_installs, 0,
+            "faults handed their blocks over: {stats:?}"
+        );
+        let aligned = (m.ptr as usize) % (2 << 20) == 0;
+        if kernel_moves_pages() && aligned {
+            assert_eq!(stats.huge_blocks, (LEN / (2 << 20)) as u64, "{stats:?}");
+        }
+    });
+}
+
+#[test]
 fn a_large_working_set_is_installed_by_two_threads_in_its_order() {
     within_a_minute(|| {
         let want = memory();

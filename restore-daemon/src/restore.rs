@@ -439,14 +439,7 @@ pub fn restore(
         && options.chunk_check != ChunkCheck::OnInstall
         && options.baseline_memory_file.is_none()
         && copy_runs.is_none();
-    let records = match options.chunk_check {
-        ChunkCheck::Once => options
-            .verified_records
-            .clone()
-            .or_else(VerifiedRecords::default_location),
-        ChunkCheck::UpFront | ChunkCheck::OnInstall => None,
-    };
-    // Whether this host authenticated the unchanged file before: then nothing is read here.
+    // Also whether this host authenticated the unchanged file before: then nothing is read.
     let authenticate_chunks = || -> Result<(Duration, bool), RestoreError> {
         let started = Instant::now();
         let chunk_error = |source| RestoreError::Chunk {
@@ -456,11 +449,18 @@ pub fn restore(
         if !authenticate_up_front {
             return Ok((started.elapsed(), false));
         }
+        let records = match options.chunk_check {
+            ChunkCheck::Once => options
+                .verified_records
+                .clone()
+                .or_else(VerifiedRecords::default_location),
+            ChunkCheck::UpFront | ChunkCheck::OnInstall => None,
+        };
         let before = match &records {
             Some(records) => matches!(
                 snap.authenticate_chunks_once(records)
                     .map_err(chunk_error)?,
-                AuthenticatedOnce::Recorded { .. }
+                AuthenticatedOnce::Recorded
             ),
             None => {
                 snap.authenticate_chunks().map_err(chunk_error)?;
@@ -482,8 +482,9 @@ pub fn restore(
         Ok((shell, ready, started.elapsed()))
     };
     // Without a ready shell, building one (about 1 ms on PVM) and authenticating the chunks
-    // (tens of ms for a large snapshot) do not depend on each other: both run at once. Nothing from the snapshot but the memory size and vCPU count reaches the shell
-    // before the chunks are authenticated, and a failure of either drops the other's work.
+    // (tens of ms for a large snapshot) do not depend on each other: both run at once. Nothing
+    // from the snapshot but the memory size and vCPU count reaches the shell before the chunks
+    // are authenticated, and a failure of either drops the other's work.
     let shell_is_ready = options.baseline_memory_file.is_none()
         && options
             .shells

@@ -99,7 +99,7 @@ impl VerifiedRecords {
     /// `checked` (taken before the pass began). Refused if the file is not as it was then, or
     /// changed too recently ([`verified::RECENT`]). The record is written to a temporary file
     /// and renamed into place, so a reader sees the old record, the new one or none.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         snap: &Snapshot,
         checked: &FileIdentity,
@@ -122,22 +122,9 @@ impl VerifiedRecords {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthenticatedOnce {
     /// This host had already authenticated every chunk of this unchanged file: nothing read.
-    Recorded {
-        /// Checking the record.
-        elapsed: Duration,
-    },
+    Recorded,
     /// Every chunk was authenticated now.
     Checked(AuthenticateSummary),
-}
-
-impl AuthenticatedOnce {
-    /// How long it took.
-    pub fn elapsed(&self) -> Duration {
-        match self {
-            Self::Recorded { elapsed } => *elapsed,
-            Self::Checked(summary) => summary.elapsed,
-        }
-    }
 }
 
 thread_local! {
@@ -560,43 +547,33 @@ impl Snapshot {
         &self,
         records: &VerifiedRecords,
     ) -> Result<AuthenticatedOnce, ReadError> {
-        let started = Instant::now();
         if records.holds(self) {
-            return Ok(AuthenticatedOnce::Recorded {
-                elapsed: started.elapsed(),
-            });
+            return Ok(AuthenticatedOnce::Recorded);
         }
-        let before = FileIdentity::of(&self.file).map_err(|source| ReadError::Io {
+        let before = self.file_identity().map_err(|source| ReadError::Io {
             path: self.path.clone(),
             source,
         })?;
         let summary = self.authenticate_chunks()?;
-        if self.record_key.is_some() {
-            match records.record(self, &before) {
-                Ok(()) => {}
-                Err(e @ verified::RecordError::TooRecent) => {
-                    tracing::debug!(snapshot = %self.path.display(), "not recorded as verified: {e}");
-                }
-                Err(e) => tracing::warn!(
-                    snapshot = %self.path.display(),
-                    records = %records.dir().display(),
-                    error = ?e,
-                    "could not record the snapshot as verified: the next restore checks every \
-                     chunk again"
-                ),
+        match records.record(self, &before) {
+            Ok(()) => {}
+            Err(e @ (verified::RecordError::Plaintext | verified::RecordError::TooRecent)) => {
+                tracing::debug!(snapshot = %self.path.display(), "not recorded as verified: {e}");
             }
+            Err(e) => tracing::warn!(
+                snapshot = %self.path.display(),
+                records = %records.dir().display(),
+                error = ?e,
+                "could not record the snapshot as verified: the next restore checks every chunk \
+                 again"
+            ),
         }
         Ok(AuthenticatedOnce::Checked(summary))
     }
 
     /// The identity of the snapshot file as opened (see [`crate::verified::FileIdentity`]).
-    pub fn file_identity(&self) -> std::io::Result<FileIdentity> {
+    fn file_identity(&self) -> std::io::Result<FileIdentity> {
         FileIdentity::of(&self.file)
-    }
-
-    /// The snapshot file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Reads and checks every chunk on `threads` threads (0: one per CPU), keeping one chunk

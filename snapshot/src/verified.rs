@@ -229,11 +229,8 @@ fn read_record(path: &Path) -> Option<[u8; blake3::OUT_LEN]> {
         return None;
     }
     let mut record = [0u8; blake3::OUT_LEN];
-    let mut rest = Vec::new();
-    let mut file = file.take(blake3::OUT_LEN as u64 + 1);
-    file.read_exact(&mut record).ok()?;
-    file.read_to_end(&mut rest).ok()?;
-    rest.is_empty().then_some(record)
+    (&file).read_exact(&mut record).ok()?;
+    Some(record)
 }
 
 fn mac(key: &RecordKey, snapshot_id: &[u8; 16], identity: &FileIdentity) -> blake3::Hash {

@@ -197,8 +197,7 @@ impl WorkingSetPlan {
 
     /// Whether a second installer would pay off here.
     pub(super) fn wants_helper(&self) -> bool {
-        self.order.len() >= HELPER_MIN_CHUNKS
-            && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+        self.order.len() >= HELPER_MIN_CHUNKS && vmm_core::config::host_cpus() > 1
     }
 
     pub(super) fn is_empty(&self) -> bool {

@@ -5,11 +5,12 @@
 //! eager restore's memory, instead of 512 small ones: `UFFDIO_COPY` only ever installs 4 KiB
 //! pages, and on PVM each of those costs the guest a fault of its own.
 //!
-//! Only the working set's installer moves blocks, where the working set covers at least half
-//! of one (docs/ARCHITECTURE.md, page server, has the measurements). Everything else goes
-//! chunk by chunk as before: a block cut by a region's edge or not aligned, one mostly of
-//! zeros, with a discarded page or a chunk someone else has claimed, a kernel without
-//! `UFFDIO_MOVE`, the full prefetch, and the fault thread (a fault waits for one chunk).
+//! Only the working set's installers move blocks, where the working set covers at least half
+//! of one, including blocks a guest fault handed them (`urgent`; docs/ARCHITECTURE.md, page
+//! server, has the measurements). Everything else goes chunk by chunk as before: a block cut
+//! by a region's edge or not aligned, one mostly of zeros, with a discarded page or a chunk
+//! someone else has claimed, a kernel without `UFFDIO_MOVE`, the full prefetch, and the fault
+//! thread itself (it must keep reading events).
 
 use std::sync::atomic::Ordering;
 use std::sync::{PoisonError, RwLockReadGuard};

@@ -71,6 +71,18 @@ fn kernel_moves_pages() -> bool {
         .is_ok()
 }
 
+/// Every 2 MiB block of `m` was moved in whole where this kernel moves pages and `m` is
+/// block-aligned (the test memory is three quarters data: every block qualifies); none was on
+/// a kernel without `UFFDIO_MOVE`.
+fn every_block_went_whole_where_it_can(m: &Mapping, stats: &super::PagerStats) {
+    let aligned = (m.ptr as usize) % (2 << 20) == 0;
+    if !kernel_moves_pages() {
+        assert_eq!(stats.huge_blocks, 0, "{stats:?}");
+    } else if aligned {
+        assert_eq!(stats.huge_blocks, (LEN / (2 << 20)) as u64, "{stats:?}");
+    }
+}
+
 #[test]
 fn a_dense_working_set_moves_whole_blocks_as_huge_pages_where_it_can() {
     within_a_minute(|| {
@@ -91,13 +103,7 @@ fn a_dense_working_set_moves_whole_blocks_as_huge_pages_where_it_can() {
         each_data_chunk_filled_once(&source);
         assert_eq!(stats.working_set, stats.chunks, "{stats:?}");
         assert_eq!(stats.installed_pages, (LEN / PAGE) as u64, "{stats:?}");
-        let aligned = (m.ptr as usize) % (2 << 20) == 0;
-        if !kernel_moves_pages() {
-            assert_eq!(stats.huge_blocks, 0);
-        } else if aligned {
-            // The test memory is three quarters data: every block goes whole.
-            assert_eq!(stats.huge_blocks, (LEN / (2 << 20)) as u64, "{stats:?}");
-        }
+        every_block_went_whole_where_it_can(&m, &stats);
     });
 }
 
@@ -133,10 +139,7 @@ fn a_reader_ahead_of_the_installers_still_gets_whole_blocks() {
             stats.fault_installs, 0,
             "faults handed their blocks over: {stats:?}"
         );
-        let aligned = (m.ptr as usize) % (2 << 20) == 0;
-        if kernel_moves_pages() && aligned {
-            assert_eq!(stats.huge_blocks, (LEN / (2 << 20)) as u64, "{stats:?}");
-        }
+        every_block_went_whole_where_it_can(&m, &stats);
     });
 }
 

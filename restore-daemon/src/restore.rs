@@ -219,7 +219,7 @@ impl Default for RestoreOptions {
 /// Where the restore's time went.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RestoreTimings {
-    /// Opening and authenticating the snapshot, the host check, decoding the state.
+    /// Opening and authenticating the snapshot, decoding the state.
     pub open: Duration,
     /// Taking a ready machine shell, or building one (when built while the chunks were
     /// authenticated, only the part that outlasted the authentication).
@@ -235,7 +235,8 @@ pub struct RestoreTimings {
     /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
     /// page server.
     pub memory: Duration,
-    /// Rebuilding the VM from its state.
+    /// The host check (the first in a process asks the shell's vCPU what the host offers),
+    /// then rebuilding the VM from its state.
     pub machine_restore: Duration,
 }
 
@@ -357,13 +358,27 @@ pub fn open_checked(
     dir: &Path,
     key: &KeyChoice,
 ) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
-    let snap = verify::open(dir, key)?;
+    let (snap, state) = open_authenticated(dir, key)?;
+    check_host(dir, &snap)?;
+    Ok((snap, state))
+}
+
+/// Whether this host can run the snapshot's guest (its CPU, its KVM, the CPUID it offers).
+fn check_host(dir: &Path, snap: &Snapshot) -> Result<(), RestoreError> {
     verify::host_compatibility(snap.fingerprint()).map_err(|reason| {
         RestoreError::IncompatibleHost {
             path: dir.to_owned(),
             reason,
         }
-    })?;
+    })
+}
+
+/// [`open_checked`] but for the host check.
+fn open_authenticated(
+    dir: &Path,
+    key: &KeyChoice,
+) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
+    let snap = verify::open(dir, key)?;
     let state =
         state_blob::decode::<vmm_core::machine::MachineState>(snap.state()).map_err(|source| {
             RestoreError::State {
@@ -415,7 +430,7 @@ pub fn restore(
     console: ConsoleOutput,
 ) -> Result<Restored, RestoreError> {
     let started = Instant::now();
-    let (snap, state) = open_checked(dir, key)?;
+    let (snap, state) = open_authenticated(dir, key)?;
     let snap = Arc::new(snap);
     let open = started.elapsed();
 
@@ -540,6 +555,11 @@ pub fn restore(
     let memory_elapsed = started.elapsed();
 
     let started = Instant::now();
+    // Checked once the shell is here: a process that does not know the host yet asks the
+    // shell's vCPU, which has not run, instead of a scratch VM. Nothing of the machine has
+    // been restored yet.
+    verify::learn_host_facts_from(&shell);
+    check_host(dir, &snap)?;
     let config = RestoreConfig {
         vsock_uds_path: options.vsock_uds.clone(),
     };

@@ -122,26 +122,65 @@ pub fn verify(dir: &Path, key: &KeyChoice) -> Result<Verified, VerifyError> {
 }
 
 /// What this host offers, learned once per process: finding the CPUID a vCPU really presents
-/// takes a scratch VM (several ms on PVM), and neither the CPU nor KVM changes under a running
-/// process — so a long-lived restorer (`thawd`) pays for it once, not on every restore.
+/// takes a vCPU that has never run — a scratch VM (1.4–1.8 ms on PVM) unless a restore offers
+/// its shell's ([`learn_host_facts_from`]) — and neither the CPU nor KVM changes under a
+/// running process, so a long-lived restorer (`thawd`) pays for it once, not on every restore.
+static FACTS: std::sync::OnceLock<Result<snapshot::HostFacts, String>> = std::sync::OnceLock::new();
+
 fn host_facts() -> Result<snapshot::HostFacts, String> {
-    static FACTS: std::sync::OnceLock<Result<snapshot::HostFacts, String>> =
-        std::sync::OnceLock::new();
     FACTS
         .get_or_init(|| {
             let kvm = vmm_core::kvm::open().map_err(|e| e.to_string())?;
             // The CPUID this host's vCPUs really present (see `vmm_core::cpuid::effective`).
             let offered = vmm_core::cpuid::effective(&kvm).map_err(|e| e.to_string())?;
-            Ok(snapshot::HostFacts::of_this_host(
-                vmm_core::kvm::flavor().id(),
-                offered
-                    .as_slice()
-                    .iter()
-                    .map(|e| snapshot::CpuidEntry::from_fields(vmm_core::cpuid::fields(e)))
-                    .collect(),
-            ))
+            Ok(facts(&offered))
         })
         .clone()
+}
+
+fn facts(offered: &kvm_bindings::CpuId) -> snapshot::HostFacts {
+    snapshot::HostFacts::of_this_host(
+        vmm_core::kvm::flavor().id(),
+        offered
+            .as_slice()
+            .iter()
+            .map(|e| snapshot::CpuidEntry::from_fields(vmm_core::cpuid::fields(e)))
+            .collect(),
+    )
+}
+
+/// Learns this host's facts from `shell`'s never-run vCPU, unless this process knows them
+/// already: a one-shot restore (`thaw restore`) then needs no scratch VM for its host check.
+pub fn learn_host_facts_from(shell: &vmm_core::machine::MachineShell) {
+    if FACTS.get().is_some() {
+        return;
+    }
+    match shell.effective_cpuid() {
+        Ok(offered) => {
+            // A helper thread (`learn_host_facts_ahead`) may have got there first: the same.
+            let _ = FACTS.set(Ok(facts(&offered)));
+        }
+        // The scratch VM will tell, or fail with its own message.
+        Err(e) => tracing::debug!(error = %e, "the shell could not say what the host offers"),
+    }
+}
+
+/// Starts learning this host's facts on a helper thread, unless this process knows them
+/// already: a process that will restore (a thawd worker waiting for its request) then finds
+/// them ready.
+pub fn learn_host_facts_ahead() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("thaw-host-facts".into())
+            .spawn(|| {
+                let _ = host_facts();
+            });
+        // Without the thread, the first host_compatibility learns them itself.
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "host facts are learned when first needed");
+        }
+    });
 }
 
 /// Whether this host could restore a snapshot with `fingerprint`.

@@ -217,14 +217,18 @@ pub struct Header {
 }
 
 /// One manifest entry per chunk, in chunk order (regions in header order, ascending address).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoded with bincode's own derive, not serde's: the bytes are the same (pinned below), and
+/// decoding is several times faster — serde visits a hash byte by byte, and a restore decodes
+/// one entry per chunk of guest memory before the guest can run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub enum ChunkEntry {
     /// Every page is zero; nothing is stored.
     Zero,
     Data(DataChunk),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct DataChunk {
     /// Absolute file offset of the sealed chunk.
     pub offset: u64,
@@ -380,15 +384,18 @@ mod tests {
                 hash: [0xee; 32],
             }),
         ];
-        let bytes = bincode::serde::encode_to_vec(&entries, encode_config()).unwrap();
+        let bytes = bincode::encode_to_vec(&entries, encode_config()).unwrap();
         let mut expected = vec![2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
         expected.extend_from_slice(&[0, 0x10, 0, 0, 0, 0, 0, 0, 0x10, 2, 0, 0, 0]);
         expected.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 5]);
         expected.extend_from_slice(&[0xee; 32]);
         assert_eq!(bytes, expected);
         let back: (Vec<ChunkEntry>, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode_config::<1024>()).unwrap();
-        assert_eq!(back, (entries, bytes.len()));
+            bincode::decode_from_slice(&bytes, bincode_config::<1024>()).unwrap();
+        assert_eq!(back, (entries.clone(), bytes.len()));
+        // The same bytes as serde's encoding, which version 1 files were written with.
+        let by_serde = bincode::serde::encode_to_vec(&entries, encode_config()).unwrap();
+        assert_eq!(by_serde, bytes);
     }
 
     /// The header's leading fields and its fixed size for a given content: the writer relies on

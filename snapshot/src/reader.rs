@@ -272,7 +272,7 @@ impl Snapshot {
                 &mut manifest_bytes,
             )
             .map_err(|_| ReadError::ManifestTampered)?;
-        let (manifest, used): (Vec<ChunkEntry>, usize) = bincode::serde::decode_from_slice(
+        let (manifest, used): (Vec<ChunkEntry>, usize) = bincode::decode_from_slice(
             manifest_plain,
             format::bincode_config::<{ MAX_MANIFEST_LEN as usize }>(),
         )

@@ -285,13 +285,12 @@ pub(crate) fn write_unpublished(
     };
     header.state = seal_at(Domain::State, state.to_vec(), "the VM state", chunks_end)?;
 
-    let manifest =
-        bincode::serde::encode_to_vec(&entries, format::encode_config()).map_err(|source| {
-            WriteError::Encode {
-                what: "manifest",
-                source,
-            }
-        })?;
+    let manifest = bincode::encode_to_vec(&entries, format::encode_config()).map_err(|source| {
+        WriteError::Encode {
+            what: "manifest",
+            source,
+        }
+    })?;
     if manifest.len() as u64 + tag_len > MAX_MANIFEST_LEN {
         return Err(WriteError::Layout {
             reason: "manifest exceeds the format's cap".into(),

@@ -128,7 +128,7 @@ pub fn run(
         "restored guest ready"
     );
     eprintln!(
-        "thaw: restored {} in {:.1?}: first sign of life (the agent's Hello) {:.1?} and ready \
+        "thaw: restored {} in {:.2?}: first sign of life (the agent's Hello) {:.2?} and ready \
          (after-restore hooks done) {:.1?} after start; restore id {}",
         dir.display(),
         env.timings.restore.total(),

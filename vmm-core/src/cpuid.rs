@@ -53,9 +53,15 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
 /// guests the host CPU's own feature bits (its user mode runs natively), many more than it
 /// lists as supported.
 pub fn effective(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    let base = supported(kvm)?;
     let vm = kvm.create_vm().map_err(CpuidError)?;
     let vcpu = vm.create_vcpu(0).map_err(CpuidError)?;
+    effective_on(kvm, &vcpu)
+}
+
+/// [`effective`], asked of `vcpu` instead of a scratch vCPU: it must never have run (KVM takes
+/// a new CPUID only before a vCPU's first run), and whoever runs it sets its CPUID again.
+pub fn effective_on(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Result<CpuId, CpuidError> {
+    let base = supported(kvm)?;
     vcpu.set_cpuid2(&for_vcpu(&base, 0, 1))
         .map_err(CpuidError)?;
     vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError)

@@ -300,6 +300,9 @@ fn fill_in_background(
     if !prefetch || (after_burst && !wait_for_first_burst(shared)) {
         return Ok(());
     }
+    if after_burst {
+        yield_to_everything_else();
+    }
     for index in 0..shared.chunk_count() {
         if !installer.install(shared, index, false, &shared.counters.prefetched)? {
             return Ok(());
@@ -311,6 +314,26 @@ fn fill_in_background(
     let stats = shared.check_complete()?;
     tracing::debug!(?stats, "prefetch complete, every chunk accounted for");
     Ok(())
+}
+
+/// Lowers the calling thread to `SCHED_IDLE` for the full prefetch: it installs what nobody
+/// asked for yet, so it must not take a CPU from the guest's vCPUs, the fault thread or the
+/// VMM's device thread. On this 2-CPU host a prefetch at normal priority sat on one CPU while
+/// the test guest's vCPU, which polls, held the other, and the device thread and the host's
+/// agent connection waited for a time slice: 1 in 4 restores reached the agent's `Hello`
+/// milliseconds late (median over 40 restores at 256 MiB 5.6 ms; 4.7 ms with this). Any CPU
+/// the others leave idle still runs it, so a guest that reads all its memory still finds it
+/// installed ahead. Per thread: the fault thread and the working set's installers keep theirs.
+fn yield_to_everything_else() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread (Linux schedules threads, not processes), and
+    // `param` is a valid sched_param that outlives the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the full prefetch keeps its normal priority"
+        );
+    }
 }
 
 /// Installs every chunk still missing from the calling thread (counted as prefetched).

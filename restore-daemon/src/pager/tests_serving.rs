@@ -218,12 +218,29 @@ fn the_full_prefetch_installs_chunk_by_chunk() {
     within_a_minute(|| {
         let want = memory();
         let source = Arc::new(Scripted::new(&want));
+        // The policy of each thread that asked for a chunk: the full prefetch is idle-time
+        // work and must not compete with the guest for a CPU.
+        let policies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        *source.hook.lock().unwrap() = Some({
+            let policies = policies.clone();
+            Arc::new(move |_| {
+                // SAFETY: asks about the calling thread; no memory is passed.
+                let policy = unsafe { libc::sched_getscheduler(0) };
+                policies.lock().unwrap().push(policy);
+            })
+        });
         let m = Mapping::new(LEN);
         let server = serve(&source, &m, options(true));
         wait_complete(&server);
         let stats = server.check_complete().unwrap();
         check_all_pages(&m, &want);
         assert_eq!(stats.huge_blocks, 0, "{stats:?}");
+        let policies = policies.lock().unwrap();
+        assert!(!policies.is_empty());
+        assert!(
+            policies.iter().all(|&p| p == libc::SCHED_IDLE),
+            "{policies:?}"
+        );
     });
 }
 

@@ -97,6 +97,8 @@ pub fn main_with(config: &WorkerConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // While it waits for its first request: the restore then finds the host check's answer.
+    crate::verify::learn_host_facts_ahead();
     match serve(std::io::stdin().lock(), output, config) {
         Ok(ended) => {
             tracing::debug!(?ended, "worker done");

@@ -228,6 +228,14 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
     // Filled in place, as an eager restore fills it.
     let mut shell = MachineShell::create(spec).unwrap();
     fill_shell(&mut shell, &saved_memory);
+    // Asked what the host offers first, as a process's first restore asks (its host check):
+    // the same answer as a scratch VM's, and the restored vCPU still runs the saved CPUID.
+    let offered = shell.effective_cpuid().unwrap();
+    let scratch = crate::cpuid::effective(&crate::kvm::open().unwrap()).unwrap();
+    let fields = |c: &kvm_bindings::CpuId| -> Vec<_> {
+        c.as_slice().iter().map(crate::cpuid::fields).collect()
+    };
+    assert_eq!(fields(&offered), fields(&scratch));
     let steps = 2048;
     write_u64_in(&mut shell, TARGET, paused_at + steps);
     let out = Capture::default();

@@ -222,6 +222,15 @@ impl PageServer {
                     .map_err(PagerError::Thread)?,
             );
         }
+        if prefetch && vmm_core::config::host_cpus() > 1 {
+            let shared = shared.clone();
+            server.adopt(
+                std::thread::Builder::new()
+                    .name("uffd-stream".into())
+                    .spawn(move || serve::stream_follower(&shared))
+                    .map_err(PagerError::Thread)?,
+            );
+        }
         if prefetch || !plan.is_empty() {
             server.adopt(
                 std::thread::Builder::new()

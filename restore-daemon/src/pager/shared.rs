@@ -4,7 +4,11 @@
 
 mod block;
 mod install;
+mod stream;
 mod urgent;
+
+#[cfg(test)]
+pub(super) use stream::RUN;
 
 pub(super) use block::{FEATURE_MOVE, Staging};
 
@@ -96,6 +100,8 @@ pub(super) struct Shared {
     on_failure: Mutex<Option<FailureHook>>,
     /// Blocks faults handed to the working set's installers (see `urgent`).
     urgent: Mutex<urgent::Urgent>,
+    /// The guest reading memory in order, for the prefetch to follow (see `stream`).
+    pub stream: stream::Stream,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +174,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             last_fault_ns: AtomicU64::new(0),
+            stream: stream::Stream::default(),
             busy: AtomicBool::new(false),
             counters: Counters::default(),
             can_move: AtomicBool::new(can_move),
@@ -395,6 +402,7 @@ impl Shared {
             return Ok(());
         }
         self.install(index, buf, &mut Role::Faults(pending), record)?;
+        self.stream.faulted(index);
         Ok(())
     }
 

@@ -244,6 +244,48 @@ fn the_full_prefetch_installs_chunk_by_chunk() {
     });
 }
 
+/// A guest reading in order is followed: the prefetch (and the follower, with a second CPU)
+/// starts at once, from just ahead of the guest's latest fault, not from the bottom of memory
+/// after the burst.
+#[test]
+fn the_prefetch_follows_a_guest_reading_in_order() {
+    within_a_minute(|| {
+        let want = memory();
+        let source = Arc::new(Scripted::new(&want));
+        let prefetched = Arc::new(std::sync::Mutex::new(Vec::new()));
+        *source.hook.lock().unwrap() = Some({
+            let prefetched = prefetched.clone();
+            Arc::new(move |index| {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                if name == "uffd-prefetch" || name == "uffd-stream" {
+                    // SAFETY: asks about the calling thread; no memory is passed.
+                    let policy = unsafe { libc::sched_getscheduler(0) };
+                    prefetched.lock().unwrap().push((index, policy));
+                }
+            })
+        });
+        let m = Mapping::new(LEN);
+        let server = serve(&source, &m, options(true));
+        let first = 40;
+        for chunk in first..first + 2 * super::shared::RUN {
+            touch_chunk(&m, chunk);
+        }
+        wait_complete(&server);
+        check_all_pages(&m, &want);
+        server.check_complete().unwrap();
+        each_data_chunk_filled_once(&source);
+        let prefetched = prefetched.lock().unwrap();
+        let after_run = first + super::shared::RUN;
+        assert!(
+            prefetched.first().is_some_and(|&(i, _)| i >= after_run),
+            "the prefetch began at {:?}, not after the run at {after_run}",
+            prefetched.first()
+        );
+        // The guest waits for what follows it: installed at normal priority, not idle.
+        assert_eq!(prefetched.first().map(|&(_, p)| p), Some(libc::SCHED_OTHER));
+    });
+}
+
 #[test]
 fn faults_racing_the_prefetcher_are_served_once_each() {
     within_a_minute(|| {

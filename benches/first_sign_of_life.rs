@@ -294,7 +294,7 @@ fn cell(s: &Stats) -> String {
 }
 
 fn main() {
-    let args = support::args(15);
+    let args = support::args(40);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     let backing = CopyBacking::detect(4 << 30);

@@ -301,7 +301,7 @@ fn cell(samples: &[Sample], pick: impl Fn(&Sample) -> Duration) -> String {
 }
 
 fn main() {
-    let args = support::args(5);
+    let args = support::args(15);
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("key");
     let shells = Arc::new(ShellPool::new().unwrap());

@@ -129,7 +129,8 @@ impl std::fmt::Debug for PagerOptions {
 /// VM has stopped (or once [`PageServer::complete`]).
 pub struct PageServer {
     shared: Arc<Shared>,
-    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Its threads, joined by `stop`; the prefetch thread adds the stream follower later.
+    threads: serve::Threads,
 }
 
 impl PageServer {
@@ -197,7 +198,7 @@ impl PageServer {
         )?);
         let server = PageServer {
             shared: shared.clone(),
-            threads: std::sync::Mutex::new(Vec::new()),
+            threads: serve::Threads::default(),
         };
         // On a spawn error `server` is dropped, which stops the threads already started.
         let faults = shared.clone();
@@ -222,20 +223,12 @@ impl PageServer {
                     .map_err(PagerError::Thread)?,
             );
         }
-        if prefetch && vmm_core::config::host_cpus() > 1 {
-            let shared = shared.clone();
-            server.adopt(
-                std::thread::Builder::new()
-                    .name("uffd-stream".into())
-                    .spawn(move || serve::stream_follower(&shared))
-                    .map_err(PagerError::Thread)?,
-            );
-        }
         if prefetch || !plan.is_empty() {
+            let threads = server.threads.clone();
             server.adopt(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
-                    .spawn(move || serve::background_thread(&shared, &plan, prefetch))
+                    .spawn(move || serve::background_thread(&shared, &plan, prefetch, &threads))
                     .map_err(PagerError::Thread)?,
             );
         }
@@ -287,15 +280,8 @@ impl PageServer {
         self.shared.recorded()
     }
 
-    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
-        match self.threads.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
     fn adopt(&self, thread: JoinHandle<()>) {
-        self.threads().push(thread);
+        self.threads.adopt(thread);
     }
 
     /// Stops the server's threads and waits for them; memory stays registered until the server
@@ -303,10 +289,7 @@ impl PageServer {
     /// background copy races the unmapping of guest memory.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        let threads: Vec<_> = self.threads().drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
+        self.threads.join_all();
     }
 
     /// Installs every chunk not yet installed, from the calling thread, and returns once all

@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::shared::{Halt, Outcome, Shared, Staging};
@@ -99,9 +101,65 @@ fn drain_until_stopped(shared: &Shared) {
     }
 }
 
-pub(super) fn background_thread(shared: &Shared, plan: &WorkingSetPlan, prefetch: bool) {
+/// A server's threads: started with it, except the stream follower, which the prefetch
+/// thread starts once a guest reads in order (no thread to start, nor to wake, on a restore
+/// path whose guest never does).
+#[derive(Clone, Default)]
+pub(super) struct Threads(Arc<Mutex<Vec<JoinHandle<()>>>>);
+
+impl Threads {
+    fn list(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn adopt(&self, thread: JoinHandle<()>) {
+        self.list().push(thread);
+    }
+
+    /// Joins every thread, also one a thread being joined adopted meanwhile.
+    pub(super) fn join_all(&self) {
+        loop {
+            let batch: Vec<_> = self.list().drain(..).collect();
+            if batch.is_empty() {
+                return;
+            }
+            for t in batch {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Starts the stream follower where the host has a second CPU, unless the server is
+    /// stopping (checked under the list's lock, which `join_all` takes to drain it).
+    fn start_follower(&self, shared: &Arc<Shared>) {
+        if vmm_core::config::host_cpus() < 2 {
+            return;
+        }
+        let mut list = self.list();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let follower = shared.clone();
+        match std::thread::Builder::new()
+            .name("uffd-stream".into())
+            .spawn(move || stream_follower(&follower))
+        {
+            Ok(thread) => list.push(thread),
+            // The prefetch thread follows alone.
+            Err(e) => tracing::debug!(error = %e, "no second thread follows the guest"),
+        }
+    }
+}
+
+pub(super) fn background_thread(
+    shared: &Arc<Shared>,
+    plan: &WorkingSetPlan,
+    prefetch: bool,
+    threads: &Threads,
+) {
     run_caught(shared, "uffd-prefetch", || {
-        fill_in_background(shared, Some(plan), prefetch, true)
+        let start_follower = || threads.start_follower(shared);
+        fill_in_background(shared, Some(plan), prefetch, true, Some(&start_follower))
     });
 }
 
@@ -130,7 +188,7 @@ fn run_caught(
 
 /// Where the host has a second CPU: a second installer for a guest reading in order (see
 /// `shared::stream`), until the full prefetch is over.
-pub(super) fn stream_follower(shared: &Shared) {
+fn stream_follower(shared: &Shared) {
     run_caught(shared, "uffd-stream", || {
         let mut installer = Installer::default();
         let count = shared.chunk_count();
@@ -311,6 +369,7 @@ fn fill_in_background(
     plan: Option<&WorkingSetPlan>,
     prefetch: bool,
     after_burst: bool,
+    start_follower: Option<&dyn Fn()>,
 ) -> Result<(), PagerError> {
     let mut installer = Installer::default();
     if let Some(plan) = plan {
@@ -332,10 +391,14 @@ fn fill_in_background(
     let count = shared.chunk_count();
     let mut scan = 0;
     let mut priority = Priority::Normal;
+    let mut start_follower = start_follower;
     loop {
         let (index, whole) = match shared.stream.next(count) {
             Some(index) => {
                 priority.set(Priority::Normal);
+                if let Some(start) = start_follower.take() {
+                    start();
+                }
                 (index, true)
             }
             None if scan < count => {
@@ -403,7 +466,7 @@ impl Priority {
 
 /// Installs every chunk still missing from the calling thread (counted as prefetched).
 pub(super) fn install_all(shared: &Shared) {
-    if let Err(e) = fill_in_background(shared, None, true, false) {
+    if let Err(e) = fill_in_background(shared, None, true, false, None) {
         shared.fail(e);
     }
 }

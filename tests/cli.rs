@@ -382,3 +382,34 @@ fn nested_host_run_refuses_bad_flags_before_starting_anything() {
         .expect("run thaw");
     assert_refused(&out, "already runs inside a nested host");
 }
+
+/// Issue 14, defect 1: `--replace` deleted whatever was at the target. It replaces only a
+/// snapshot now, and says so before anything boots.
+#[test]
+fn snapshot_create_replace_refuses_what_is_not_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::write(photos.join("cat.jpg"), b"meow").unwrap();
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, b"keep me").unwrap();
+    for target in [&photos, &notes] {
+        let started = std::time::Instant::now();
+        assert_refused(
+            &thaw(&[
+                "snapshot",
+                "create",
+                "--replace",
+                "--out",
+                target.to_str().unwrap(),
+            ]),
+            "refusing to replace",
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "refused only after booting"
+        );
+    }
+    assert_eq!(std::fs::read(photos.join("cat.jpg")).unwrap(), b"meow");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"keep me");
+}

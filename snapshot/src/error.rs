@@ -18,6 +18,8 @@ pub enum WriteError {
     TargetName { path: PathBuf },
     #[error("{path} already exists; pass replace to overwrite it")]
     TargetExists { path: PathBuf },
+    #[error("refusing to replace {path}: {reason}; only a snapshot directory is replaced")]
+    NotASnapshot { path: PathBuf, reason: String },
     #[error("key handling failed")]
     Key(#[from] KeyError),
     #[error("AES-256-GCM refused to seal {what}")]

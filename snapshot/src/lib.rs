@@ -37,6 +37,7 @@ pub mod host_key;
 mod info;
 mod keys;
 mod reader;
+mod regular_file;
 mod residency;
 mod seal;
 pub mod state_blob;
@@ -46,6 +47,7 @@ mod writer;
 pub mod xdg;
 
 pub use chunk::is_zero;
+pub use regular_file::open_regular;
 
 /// The chunk codec alone, for `benches/codec.rs`; not part of the API.
 #[doc(hidden)]
@@ -129,4 +131,6 @@ pub use working_set::{
     RecordingEnd, WORKING_SET_FILE, WORKING_SET_MAGIC, WORKING_SET_PREAMBLE_LEN,
     WORKING_SET_VERSION, WorkingSet,
 };
-pub use writer::{MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write};
+pub use writer::{
+    MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, check_replaceable, write,
+};

@@ -146,7 +146,7 @@ impl Snapshot {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
+        let file = crate::open_regular(&path).map_err(io)?;
         let found = file.metadata().map_err(io)?.len();
         if found > MAX_FILE_LEN {
             return Err(ReadError::TooLarge {
@@ -668,6 +668,15 @@ fn check_header(
     if !(tag_len..=MAX_MANIFEST_LEN).contains(&h.manifest.len) {
         return Err(invalid_header("manifest section length out of bounds"));
     }
+    // Each entry takes at least its 4-byte kind, after the list's 8-byte length: more chunks
+    // than that cannot be described, and their layout is never built (1 TiB in 4 KiB chunks
+    // is 4 GiB of it).
+    let most = h.manifest.len.saturating_sub(tag_len + 8) / 4;
+    if h.chunk_count > most {
+        return Err(invalid_header(
+            "more chunks than the manifest section can describe",
+        ));
+    }
     Ok(())
 }
 
@@ -678,6 +687,13 @@ fn check_manifest(
     manifest: &[ChunkEntry],
     tag_len: u64,
 ) -> Result<Vec<ChunkInfo>, ReadError> {
+    if manifest.len() as u64 != h.chunk_count {
+        return Err(invalid_manifest(format!(
+            "{} entries for {} chunks",
+            manifest.len(),
+            h.chunk_count
+        )));
+    }
     let layout = format::chunk_layout(&h.regions, h.chunk_size)
         .ok_or_else(|| invalid_manifest("chunk layout overflows".into()))?;
     if layout.len() != manifest.len() {

@@ -159,6 +159,37 @@ fn rejects_stored_lengths_that_do_not_fit_the_pages() {
     assert!(r.contains("shorter than its tag"), "{r}");
 }
 
+/// A validly sealed header may still describe more memory than its manifest could: 1 TiB in
+/// 4 KiB chunks is refused from the header's numbers, before any layout is built.
+#[test]
+fn rejects_more_chunks_than_the_manifest_can_describe() {
+    let mut h = header(1000);
+    h.chunk_size = 4096;
+    h.regions = vec![RegionDesc {
+        guest_addr: 0,
+        size: 1 << 40,
+    }];
+    h.chunk_count = (1u64 << 40) / 4096;
+    let p = Preamble {
+        version: 1,
+        protection: PROTECTION_AES_256_GCM,
+        file_len: 1000 + 10_000 + TAG + 100,
+        header_len: 0,
+        key_id: crate::keys::KeyId::default(),
+        wrap_nonce: [0; 12],
+        wrapped_key: [0; 48],
+    };
+    match check_header(&h, &p, 1000, TAG) {
+        Err(ReadError::HeaderInvalid { reason }) => {
+            assert!(reason.contains("more chunks than the manifest"), "{reason}")
+        }
+        other => panic!("expected HeaderInvalid, got {other:?}"),
+    }
+    // And a manifest of the wrong length is told so before the layout is built.
+    let r = manifest_reason(&h, &[ChunkEntry::Zero]);
+    assert!(r.contains("1 entries for 268435456 chunks"), "{r}");
+}
+
 #[test]
 fn rejects_headers_whose_sections_do_not_tile_the_file() {
     let h = header(1000);

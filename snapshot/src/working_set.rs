@@ -177,9 +177,16 @@ pub(crate) fn load(dir: &Path, cx: &Context<'_>) -> Result<Option<WorkingSet>, R
         path: path.clone(),
         source,
     };
-    let file = match File::open(&path) {
+    let file = match crate::open_regular(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Absent means no working set; a symlink to nothing is present and bad, and a present
+        // but bad working set is never ignored.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(&path).is_err() =>
+        {
+            return Ok(None);
+        }
         Err(e) => return Err(fail(WorkingSetError::Io(e))),
     };
     // Bounded before reading: a full set names every chunk once.

@@ -127,6 +127,57 @@ fn a_snapshot_without_one_says_so() {
     assert!(info.to_string().contains("working set: none recorded"));
 }
 
+fn mkfifo(path: &Path) {
+    let c =
+        std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Present but not a working set: a symlink to nothing, a FIFO (which must not hang the
+/// reader), a device. Each is refused, none taken as "no working set".
+#[test]
+fn a_dangling_symlink_a_fifo_or_a_device_as_the_working_set_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_snapshot(tmp.path(), "snap", &Protection::Encrypted(&key()));
+    let ws = ws_path(&dir);
+    std::os::unix::fs::symlink(tmp.path().join("nothing-here"), &ws).unwrap();
+    assert!(matches!(
+        open_err(&dir, Some(&key())),
+        WorkingSetError::Io(_)
+    ));
+    std::fs::remove_file(&ws).unwrap();
+    mkfifo(&ws);
+    let started = std::time::Instant::now();
+    let WorkingSetError::Io(e) = open_err(&dir, Some(&key())) else {
+        panic!("a FIFO is an I/O error")
+    };
+    assert!(e.to_string().contains("a FIFO"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    std::fs::remove_file(&ws).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &ws).unwrap();
+    let WorkingSetError::Io(e) = open_err(&dir, Some(&key())) else {
+        panic!("a device is an I/O error")
+    };
+    assert!(e.to_string().contains("a character device"), "{e}");
+}
+
+/// A FIFO in the snapshot file's place fails at once instead of waiting for a writer.
+#[test]
+fn a_fifo_as_the_snapshot_file_is_refused_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    std::fs::create_dir(&dir).unwrap();
+    mkfifo(&dir.join(crate::format::SNAPSHOT_FILE));
+    match Snapshot::open(&dir, Some(&key())) {
+        Err(ReadError::Io { source, .. }) => {
+            assert!(source.to_string().contains("a FIFO"), "{source}")
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a FIFO was opened as a snapshot"),
+    }
+}
+
 #[test]
 fn replacing_and_removing_are_atomic_and_use_fresh_nonces() {
     let tmp = tempfile::tempdir().unwrap();

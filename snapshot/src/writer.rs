@@ -13,8 +13,8 @@ use crate::chunk::{Encoded, Encoder};
 use crate::error::WriteError;
 use crate::fingerprint::Fingerprint;
 use crate::format::{
-    self, ChunkEntry, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, Header, MAX_HEADER_LEN, MAX_MANIFEST_LEN,
-    MAX_STATE_LEN, NONCE_LEN, PAGE_SIZE, PREAMBLE_LEN, PROTECTION_AES_256_GCM,
+    self, ChunkEntry, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, Header, MAGIC, MAX_HEADER_LEN,
+    MAX_MANIFEST_LEN, MAX_STATE_LEN, NONCE_LEN, PAGE_SIZE, PREAMBLE_LEN, PROTECTION_AES_256_GCM,
     PROTECTION_INSECURE_PLAINTEXT, Preamble, RegionDesc, SNAPSHOT_FILE, SectionRef, SnapshotId,
     WRAPPED_KEY_LEN,
 };
@@ -95,10 +95,13 @@ pub fn write(
     options: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
     let (parent, name) = split_target(dir)?;
-    if !options.replace && fs::symlink_metadata(dir).is_ok() {
-        return Err(WriteError::TargetExists {
-            path: dir.to_owned(),
-        });
+    if fs::symlink_metadata(dir).is_ok() {
+        if !options.replace {
+            return Err(WriteError::TargetExists {
+                path: dir.to_owned(),
+            });
+        }
+        check_replaceable(dir)?;
     }
     let (tmp, mut summary) = write_unpublished(dir, meta, state, memory, protection, options)?;
     let mut guard = TempGuard(Some(tmp.clone()));
@@ -459,6 +462,48 @@ impl ChunkWriter<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `dir`, which exists, may be replaced by a new snapshot: only a snapshot directory
+/// may — a real directory (not a symlink) holding a snapshot file that starts with the format's
+/// magic, and nothing else a snapshot does not hold. Replacing deletes the old directory, so
+/// anything else at the target (a directory of other files, a regular file) is refused.
+pub fn check_replaceable(dir: &Path) -> Result<(), WriteError> {
+    let refuse = |reason: String| WriteError::NotASnapshot {
+        path: dir.to_owned(),
+        reason,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|e| refuse(e.to_string()))?;
+    if !meta.file_type().is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    let entries = fs::read_dir(dir).map_err(|e| refuse(e.to_string()))?;
+    let mut has_snapshot = false;
+    for entry in entries {
+        let entry = entry.map_err(|e| refuse(e.to_string()))?;
+        let name = entry.file_name();
+        if name == SNAPSHOT_FILE {
+            has_snapshot = true;
+        } else if name != crate::working_set::WORKING_SET_FILE {
+            return Err(refuse(format!(
+                "it holds {}, which is not part of a snapshot",
+                name.to_string_lossy()
+            )));
+        }
+    }
+    if !has_snapshot {
+        return Err(refuse(format!("it holds no {SNAPSHOT_FILE}")));
+    }
+    let mut magic = [0u8; MAGIC.len()];
+    let read = crate::open_regular(&dir.join(SNAPSHOT_FILE))
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0));
+    match read {
+        Ok(()) if magic == MAGIC => Ok(()),
+        Ok(()) => Err(refuse(format!(
+            "its {SNAPSHOT_FILE} is not a Thaw snapshot"
+        ))),
+        Err(e) => Err(refuse(format!("its {SNAPSHOT_FILE}: {e}"))),
     }
 }
 

@@ -112,6 +112,52 @@ fn replace_swaps_in_the_new_snapshot_and_removes_the_old() {
     write_at(&dir.path().join("fresh"), 3, true).unwrap();
 }
 
+/// Replacing deletes the old directory, so only a snapshot is replaced: a directory of other
+/// files, an empty one, a regular file, a symlink or a directory whose snapshot file is not one
+/// is refused and left exactly as it was.
+#[test]
+fn replace_refuses_anything_but_a_snapshot_and_leaves_it_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    fs::create_dir(&photos).unwrap();
+    fs::write(photos.join("cat.jpg"), b"meow").unwrap();
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let file = dir.path().join("notes.txt");
+    fs::write(&file, b"keep me").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&photos, &link).unwrap();
+    let fake = dir.path().join("fake");
+    fs::create_dir(&fake).unwrap();
+    fs::write(fake.join(SNAPSHOT_FILE), b"not a snapshot at all").unwrap();
+    let snap = dir.path().join("snap");
+    write_at(&snap, 1, false).unwrap();
+    fs::write(snap.join("extra"), b"user data").unwrap();
+    for (target, needle) in [
+        (&photos, "cat.jpg"),
+        (&empty, "no snapshot.thaw"),
+        (&file, "not a directory"),
+        (&link, "not a directory"),
+        (&fake, "not a Thaw snapshot"),
+        (&snap, "extra"),
+    ] {
+        let err = write_at(target, 2, true).unwrap_err();
+        assert!(
+            matches!(err, WriteError::NotASnapshot { .. }) && err.to_string().contains(needle),
+            "{}: {err}",
+            target.display()
+        );
+    }
+    assert_eq!(fs::read(photos.join("cat.jpg")).unwrap(), b"meow");
+    assert!(empty.is_dir());
+    assert_eq!(fs::read(&file).unwrap(), b"keep me");
+    assert_eq!(fs::read(snap.join("extra")).unwrap(), b"user data");
+    assert_eq!(
+        entries(dir.path()),
+        ["empty", "fake", "link", "notes.txt", "photos", "snap"]
+    );
+}
+
 #[test]
 fn race_at_publish_time_is_refused_by_rename_noreplace() {
     let dir = tempfile::tempdir().unwrap();

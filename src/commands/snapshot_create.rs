@@ -77,6 +77,9 @@ pub enum CreateError {
     /// A snapshot already exists at the target.
     #[error("{} already exists; pass --replace to replace it", .0.display())]
     TargetExists(PathBuf),
+    /// `--replace` names something that is not a snapshot.
+    #[error(transparent)]
+    NotReplaceable(snapshot::WriteError),
     /// The agent's socket could not be set up.
     #[error("cannot listen for the guest's agent on {}", path.display())]
     AgentSocket {
@@ -179,8 +182,12 @@ pub fn create(
     options: CreateOptions,
     console: Box<dyn Write + Send>,
 ) -> Result<Created, CreateError> {
-    if !options.replace && std::fs::symlink_metadata(&options.out).is_ok() {
-        return Err(CreateError::TargetExists(options.out.clone()));
+    if std::fs::symlink_metadata(&options.out).is_ok() {
+        if !options.replace {
+            return Err(CreateError::TargetExists(options.out.clone()));
+        }
+        // Checked again when the snapshot is published; refused here before anything boots.
+        snapshot::check_replaceable(&options.out).map_err(CreateError::NotReplaceable)?;
     }
     let mut config = options.boot.machine_config()?;
     // Kept until the VM is gone: the agent's socket may live in it.

@@ -90,7 +90,7 @@ async fn idle_environment(snap: &Path, key: &Path, copy: Option<&CopyGrant>) -> 
         snapshot: snap.to_owned(),
         key_file: Some(key.to_owned()),
         memory: MemoryMode::Lazy,
-        chunks_verified: true,
+        verified: Some(support::snapshot_id(snap, key)),
         after_restore_timeout: Duration::from_secs(60),
     };
     let info = worker

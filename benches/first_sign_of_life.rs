@@ -215,7 +215,7 @@ async fn thawd_once(w: &Workload, key: &Path, ahead: bool, out: &mut Samples) {
         snapshot: w.snap.clone(),
         key_file: Some(key.to_owned()),
         memory: MemoryMode::Lazy,
-        chunks_verified: true,
+        verified: Some(support::snapshot_id(&w.snap, key)),
         after_restore_timeout: Duration::from_secs(60),
     };
     // As thawd prepares its spare workers, before any invocation.

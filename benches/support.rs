@@ -123,3 +123,13 @@ pub fn agent_snapshot(
     snapshot_create::create(options, Box::new(std::io::sink())).expect("snapshot of the agent");
     snap
 }
+
+/// The id of the snapshot at `snap` (sealed with the key file `key`), as thawd's registry
+/// records it for its workers.
+#[allow(dead_code, clippy::expect_used)] // not every bench restores through a worker; a bench fails loudly
+pub fn snapshot_id(snap: &std::path::Path, key: &std::path::Path) -> snapshot::SnapshotId {
+    let key = snapshot::MasterKey::load(key).expect("master key");
+    snapshot::Snapshot::open(snap, Some(&key))
+        .expect("the snapshot opens")
+        .id()
+}

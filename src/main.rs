@@ -669,6 +669,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 baseline_memory_file: None,
                 shells: None,
                 shared_copy: None,
+                expected_snapshot: None,
             };
             thaw::commands::restore::run(
                 &dir,

@@ -248,6 +248,15 @@ fn thawd_refuses_bad_flags_and_configs_before_serving() {
         &config("[functions.f]\nsnapshot = \"s\"\nmemory_mib = 128\nkey_file = \"nokey\"\n"),
         "cannot load key file",
     );
+    // Issue 14, defect 12: not a config file at all, refused at once instead of read for ever.
+    assert_refused(&thawd(&["--config", "/dev/zero"]), "a character device");
+    // Issue 14, defect 7: a dead-letter "directory" that is a file is refused at start-up,
+    // not found unusable when a failed event has to be kept.
+    std::fs::write(dir.path().join("dl"), b"").unwrap();
+    assert_refused(
+        &config("dead_letter_dir = \"dl\"\n[functions.f]\nsnapshot = \"s\"\nmemory_mib = 128\n"),
+        "dead_letter_dir",
+    );
 }
 
 #[test]

@@ -299,19 +299,15 @@ fn tampered_or_wrong_key_snapshots_are_refused_before_the_guest_runs() {
 }
 
 /// The checksum the guest printed after its fill.
-/// The host check now runs beside opening the snapshot and building the machine (its scratch
-/// VM is slow on PVM), but its verdict still comes before any of the machine is restored.
-#[test]
-fn a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs() {
-    if !require_kvm("a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("k");
-    let (snap, _) = make_snapshot_sized(dir.path(), &key, 0, "");
-    let master = snapshot::MasterKey::load(&key).unwrap();
-    let opened = snapshot::Snapshot::open(&snap, Some(&master)).unwrap();
-    // The same guest, written again as if captured on the other vendor's CPU.
+/// `snap` written again at `out` with `change` made to what the writer records about the
+/// machine (its host fingerprint, its vCPU count): the same guest, sealed with the same key.
+fn rewritten(
+    snap: &std::path::Path,
+    master: &snapshot::MasterKey,
+    out: &std::path::Path,
+    change: impl FnOnce(&mut snapshot::SnapshotMeta),
+) {
+    let opened = snapshot::Snapshot::open(snap, Some(master)).unwrap();
     let mut memory: Vec<Vec<u8>> = opened
         .regions()
         .iter()
@@ -334,13 +330,11 @@ fn a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs() {
             .read_chunk_authenticated(index, &mut bytes[at..at + chunk.len as usize])
             .unwrap();
     }
-    let mut fingerprint = opened.fingerprint().clone();
-    let other_vendor = if fingerprint.cpu.vendor == "AuthenticAMD" {
-        "GenuineIntel"
-    } else {
-        "AuthenticAMD"
+    let mut meta = snapshot::SnapshotMeta {
+        fingerprint: opened.fingerprint().clone(),
+        vcpus: opened.info().vcpus,
     };
-    fingerprint.cpu.vendor = other_vendor.into();
+    change(&mut meta);
     let regions: Vec<snapshot::MemoryRegion> = opened
         .regions()
         .iter()
@@ -350,23 +344,29 @@ fn a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs() {
             bytes,
         })
         .collect();
-    let foreign = dir.path().join("foreign");
     snapshot::write(
-        &foreign,
-        &snapshot::SnapshotMeta {
-            fingerprint,
-            vcpus: opened.info().vcpus,
-        },
+        out,
+        &meta,
         opened.state(),
         &regions,
-        &snapshot::Protection::Encrypted(&master),
+        &snapshot::Protection::Encrypted(master),
         &snapshot::WriteOptions::default(),
     )
     .unwrap();
-    let uds = dir.path().join("r.sock");
+}
+
+/// `thaw restore` of `snap` (under each chunk check) fails with `needles` in its message, and
+/// no VM was created.
+fn assert_refused_before_the_guest_runs(
+    dir: &std::path::Path,
+    snap: &std::path::Path,
+    key: &std::path::Path,
+    needles: &[&str],
+) {
+    let uds = dir.join("r.sock");
     for check in ["once", "upfront", "on-install"] {
         let out = restore(&[
-            foreign.to_str().unwrap(),
+            snap.to_str().unwrap(),
             "--key-file",
             key.to_str().unwrap(),
             "--chunk-check",
@@ -379,14 +379,65 @@ fn a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs() {
             String::from_utf8_lossy(&out.stderr),
         );
         assert_eq!(out.status.code(), Some(1), "{check}: {stderr}");
-        assert!(
-            stderr.contains("cannot be restored on this host")
-                && stderr.contains(&format!("taken on a {other_vendor} CPU")),
-            "{check}: {stderr}"
-        );
+        for needle in needles {
+            assert!(stderr.contains(needle), "{check}: {stderr}");
+        }
         assert!(stdout.is_empty(), "{check}: the guest printed {stdout}");
         assert!(!uds.exists(), "{check}: a VM was created");
     }
+}
+
+/// The host check asks the shell's vCPU what the host offers (no scratch VM on the path), but
+/// its verdict still comes before any of the machine is restored.
+#[test]
+fn a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs() {
+    if !require_kvm("a_snapshot_made_on_another_cpu_vendor_is_refused_before_the_guest_runs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_sized(dir.path(), &key, 0, "");
+    let master = snapshot::MasterKey::load(&key).unwrap();
+    let foreign = dir.path().join("foreign");
+    let mut other_vendor = String::new();
+    rewritten(&snap, &master, &foreign, |meta| {
+        other_vendor = if meta.fingerprint.cpu.vendor == "AuthenticAMD" {
+            "GenuineIntel".into()
+        } else {
+            "AuthenticAMD".into()
+        };
+        meta.fingerprint.cpu.vendor = other_vendor.clone();
+    });
+    assert_refused_before_the_guest_runs(
+        dir.path(),
+        &foreign,
+        &key,
+        &[
+            "cannot be restored on this host",
+            &format!("taken on a {other_vendor} CPU"),
+        ],
+    );
+}
+
+/// Issue 14, defect 9: `verify` refused a header whose vCPU count disagrees with the saved
+/// state, but `restore` restored it.
+#[test]
+fn a_header_and_state_that_disagree_on_vcpus_are_refused_before_the_guest_runs() {
+    if !require_kvm("a_header_and_state_that_disagree_on_vcpus_are_refused_before_the_guest_runs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, _) = make_snapshot_sized(dir.path(), &key, 0, "");
+    let master = snapshot::MasterKey::load(&key).unwrap();
+    let two = dir.path().join("two");
+    rewritten(&snap, &master, &two, |meta| meta.vcpus = 2);
+    assert_refused_before_the_guest_runs(
+        dir.path(),
+        &two,
+        &key,
+        &["its header says 2 vCPUs, its machine state holds 1"],
+    );
 }
 
 fn fill_checksum(console: &str) -> String {

@@ -84,7 +84,7 @@ fn restore_spec(snapshot: &Path, key: &Path) -> RestoreSpec {
         key_file: Some(key.to_owned()),
         memory: MemoryMode::Lazy,
         after_restore_timeout: Duration::from_secs(10),
-        chunks_verified: false,
+        verified: None,
     }
 }
 
@@ -422,6 +422,57 @@ async fn a_tampered_snapshot_is_refused_and_a_late_worker_is_killed() {
     drop(snap.dir);
 }
 
+/// Issue 14, defect 13: thawd compared a snapshot's memory size with its config only when it
+/// registered it, so a snapshot of another size put in its place later was served. Workers are
+/// now told the id of the snapshot registered, and refuse any other file, for every memory
+/// mode, before anything is built.
+#[tokio::test]
+async fn a_snapshot_replaced_after_registration_is_refused() {
+    if !require_kvm("a_snapshot_replaced_after_registration_is_refused") {
+        return;
+    }
+    let registered = snapshot_of_test_guest();
+    let key = snapshot::MasterKey::load(&registered.key).unwrap();
+    let registered_id = snapshot::Snapshot::open(&registered.path, Some(&key))
+        .unwrap()
+        .id();
+    // What is at the path now: another snapshot (of the same guest, another size would do).
+    let replacement = snapshot_with("thaw.keeper=1");
+    limited(async {
+        let _slot = vm_slot();
+        for memory in [MemoryMode::Lazy, MemoryMode::Eager] {
+            let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
+            let spec = RestoreSpec {
+                memory,
+                verified: Some(registered_id),
+                ..restore_spec(&replacement.path, &replacement.key)
+            };
+            let err = worker
+                .restore(spec, None, RESTORE_TIMEOUT)
+                .await
+                .unwrap_err();
+            let WorkerError::Failed { kind, message, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(kind, &FailureKind::Restore);
+            assert!(message.contains("it was replaced"), "{message}");
+            assert!(message.contains(&registered_id.to_string()), "{message}");
+            let status = worker.shutdown(SHORT).await.unwrap();
+            assert!(status.success(), "{status}");
+        }
+        // The snapshot registered is still restored.
+        let mut worker = Worker::spawn(&thawd(), "f").await.unwrap();
+        let spec = RestoreSpec {
+            verified: Some(registered_id),
+            ..restore_spec(&registered.path, &registered.key)
+        };
+        worker.restore(spec, None, RESTORE_TIMEOUT).await.unwrap();
+        worker.shutdown(SHORT).await.unwrap();
+    })
+    .await;
+    drop((registered.dir, replacement.dir));
+}
+
 #[tokio::test]
 async fn a_worker_killed_mid_life_is_reported_dead() {
     if !require_kvm("a_worker_killed_mid_life_is_reported_dead") {
@@ -624,7 +675,7 @@ fn requests_in_the_wrong_state_leave_the_guest_alone_and_closing_stdin_stops_it(
         memory: WireMemoryMode::Eager,
         after_restore_timeout_ms: 10_000,
         shared_copy: None,
-        chunks_verified: false,
+        verified: None,
     };
     let reply = worker.ask(&restore);
     assert!(matches!(reply, Reply::Restored { .. }), "{reply:?}");

@@ -45,6 +45,32 @@ pub enum RestoreError {
         /// The difference.
         reason: String,
     },
+    /// The file is not the snapshot that was registered (replaced since).
+    #[error(
+        "snapshot {} is {found}, not {registered}, the snapshot registered for it: it was replaced",
+        path.display()
+    )]
+    Replaced {
+        /// The snapshot.
+        path: PathBuf,
+        /// The id registered.
+        registered: snapshot::SnapshotId,
+        /// The id found.
+        found: snapshot::SnapshotId,
+    },
+    /// The authenticated header and the authenticated state describe different machines.
+    #[error(
+        "snapshot {}: its header says {header} vCPUs, its machine state holds {state}",
+        path.display()
+    )]
+    VcpuCount {
+        /// The snapshot.
+        path: PathBuf,
+        /// The header's count.
+        header: u8,
+        /// The state's.
+        state: usize,
+    },
     /// The state blob is unusable.
     #[error("snapshot {}: its machine state is unusable", path.display())]
     State {
@@ -183,6 +209,9 @@ pub struct RestoreOptions {
     pub use_working_set: bool,
     /// Lazy only: record the order in which chunks are first faulted.
     pub record_working_set: bool,
+    /// The snapshot this restore is for (thawd: the one it registered): a file at the path
+    /// with another id is refused before anything is built.
+    pub expected_snapshot: Option<snapshot::SnapshotId>,
     /// The host socket for the guest's vsock device (required if it has one).
     pub vsock_uds: Option<PathBuf>,
     /// A benchmark baseline, not a restore mode: take guest memory from this raw, plaintext,
@@ -208,6 +237,7 @@ impl Default for RestoreOptions {
             prefetch: true,
             use_working_set: true,
             record_working_set: false,
+            expected_snapshot: None,
             vsock_uds: None,
             baseline_memory_file: None,
             shells: None,
@@ -395,6 +425,15 @@ fn open_authenticated(
         .iter()
         .map(|r| (r.guest_addr, r.size))
         .collect();
+    // `verify` refused this; a restore must too (the header sized the machine's shell).
+    let header_vcpus = snap.vcpus();
+    if usize::from(header_vcpus) != state.vcpus.len() {
+        return Err(RestoreError::VcpuCount {
+            path: dir.to_owned(),
+            header: header_vcpus,
+            state: state.vcpus.len(),
+        });
+    }
     if regions != layout {
         return Err(RestoreError::MemoryLayout {
             path: dir.to_owned(),
@@ -431,6 +470,15 @@ pub fn restore(
 ) -> Result<Restored, RestoreError> {
     let started = Instant::now();
     let (snap, state) = open_authenticated(dir, key)?;
+    if let Some(registered) = options.expected_snapshot {
+        if snap.id() != registered {
+            return Err(RestoreError::Replaced {
+                path: dir.to_owned(),
+                registered,
+                found: snap.id(),
+            });
+        }
+    }
     let snap = Arc::new(snap);
     let open = started.elapsed();
 

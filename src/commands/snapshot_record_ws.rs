@@ -52,6 +52,7 @@ pub fn record(
             baseline_memory_file: None,
             shells: None,
             shared_copy: None,
+            expected_snapshot: None,
         },
         ..EnvironmentOptions::default()
     };

@@ -81,6 +81,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             f.key_file.clone_from(&host_key);
         }
     }
+    // Before the snapshots are verified (which may take a while): a start-up that will fail
+    // anyway fails at once.
+    service::check_dead_letter_dir(&config.dead_letter_dir)?;
     let shapes = service::register_all(&config)?;
     let worker = WorkerCommand {
         program: std::env::current_exe().context("cannot find thawd's own executable")?,

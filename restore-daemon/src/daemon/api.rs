@@ -685,7 +685,18 @@ fn check_json(payload: &[u8]) -> Result<(), ApiError> {
     if payload.is_empty() {
         return Ok(());
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+    // JSON is UTF-8, and skipping a string (IgnoredAny) does not check it: invalid UTF-8
+    // inside one was answered 200 (issue 14, defect 11).
+    let text = std::str::from_utf8(payload).map_err(|error| -> ApiError {
+        InvokeFailure::InvalidRequest {
+            message: format!(
+                "Could not parse request body into json: Could not parse payload into json: \
+                 {error}"
+            ),
+        }
+        .into()
+    })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(drop)
         .map_err(|error| {
             InvokeFailure::InvalidRequest {

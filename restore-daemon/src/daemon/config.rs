@@ -34,6 +34,16 @@ pub const MAX_TIMEOUT_SECS: u64 = 900;
 pub const MEMORY_MIB_RANGE: (u64, u64) = (128, 10_240);
 /// Where thawd listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9001";
+/// A config file longer than this is refused unread.
+pub const MAX_CONFIG_LEN: u64 = 1 << 20;
+/// Invocations at once, all functions together: each is a running VM and an event runner.
+pub const MAX_CONCURRENCY: u32 = 1024;
+/// A day: an idle environment is not kept longer.
+pub const MAX_IDLE_TTL_SECS: u64 = 86_400;
+/// Worker processes started ahead, per function.
+pub const MAX_SPARE_WORKERS: u32 = 16;
+/// Asynchronous invocations queued at once.
+pub const MAX_EVENT_QUEUE: u32 = 100_000;
 
 /// The config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -201,10 +211,25 @@ fn default_copy_budget() -> u64 {
 /// Reads and checks the config file at `path`. Relative paths in it are taken relative to
 /// the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read;
+    let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    // A regular file, read up to a bound: `--config /dev/zero` read for ever (issue 14).
+    let file = snapshot::open_regular(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_LEN {
+        return Err(read_error(std::io::Error::other(format!(
+            "larger than {} KiB",
+            MAX_CONFIG_LEN >> 10
+        ))));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, path, base)
 }
@@ -238,14 +263,33 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             })?)
         }
     };
-    let max_concurrency = raw.max_concurrency.unwrap_or(8);
-    if max_concurrency == 0 {
-        return Err(invalid("max_concurrency", "must be at least 1".into()));
-    }
-    let idle_ttl_secs = raw.idle_ttl_secs.unwrap_or(300);
-    if idle_ttl_secs == 0 {
-        return Err(invalid("idle_ttl_secs", "must be at least 1".into()));
-    }
+    let bounded = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid(
+                key,
+                format!("{value} is outside {}..={}", range.start(), range.end()),
+            ))
+        }
+    };
+    // Each unit of concurrency is a running VM and an event runner: `4294967295` grew until
+    // the OOM killer acted (issue 14, defect 5).
+    let max_concurrency = bounded(
+        "max_concurrency",
+        raw.max_concurrency.unwrap_or(8).into(),
+        1..=MAX_CONCURRENCY.into(),
+    )? as u32;
+    let idle_ttl_secs = bounded(
+        "idle_ttl_secs",
+        raw.idle_ttl_secs.unwrap_or(300),
+        1..=MAX_IDLE_TTL_SECS,
+    )?;
+    let spare_workers = bounded(
+        "spare_workers",
+        raw.spare_workers.unwrap_or(1).into(),
+        0..=MAX_SPARE_WORKERS.into(),
+    )? as u32;
     let event_retry_delays_ms = raw
         .event_retry_delays_ms
         .unwrap_or_else(|| vec![1000, 2000]);
@@ -255,10 +299,11 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             "at most 10 retries, each at most 3600000 ms".into(),
         ));
     }
-    let event_queue_capacity = raw.event_queue_capacity.unwrap_or(10_000);
-    if event_queue_capacity == 0 {
-        return Err(invalid("event_queue_capacity", "must be at least 1".into()));
-    }
+    let event_queue_capacity = bounded(
+        "event_queue_capacity",
+        raw.event_queue_capacity.unwrap_or(10_000).into(),
+        1..=MAX_EVENT_QUEUE.into(),
+    )? as u32;
     let decoded_copy_budget = match raw.decoded_copy_budget_mib {
         Some(mib) => mib
             .checked_mul(1 << 20)
@@ -299,6 +344,13 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
                 format!("{timeout_secs} is outside 1..={MAX_TIMEOUT_SECS}"),
             ));
         }
+        if let Some(reserved) = f.reserved_concurrency {
+            bounded(
+                &key("reserved_concurrency"),
+                reserved.into(),
+                0..=max_concurrency.into(),
+            )?;
+        }
         let function = FunctionConfig {
             name: name.clone(),
             snapshot: anchor(base, f.snapshot),
@@ -317,7 +369,7 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
         listen,
         max_concurrency,
         idle_ttl: Duration::from_secs(idle_ttl_secs),
-        spare_workers: raw.spare_workers.unwrap_or(1).min(16),
+        spare_workers,
         max_idle_per_function: raw.max_idle_per_function.unwrap_or(u32::MAX),
         dead_letter_dir: anchor(
             base,
@@ -453,6 +505,19 @@ mod tests {
                 "decoded_copy_budget_mib = 17592186044416\n",
                 "decoded_copy_budget_mib",
             ),
+            // Issue 14, defect 5: every value is bounded, with the key named.
+            ("max_concurrency = 4294967295\n", "max_concurrency"),
+            ("max_concurrency = 1025\n", "1025 is outside 1..=1024"),
+            ("idle_ttl_secs = 0\n", "idle_ttl_secs"),
+            ("idle_ttl_secs = 86401\n", "idle_ttl_secs"),
+            ("spare_workers = 17\n", "spare_workers"),
+            ("event_queue_capacity = 0\n", "event_queue_capacity"),
+            ("event_queue_capacity = 100001\n", "event_queue_capacity"),
+            (
+                "max_concurrency = 2\n[functions.x]\nsnapshot = \"s\"\nmemory_mib = 128\n\
+                 reserved_concurrency = 3\n",
+                "functions.x.reserved_concurrency",
+            ),
         ] {
             let text = if text.contains("[functions") {
                 text.to_owned()
@@ -470,5 +535,35 @@ mod tests {
     fn a_missing_file_is_a_read_error() {
         let e = load(Path::new("/nonexistent/thawd.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+
+    /// Issue 14, defect 12: `--config /dev/zero` read for ever. A device, a FIFO and a file
+    /// over the bound are refused, each at once.
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let chain = |e: &ConfigError| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        };
+        let e = load(Path::new("/dev/zero")).unwrap_err();
+        assert!(chain(&e).contains("a character device"), "{}", chain(&e));
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = load(&fifo).unwrap_err();
+        assert!(chain(&e).contains("a FIFO"), "{}", chain(&e));
+        let big = dir.path().join("big.toml");
+        let mut text = String::from(ONE);
+        text.push_str(&"# padding\n".repeat((MAX_CONFIG_LEN / 10) as usize + 1));
+        std::fs::write(&big, text).unwrap();
+        let e = load(&big).unwrap_err();
+        assert!(chain(&e).contains("larger than 1024 KiB"), "{}", chain(&e));
     }
 }

@@ -445,8 +445,8 @@ impl Pool {
                 MemoryChoice::Eager => MemoryMode::Eager,
             },
             after_restore_timeout: AFTER_RESTORE_BUDGET,
-            // The registry authenticated every chunk at start.
-            chunks_verified: true,
+            // The registry authenticated every chunk of this very file at start.
+            verified: Some(f.shape.id),
         };
         // A spare restored ahead already maps the copy; otherwise the copy, if it is ready.
         let grant = match (&f.copy_source, restored_ahead) {
@@ -510,7 +510,7 @@ impl Pool {
                         key_file: f.config.key_file.clone(),
                         memory: MemoryMode::Lazy,
                         after_restore_timeout: AFTER_RESTORE_BUDGET,
-                        chunks_verified: true,
+                        verified: Some(f.shape.id),
                     };
                     w.prepare_restore(&spec, grant, PREPARE_TIMEOUT).await?;
                 }
@@ -688,6 +688,7 @@ mod tests {
             .keys()
             .map(|name| {
                 let shape = SnapshotShape {
+                    id: snapshot::SnapshotId([1; 16]),
                     mem_bytes: 128 << 20,
                     vcpus: 1,
                     copy_sizes: Default::default(),

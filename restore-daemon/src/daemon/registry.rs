@@ -54,6 +54,8 @@ pub enum RegistryError {
 /// What thawd knows of a registered function's snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotShape {
+    /// The snapshot registered (its header's id): workers refuse any other file.
+    pub id: snapshot::SnapshotId,
     /// Guest memory, bytes.
     pub mem_bytes: u64,
     /// vCPUs.
@@ -101,6 +103,7 @@ pub fn register(function: &FunctionConfig) -> Result<SnapshotShape, RegistryErro
         });
     }
     Ok(SnapshotShape {
+        id: snap.id(),
         mem_bytes: state.mem_bytes,
         // A valid state has 1 to 255 vCPUs.
         vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),

@@ -29,6 +29,14 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The dead-letter directory is unusable: failed events would be lost.
+    #[error("dead_letter_dir {}: {reason}", path.display())]
+    DeadLetterDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The address could not be bound.
     #[error("cannot listen on {what}")]
     Listen {
@@ -57,6 +65,25 @@ pub fn register_all(config: &Config) -> Result<BTreeMap<String, SnapshotShape>, 
     Ok(shapes)
 }
 
+/// Creates the dead-letter directory if need be and checks that a file can be written there,
+/// at start-up: a failed event found it unusable only when it had to be kept (issue 14, defect
+/// 7: a regular file was accepted, and the events were lost with a log line).
+pub fn check_dead_letter_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
+    let unusable = |reason: String| DaemonError::DeadLetterDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| unusable(e.to_string()))?;
+    if !dir.is_dir() {
+        return Err(unusable("not a directory".into()));
+    }
+    tempfile::Builder::new()
+        .prefix(".thawd-check-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| unusable(format!("cannot write there: {e}")))
+}
+
 /// The [`Backend`] the HTTP layer talks to.
 pub struct Thawd {
     pool: Arc<Pool>,
@@ -71,6 +98,7 @@ impl Thawd {
         shapes: &BTreeMap<String, SnapshotShape>,
         worker: WorkerCommand,
     ) -> Result<Self, DaemonError> {
+        check_dead_letter_dir(&config.dead_letter_dir)?;
         let metrics = Arc::new(Metrics::new());
         let pool = Arc::new(
             Pool::new(config, shapes, worker, metrics).map_err(|source| DaemonError::LogDir {

@@ -61,9 +61,9 @@ pub struct RestoreSpec {
     pub key_file: Option<PathBuf>,
     /// How memory comes back.
     pub memory: MemoryMode,
-    /// Every chunk was authenticated when the snapshot was registered (see
-    /// `Request::Restore::chunks_verified`).
-    pub chunks_verified: bool,
+    /// The snapshot registered, its every chunk authenticated then (see
+    /// `Request::Restore::verified`): another file at `snapshot` is refused.
+    pub verified: Option<snapshot::SnapshotId>,
     /// The after-restore hooks' budget (Lambda: 10 s).
     pub after_restore_timeout: Duration,
 }
@@ -324,7 +324,7 @@ impl Worker {
             key_file: spec.key_file,
             memory: spec.memory.into(),
             after_restore_timeout_ms: millis(spec.after_restore_timeout),
-            chunks_verified: spec.chunks_verified,
+            verified: spec.verified.map(|id| id.0),
             shared_copy: copy.map(|g| g.copy.ticket()),
         };
         match self.ask(&request, "Restore", timeout).await? {
@@ -707,7 +707,7 @@ mod tests {
             snapshot: "/s".into(),
             key_file: None,
             memory: MemoryMode::Lazy,
-            chunks_verified: true,
+            verified: Some(snapshot::SnapshotId([7; 16])),
             after_restore_timeout: Duration::from_secs(1),
         };
         let e = worker

@@ -294,14 +294,14 @@ impl<'c> Session<'c> {
                 key_file,
                 memory,
                 after_restore_timeout_ms,
-                chunks_verified,
+                verified,
                 shared_copy,
             } => self.restore(
                 &snapshot,
                 key_file.as_deref(),
                 memory,
                 Duration::from_millis(after_restore_timeout_ms),
-                chunks_verified,
+                verified.map(snapshot::SnapshotId),
                 shared_copy,
             ),
             Request::Invoke(invoke) => self.invoke(&invoke),
@@ -354,7 +354,7 @@ impl<'c> Session<'c> {
         key_file: Option<&Path>,
         memory: WireMemoryMode,
         after_restore_budget: Duration,
-        chunks_verified: bool,
+        verified: Option<snapshot::SnapshotId>,
         shared_copy: Option<CopyTicket>,
     ) -> Reply {
         if let State::Ahead {
@@ -393,11 +393,12 @@ impl<'c> Session<'c> {
         let options = EnvironmentOptions {
             restore: RestoreOptions {
                 memory: memory.into(),
-                chunk_check: if chunks_verified {
+                chunk_check: if verified.is_some() {
                     ChunkCheck::OnInstall
                 } else {
                     ChunkCheck::UpFront
                 },
+                expected_snapshot: verified,
                 shells,
                 shared_copy,
                 ..RestoreOptions::default()

@@ -44,7 +44,7 @@ fn restore(snapshot: &Path, key_file: Option<PathBuf>) -> Request {
         key_file,
         memory: WireMemoryMode::Lazy,
         after_restore_timeout_ms: 10_000,
-        chunks_verified: false,
+        verified: None,
         shared_copy: None,
     }
 }

@@ -109,10 +109,11 @@ pub enum Request {
         memory: WireMemoryMode,
         /// Budget for the after-restore hooks, ms (Lambda: 10 000).
         after_restore_timeout_ms: u64,
-        /// The daemon authenticated every chunk when it registered the snapshot: a lazy
-        /// restore then checks each chunk only as it installs it (`ChunkCheck::OnInstall`)
-        /// instead of reading the whole file again first.
-        chunks_verified: bool,
+        /// The id of the snapshot whose every chunk the daemon authenticated when it
+        /// registered the function: a lazy restore then checks each chunk only as it installs
+        /// it (`ChunkCheck::OnInstall`) instead of reading the whole file again first, and a
+        /// file with another id (replaced since) is refused.
+        verified: Option<[u8; 16]>,
         /// Guest memory comes from a decoded copy of the snapshot shared by the function's
         /// environments: its sealed memfd was sent on the descriptor channel just before this
         /// request (`super::copy_channel`), and `memory` applies only if it cannot be used.
@@ -487,7 +488,7 @@ mod tests {
                 key_file: Some("/etc/thaw/k".into()),
                 memory: WireMemoryMode::Lazy,
                 after_restore_timeout_ms: 10_000,
-                chunks_verified: true,
+                verified: Some([7; 16]),
                 shared_copy: Some(CopyTicket {
                     snapshot_id: [7; 16],
                     mem_bytes: 128 << 20,
@@ -498,7 +499,7 @@ mod tests {
                 key_file: None,
                 memory: WireMemoryMode::Eager,
                 after_restore_timeout_ms: 0,
-                chunks_verified: false,
+                verified: None,
                 shared_copy: None,
             },
             Request::Invoke(Invoke {

@@ -173,7 +173,8 @@ struct BootArgs {
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=1 pci=off";
-    /// empty for the test guest].
+    /// for the test guest: empty for `run`, "thaw.agent=1 thaw.init=snap-start" (its agent)
+    /// for `snapshot create`].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Guest memory in MiB (128 to 10240, as AWS Lambda allows) [default: 128; 512 for

@@ -422,3 +422,35 @@ fn snapshot_create_replace_refuses_what_is_not_a_snapshot() {
     assert_eq!(std::fs::read(photos.join("cat.jpg")).unwrap(), b"meow");
     assert_eq!(std::fs::read(&notes).unwrap(), b"keep me");
 }
+
+/// Issue 14: `thaw snapshot create --out DIR` alone booted the test guest without its agent and
+/// failed waiting for it. It snapshots the test guest's agent now, and the snapshot restores.
+#[test]
+fn snapshot_create_with_only_out_snapshots_the_test_guest_agent() {
+    if !require_kvm("snapshot_create_with_only_out_snapshots_the_test_guest_agent") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let out = dir.path().join("snap");
+    let _slot = vm_slot();
+    let created = thaw_bin()
+        .env("THAW_KEY_FILE", &key)
+        .args(["snapshot", "create", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let restored = thaw_bin()
+        .env("THAW_KEY_FILE", &key)
+        .env("XDG_STATE_HOME", dir.path())
+        .args(["restore", out.to_str().unwrap(), "--invoke", "{}"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    assert!(
+        stderr(&restored).contains("first sign of life"),
+        "{}",
+        stderr(&restored)
+    );
+}

@@ -129,7 +129,7 @@ impl std::fmt::Debug for PagerOptions {
 /// VM has stopped (or once [`PageServer::complete`]).
 pub struct PageServer {
     shared: Arc<Shared>,
-    /// Its threads, joined by `stop`; the prefetch thread adds the stream follower later.
+    /// Its threads, joined by `stop`.
     threads: serve::Threads,
 }
 
@@ -223,12 +223,20 @@ impl PageServer {
                     .map_err(PagerError::Thread)?,
             );
         }
+        if prefetch && vmm_core::config::host_cpus() > 1 {
+            let shared = shared.clone();
+            server.adopt(
+                std::thread::Builder::new()
+                    .name("uffd-stream".into())
+                    .spawn(move || serve::stream_follower(&shared))
+                    .map_err(PagerError::Thread)?,
+            );
+        }
         if prefetch || !plan.is_empty() {
-            let threads = server.threads.clone();
             server.adopt(
                 std::thread::Builder::new()
                     .name("uffd-prefetch".into())
-                    .spawn(move || serve::background_thread(&shared, &plan, prefetch, &threads))
+                    .spawn(move || serve::background_thread(&shared, &plan, prefetch))
                     .map_err(PagerError::Thread)?,
             );
         }
@@ -289,6 +297,7 @@ impl PageServer {
     /// background copy races the unmapping of guest memory.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.stream.wake_follower();
         self.threads.join_all();
     }
 

@@ -101,9 +101,7 @@ fn drain_until_stopped(shared: &Shared) {
     }
 }
 
-/// A server's threads: started with it, except the stream follower, which the prefetch
-/// thread starts once a guest reads in order (no thread to start, nor to wake, on a restore
-/// path whose guest never does).
+/// A server's threads, joined when it stops.
 #[derive(Clone, Default)]
 pub(super) struct Threads(Arc<Mutex<Vec<JoinHandle<()>>>>);
 
@@ -116,50 +114,17 @@ impl Threads {
         self.list().push(thread);
     }
 
-    /// Joins every thread, also one a thread being joined adopted meanwhile.
     pub(super) fn join_all(&self) {
-        loop {
-            let batch: Vec<_> = self.list().drain(..).collect();
-            if batch.is_empty() {
-                return;
-            }
-            for t in batch {
-                let _ = t.join();
-            }
-        }
-    }
-
-    /// Starts the stream follower where the host has a second CPU, unless the server is
-    /// stopping (checked under the list's lock, which `join_all` takes to drain it).
-    fn start_follower(&self, shared: &Arc<Shared>) {
-        if vmm_core::config::host_cpus() < 2 {
-            return;
-        }
-        let mut list = self.list();
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let follower = shared.clone();
-        match std::thread::Builder::new()
-            .name("uffd-stream".into())
-            .spawn(move || stream_follower(&follower))
-        {
-            Ok(thread) => list.push(thread),
-            // The prefetch thread follows alone.
-            Err(e) => tracing::debug!(error = %e, "no second thread follows the guest"),
+        let threads: Vec<_> = self.list().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
         }
     }
 }
 
-pub(super) fn background_thread(
-    shared: &Arc<Shared>,
-    plan: &WorkingSetPlan,
-    prefetch: bool,
-    threads: &Threads,
-) {
+pub(super) fn background_thread(shared: &Shared, plan: &WorkingSetPlan, prefetch: bool) {
     run_caught(shared, "uffd-prefetch", || {
-        let start_follower = || threads.start_follower(shared);
-        fill_in_background(shared, Some(plan), prefetch, true, Some(&start_follower))
+        fill_in_background(shared, Some(plan), prefetch, true)
     });
 }
 
@@ -187,9 +152,11 @@ fn run_caught(
 }
 
 /// Where the host has a second CPU: a second installer for a guest reading in order (see
-/// `shared::stream`), until the full prefetch is over.
-fn stream_follower(shared: &Shared) {
+/// `shared::stream`), until the full prefetch is over. Started with the server, so that every
+/// restore starts the same threads; it sleeps until a run wakes it (nothing polls).
+pub(super) fn stream_follower(shared: &Shared) {
     run_caught(shared, "uffd-stream", || {
+        shared.stream.register_follower();
         let mut installer = Installer::default();
         let count = shared.chunk_count();
         loop {
@@ -202,11 +169,16 @@ fn stream_follower(shared: &Shared) {
                         return Ok(());
                     }
                 }
-                None => std::thread::sleep(BURST_CHECK),
+                // Woken by a run, the end of the prefetch or the server stopping; the timeout
+                // only bounds a wake-up that went missing.
+                None => std::thread::park_timeout(FOLLOWER_NAP),
             }
         }
     });
 }
+
+/// The longest the stream follower sleeps without being woken.
+const FOLLOWER_NAP: Duration = Duration::from_millis(100);
 
 /// A working set of at least this many chunks gets a second installer where the host has a
 /// second CPU. An eager restore decodes on every core before the guest runs; a lazy one that
@@ -369,7 +341,6 @@ fn fill_in_background(
     plan: Option<&WorkingSetPlan>,
     prefetch: bool,
     after_burst: bool,
-    start_follower: Option<&dyn Fn()>,
 ) -> Result<(), PagerError> {
     let mut installer = Installer::default();
     if let Some(plan) = plan {
@@ -391,14 +362,10 @@ fn fill_in_background(
     let count = shared.chunk_count();
     let mut scan = 0;
     let mut priority = Priority::Normal;
-    let mut start_follower = start_follower;
     loop {
         let (index, whole) = match shared.stream.next(count) {
             Some(index) => {
                 priority.set(Priority::Normal);
-                if let Some(start) = start_follower.take() {
-                    start();
-                }
                 (index, true)
             }
             None if scan < count => {
@@ -466,7 +433,7 @@ impl Priority {
 
 /// Installs every chunk still missing from the calling thread (counted as prefetched).
 pub(super) fn install_all(shared: &Shared) {
-    if let Err(e) = fill_in_background(shared, None, true, false, None) {
+    if let Err(e) = fill_in_background(shared, None, true, false) {
         shared.fail(e);
     }
 }

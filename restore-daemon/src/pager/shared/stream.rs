@@ -16,6 +16,8 @@
 //! goes back to its pass in address order, so every chunk is still installed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread::Thread;
 
 /// Consecutive chunks faulted in order that make a stream.
 pub(in crate::pager) const RUN: usize = 4;
@@ -33,6 +35,8 @@ pub(in crate::pager) struct Stream {
     cursor: AtomicUsize,
     /// The full prefetch has passed over every chunk: nothing is left to follow.
     done: AtomicBool,
+    /// The follower thread, woken when there is something to follow or to stop for.
+    follower: Mutex<Option<Thread>>,
 }
 
 impl Default for Stream {
@@ -43,6 +47,7 @@ impl Default for Stream {
             ahead: AtomicUsize::new(NONE),
             cursor: AtomicUsize::new(NONE),
             done: AtomicBool::new(false),
+            follower: Mutex::new(None),
         }
     }
 }
@@ -59,6 +64,20 @@ impl Stream {
         self.run.store(run, Ordering::Relaxed);
         if run >= RUN {
             self.ahead.store(index.saturating_add(1), Ordering::Release);
+            self.wake_follower();
+        }
+    }
+
+    /// The calling thread is the follower: `wake_follower` wakes it.
+    pub fn register_follower(&self) {
+        *self.follower.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(std::thread::current());
+    }
+
+    /// Wakes the follower (a run to follow, the prefetch over, the server stopping).
+    pub fn wake_follower(&self) {
+        if let Some(t) = &*self.follower.lock().unwrap_or_else(PoisonError::into_inner) {
+            t.unpark();
         }
     }
 
@@ -85,6 +104,7 @@ impl Stream {
     /// The full prefetch is over.
     pub fn finish(&self) {
         self.done.store(true, Ordering::Release);
+        self.wake_follower();
     }
 
     pub fn finished(&self) -> bool {

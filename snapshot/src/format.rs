@@ -11,6 +11,9 @@ use crate::keys::KeyId;
 /// The single file inside a snapshot directory. A directory (not a bare file) leaves room for
 /// later sections (a working set, say) without changing how snapshots are published.
 pub const SNAPSHOT_FILE: &str = "snapshot.thaw";
+/// The working-set file inside a snapshot directory (`working_set`), the only other file one
+/// holds.
+pub const WORKING_SET_FILE: &str = "working-set.thaw";
 /// First eight bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"THAWSNAP";
 /// The format version this crate writes and the only one it reads.

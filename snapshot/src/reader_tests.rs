@@ -81,6 +81,19 @@ fn header(chunks_offset: u64) -> Header {
     }
 }
 
+/// The preamble of a file laid out as `header(1000)` says.
+fn preamble() -> Preamble {
+    Preamble {
+        version: 1,
+        protection: PROTECTION_AES_256_GCM,
+        file_len: 1000 + 10_000 + TAG + 100,
+        header_len: 0,
+        key_id: crate::keys::KeyId::default(),
+        wrap_nonce: [0; 12],
+        wrapped_key: [0; 48],
+    }
+}
+
 fn raw_chunk(offset: u64, bitmap: u8) -> ChunkEntry {
     let pages = u64::from(bitmap.count_ones());
     ChunkEntry::Data(DataChunk {
@@ -170,15 +183,7 @@ fn rejects_more_chunks_than_the_manifest_can_describe() {
         size: 1 << 40,
     }];
     h.chunk_count = (1u64 << 40) / 4096;
-    let p = Preamble {
-        version: 1,
-        protection: PROTECTION_AES_256_GCM,
-        file_len: 1000 + 10_000 + TAG + 100,
-        header_len: 0,
-        key_id: crate::keys::KeyId::default(),
-        wrap_nonce: [0; 12],
-        wrapped_key: [0; 48],
-    };
+    let p = preamble();
     match check_header(&h, &p, 1000, TAG) {
         Err(ReadError::HeaderInvalid { reason }) => {
             assert!(reason.contains("more chunks than the manifest"), "{reason}")
@@ -193,15 +198,7 @@ fn rejects_more_chunks_than_the_manifest_can_describe() {
 #[test]
 fn rejects_headers_whose_sections_do_not_tile_the_file() {
     let h = header(1000);
-    let p = Preamble {
-        version: 1,
-        protection: PROTECTION_AES_256_GCM,
-        file_len: 1000 + 10_000 + TAG + 100,
-        header_len: 0,
-        key_id: crate::keys::KeyId::default(),
-        wrap_nonce: [0; 12],
-        wrapped_key: [0; 48],
-    };
+    let p = preamble();
     assert!(check_header(&h, &p, 1000, TAG).is_ok());
     assert!(matches!(
         check_header(&h, &p, 999, TAG),

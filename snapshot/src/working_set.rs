@@ -22,8 +22,7 @@ use crate::format::{self, NONCE_LEN, SNAPSHOT_FILE, SnapshotId};
 use crate::keys::{hex, random};
 use crate::seal::{Domain, Sealer, section_aad};
 
-/// The working-set file inside a snapshot directory.
-pub const WORKING_SET_FILE: &str = "working-set.thaw";
+pub use crate::format::WORKING_SET_FILE;
 /// First eight bytes of a working-set file.
 pub const WORKING_SET_MAGIC: [u8; 8] = *b"THAWWSET";
 /// The working-set format version this crate writes and the only one it reads.

@@ -485,7 +485,7 @@ pub fn check_replaceable(dir: &Path) -> Result<(), WriteError> {
         let name = entry.file_name();
         if name == SNAPSHOT_FILE {
             has_snapshot = true;
-        } else if name != crate::working_set::WORKING_SET_FILE {
+        } else if name != format::WORKING_SET_FILE {
             return Err(refuse(format!(
                 "it holds {}, which is not part of a snapshot",
                 name.to_string_lossy()

@@ -3,13 +3,19 @@
 //! or a service failure (Lambda retries twice, with delays), and written to the dead-letter
 //! directory when the retries are used up. A throttled attempt waits and tries again without
 //! counting as a retry, until the event is older than Lambda's maximum event age (6 hours).
+//!
+//! Every accepted event is attempted or dead-lettered: when thawd stops (SIGTERM), the runners
+//! finish the attempts they have in hand, and the events still queued or waiting for a retry
+//! are written to the dead-letter directory (`condition: DaemonStopped`) instead of dropped.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
 
 use super::pool::Pool;
 use super::{Invocation, InvokeFailure, ThrottleReason};
@@ -28,9 +34,78 @@ struct Job {
     last_error: String,
 }
 
+/// Why an event went to the dead-letter directory.
+#[derive(Clone, Copy)]
+enum Condition {
+    /// Every attempt failed (Lambda's condition name).
+    RetriesExhausted,
+    /// thawd stopped before the event could be attempted (again).
+    DaemonStopped,
+}
+
+impl Condition {
+    fn name(self) -> &'static str {
+        match self {
+            Condition::RetriesExhausted => "RetriesExhausted",
+            Condition::DaemonStopped => "DaemonStopped",
+        }
+    }
+}
+
+/// Events waiting for their retry's delay. Kept here, not in the sleeping tasks, so that a
+/// shutdown finds them.
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<(u64, HashMap<u64, Job>)>);
+
+impl Waiting {
+    fn park(&self, job: Job) -> u64 {
+        let mut w = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        w.0 += 1;
+        let key = w.0;
+        w.1.insert(key, job);
+        key
+    }
+
+    fn take(&self, key: u64) -> Option<Job> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .remove(&key)
+    }
+
+    fn take_all(&self) -> Vec<Job> {
+        let mut w = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        w.1.drain().map(|(_, job)| job).collect()
+    }
+}
+
 /// The queue of asynchronous invocations and its runners.
 pub struct EventQueue {
     tx: mpsc::Sender<Job>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    ends: Arc<Ends>,
+    stop: watch::Sender<bool>,
+    runners: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Where events end when they are not answered: the settings, the metrics, the retries
+/// waiting.
+struct Ends {
+    pool: Arc<Pool>,
+    settings: EventSettings,
+    waiting: Waiting,
+}
+
+impl Ends {
+    fn dead_letter(&self, job: &Job, condition: Condition) {
+        let function = &job.invocation.function;
+        self.pool.metrics().dead_letter(function);
+        if let Err(e) = write_dead_letter(&self.settings.dead_letter_dir, job, condition) {
+            tracing::error!(function, request_id = job.invocation.request_id, error = %e,
+                "cannot write a failed event to the dead-letter directory");
+        }
+    }
 }
 
 /// Where and how failed events end.
@@ -51,17 +126,66 @@ impl EventQueue {
     pub fn start(pool: Arc<Pool>, settings: EventSettings) -> Self {
         let (tx, rx) = mpsc::channel(settings.capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        let settings = Arc::new(settings);
-        for _ in 0..settings.runners.max(1) {
-            let runner = Runner {
-                pool: pool.clone(),
-                rx: rx.clone(),
-                tx: tx.downgrade(),
-                settings: settings.clone(),
-            };
-            tokio::spawn(runner.run());
+        let (stop, stopped) = watch::channel(false);
+        let runners = settings.runners.max(1);
+        let ends = Arc::new(Ends {
+            pool,
+            settings,
+            waiting: Waiting::default(),
+        });
+        let runners = (0..runners)
+            .map(|_| {
+                let runner = Runner {
+                    rx: rx.clone(),
+                    tx: tx.downgrade(),
+                    ends: ends.clone(),
+                    stopped: stopped.clone(),
+                };
+                tokio::spawn(runner.run())
+            })
+            .collect();
+        Self {
+            tx,
+            rx,
+            ends,
+            stop,
+            runners: std::sync::Mutex::new(runners),
         }
-        Self { tx }
+    }
+
+    /// Stops taking events: the runners finish the attempts in hand, then every event still
+    /// queued or waiting for a retry is dead-lettered (`DaemonStopped`). Returns how many.
+    pub async fn shutdown(&self) -> usize {
+        let _ = self.stop.send(true);
+        let runners: Vec<_> = self
+            .runners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for runner in runners {
+            let _ = runner.await;
+        }
+        let mut left = Vec::new();
+        {
+            let mut rx = self.rx.lock().await;
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                left.push(job);
+            }
+        }
+        left.extend(self.ends.waiting.take_all());
+        for job in &left {
+            self.ends.dead_letter(job, Condition::DaemonStopped);
+        }
+        if !left.is_empty() {
+            tracing::warn!(
+                events = left.len(),
+                dir = %self.ends.settings.dead_letter_dir.display(),
+                "thawd stopped with events not yet attempted (again): dead-lettered"
+            );
+        }
+        left.len()
     }
 
     /// Queues an event (the function was checked by the caller).
@@ -85,17 +209,24 @@ impl EventQueue {
 }
 
 struct Runner {
-    pool: Arc<Pool>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     // Weak, so the queue closes when the daemon drops its `EventQueue`.
     tx: mpsc::WeakSender<Job>,
-    settings: Arc<EventSettings>,
+    ends: Arc<Ends>,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Runner {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
-            let job = { self.rx.lock().await.recv().await };
+            let job = {
+                let mut rx = self.rx.lock().await;
+                tokio::select! {
+                    biased;
+                    _ = self.stopped.wait_for(|stop| *stop) => None,
+                    job = rx.recv() => job,
+                }
+            };
             let Some(job) = job else { return };
             self.attempt(job).await;
         }
@@ -103,8 +234,9 @@ impl Runner {
 
     async fn attempt(&self, mut job: Job) {
         let function = job.invocation.function.clone();
+        let pool = &self.ends.pool;
         loop {
-            let error = match self.pool.invoke(&job.invocation).await {
+            let error = match pool.invoke(&job.invocation).await {
                 Ok(done) if !done.function_error => return,
                 Ok(done) => String::from_utf8_lossy(&done.payload).into_owned(),
                 Err(InvokeFailure::Throttled { .. }) if job.queued_at.elapsed() < MAX_EVENT_AGE => {
@@ -115,23 +247,30 @@ impl Runner {
             };
             job.failures += 1;
             job.last_error = error;
-            let retry = job.failures as usize <= self.settings.retry_delays.len();
+            let retries = &self.ends.settings.retry_delays;
+            let retry = job.failures as usize <= retries.len();
             if !retry || job.queued_at.elapsed() >= MAX_EVENT_AGE {
-                self.pool.metrics().dead_letter(&function);
-                if let Err(e) = write_dead_letter(&self.settings.dead_letter_dir, &job) {
-                    tracing::error!(function, request_id = job.invocation.request_id, error = %e,
-                        "cannot write a failed event to the dead-letter directory");
-                }
+                self.ends.dead_letter(&job, Condition::RetriesExhausted);
                 return;
             }
-            self.pool.metrics().async_retry(&function);
-            let delay = self.settings.retry_delays[job.failures as usize - 1];
+            pool.metrics().async_retry(&function);
+            let delay = retries[job.failures as usize - 1];
             let tx = self.tx.clone();
-            // The retry waits outside the runner, which goes on with other events.
+            let ends = self.ends.clone();
+            // The retry waits outside the runner, which goes on with other events; the event
+            // itself waits in `Ends::waiting`, where a shutdown finds it.
+            let key = ends.waiting.park(job);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if let Some(tx) = tx.upgrade() {
-                    let _ = tx.send(job).await;
+                let Some(job) = ends.waiting.take(key) else {
+                    return; // dead-lettered by a shutdown
+                };
+                let refused = match tx.upgrade() {
+                    Some(tx) => tx.send(job).await.err().map(|e| e.0),
+                    None => Some(job),
+                };
+                if let Some(job) = refused {
+                    ends.dead_letter(&job, Condition::DaemonStopped);
                 }
             });
             return;
@@ -144,14 +283,14 @@ fn unix_ms(t: SystemTime) -> u128 {
 }
 
 /// Writes `job` as `<dir>/<function>/<request id>.json`, atomically (temp, fsync, rename).
-fn write_dead_letter(dir: &Path, job: &Job) -> std::io::Result<PathBuf> {
+fn write_dead_letter(dir: &Path, job: &Job, condition: Condition) -> std::io::Result<PathBuf> {
     let inv = &job.invocation;
     let dir = dir.join(&inv.function);
     std::fs::create_dir_all(&dir)?;
     let record = serde_json::json!({
         "requestId": inv.request_id,
         "functionName": inv.function,
-        "condition": "RetriesExhausted",
+        "condition": condition.name(),
         "approximateInvokeCount": job.failures,
         "queuedAtMs": unix_ms(job.queued_wall),
         "deadLetteredAtMs": unix_ms(SystemTime::now()),
@@ -171,6 +310,67 @@ fn write_dead_letter(dir: &Path, job: &Job) -> std::io::Result<PathBuf> {
 mod tests {
     use super::*;
 
+    /// Issue 14, defect 4: on SIGTERM the events still queued were dropped. Every accepted
+    /// event now ends attempted or dead-lettered: here the function cannot run, so the first
+    /// attempts fail, their retries wait a minute, and the rest are still queued behind one
+    /// runner when thawd stops.
+    #[tokio::test]
+    async fn every_accepted_event_is_dead_lettered_when_thawd_stops_before_it_runs() {
+        let (pool, dir) = super::super::pool::pool_for_tests(
+            "[functions.f]\nsnapshot = \"s\"\nmemory_mib = 128\n",
+        );
+        let letters = dir.path().join("dead");
+        let queue = EventQueue::start(
+            Arc::new(pool),
+            EventSettings {
+                retry_delays: vec![Duration::from_secs(60)],
+                dead_letter_dir: letters.clone(),
+                capacity: 100,
+                runners: 1,
+            },
+        );
+        let events = 20;
+        for n in 0..events {
+            queue
+                .enqueue(Invocation {
+                    function: "f".into(),
+                    qualifier: None,
+                    payload: bytes::Bytes::from_static(b"{}"),
+                    request_id: format!("e-{n}"),
+                    client_context: None,
+                    tail_logs: false,
+                })
+                .unwrap();
+        }
+        let stopped = queue.shutdown().await;
+        assert!(stopped > 0, "nothing was left to dead-letter");
+        let mut names: Vec<String> = std::fs::read_dir(letters.join("f"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = (0..events).map(|n| format!("e-{n}.json")).collect();
+        want.sort();
+        assert_eq!(names, want, "every accepted event has its dead letter");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(letters.join("f").join("e-19.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["condition"], "DaemonStopped");
+        // And none is accepted any more.
+        let late = queue.enqueue(Invocation {
+            function: "f".into(),
+            qualifier: None,
+            payload: bytes::Bytes::new(),
+            request_id: "late".into(),
+            client_context: None,
+            tail_logs: false,
+        });
+        assert!(
+            matches!(late, Err(InvokeFailure::Service { .. })),
+            "{late:?}"
+        );
+    }
+
     #[test]
     fn dead_letters_are_whole_json_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -188,7 +388,7 @@ mod tests {
             queued_wall: SystemTime::now(),
             last_error: "{\"errorType\":\"X\"}".into(),
         };
-        let path = write_dead_letter(dir.path(), &job).unwrap();
+        let path = write_dead_letter(dir.path(), &job, Condition::RetriesExhausted).unwrap();
         assert_eq!(path, dir.path().join("f").join("r-1.json"));
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["approximateInvokeCount"], 3);

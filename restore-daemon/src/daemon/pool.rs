@@ -669,6 +669,33 @@ fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// A pool for `config` whose workers cannot start (every restore fails at once), as the
+/// daemon's unit tests need one.
+#[cfg(test)]
+pub(super) fn pool_for_tests(config: &str) -> (Pool, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = super::config::parse(config, "t.toml".as_ref(), dir.path()).unwrap();
+    let shapes = config
+        .functions
+        .keys()
+        .map(|name| {
+            let shape = SnapshotShape {
+                id: snapshot::SnapshotId([1; 16]),
+                mem_bytes: 128 << 20,
+                vcpus: 1,
+                copy_sizes: Default::default(),
+            };
+            (name.clone(), shape)
+        })
+        .collect();
+    let worker = WorkerCommand {
+        program: "/nonexistent".into(),
+        args: Vec::new(),
+    };
+    let pool = Pool::new(&config, &shapes, worker, Arc::new(Metrics::new())).unwrap();
+    (pool, dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,27 +708,7 @@ mod tests {
     }
 
     fn pool(config: &str) -> (Pool, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = super::super::config::parse(config, "t.toml".as_ref(), dir.path()).unwrap();
-        let shapes = config
-            .functions
-            .keys()
-            .map(|name| {
-                let shape = SnapshotShape {
-                    id: snapshot::SnapshotId([1; 16]),
-                    mem_bytes: 128 << 20,
-                    vcpus: 1,
-                    copy_sizes: Default::default(),
-                };
-                (name.clone(), shape)
-            })
-            .collect();
-        let worker = WorkerCommand {
-            program: "/nonexistent".into(),
-            args: Vec::new(),
-        };
-        let pool = Pool::new(&config, &shapes, worker, Arc::new(Metrics::new())).unwrap();
-        (pool, dir)
+        pool_for_tests(config)
     }
 
     #[test]

@@ -125,8 +125,10 @@ impl Thawd {
         &self.pool
     }
 
-    /// Shuts down idle environments and spare workers.
+    /// Dead-letters the events not yet attempted (once the attempts in hand end), then shuts
+    /// down idle environments and spare workers.
     pub async fn shutdown(&self) {
+        self.events.shutdown().await;
         self.pool.shutdown().await;
     }
 }

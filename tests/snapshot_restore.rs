@@ -332,7 +332,7 @@ fn rewritten(
     }
     let mut meta = snapshot::SnapshotMeta {
         fingerprint: opened.fingerprint().clone(),
-        vcpus: opened.info().vcpus,
+        vcpus: opened.vcpus(),
     };
     change(&mut meta);
     let regions: Vec<snapshot::MemoryRegion> = opened

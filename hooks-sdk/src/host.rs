@@ -88,9 +88,9 @@ pub fn accept(
     if let Err(e) = listener.set_nonblocking(true) {
         return Waited::Got(Err(e));
     }
-    // Sleep in poll(2) on the listener, not in `wait`'s timer: the connection wakes it and is
-    // accepted at once. (A pause after each poll cost a restored guest up to 1 ms of its
-    // first sign of life.)
+    // Sleep in poll(2) on the listener, not in a timer: the connection wakes it and is accepted
+    // at once. (A back-off pause after each poll cost a restored guest up to 1 ms of its first
+    // sign of life.)
     let accepted = loop {
         match listener.accept() {
             Ok((s, _)) => break Waited::Got(Ok(s)),

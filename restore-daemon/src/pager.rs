@@ -129,8 +129,7 @@ impl std::fmt::Debug for PagerOptions {
 /// VM has stopped (or once [`PageServer::complete`]).
 pub struct PageServer {
     shared: Arc<Shared>,
-    /// Its threads, joined by `stop`.
-    threads: serve::Threads,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl PageServer {
@@ -198,7 +197,7 @@ impl PageServer {
         )?);
         let server = PageServer {
             shared: shared.clone(),
-            threads: serve::Threads::default(),
+            threads: std::sync::Mutex::new(Vec::new()),
         };
         // On a spawn error `server` is dropped, which stops the threads already started.
         let faults = shared.clone();
@@ -288,8 +287,15 @@ impl PageServer {
         self.shared.recorded()
     }
 
+    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        match self.threads.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     fn adopt(&self, thread: JoinHandle<()>) {
-        self.threads.adopt(thread);
+        self.threads().push(thread);
     }
 
     /// Stops the server's threads and waits for them; memory stays registered until the server
@@ -298,7 +304,10 @@ impl PageServer {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.stream.wake_follower();
-        self.threads.join_all();
+        let threads: Vec<_> = self.threads().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// Installs every chunk not yet installed, from the calling thread, and returns once all

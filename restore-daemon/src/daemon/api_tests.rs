@@ -525,27 +525,13 @@ async fn client_context_is_checked_and_passed_on() {
     }
 }
 
-/// Issue 14, defect 11: invalid UTF-8 inside a JSON string was answered 200.
-#[tokio::test]
-async fn payload_must_be_utf8() {
-    let backend = Fake::answering("1");
-    let bad: &[u8] = b"{\"a\":\"\xff\xfe\"}";
-    let answer = send(&backend, invoke_request("f", &[], bad.to_vec())).await;
-    let body = answer.assert_error(StatusCode::BAD_REQUEST, "InvalidRequestContentException");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Could not parse")
-    );
-    assert_eq!(backend.calls(), 0);
-}
-
 #[tokio::test]
 async fn payload_must_be_json() {
     let backend = Fake::answering("1");
-    for bad in ["hello", "{\"a\":", "{} {}"] {
-        let answer = invoke_with(&backend, "f", &[], bad).await;
+    // The last: invalid UTF-8 inside a JSON string, answered 200 before (issue 14, defect 11).
+    let bad: [&[u8]; 4] = [b"hello", b"{\"a\":", b"{} {}", b"{\"a\":\"\xff\xfe\"}"];
+    for bad in bad {
+        let answer = send(&backend, invoke_request("f", &[], bad.to_vec())).await;
         let body = answer.assert_error(StatusCode::BAD_REQUEST, "InvalidRequestContentException");
         assert!(
             body["message"]

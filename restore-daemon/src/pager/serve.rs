@@ -8,8 +8,6 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::shared::{Halt, Outcome, Shared, Staging};
@@ -97,27 +95,6 @@ fn drain_until_stopped(shared: &Shared) {
                     break;
                 }
             }
-        }
-    }
-}
-
-/// A server's threads, joined when it stops.
-#[derive(Clone, Default)]
-pub(super) struct Threads(Arc<Mutex<Vec<JoinHandle<()>>>>);
-
-impl Threads {
-    fn list(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn adopt(&self, thread: JoinHandle<()>) {
-        self.list().push(thread);
-    }
-
-    pub(super) fn join_all(&self) {
-        let threads: Vec<_> = self.list().drain(..).collect();
-        for t in threads {
-            let _ = t.join();
         }
     }
 }
@@ -396,8 +373,8 @@ fn fill_in_background(
 /// `SCHED_IDLE`: it must not take a CPU from the guest's vCPUs, the fault thread or the VMM's
 /// device thread. On this 2-CPU host a prefetch at normal priority sat on one CPU while the
 /// test guest's vCPU, which polls, held the other, and the device thread and the host's agent
-/// connection waited for a time slice: 1 in 4 restores reached the agent's `Hello`
-/// milliseconds late (median over 40 restores at 256 MiB 5.6 ms; 4.7 ms with this). Any CPU
+/// connection waited for a time slice: 4 restores in 20 reached the agent's `Hello`
+/// 7–11 ms late (median over 40 restores at 256 MiB 5.6 ms; 4.7 ms with this). Any CPU
 /// the others leave idle still runs it. Installs the guest is waiting for (a working set, a
 /// guest reading in order) keep normal priority: at idle priority they stalled whenever
 /// anything else on the host ran, and a guest reading 256 MiB was ready in 150–420 ms.

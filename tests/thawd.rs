@@ -263,6 +263,76 @@ except client.exceptions.RequestTooLargeException as e:
     assert!(thawd.stop().success());
 }
 
+/// Issue 14, defect 4: accepted events were lost when thawd stopped. Events accepted (202)
+/// and not yet run when thawd is killed (SIGKILL, as a crash) run when it starts again: each
+/// has its START line in the function's log, and the event directory empties.
+#[test]
+fn accepted_events_run_after_thawd_crashes_and_starts_again() {
+    if !require_kvm("accepted_events_run_after_thawd_crashes_and_starts_again") {
+        return;
+    }
+    let slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "hello", &key);
+    // One event at a time, each a second long: most are still queued when thawd dies.
+    let config = format!(
+        "max_concurrency = 1\nspare_workers = 1\n\
+         [functions.hello]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 5\n\
+         key_file = {key:?}\n",
+        snap = snap.display().to_string(),
+        key = key.display().to_string(),
+    );
+    let thawd = Thawd::start(dir.path(), &config);
+    let out = boto3(
+        &thawd.endpoint,
+        r#"
+for n in range(6):
+    r = client.invoke(FunctionName='hello', InvocationType='Event', Payload=b'"thaw:sleep=1000"')
+    print(r['StatusCode'], r['ResponseMetadata']['RequestId'])
+"#,
+    );
+    let pid = thawd.pid();
+    thawd.kill();
+    let ids: Vec<&str> = out
+        .lines()
+        .map(|line| line.strip_prefix("202 ").expect(line))
+        .collect();
+    assert_eq!(ids.len(), 6, "{out}");
+    let events = dir.path().join("events");
+    let kept = std::fs::read_dir(&events).unwrap().count();
+    assert!(
+        kept >= 3,
+        "only {kept} events were still waiting when thawd died"
+    );
+    // Its workers die with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !children(pid).is_empty() {
+        assert!(Instant::now() < deadline, "workers outlived thawd");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let thawd = Thawd::start(dir.path(), &config);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::fs::read_dir(&events).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the kept events did not all run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(dir.path().join("logs/hello.log")).unwrap();
+    for id in &ids {
+        assert!(
+            log.contains(&format!("START RequestId: {id}")),
+            "{id} never ran: {log}"
+        );
+    }
+    assert!(
+        !dir.path().join("dead-letter/hello").exists(),
+        "none failed"
+    );
+    assert!(thawd.stop().success());
+    drop(slots);
+}
+
 #[test]
 fn a_tampered_snapshot_stops_thawd_before_it_serves() {
     if !require_kvm("a_tampered_snapshot_stops_thawd_before_it_serves") {

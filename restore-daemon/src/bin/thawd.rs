@@ -84,6 +84,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Before the snapshots are verified (which may take a while): a start-up that will fail
     // anyway fails at once.
     service::check_dead_letter_dir(&config.dead_letter_dir)?;
+    let descriptors = service::check_descriptors(&config.front)?;
+    tracing::debug!(descriptors, "RLIMIT_NOFILE");
     let shapes = service::register_all(&config)?;
     let worker = WorkerCommand {
         program: std::env::current_exe().context("cannot find thawd's own executable")?,

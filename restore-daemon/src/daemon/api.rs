@@ -6,15 +6,20 @@
 //! `Error.Code`), the message in the JSON body's `message` or `Message` (whichever Lambda's
 //! model names for that error, so the SDKs' modeled exceptions fill it too).
 //!
-//! The request body is read only up to the limit of the invocation type; whatever a client
-//! sends past it (or after a request was refused for its headers) is read and thrown away, up
-//! to a bound, so that a client still writing its body reads the error instead of a reset.
+//! A request is admitted before its body is read: the function must exist and have room
+//! (its concurrency, or the event queue), and a large body must fit in the front's byte budget
+//! (`front`). The body is then read only up to the limit of the invocation type, and only
+//! until the body timeout. Whatever a client sends past the limit (or after a request was
+//! refused) is read and thrown away, up to a bound and the same deadline, so that a client
+//! still writing its body reads the error instead of a reset; a body left unread closes the
+//! connection after the answer.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
@@ -28,9 +33,11 @@ use base64::Engine as _;
 use bytes::BytesMut;
 use serde::Deserialize;
 
+use super::front::{BodyBudget, FrontLimits, Reservation};
 use super::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use super::{
     Backend, Completed, Invocation, InvokeFailure, LATEST, MAX_EVENT_PAYLOAD, MAX_SYNC_PAYLOAD,
+    ThrottleReason,
 };
 
 const INVOKE_PATH: &str = "/2015-03-31/functions/{function_name}/invocations";
@@ -54,6 +61,9 @@ const CLIENT_CONTEXT_LIMIT: usize = 3583;
 /// connection: enough for an oversized invocation a real client would send, bounded so a
 /// hostile one cannot keep a task reading forever.
 const DISCARD_LIMIT: usize = 4 * MAX_SYNC_PAYLOAD;
+/// A refused request's body is no longer read once its client pauses this long: one still
+/// writing keeps sending, one holding its body back is not waited for.
+const DISCARD_PAUSE: Duration = Duration::from_millis(250);
 
 /// Lambda's validation pattern for `FunctionName`, quoted in its `ValidationException`.
 const FUNCTION_NAME_PATTERN: &str = r"(arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:)?(\d{12}:)?(function:)?([a-zA-Z0-9-_\.]+)(:(\$LATEST(\.PUBLISHED)?|[a-zA-Z0-9-_]+))?";
@@ -62,50 +72,39 @@ const QUALIFIER_PATTERN: &str = r"\$(LATEST(\.PUBLISHED)?)|[a-zA-Z0-9-_$]+";
 const FUNCTION_NAME_MAX: usize = 256;
 const QUALIFIER_MAX: usize = 128;
 
-/// The Invoke API and `/metrics` in front of `backend`.
+/// The Invoke API and `/metrics` in front of `backend`, with the default body timeout and
+/// budget.
 pub fn router<B: Backend>(backend: Arc<B>) -> Router {
+    router_with(backend, &FrontLimits::default())
+}
+
+/// The Invoke API and `/metrics` in front of `backend`, reading bodies within `limits`.
+pub fn router_with<B: Backend>(backend: Arc<B>, limits: &FrontLimits) -> Router {
+    let rules = Arc::new(BodyRules {
+        timeout: limits.body_timeout,
+        budget: BodyBudget::new(limits.body_budget),
+    });
     Router::new()
         .route(INVOKE_PATH, post(invoke::<B>).fallback(method_not_allowed))
         .route("/metrics", get(metrics::<B>).fallback(method_not_allowed))
         .fallback(unknown_operation)
         .layer(middleware::from_fn(assign_request_id))
+        .layer(Extension(rules))
         .with_state(backend)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then stops accepting and lets the
-/// requests under way finish: a synchronous invocation holds the shutdown for as long as its
-/// function runs, so the caller bounds the wait if it must.
-pub async fn serve_tcp<F>(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: F,
-) -> std::io::Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "serving the Invoke API");
-    }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+/// How request bodies are read: within a deadline, large ones against a byte budget.
+#[derive(Debug)]
+struct BodyRules {
+    timeout: Duration,
+    budget: Arc<BodyBudget>,
 }
 
-/// [`serve_tcp`] on a Unix socket.
-pub async fn serve_unix<F>(
-    listener: tokio::net::UnixListener,
-    router: Router,
-    shutdown: F,
-) -> std::io::Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(address = ?address.as_pathname(), "serving the Invoke API");
+impl BodyRules {
+    /// When the body of a request whose head arrived now must have arrived.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
     }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// A request refused before it reached the function, as Lambda would answer it.
@@ -259,14 +258,38 @@ async fn metrics<B: Backend>(State(backend): State<Arc<B>>) -> Response {
         .into_response()
 }
 
-async fn unknown_operation(headers: HeaderMap, mut body: Body) -> Response {
-    discard_rest(&mut body, &headers).await;
-    ApiError::UnknownOperation.into_response()
+async fn unknown_operation(
+    Extension(rules): Extension<Arc<BodyRules>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = ApiError::UnknownOperation.into_response();
+    finish(answer, body, &headers, rules.deadline()).await
 }
 
-async fn method_not_allowed(headers: HeaderMap, mut body: Body) -> Response {
-    discard_rest(&mut body, &headers).await;
-    ApiError::MethodNotAllowed.into_response()
+async fn method_not_allowed(
+    Extension(rules): Extension<Arc<BodyRules>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let answer = ApiError::MethodNotAllowed.into_response();
+    finish(answer, body, &headers, rules.deadline()).await
+}
+
+/// Reads what is left of `body` (see [`discard_rest`]) before `answer` goes out, and closes
+/// the connection after it when the body could not be read to its end.
+async fn finish(
+    mut answer: Response,
+    mut body: Body,
+    headers: &HeaderMap,
+    deadline: Instant,
+) -> Response {
+    if !discard_rest(&mut body, headers, deadline).await {
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    answer
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,17 +325,35 @@ struct InvokeQuery {
 async fn invoke<B: Backend>(
     State(backend): State<Arc<B>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(rules): Extension<Arc<BodyRules>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<InvokeQuery>, QueryRejection>,
     headers: HeaderMap,
     mut body: Body,
 ) -> Response {
+    let deadline = rules.deadline();
     let outcome = match parse_request(path, query, &headers, request_id) {
-        Ok((invocation, kind)) => run(&*backend, invocation, kind, &headers, &mut body).await,
+        Ok((invocation, kind)) => {
+            let request = RequestBody {
+                headers: &headers,
+                body: &mut body,
+                rules: &rules,
+                deadline,
+            };
+            run(&*backend, invocation, kind, request).await
+        }
         Err(error) => Err(error),
     };
-    discard_rest(&mut body, &headers).await;
-    outcome.unwrap_or_else(IntoResponse::into_response)
+    let answer = outcome.unwrap_or_else(IntoResponse::into_response);
+    finish(answer, body, &headers, deadline).await
+}
+
+/// What [`run`] reads an invocation's body from.
+struct RequestBody<'r> {
+    headers: &'r HeaderMap,
+    body: &'r mut Body,
+    rules: &'r BodyRules,
+    deadline: Instant,
 }
 
 fn parse_request(
@@ -353,10 +394,24 @@ async fn run<B: Backend>(
     backend: &B,
     mut invocation: Invocation,
     kind: InvocationType,
-    headers: &HeaderMap,
-    body: &mut Body,
+    request: RequestBody<'_>,
 ) -> Result<Response, ApiError> {
-    invocation.payload = read_payload(body, headers, kind).await?;
+    // Admission comes before the body is read, so a daemon with no room does not buffer it;
+    // the concurrency itself is taken once the body is whole, so a slow sender holds none.
+    if kind != InvocationType::DryRun {
+        backend.admit(
+            &invocation.function,
+            invocation.qualifier.as_deref(),
+            kind == InvocationType::Event,
+        )?;
+    }
+    let mut reservation = request.rules.budget.reservation();
+    let reading = read_payload(request.body, request.headers, kind, &mut reservation);
+    invocation.payload = tokio::time::timeout_at(request.deadline, reading)
+        .await
+        .map_err(|_| body_timeout(request.rules.timeout))??;
+    // From here the payload is bounded by the concurrency or the event queue's bytes.
+    drop(reservation);
     check_json(&invocation.payload)?;
     tracing::debug!(
         request_id = %invocation.request_id,
@@ -376,7 +431,7 @@ async fn run<B: Backend>(
             // invocations.
             invocation.tail_logs = false;
             invocation.client_context = None;
-            backend.enqueue(invocation)?;
+            backend.enqueue(invocation).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         InvocationType::DryRun => {
@@ -653,6 +708,7 @@ async fn read_payload(
     body: &mut Body,
     headers: &HeaderMap,
     kind: InvocationType,
+    reservation: &mut Reservation,
 ) -> Result<Bytes, ApiError> {
     let limit = kind.payload_limit();
     let too_large = || {
@@ -661,8 +717,18 @@ async fn read_payload(
             kind: kind.operation(),
         })
     };
-    if declared_length(headers).is_some_and(|length| length > limit) {
-        return Err(too_large());
+    let no_room = || {
+        ApiError::from(InvokeFailure::Throttled {
+            reason: ThrottleReason::BodyBudgetFull,
+        })
+    };
+    if let Some(length) = declared_length(headers) {
+        if length > limit {
+            return Err(too_large());
+        }
+        if !reservation.cover(length) {
+            return Err(no_room());
+        }
     }
     let mut payload = BytesMut::new();
     while let Some(chunk) = next_chunk(body).await {
@@ -672,12 +738,26 @@ async fn read_payload(
         let Some(data) = chunk else {
             continue;
         };
-        if payload.len().saturating_add(data.len()) > limit {
+        let length = payload.len().saturating_add(data.len());
+        if length > limit {
             return Err(too_large());
+        }
+        if !reservation.cover(length) {
+            return Err(no_room());
         }
         payload.extend_from_slice(&data);
     }
     Ok(payload.freeze())
+}
+
+fn body_timeout(timeout: Duration) -> ApiError {
+    InvokeFailure::InvalidRequest {
+        message: format!(
+            "The request body did not arrive within {} s.",
+            timeout.as_secs_f64()
+        ),
+    }
+    .into()
 }
 
 /// Lambda accepts only JSON payloads (any JSON value, or nothing at all).
@@ -711,23 +791,33 @@ fn check_json(payload: &[u8]) -> Result<(), ApiError> {
 
 /// Reads and drops what is left of a request's body, so the answer reaches a client that
 /// sends its whole body before reading: hyper would otherwise close the connection under it.
-/// A client that waits for `100 Continue` has sent nothing yet, and one that announces more
-/// than [`DISCARD_LIMIT`] is not worth the wait; both just get the answer and a closed
-/// connection.
-async fn discard_rest(body: &mut Body, headers: &HeaderMap) {
-    if body.is_end_stream()
-        || headers.contains_key(header::EXPECT)
+/// A client that waits for `100 Continue` has sent nothing yet, one that announces more than
+/// [`DISCARD_LIMIT`] is not worth the wait, and none is waited for past `deadline` or while it
+/// sends nothing for [`DISCARD_PAUSE`]: those get the answer and a closed connection. `true`
+/// when the body was read to its end.
+async fn discard_rest(body: &mut Body, headers: &HeaderMap, deadline: Instant) -> bool {
+    if body.is_end_stream() {
+        return true;
+    }
+    if headers.contains_key(header::EXPECT)
         || declared_length(headers).is_some_and(|length| length > DISCARD_LIMIT)
     {
-        return;
+        return false;
     }
-    let mut discarded = 0usize;
-    while discarded <= DISCARD_LIMIT {
-        match next_chunk(body).await {
-            Some(Ok(data)) => discarded += data.map_or(0, |data| data.len()),
-            Some(Err(_)) | None => return,
+    let drain = async {
+        let mut discarded = 0usize;
+        while discarded <= DISCARD_LIMIT {
+            match tokio::time::timeout(DISCARD_PAUSE, next_chunk(body)).await {
+                Ok(Some(Ok(data))) => discarded += data.map_or(0, |data| data.len()),
+                Ok(Some(Err(_))) | Err(_) => return false,
+                Ok(None) => return true,
+            }
         }
-    }
+        false
+    };
+    tokio::time::timeout_at(deadline, drain)
+        .await
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

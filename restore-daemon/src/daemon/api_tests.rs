@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tower::ServiceExt;
 
 use super::*;
-use crate::daemon::ThrottleReason;
+use crate::daemon::front;
 
 /// A backend that answers every call with one outcome and records what it was given.
 struct Fake {
@@ -63,7 +63,7 @@ impl Backend for Fake {
         self.outcome.clone()
     }
 
-    fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
+    async fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
         self.queued.lock().unwrap().push(invocation);
         self.outcome.clone().map(drop)
     }
@@ -670,10 +670,14 @@ async fn over_tcp_an_oversized_body_still_gets_its_413() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let backend = Fake::answering(r#"{"ok":1}"#);
+    let backend_ = backend.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tcp(listener, router(backend.clone()), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        front::serve(listener, router(backend_), &FrontLimits::default(), stopped).await;
+    });
 
     // As boto3 does: the whole body is written before the answer is read.
     let over = json_of_length(MAX_SYNC_PAYLOAD + 100);
@@ -696,7 +700,7 @@ async fn over_tcp_an_oversized_body_still_gets_its_413() {
     assert!(answer.ends_with(r#"{"ok":1}"#), "{answer}");
 
     stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.await.unwrap();
     assert_eq!(backend.calls(), 1);
 }
 
@@ -706,9 +710,13 @@ async fn over_a_unix_socket() {
     let path = dir.path().join("thawd.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_unix(listener, router(Fake::answering("1")), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let router = router(Fake::answering("1"));
+        front::serve(listener, router, &FrontLimits::default(), stopped).await;
+    });
 
     let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
     let head = "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
@@ -717,7 +725,7 @@ async fn over_a_unix_socket() {
     assert!(answer.contains(METRICS_CONTENT_TYPE), "{answer}");
 
     stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.await.unwrap();
 }
 
 #[test]

@@ -9,6 +9,13 @@
 //! spare_workers = 1                # per function: worker processes started ahead, shell built
 //! max_idle_per_function = 4        # idle environments kept; 0: every invocation restores
 //! dead_letter_dir = "/var/lib/thawd/dead-letter"  # failed asynchronous invocations
+//! event_dir = "/var/lib/thawd/events"  # accepted asynchronous invocations, until they end
+//! event_queue_capacity = 10000     # asynchronous invocations waiting at most
+//! event_queue_mib = 128            # their payloads' bytes at most
+//! max_connections = 1024           # HTTP connections served at once
+//! header_timeout_secs = 10         # to a whole request head, from connect or the last answer
+//! body_timeout_secs = 30           # to a whole request body, from its head
+//! body_budget_mib = 64             # request bodies over 64 KiB being read at once, bytes
 //! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
 //! decoded_copy_budget_mib = 4096   # host memory for decoded snapshot copies (default: 1/4 of RAM)
 //!
@@ -28,6 +35,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::front::FrontLimits;
+
 /// Lambda's longest function timeout.
 pub const MAX_TIMEOUT_SECS: u64 = 900;
 /// Lambda's memory range, MiB.
@@ -44,6 +53,14 @@ pub const MAX_IDLE_TTL_SECS: u64 = 86_400;
 pub const MAX_SPARE_WORKERS: u32 = 16;
 /// Asynchronous invocations queued at once.
 pub const MAX_EVENT_QUEUE: u32 = 100_000;
+/// Bounds of `event_queue_mib`, `body_budget_mib`: at least one payload at Lambda's limit.
+pub const QUEUE_MIB_RANGE: (u64, u64) = (1, 16_384);
+/// Bounds of `body_budget_mib`: a body at Lambda's 6 MB limit must fit.
+pub const BODY_BUDGET_MIB_RANGE: (u64, u64) = (6, 16_384);
+/// HTTP connections at once.
+pub const MAX_CONNECTIONS: u32 = 65_536;
+/// The longest header (and idle) timeout.
+pub const MAX_HEADER_TIMEOUT_SECS: u64 = 300;
 
 /// The config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +122,12 @@ struct RawConfig {
     dead_letter_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     event_queue_capacity: Option<u32>,
+    event_queue_mib: Option<u64>,
+    event_dir: Option<PathBuf>,
+    max_connections: Option<u32>,
+    header_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    body_budget_mib: Option<u64>,
     decoded_copy_budget_mib: Option<u64>,
     event_retry_delays_ms: Option<Vec<u64>>,
     region: Option<String>,
@@ -173,6 +196,13 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Asynchronous invocations waiting at most (beyond: 429).
     pub event_queue_capacity: u32,
+    /// Their payloads' bytes at most (beyond: 429).
+    pub event_queue_bytes: u64,
+    /// Where each accepted asynchronous invocation is kept until it ends, so that a restart
+    /// attempts it.
+    pub event_dir: PathBuf,
+    /// The HTTP front's bounds.
+    pub front: FrontLimits,
     /// Delays before the retries of a failed asynchronous invocation (Lambda retries twice).
     pub event_retry_delays: Vec<Duration>,
     /// Host memory decoded snapshot copies may hold, all functions together, bytes; 0: no
@@ -304,6 +334,33 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
         raw.event_queue_capacity.unwrap_or(10_000).into(),
         1..=MAX_EVENT_QUEUE.into(),
     )? as u32;
+    let event_queue_mib = bounded(
+        "event_queue_mib",
+        raw.event_queue_mib.unwrap_or(128),
+        QUEUE_MIB_RANGE.0..=QUEUE_MIB_RANGE.1,
+    )?;
+    let front = FrontLimits {
+        max_connections: bounded(
+            "max_connections",
+            raw.max_connections.unwrap_or(1024).into(),
+            1..=MAX_CONNECTIONS.into(),
+        )? as usize,
+        header_timeout: Duration::from_secs(bounded(
+            "header_timeout_secs",
+            raw.header_timeout_secs.unwrap_or(10),
+            1..=MAX_HEADER_TIMEOUT_SECS,
+        )?),
+        body_timeout: Duration::from_secs(bounded(
+            "body_timeout_secs",
+            raw.body_timeout_secs.unwrap_or(30),
+            1..=MAX_TIMEOUT_SECS,
+        )?),
+        body_budget: (bounded(
+            "body_budget_mib",
+            raw.body_budget_mib.unwrap_or(64),
+            BODY_BUDGET_MIB_RANGE.0..=BODY_BUDGET_MIB_RANGE.1,
+        )? << 20) as usize,
+    };
     let decoded_copy_budget = match raw.decoded_copy_budget_mib {
         Some(mib) => mib
             .checked_mul(1 << 20)
@@ -378,6 +435,12 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
         ),
         log_dir: anchor(base, raw.log_dir.unwrap_or_else(|| PathBuf::from("logs"))),
         event_queue_capacity,
+        event_queue_bytes: event_queue_mib << 20,
+        event_dir: anchor(
+            base,
+            raw.event_dir.unwrap_or_else(|| PathBuf::from("events")),
+        ),
+        front,
         event_retry_delays: event_retry_delays_ms
             .into_iter()
             .map(Duration::from_millis)
@@ -445,6 +508,9 @@ mod tests {
         assert_eq!(f.timeout, Duration::from_secs(3));
         assert_eq!(f.memory, MemoryChoice::Shared);
         assert!(c.decoded_copy_budget > 0, "a quarter of RAM");
+        assert_eq!(c.event_dir, PathBuf::from("/etc/thawd/events"));
+        assert_eq!(c.event_queue_bytes, 128 << 20);
+        assert_eq!(c.front, FrontLimits::default());
         assert_eq!(
             c.arn("hello"),
             "arn:aws:lambda:us-east-1:000000000000:function:hello"
@@ -513,6 +579,20 @@ mod tests {
             ("spare_workers = 17\n", "spare_workers"),
             ("event_queue_capacity = 0\n", "event_queue_capacity"),
             ("event_queue_capacity = 100001\n", "event_queue_capacity"),
+            ("event_queue_mib = 0\n", "event_queue_mib"),
+            ("event_queue_mib = 16385\n", "event_queue_mib"),
+            // Issue 14, defects 2 and 3: the front's bounds are bounded too.
+            ("max_connections = 0\n", "max_connections"),
+            ("max_connections = 65537\n", "max_connections"),
+            ("header_timeout_secs = 0\n", "header_timeout_secs"),
+            ("header_timeout_secs = 301\n", "header_timeout_secs"),
+            ("body_timeout_secs = 0\n", "body_timeout_secs"),
+            ("body_timeout_secs = 901\n", "body_timeout_secs"),
+            ("body_budget_mib = 5\n", "6..=16384"),
+            (
+                "body_budget_mib = 18446744073709551615\n",
+                "body_budget_mib",
+            ),
             (
                 "max_concurrency = 2\n[functions.x]\nsnapshot = \"s\"\nmemory_mib = 128\n\
                  reserved_concurrency = 3\n",

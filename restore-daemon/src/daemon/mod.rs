@@ -14,7 +14,9 @@ use bytes::Bytes;
 pub mod api;
 pub mod config;
 pub mod copies;
+pub mod event_spool;
 pub mod events;
+pub mod front;
 pub mod logs;
 pub mod metrics;
 pub mod pool;
@@ -66,6 +68,8 @@ pub enum ThrottleReason {
     ConcurrentInvocationLimitExceeded,
     /// The asynchronous queue is full.
     EventQueueFull,
+    /// The front's budget for request bodies being read is used up.
+    BodyBudgetFull,
 }
 
 impl ThrottleReason {
@@ -76,7 +80,7 @@ impl ThrottleReason {
                 "ReservedFunctionConcurrentInvocationLimitExceeded"
             }
             Self::ConcurrentInvocationLimitExceeded => "ConcurrentInvocationLimitExceeded",
-            Self::EventQueueFull => "ConcurrentInvocationLimitExceeded",
+            Self::EventQueueFull | Self::BodyBudgetFull => "ConcurrentInvocationLimitExceeded",
         }
     }
 }
@@ -128,8 +132,25 @@ pub trait Backend: Send + Sync + 'static {
         invocation: Invocation,
     ) -> impl Future<Output = Result<Completed, InvokeFailure>> + Send;
 
-    /// Queues an `Event` invocation (answered 202 once queued).
-    fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure>;
+    /// Whether an invocation of `function` could start now (`asynchronous`: be queued), asked
+    /// before its body is read: the function exists and has room. It reserves nothing (the
+    /// concurrency is taken once the body is whole), so a slow sender holds none.
+    fn admit(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+        asynchronous: bool,
+    ) -> Result<(), InvokeFailure> {
+        let _ = (function, qualifier, asynchronous);
+        Ok(())
+    }
+
+    /// Queues an `Event` invocation; it is answered 202 once queued (and, in thawd, written
+    /// to disk).
+    fn enqueue(
+        &self,
+        invocation: Invocation,
+    ) -> impl Future<Output = Result<(), InvokeFailure>> + Send;
 
     /// `DryRun`: checks the function exists and the caller may invoke it (answered 204).
     fn dry_run(&self, function: &str, qualifier: Option<&str>) -> Result<(), InvokeFailure>;

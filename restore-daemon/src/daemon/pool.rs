@@ -219,6 +219,25 @@ impl Pool {
         }
     }
 
+    /// Whether an invocation of `f` would be admitted now: asked before its body is read, it
+    /// takes nothing (a throttle is counted as one).
+    pub fn has_room(&self, f: &Function) -> Result<(), InvokeFailure> {
+        let throttled = |reason| {
+            self.metrics.throttle(&f.config.name);
+            Err(InvokeFailure::Throttled { reason })
+        };
+        if f.reserved
+            .as_ref()
+            .is_some_and(|s| s.available_permits() == 0)
+        {
+            return throttled(ThrottleReason::ReservedFunctionConcurrentInvocationLimitExceeded);
+        }
+        if self.global.available_permits() == 0 {
+            return throttled(ThrottleReason::ConcurrentInvocationLimitExceeded);
+        }
+        Ok(())
+    }
+
     fn admit(&self, f: &Function) -> Result<Admission, InvokeFailure> {
         let throttled = |reason| {
             self.metrics.throttle(&f.config.name);

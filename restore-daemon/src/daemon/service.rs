@@ -7,7 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::config::{Config, Listen};
-use super::events::{EventQueue, EventSettings};
+use super::events::{EventDirError, EventQueue, EventSettings};
+use super::front::FrontLimits;
 use super::metrics::Metrics;
 use super::pool::Pool;
 use super::registry::{self, RegistryError, SnapshotShape};
@@ -37,6 +38,12 @@ pub enum DaemonError {
         /// Why.
         reason: String,
     },
+    /// The event directory is unusable: accepted events could not be kept.
+    #[error(transparent)]
+    EventDir(#[from] EventDirError),
+    /// The connection cap does not fit in the descriptors thawd may open.
+    #[error("max_connections: {0}")]
+    Descriptors(String),
     /// The address could not be bound.
     #[error("cannot listen on {what}")]
     Listen {
@@ -46,9 +53,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server failed.
-    #[error("the HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Verifies every function's snapshot (blocking: every chunk is authenticated).
@@ -88,6 +92,7 @@ pub fn check_dead_letter_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
 pub struct Thawd {
     pool: Arc<Pool>,
     events: EventQueue,
+    front: FrontLimits,
 }
 
 impl Thawd {
@@ -113,11 +118,17 @@ impl Thawd {
             EventSettings {
                 retry_delays: config.event_retry_delays.clone(),
                 dead_letter_dir: config.dead_letter_dir.clone(),
+                event_dir: config.event_dir.clone(),
                 capacity: config.event_queue_capacity as usize,
+                max_bytes: config.event_queue_bytes,
                 runners: config.max_concurrency as usize,
             },
-        );
-        Ok(Self { pool, events })
+        )?;
+        Ok(Self {
+            pool,
+            events,
+            front: config.front.clone(),
+        })
     }
 
     /// The pool (for status and tests).
@@ -125,8 +136,8 @@ impl Thawd {
         &self.pool
     }
 
-    /// Dead-letters the events not yet attempted (once the attempts in hand end), then shuts
-    /// down idle environments and spare workers.
+    /// Lets the event attempts in hand end (the events not yet attempted stay in the event
+    /// directory for the next start), then shuts down idle environments and spare workers.
     pub async fn shutdown(&self) {
         self.events.shutdown().await;
         self.pool.shutdown().await;
@@ -138,13 +149,32 @@ impl Backend for Thawd {
         self.pool.invoke(&invocation).await
     }
 
-    fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
+    fn admit(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+        asynchronous: bool,
+    ) -> Result<(), InvokeFailure> {
+        let f = self.pool.function(function, qualifier)?;
+        if asynchronous {
+            if self.events.has_room() {
+                return Ok(());
+            }
+            self.pool.metrics().throttle(f.name());
+            return Err(InvokeFailure::Throttled {
+                reason: super::ThrottleReason::EventQueueFull,
+            });
+        }
+        self.pool.has_room(f)
+    }
+
+    async fn enqueue(&self, invocation: Invocation) -> Result<(), InvokeFailure> {
         let name = self
             .pool
             .function(&invocation.function, invocation.qualifier.as_deref())?
             .name()
             .to_owned();
-        self.events.enqueue(invocation)?;
+        self.events.enqueue(invocation).await?;
         self.pool.metrics().async_queued(&name);
         Ok(())
     }
@@ -178,6 +208,12 @@ impl Bound {
     }
 }
 
+/// Checks, before anything is verified or bound, that the descriptors thawd may open hold its
+/// connection cap (raising the soft limit to the hard one).
+pub fn check_descriptors(front: &FrontLimits) -> Result<u64, DaemonError> {
+    super::front::ensure_descriptors(front.max_connections).map_err(DaemonError::Descriptors)
+}
+
 /// Binds `config`'s address (TCP port 0 picks a free port: see [`Bound::describe`]).
 pub async fn bind(listen: &Listen) -> Result<Bound, DaemonError> {
     match listen {
@@ -203,15 +239,20 @@ pub async fn serve(
     bound: Bound,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let router = super::api::router(thawd.clone());
-    let served = match bound {
-        Bound::Tcp(listener) => super::api::serve_tcp(listener, router, shutdown).await,
+    let limits = thawd.front.clone();
+    let router = super::api::router_with(thawd.clone(), &limits);
+    tracing::info!(
+        address = bound.describe(),
+        ?limits,
+        "serving the Invoke API"
+    );
+    match bound {
+        Bound::Tcp(listener) => super::front::serve(listener, router, &limits, shutdown).await,
         Bound::Unix(listener, path) => {
-            let served = super::api::serve_unix(listener, router, shutdown).await;
+            super::front::serve(listener, router, &limits, shutdown).await;
             let _ = std::fs::remove_file(path);
-            served
         }
-    };
+    }
     thawd.shutdown().await;
-    served.map_err(DaemonError::Serve)
+    Ok(())
 }

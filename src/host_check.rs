@@ -30,6 +30,10 @@ pub struct HostReport {
     pub host_cpus: u64,
     /// userfaultfd as Thaw needs it (kernel-mode faults, for memory KVM touches).
     pub userfaultfd: UffdReport,
+    /// Running as root: thawd can jail its workers.
+    pub root: bool,
+    /// cgroup v2 is mounted at /sys/fs/cgroup: jailed workers get memory.max and cpu.max.
+    pub cgroup2: bool,
 }
 
 /// What userfaultfd offers.
@@ -118,6 +122,8 @@ pub fn check() -> HostReport {
         cpu_svm: cpu.svm,
         host_cpus: vmm_core::config::host_cpus(),
         userfaultfd: probe_uffd(),
+        root: nix::unistd::geteuid().is_root(),
+        cgroup2: restore_daemon::worker::jail::cgroup2_root().is_some(),
     }
 }
 
@@ -169,6 +175,23 @@ impl HostReport {
                     .unwrap_or("unknown reason")
             ));
         }
+        match (self.root, self.cgroup2) {
+            (false, _) => advice.push(
+                "Not root: thawd cannot jail its workers here (it refuses to start unless its \
+                 config sets jail = false)."
+                    .into(),
+            ),
+            (true, false) => advice.push(
+                "cgroup v2 is not mounted at /sys/fs/cgroup: thawd's jailed workers get no \
+                 memory.max or cpu.max (namespaces, pivot_root, the unprivileged user, \
+                 capabilities, rlimits and the seccomp filter still apply)."
+                    .into(),
+            ),
+            (true, true) => advice.push(
+                "thawd can jail its workers, each with its own cgroup (memory.max, cpu.max)."
+                    .into(),
+            ),
+        }
         advice
     }
 }
@@ -216,6 +239,9 @@ impl std::fmt::Display for HostReport {
                 self.userfaultfd.features.join(" ")
             )?;
         }
+        writeln!(f, "thawd's worker jail")?;
+        writeln!(f, "  running as root:   {}", yes_no(self.root))?;
+        writeln!(f, "  cgroup v2:         {}", yes_no(self.cgroup2))?;
         writeln!(f, "What this means")?;
         for line in self.advice() {
             writeln!(f, "  - {line}")?;

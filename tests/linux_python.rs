@@ -383,7 +383,10 @@ fn thawd_serves_the_python_function_to_boto3() {
     let _slots = fixture::all_vm_slots();
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "max_concurrency = 2\nidle_ttl_secs = 600\nspare_workers = 0\n\
+        // Under TCG a CPU does a fraction of its native work: Lambda's CPU share for 512 MB
+        // (cpu.max, where the nested host has cgroup v2) would stretch every step past the
+        // timeouts. The other jail layers apply.
+        "max_concurrency = 2\nidle_ttl_secs = 600\nspare_workers = 0\njail_cpu_limit = false\n\
          [functions.py]\nsnapshot = {snap:?}\nmemory_mib = {MEM_MIB}\ntimeout_secs = 5\n\
          key_file = {key:?}\n",
         snap = snap.dir.display().to_string(),

@@ -333,6 +333,92 @@ for n in range(6):
     drop(slots);
 }
 
+/// Issue 14: a guest escape into a worker lands in a jail. With thawd's test hook on (a worker
+/// then answers two payloads itself, as code running inside it would), a worker reports that
+/// it runs as the unprivileged user with no capabilities, no_new_privs and a seccomp filter,
+/// and cannot open a host file that exists; a forbidden syscall kills it with SIGSYS, the
+/// caller gets Lambda's error, and thawd goes on serving with a fresh environment.
+#[test]
+fn a_jailed_worker_is_unprivileged_sees_no_host_file_and_dies_on_a_forbidden_syscall() {
+    if !require_kvm(
+        "a_jailed_worker_is_unprivileged_sees_no_host_file_and_dies_on_a_forbidden_syscall",
+    ) {
+        return;
+    }
+    let slots = all_vm_slots();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let snap = function_snapshot(dir.path(), "hello", &key);
+    let secret = dir.path().join("host-secret.txt");
+    std::fs::write(&secret, "host data").unwrap();
+    // Readable by anyone on the host: only the jail keeps the worker from it.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = format!(
+        "max_concurrency = 2\nspare_workers = 1\njail_uid = 64000\njail_gid = 64001\n\
+         [functions.hello]\nsnapshot = {snap:?}\nmemory_mib = 128\ntimeout_secs = 5\n\
+         key_file = {key:?}\n",
+        snap = snap.display().to_string(),
+        key = key.display().to_string(),
+    );
+    let secret_path = secret.display().to_string();
+    let thawd = Thawd::start_with_env(
+        dir.path(),
+        &config,
+        &[
+            ("THAW_WORKER_SELF_TEST", "1"),
+            ("THAW_WORKER_SELF_TEST_PATH", &secret_path),
+        ],
+    );
+    let out = boto3(
+        &thawd.endpoint,
+        r#"
+import json
+r = client.invoke(FunctionName='hello', Payload=b'"thaw:self-test=identity"')
+print(r['Payload'].read().decode())
+try:
+    client.invoke(FunctionName='hello', Payload=b'"thaw:self-test=forbidden-syscall"')
+    print('answered')
+except client.exceptions.ServiceException as e:
+    print(e.response['ResponseMetadata']['HTTPStatusCode'], e.response['Error']['Message'])
+r = client.invoke(FunctionName='hello', Payload=b'{"after":1}')
+print(r['StatusCode'], r.get('FunctionError'), len(r['Payload'].read()))
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let identity: serde_json::Value = serde_json::from_str(lines[0]).expect(&out);
+    assert_eq!(identity["uid"], 64000, "{identity}");
+    assert_eq!(identity["euid"], 64000, "{identity}");
+    assert_eq!(identity["gid"], 64001, "{identity}");
+    assert_eq!(identity["pid"], 1, "PID 1 of its own namespace: {identity}");
+    assert_eq!(identity["capEff"], "0000000000000000", "{identity}");
+    assert_eq!(identity["capBnd"], "0000000000000000", "{identity}");
+    assert_eq!(identity["noNewPrivs"], "1", "{identity}");
+    assert_eq!(
+        identity["seccomp"], "2",
+        "a filter is installed: {identity}"
+    );
+    assert_eq!(identity["probe"], secret_path.as_str());
+    assert!(
+        identity["probeOpen"]
+            .as_str()
+            .unwrap()
+            .contains("No such file"),
+        "the host file is out of sight: {identity}"
+    );
+    // Killed by SIGSYS; the caller gets Lambda's ServiceException, as for any worker death.
+    assert!(lines[1].starts_with("500 "), "{out}");
+    assert!(lines[1].contains("signal: 31 (SIGSYS)"), "{out}");
+    // And thawd serves on, from a fresh environment (the test guest answers a SHA-256).
+    assert_eq!(lines[2], "200 None 32", "{out}");
+    assert!(thawd.stop().success());
+    drop(slots);
+}
+
 #[test]
 fn a_tampered_snapshot_stops_thawd_before_it_serves() {
     if !require_kvm("a_tampered_snapshot_stops_thawd_before_it_serves") {

@@ -47,7 +47,7 @@ mod writer;
 pub mod xdg;
 
 pub use chunk::is_zero;
-pub use regular_file::open_regular;
+pub use regular_file::{open_regular, provide_opened};
 
 /// The chunk codec alone, for `benches/codec.rs`; not part of the API.
 #[doc(hidden)]

@@ -8,11 +8,40 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+/// Files opened ahead, by the path this process will ask for (`None`: known to be absent).
+static PROVIDED: Mutex<Vec<(PathBuf, Option<File>)>> = Mutex::new(Vec::new());
+
+/// Makes [`open_regular`] of `path` give (a duplicate of) `file`, or `NotFound` for `None`,
+/// instead of opening the path: a jailed worker opens its snapshot's files (root's, mode 0600)
+/// while it still may, then asks for them by their place inside its jail, where it may not
+/// open them. `file` must be one [`open_regular`] returned.
+pub fn provide_opened(path: &Path, file: Option<File>) {
+    let mut provided = PROVIDED.lock().unwrap_or_else(PoisonError::into_inner);
+    provided.retain(|(p, _)| p != path);
+    provided.push((path.to_owned(), file));
+}
+
+fn provided(path: &Path) -> Option<io::Result<File>> {
+    let provided = PROVIDED.lock().unwrap_or_else(PoisonError::into_inner);
+    let (_, file) = provided.iter().find(|(p, _)| p == path)?;
+    Some(match file {
+        Some(file) => file.try_clone(),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} does not exist", path.display()),
+        )),
+    })
+}
 
 /// Opens `path` for reading if it is a regular file (following symlinks); anything else is an
 /// `InvalidInput` error that names what was found.
 pub fn open_regular(path: &Path) -> io::Result<File> {
+    if let Some(file) = provided(path) {
+        return file;
+    }
     let file = OpenOptions::new()
         .read(true)
         // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer. It changes nothing

@@ -143,9 +143,12 @@ pub fn classify(modules_dir: &Path, cpu: HostCpuVirt) -> KvmFlavor {
     }
 }
 
-/// This host's KVM flavor.
+/// This host's KVM flavor, learned once per process: the modules do not change under a
+/// running VMM, and a jailed worker, which learns it before it loses sight of `/sys`, must
+/// still know it.
 pub fn flavor() -> KvmFlavor {
-    classify(Path::new("/sys/module"), host_cpu_virt())
+    static FLAVOR: std::sync::OnceLock<KvmFlavor> = std::sync::OnceLock::new();
+    *FLAVOR.get_or_init(|| classify(Path::new("/sys/module"), host_cpu_virt()))
 }
 
 #[cfg(test)]

@@ -38,7 +38,11 @@ enum Command {
     /// Internal: one execution environment's worker process, started by thawd. It reads
     /// requests on stdin and writes replies on stdout (docs/thawd.md).
     #[command(hide = true)]
-    Worker,
+    Worker {
+        /// Jail the worker first (thawd passes these when it jails its workers).
+        #[command(flatten)]
+        jail: restore_daemon::worker::jail::JailArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,11 +54,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Some(Command::Worker) = cli.command {
+    if let Some(Command::Worker { jail }) = cli.command {
+        let jail = match jail.spec() {
+            Ok(jail) => jail,
+            Err(e) => {
+                eprintln!("thawd worker: error: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let config = restore_daemon::worker::process::WorkerConfig {
-            host_key_file: snapshot::host_key::default_key_file(),
+            // A jailed worker is always told its key (it cannot see the host's).
+            host_key_file: snapshot::host_key::default_key_file().filter(|_| jail.is_none()),
             // Taken from fd 3 by main_with.
             copy_channel: None,
+            jail,
         };
         return restore_daemon::worker::process::main_with(&config);
     }

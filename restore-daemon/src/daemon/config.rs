@@ -16,6 +16,11 @@
 //! header_timeout_secs = 10         # to a whole request head, from connect or the last answer
 //! body_timeout_secs = 30           # to a whole request body, from its head
 //! body_budget_mib = 64             # request bodies over 64 KiB being read at once, bytes
+//! jail = true                      # default when thawd runs as root: each worker jailed
+//! jail_uid = 65534                 # the unprivileged user and group workers run as
+//! jail_gid = 65534
+//! jail_dir = "/run/thawd/jail"     # an empty directory each worker mounts its own root over
+//! jail_cpu_limit = true            # with cgroup v2: cpu.max by Lambda's ratio (1769 MB = 1 vCPU)
 //! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
 //! decoded_copy_budget_mib = 4096   # host memory for decoded snapshot copies (default: 1/4 of RAM)
 //!
@@ -128,6 +133,12 @@ struct RawConfig {
     header_timeout_secs: Option<u64>,
     body_timeout_secs: Option<u64>,
     body_budget_mib: Option<u64>,
+    jail: Option<bool>,
+    jail_uid: Option<u32>,
+    jail_gid: Option<u32>,
+    jail_dir: Option<PathBuf>,
+    jail_cpu_limit: Option<bool>,
+    jail_cgroups: Option<bool>,
     decoded_copy_budget_mib: Option<u64>,
     event_retry_delays_ms: Option<Vec<u64>>,
     region: Option<String>,
@@ -146,6 +157,21 @@ struct RawFunction {
     key_file: Option<PathBuf>,
     #[serde(default)]
     memory: MemoryChoice,
+}
+
+/// How thawd jails its workers (`super::jail`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailConfig {
+    /// The directory each worker mounts its private root over.
+    pub dir: PathBuf,
+    /// The unprivileged user workers run as.
+    pub uid: u32,
+    /// Their group.
+    pub gid: u32,
+    /// With cgroup v2, `cpu.max` by Lambda's ratio of CPU to memory; else no CPU limit.
+    pub cpu_limit: bool,
+    /// With cgroup v2, a cgroup per worker (`memory.max`, `cpu.max`).
+    pub cgroups: bool,
 }
 
 /// Where thawd serves the Invoke API.
@@ -203,6 +229,8 @@ pub struct Config {
     pub event_dir: PathBuf,
     /// The HTTP front's bounds.
     pub front: FrontLimits,
+    /// How workers are jailed; `None`: they are not.
+    pub jail: Option<JailConfig>,
     /// Delays before the retries of a failed asynchronous invocation (Lambda retries twice).
     pub event_retry_delays: Vec<Duration>,
     /// Host memory decoded snapshot copies may hold, all functions together, bytes; 0: no
@@ -361,6 +389,25 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             BODY_BUDGET_MIB_RANGE.0..=BODY_BUDGET_MIB_RANGE.1,
         )? << 20) as usize,
     };
+    let jail = match raw.jail.unwrap_or_else(|| nix::unistd::geteuid().is_root()) {
+        false => None,
+        true => {
+            let id = |key: &str, value: Option<u32>| match value.unwrap_or(65534) {
+                0 => Err(invalid(
+                    key,
+                    "0 is root: workers must run unprivileged".into(),
+                )),
+                id => Ok(id),
+            };
+            Some(JailConfig {
+                dir: anchor(base, raw.jail_dir.unwrap_or_else(|| PathBuf::from("jail"))),
+                uid: id("jail_uid", raw.jail_uid)?,
+                gid: id("jail_gid", raw.jail_gid)?,
+                cpu_limit: raw.jail_cpu_limit.unwrap_or(true),
+                cgroups: raw.jail_cgroups.unwrap_or(true),
+            })
+        }
+    };
     let decoded_copy_budget = match raw.decoded_copy_budget_mib {
         Some(mib) => mib
             .checked_mul(1 << 20)
@@ -441,6 +488,7 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             raw.event_dir.unwrap_or_else(|| PathBuf::from("events")),
         ),
         front,
+        jail,
         event_retry_delays: event_retry_delays_ms
             .into_iter()
             .map(Duration::from_millis)
@@ -511,6 +559,13 @@ mod tests {
         assert_eq!(c.event_dir, PathBuf::from("/etc/thawd/events"));
         assert_eq!(c.event_queue_bytes, 128 << 20);
         assert_eq!(c.front, FrontLimits::default());
+        let jail = c
+            .jail
+            .as_ref()
+            .expect("tests run as root: workers are jailed");
+        assert_eq!(jail.dir, PathBuf::from("/etc/thawd/jail"));
+        assert_eq!((jail.uid, jail.gid), (65534, 65534));
+        assert!(parse_ok(&format!("jail = false\n{ONE}")).jail.is_none());
         assert_eq!(
             c.arn("hello"),
             "arn:aws:lambda:us-east-1:000000000000:function:hello"
@@ -589,6 +644,9 @@ mod tests {
             ("body_timeout_secs = 0\n", "body_timeout_secs"),
             ("body_timeout_secs = 901\n", "body_timeout_secs"),
             ("body_budget_mib = 5\n", "6..=16384"),
+            ("jail_uid = 0\n", "jail_uid: 0 is root"),
+            ("jail_gid = 0\n", "jail_gid: 0 is root"),
+            ("jail = \"yes\"\n", "jail"),
             (
                 "body_budget_mib = 18446744073709551615\n",
                 "body_budget_mib",

@@ -17,6 +17,7 @@ pub mod copies;
 pub mod event_spool;
 pub mod events;
 pub mod front;
+pub mod jail;
 pub mod logs;
 pub mod metrics;
 pub mod pool;

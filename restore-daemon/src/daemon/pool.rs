@@ -101,6 +101,8 @@ pub struct Pool {
     copies: Arc<CopyCache>,
     logs: LogSink,
     worker: WorkerCommand,
+    /// How workers are jailed (`None`: they are not).
+    jail: Option<super::jail::Jails>,
     spare_workers: usize,
     max_idle: usize,
     idle_ttl: Duration,
@@ -158,6 +160,7 @@ impl Pool {
         config: &Config,
         shapes: &BTreeMap<String, SnapshotShape>,
         worker: WorkerCommand,
+        jail: Option<super::jail::Jails>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let functions = config
@@ -188,6 +191,7 @@ impl Pool {
             copies,
             logs: LogSink::new(&config.log_dir)?,
             worker,
+            jail,
             spare_workers: config.spare_workers as usize,
             max_idle: config.max_idle_per_function as usize,
             idle_ttl: config.idle_ttl,
@@ -216,6 +220,18 @@ impl Pool {
             (None, _) => Err(InvokeFailure::NotFound {
                 arn: format!("{}{name}", self.arn_prefix),
             }),
+        }
+    }
+
+    /// Starts a worker for `f`, jailed unless the config says otherwise.
+    async fn spawn_worker(&self, f: &Function) -> Result<Worker, WorkerError> {
+        let name = &f.config.name;
+        match &self.jail {
+            Some(jail) => {
+                let spec = jail.spec_for(&f.config);
+                Worker::spawn_jailed(&self.worker, name, &spec).await
+            }
+            None => Worker::spawn(&self.worker, name).await,
         }
     }
 
@@ -445,7 +461,8 @@ impl Pool {
         let spare = match f.take_spare() {
             Some(spare) => spare,
             None => Spare {
-                worker: Worker::spawn(&self.worker, name)
+                worker: self
+                    .spawn_worker(f)
                     .await
                     .map_err(|e| service("cannot start a worker", &e))?,
                 restored_ahead: false,
@@ -520,7 +537,7 @@ impl Pool {
             .as_ref()
             .and_then(|source| self.copies.grant(source).ok());
         let prepared = async {
-            let mut worker = Worker::spawn(&self.worker, &f.config.name).await?;
+            let mut worker = self.spawn_worker(f).await?;
             let w = &mut worker;
             match &grant {
                 Some(grant) => {
@@ -629,6 +646,9 @@ impl Pool {
             let Some(pool) = weak.upgrade() else { return };
             // A copy no environment has mapped for an idle TTL goes, as the environments do.
             pool.copies.evict_unused(pool.idle_ttl);
+            if let Some(jail) = &pool.jail {
+                jail.sweep();
+            }
             for f in pool.functions.values() {
                 let expired: Vec<Idle> = {
                     let mut idle = lock(&f.idle);
@@ -711,7 +731,7 @@ pub(super) fn pool_for_tests(config: &str) -> (Pool, tempfile::TempDir) {
         program: "/nonexistent".into(),
         args: Vec::new(),
     };
-    let pool = Pool::new(&config, &shapes, worker, Arc::new(Metrics::new())).unwrap();
+    let pool = Pool::new(&config, &shapes, worker, None, Arc::new(Metrics::new())).unwrap();
     (pool, dir)
 }
 

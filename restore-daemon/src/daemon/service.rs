@@ -41,6 +41,9 @@ pub enum DaemonError {
     /// The event directory is unusable: accepted events could not be kept.
     #[error(transparent)]
     EventDir(#[from] EventDirError),
+    /// Workers cannot be jailed as the config asks.
+    #[error("jail: {0}")]
+    Jail(String),
     /// The connection cap does not fit in the descriptors thawd may open.
     #[error("max_connections: {0}")]
     Descriptors(String),
@@ -104,13 +107,23 @@ impl Thawd {
         worker: WorkerCommand,
     ) -> Result<Self, DaemonError> {
         check_dead_letter_dir(&config.dead_letter_dir)?;
+        let jails = match config.jail.clone() {
+            Some(jail) => Some(super::jail::Jails::prepare(jail).map_err(DaemonError::Jail)?),
+            None => {
+                tracing::warn!(
+                    "workers are not jailed (jail = false): a guest escape into a worker \
+                     reaches everything thawd can"
+                );
+                None
+            }
+        };
         let metrics = Arc::new(Metrics::new());
-        let pool = Arc::new(
-            Pool::new(config, shapes, worker, metrics).map_err(|source| DaemonError::LogDir {
+        let pool = Arc::new(Pool::new(config, shapes, worker, jails, metrics).map_err(
+            |source| DaemonError::LogDir {
                 path: config.log_dir.clone(),
                 source,
-            })?,
-        );
+            },
+        )?);
         pool.fill_spares();
         tokio::spawn(pool.clone().reap_idle());
         let events = EventQueue::start(

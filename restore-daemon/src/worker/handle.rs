@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::copy_channel::{self, ChannelError};
+use super::jail::{JailSpec, KEY_IN_JAIL, SNAPSHOT_IN_JAIL};
 use super::protocol::{
     FailureKind, FrameError, Invoke, Reply, Request, WireOutcome, read_frame_async,
     write_frame_async,
@@ -168,6 +169,8 @@ pub struct Worker {
     /// The decoded copy its guest maps, kept until the worker is gone so the copy is never
     /// counted as unused while a guest still maps it.
     copy: Option<Arc<DecodedCopy>>,
+    /// Jailed: its snapshot and key are at their places inside the jail.
+    jailed: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -202,6 +205,24 @@ impl Worker {
     /// streams, stderr (its log) is the daemon's, fd 3 its descriptor channel. The process is
     /// killed if the `Worker` is dropped.
     pub async fn spawn(cmd: &WorkerCommand, function: &str) -> Result<Worker, WorkerError> {
+        Self::start(cmd, function, None).await
+    }
+
+    /// [`Worker::spawn`], jailed as `jail` says (`super::jail`): the worker sees only
+    /// `jail.snapshot` and `jail.key_file`, and every restore asked of it must name those.
+    pub async fn spawn_jailed(
+        cmd: &WorkerCommand,
+        function: &str,
+        jail: &JailSpec,
+    ) -> Result<Worker, WorkerError> {
+        Self::start(cmd, function, Some(jail)).await
+    }
+
+    async fn start(
+        cmd: &WorkerCommand,
+        function: &str,
+        jail: Option<&JailSpec>,
+    ) -> Result<Worker, WorkerError> {
         let (channel, child_end) = copy_channel::pair().map_err(|e| match e {
             ChannelError::Io(io) => WorkerError::Spawn(io),
             other => WorkerError::Spawn(std::io::Error::other(other)),
@@ -209,6 +230,7 @@ impl Worker {
         let mut command = Command::new(&cmd.program);
         command
             .args(&cmd.args)
+            .args(jail.map(JailSpec::to_args).unwrap_or_default())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -233,6 +255,7 @@ impl Worker {
             function: function.to_owned(),
             channel,
             copy: None,
+            jailed: jail.is_some(),
         })
     }
 
@@ -275,14 +298,26 @@ impl Worker {
         timeout: Duration,
     ) -> Result<Duration, WorkerError> {
         self.send_copy(copy)?;
+        let (snapshot, key_file) = self.paths(spec);
         let request = Request::PrepareRestore {
-            snapshot: spec.snapshot.clone(),
-            key_file: spec.key_file.clone(),
+            snapshot,
+            key_file,
             shared_copy: copy.copy.ticket(),
         };
         match self.ask(&request, "PrepareRestore", timeout).await? {
             Reply::Prepared { shell_us } => Ok(Duration::from_micros(shell_us)),
             other => Err(self.unexpected("PrepareRestore", &other)),
+        }
+    }
+
+    /// Where the worker finds `spec`'s snapshot and key: inside a jail, the places its jail
+    /// mounted them (the jail holds this function's files only).
+    fn paths(&self, spec: &RestoreSpec) -> (PathBuf, Option<PathBuf>) {
+        if self.jailed {
+            let key = spec.key_file.as_ref().map(|_| PathBuf::from(KEY_IN_JAIL));
+            (PathBuf::from(SNAPSHOT_IN_JAIL), key)
+        } else {
+            (spec.snapshot.clone(), spec.key_file.clone())
         }
     }
 
@@ -319,9 +354,10 @@ impl Worker {
             // Sent before the request, which tells the worker to take it.
             self.send_copy(grant)?;
         }
+        let (snapshot, key_file) = self.paths(&spec);
         let request = Request::Restore {
-            snapshot: spec.snapshot,
-            key_file: spec.key_file,
+            snapshot,
+            key_file,
             memory: spec.memory.into(),
             after_restore_timeout_ms: millis(spec.after_restore_timeout),
             verified: spec.verified.map(|id| id.0),
@@ -397,6 +433,7 @@ impl Worker {
             function: _,
             channel: _channel,
             copy: _copy,
+            jailed: _,
         } = self;
         let polite = async {
             if let Err(e) = write_frame_async(&mut stdin, &Request::Shutdown).await {

@@ -6,5 +6,8 @@
 
 pub mod copy_channel;
 pub mod handle;
+pub mod jail;
 pub mod process;
 pub mod protocol;
+pub mod seccomp;
+pub mod self_test;

@@ -54,6 +54,9 @@ pub struct WorkerConfig {
     /// The descriptor channel from the daemon (fd 3), over which a decoded copy's memfd
     /// arrives; `None`: restores from a shared copy fail.
     pub copy_channel: Option<Arc<UnixStream>>,
+    /// Jail the worker before it serves (`super::jail`): its requests then name the snapshot
+    /// and key by their places inside.
+    pub jail: Option<super::jail::JailSpec>,
 }
 
 /// The worker could not go on talking to the daemon.
@@ -90,6 +93,13 @@ pub fn main_with(config: &WorkerConfig) -> ExitCode {
         tracing::error!(error = %e, "cannot tie the worker's life to the daemon's; exiting");
         return ExitCode::FAILURE;
     }
+    if let Some(spec) = &config.jail {
+        // Still one thread: nothing has started another yet.
+        if let Err(e) = super::jail::enter(spec) {
+            tracing::error!(error = %chain(&e), "worker not started");
+            return ExitCode::FAILURE;
+        }
+    }
     let output = match take_stdout() {
         Ok(out) => out,
         Err(e) => {
@@ -97,6 +107,13 @@ pub fn main_with(config: &WorkerConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if config.jail.is_some() {
+        // Last: every later thread inherits it, and nothing from here on needs more.
+        if let Err(e) = super::seccomp::install() {
+            tracing::error!(error = %chain(&e), "worker not started");
+            return ExitCode::FAILURE;
+        }
+    }
     // While it waits for its first request: the restore then finds the host check's answer.
     crate::verify::learn_host_facts_ahead();
     match serve(std::io::stdin().lock(), output, config) {
@@ -508,6 +525,9 @@ impl<'c> Session<'c> {
         let State::Running { env, .. } = &mut self.state else {
             return self.bad_request("Invoke");
         };
+        if let Some(reply) = super::self_test::answer(invoke) {
+            return reply;
+        }
         // Only what the guest prints for this invocation goes with its answer.
         self.console.take();
         let started = Instant::now();

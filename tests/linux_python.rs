@@ -418,6 +418,24 @@ print('next', r.get('FunctionError'), doc['greeting'])
 "#,
     );
     let lines: Vec<&str> = out.lines().collect();
+    // The nested host mounts cgroup v2, so each jailed worker had a cgroup of its own with
+    // memory.max of its guest plus the worker's margin (gone with the worker, so the parent
+    // is what is left to look at; a live worker's is checked while one is idle).
+    let workers = std::path::Path::new("/sys/fs/cgroup/thawd-workers");
+    if restore_daemon::worker::jail::cgroup2_root().is_some() {
+        let limits: Vec<String> = std::fs::read_dir(workers)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("memory.max")).ok())
+            .collect();
+        let want = ((MEM_MIB << 20) + restore_daemon::daemon::jail::WORKER_OVERHEAD).to_string();
+        assert!(
+            !limits.is_empty() && limits.iter().all(|l| l.trim() == want),
+            "the idle environment's worker has no cgroup with memory.max {want}: {limits:?}"
+        );
+        println!("jailed workers' cgroups: memory.max {limits:?}");
+    } else {
+        println!("no cgroup v2 here: the workers' cgroups are not checked");
+    }
     assert_eq!(lines[0], "cold 200 None Hello, cold! 1 True", "{out}");
     // Warm: the same environment, frozen and thawed; no restore, so no Restore Duration.
     assert_eq!(lines[1], "warm 200 None Hello, warm! 1 False", "{out}");

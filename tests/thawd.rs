@@ -391,6 +391,7 @@ print(r['StatusCode'], r.get('FunctionError'), len(r['Payload'].read()))
     );
     let lines: Vec<&str> = out.lines().collect();
     let identity: serde_json::Value = serde_json::from_str(lines[0]).expect(&out);
+    eprintln!("jailed worker: {identity}");
     assert_eq!(identity["uid"], 64000, "{identity}");
     assert_eq!(identity["euid"], 64000, "{identity}");
     assert_eq!(identity["gid"], 64001, "{identity}");

@@ -45,6 +45,8 @@ mount -t virtiofs host /host || fail "cannot mount the host's file system (virti
 mount --rbind /dev /host/dev || fail "cannot bind /dev"
 mount -t proc proc /host/proc || fail "cannot mount /host/proc"
 mount -t sysfs sysfs /host/sys || fail "cannot mount /host/sys"
+# cgroup v2, as a systemd host has it: thawd gives each jailed worker a cgroup of its own there.
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || echo "thaw-nested-host: no cgroup v2"
 mkdir -p /host/dev/shm && mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 # The command's TMPDIR: RAM of this machine, where Unix sockets work and nothing reaches the host.
 mount -t tmpfs -o mode=1777 tmpfs "/host$tmp" || fail "cannot mount the temporary directory"

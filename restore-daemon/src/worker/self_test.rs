@@ -63,6 +63,11 @@ pub fn answer(invoke: &Invoke) -> Option<Reply> {
         "capBnd": field("CapBnd:"),
         "noNewPrivs": field("NoNewPrivs:"),
         "seccomp": field("Seccomp:"),
+        "vmHwm": field("VmHWM:"),
+        "vmRss": field("VmRSS:"),
+        "rssAnon": field("RssAnon:"),
+        "rssFile": field("RssFile:"),
+        "rssShmem": field("RssShmem:"),
         "probe": probe,
         "probeOpen": opened,
     })))

@@ -272,14 +272,7 @@ impl Snapshot {
                 &mut manifest_bytes,
             )
             .map_err(|_| ReadError::ManifestTampered)?;
-        let (manifest, used): (Vec<ChunkEntry>, usize) = bincode::decode_from_slice(
-            manifest_plain,
-            format::bincode_config::<{ MAX_MANIFEST_LEN as usize }>(),
-        )
-        .map_err(|e| invalid_manifest(format!("does not decode: {e}")))?;
-        if used != manifest_plain.len() {
-            return Err(invalid_manifest("bytes left after the manifest".into()));
-        }
+        let manifest = decode_manifest(manifest_plain, header.chunk_count)?;
         let chunks = check_manifest(&header, &manifest, tag_len)?;
 
         // 5. The working set, if one was recorded: verified like the sections above.
@@ -635,6 +628,41 @@ fn invalid_header(reason: &str) -> ReadError {
 
 fn invalid_manifest(reason: String) -> ReadError {
     ReadError::ManifestInvalid { reason }
+}
+
+/// The most one manifest entry's decoding may claim: its page bitmap, which is at most
+/// `MAX_CHUNK_SIZE / PAGE_SIZE / 8` = 64 bytes in a valid file.
+const MAX_ENTRY_CLAIM: usize = 4096;
+
+/// Decodes the manifest (a u64 entry count, then the entries) one entry at a time, after
+/// comparing the count with the header's, so that no length inside it makes the decoder
+/// allocate more than the header's chunks and [`MAX_ENTRY_CLAIM`] bytes per bitmap. Decoded
+/// whole under the manifest's cap, an entry count or a bitmap length could claim up to 512 MiB
+/// from a manifest of a few bytes (found by `tests/fuzz_reader.rs`).
+fn decode_manifest(plain: &[u8], chunk_count: u64) -> Result<Vec<ChunkEntry>, ReadError> {
+    if plain.len() < 8 {
+        return Err(invalid_manifest("does not decode: no entry count".into()));
+    }
+    let count = format::le_u64(plain, 0);
+    if count != chunk_count {
+        return Err(invalid_manifest(format!(
+            "{count} entries for {chunk_count} chunks"
+        )));
+    }
+    // `check_header` bounded the chunk count by the manifest section's length.
+    let mut entries = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut rest = plain.get(8..).unwrap_or_default();
+    for _ in 0..count {
+        let (entry, used): (ChunkEntry, usize) =
+            bincode::decode_from_slice(rest, format::bincode_config::<MAX_ENTRY_CLAIM>())
+                .map_err(|e| invalid_manifest(format!("does not decode: {e}")))?;
+        rest = rest.get(used..).unwrap_or_default();
+        entries.push(entry);
+    }
+    if !rest.is_empty() {
+        return Err(invalid_manifest("bytes left after the manifest".into()));
+    }
+    Ok(entries)
 }
 
 /// An authenticated header can still be wrong (a writer bug); check every number the reader

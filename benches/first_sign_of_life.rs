@@ -30,6 +30,7 @@ use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
 use restore_daemon::worker::handle::{CopyGrant, RestoreSpec, Worker, WorkerCommand};
+use restore_daemon::worker::jail::JailSpec;
 use snapshot::{KeyChoice, VerifiedRecords};
 use vmm_core::machine::ShellSpec;
 
@@ -75,8 +76,10 @@ impl Mode {
             Mode::Cli => {
                 "`thaw restore` as a user runs it: a fresh process, nothing ahead, this unchanged file authenticated in full before on this host (its own report, from the restore call)"
             }
-            Mode::ThawdAhead => "thawd: spare worker restored ahead from the shared copy",
-            Mode::Thawd => "thawd: spare worker with its shell, shared copy sent with the request",
+            Mode::ThawdAhead => "thawd: jailed spare worker restored ahead from the shared copy",
+            Mode::Thawd => {
+                "thawd: jailed spare worker with its shell, shared copy sent with the request"
+            }
             Mode::SharedShell => "shared copy (huge pages), pre-built shell",
             Mode::LazyShell => "lazy, pre-built shell, chunks checked on install",
             Mode::LazyCold => {
@@ -206,7 +209,19 @@ fn library_once(
 
 async fn thawd_once(w: &Workload, key: &Path, ahead: bool, out: &mut Samples) {
     let command = WorkerCommand::thawd(thawd_bin::thawd_bin());
-    let mut worker = Worker::spawn(&command, "fsol").await.unwrap();
+    // Jailed, as thawd runs its workers by default (as root; no cgroup v2 here).
+    let jail_root = tempfile::tempdir().unwrap();
+    let jail = JailSpec {
+        root: jail_root.path().to_owned(),
+        uid: 65534,
+        gid: 65534,
+        snapshot: w.snap.clone(),
+        key_file: Some(key.to_owned()),
+        cgroup: None,
+        memory_max: None,
+        cpu_max: None,
+    };
+    let mut worker = Worker::spawn_jailed(&command, "fsol", &jail).await.unwrap();
     let grant = CopyGrant {
         function: "fsol".into(),
         copy: w.copy.clone(),

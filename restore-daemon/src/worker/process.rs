@@ -75,7 +75,8 @@ pub enum ServeError {
 pub enum Ended {
     /// The daemon asked for it; `ShutDown` was the last reply.
     Shutdown,
-    /// Stdin ended before a request: the daemon died or dropped this worker.
+    /// Stdin ended before a request, or the reply stream was closed: the daemon died or
+    /// dropped this worker.
     InputClosed,
 }
 
@@ -166,7 +167,17 @@ pub fn serve<R: Read, W: Write>(
         };
         let shutdown = request == Request::Shutdown;
         let reply = session.handle(request);
-        send(&mut output, &reply, &session.console)?;
+        match send(&mut output, &reply, &session.console) {
+            // The daemon closed the reply stream: it died or dropped this worker, as when its
+            // input ends (a jailed worker, one hop further from the daemon's death than its
+            // parent, sees this first).
+            Err(ServeError::Write(FrameError::Io(e)))
+                if e.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                return Ok(Ended::InputClosed);
+            }
+            sent => sent?,
+        }
         if shutdown {
             return Ok(Ended::Shutdown);
         }

@@ -101,6 +101,24 @@ fn the_end_of_input_ends_the_worker_without_a_reply() {
     assert_eq!(replies.len(), 1);
 }
 
+/// A reply stream the daemon closed ends the worker as the end of its input does, not as an
+/// error: it is how a worker learns that a daemon which dropped it is gone.
+#[test]
+fn a_closed_reply_stream_ends_the_worker_quietly() {
+    struct Closed;
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let input = encode_frame(&Request::Freeze).unwrap();
+    let ended = serve(&input[..], Closed, &WorkerConfig::default());
+    assert_eq!(ended.unwrap(), Ended::InputClosed);
+}
+
 #[test]
 fn garbage_on_stdin_ends_the_worker_with_an_error() {
     let mut output = Vec::new();

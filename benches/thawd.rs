@@ -10,9 +10,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,49 +22,13 @@ use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
 use vmm_core::config::VsockConfig;
 
 mod support;
+#[path = "support/thawd_daemon.rs"]
+mod thawd_daemon;
 
 /// Invocations in one burst.
 const BURST: usize = 50;
-#[path = "../tests/fixture/thawd_bin.rs"]
-mod thawd_bin;
 use support::ms;
-
-struct Daemon {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Our own child, not yet reaped: the pid is still its.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, name: &str, config: &str) -> Daemon {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(thawd_bin::thawd_bin())
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("THAW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    let endpoint = first
-        .strip_prefix("thawd: listening on ")
-        .unwrap()
-        .to_owned();
-    Daemon { child, endpoint }
-}
+use thawd_daemon::start as start_daemon;
 
 fn call(endpoint: &str, function: &str, i: usize) -> Duration {
     let payload = format!("{{\"bench\":{i}}}").into_bytes();
@@ -133,7 +94,7 @@ fn main() {
     let iterations = args.iterations.max(2);
 
     // Warm: one environment, thawed for each invocation.
-    let warm = start(
+    let warm = start_daemon(
         dir.path(),
         "warm",
         &format!(
@@ -149,7 +110,7 @@ fn main() {
 
     // Restore on every invocation; a spare worker with its shell built is waited for, so each
     // sample is a restore from a prepared worker (the case thawd aims for).
-    let cold = start(
+    let cold = start_daemon(
         dir.path(),
         "cold",
         &format!(
@@ -193,7 +154,7 @@ fn main() {
     // Bursts: BURST invocations at once, none with an environment to reuse, so every one
     // restores (from the shared copy once it is decoded; spare workers run out after the first
     // few, so most also start their worker and build its shell).
-    let burst_daemon = start(
+    let burst_daemon = start_daemon(
         dir.path(),
         "burst",
         &format!(

@@ -31,10 +31,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a bench: failing loudly is the point
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -48,8 +45,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod support;
-#[path = "../tests/fixture/thawd_bin.rs"]
-mod thawd_bin;
+#[path = "support/thawd_daemon.rs"]
+mod thawd_daemon;
 use support::ms;
 
 /// The function's name in thawd's config and in the attackers' request heads.
@@ -343,43 +340,6 @@ impl Drop for Attackers {
 // ---------------------------------------------------------------------------------------
 // thawd, the normal client and the sampler.
 
-struct Daemon {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Our own child, not yet reaped: the pid is still its.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, config: &str) -> Daemon {
-    let path = dir.join("thawd.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(thawd_bin::thawd_bin())
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("THAW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    let endpoint = first
-        .strip_prefix("thawd: listening on ")
-        .unwrap()
-        .to_owned();
-    Daemon { child, endpoint }
-}
-
 /// One invocation, its answer checked: how long it took, or what went wrong.
 fn call(endpoint: &str, i: usize) -> Result<Duration, String> {
     let payload = format!("{{\"hostile\":{i}}}").into_bytes();
@@ -576,8 +536,9 @@ fn main() {
     let key = dir.path().join("key");
     let snap = support::agent_snapshot(dir.path(), &key, 0, 128);
     // The front's limits are left at their defaults (`limits` above).
-    let daemon = start(
+    let daemon = thawd_daemon::start(
         dir.path(),
+        "thawd",
         &format!(
             "max_concurrency = 2\n[functions.{FUNCTION}]\nsnapshot = {:?}\nmemory_mib = 128\n\
              timeout_secs = 30\nkey_file = {:?}\n",

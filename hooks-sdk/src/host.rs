@@ -13,6 +13,10 @@ use crate::protocol::{Failure, InitType, Invoke, Message, Restored};
 
 /// How often waits look at the clock and at whether the guest is still running.
 const POLL: Duration = Duration::from_millis(1);
+/// How long a wait whose connection ended still watches for the guest ending: a guest that
+/// stops (a crash, a power-off) closes its connection a moment before its VM has exited, and
+/// that is a guest that ended, not a broken socket.
+const END_GRACE: Duration = Duration::from_millis(250);
 /// Longest runtime error message quoted in an error.
 const MAX_QUOTED: usize = 2048;
 /// Bytes of entropy sent with `Restored` (the protocol asks for at least 32).
@@ -54,8 +58,13 @@ impl Frames {
         loop {
             let slice = deadline.saturating_duration_since(Instant::now()).min(POLL);
             match self.rx.recv_timeout(slice) {
+                Ok(Err(FrameError::Io(e))) => {
+                    return settle(Waited::Got(Some(Err(FrameError::Io(e)))), guest_ended);
+                }
                 Ok(f) => return Waited::Got(Some(f)),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Waited::Got(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return settle(Waited::Got(None), guest_ended);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             if guest_ended() {
@@ -65,6 +74,21 @@ impl Frames {
                 return Waited::TimedOut;
             }
         }
+    }
+}
+
+/// `ended`, the connection's end, unless the guest turns out to have ended within
+/// [`END_GRACE`]: then that is what happened.
+fn settle<T>(ended: Waited<T>, guest_ended: &dyn Fn() -> bool) -> Waited<T> {
+    let until = Instant::now() + END_GRACE;
+    loop {
+        if guest_ended() {
+            return Waited::GuestEnded;
+        }
+        if Instant::now() >= until {
+            return ended;
+        }
+        std::thread::sleep(POLL);
     }
 }
 
@@ -460,6 +484,31 @@ impl AgentConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest that crashes closes its connection a moment before its VM exits: the wait
+    /// reports the guest's end, not a socket error (a crash was now and then reported as an
+    /// unexpected end of file). A connection that ends while the guest runs on is still an end.
+    #[test]
+    fn a_connection_that_ends_just_before_the_guest_does_is_the_guest_ending() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        let frames = Frames::start(&host).unwrap();
+        drop(agent);
+        let ended_at = Instant::now() + Duration::from_millis(20);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let waited = frames.next(deadline, &|| Instant::now() >= ended_at);
+        assert!(matches!(waited, Waited::GuestEnded));
+
+        let (host, agent) = UnixStream::pair().unwrap();
+        let frames = Frames::start(&host).unwrap();
+        drop(agent);
+        let started = Instant::now();
+        let waited = frames.next(deadline, &|| false);
+        assert!(matches!(
+            waited,
+            Waited::Got(None) | Waited::Got(Some(Err(_)))
+        ));
+        assert!(started.elapsed() >= END_GRACE);
+    }
 
     #[test]
     fn quotes_the_error_message_of_a_lambda_error_document() {

@@ -58,7 +58,7 @@ pub const MAX_IDLE_TTL_SECS: u64 = 86_400;
 pub const MAX_SPARE_WORKERS: u32 = 16;
 /// Asynchronous invocations queued at once.
 pub const MAX_EVENT_QUEUE: u32 = 100_000;
-/// Bounds of `event_queue_mib`, `body_budget_mib`: at least one payload at Lambda's limit.
+/// Bounds of `event_queue_mib`: at least one event payload at Lambda's 256 KB limit.
 pub const QUEUE_MIB_RANGE: (u64, u64) = (1, 16_384);
 /// Bounds of `body_budget_mib`: a body at Lambda's 6 MB limit must fit.
 pub const BODY_BUDGET_MIB_RANGE: (u64, u64) = (6, 16_384);

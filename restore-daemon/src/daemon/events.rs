@@ -84,20 +84,8 @@ impl Drop for Charge {
     }
 }
 
-/// Why an event went to the dead-letter directory.
-#[derive(Clone, Copy)]
-enum Condition {
-    /// Every attempt failed (Lambda's condition name).
-    RetriesExhausted,
-}
-
-impl Condition {
-    fn name(self) -> &'static str {
-        match self {
-            Condition::RetriesExhausted => "RetriesExhausted",
-        }
-    }
-}
+/// Why an event went to the dead-letter directory: every attempt failed (Lambda's name).
+const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
 
 /// Events waiting for their retry's delay. Kept here, not in the sleeping tasks, so that a
 /// shutdown finds them.
@@ -147,11 +135,11 @@ struct Ends {
 }
 
 impl Ends {
-    fn dead_letter(&self, job: &Job, condition: Condition) {
+    fn dead_letter(&self, job: &Job) {
         let function = &job.invocation.function;
         let request_id = &job.invocation.request_id;
         self.pool.metrics().dead_letter(function);
-        match write_dead_letter(&self.settings.dead_letter_dir, job, condition) {
+        match write_dead_letter(&self.settings.dead_letter_dir, job) {
             Ok(_) => self.ended(job),
             // Kept in the event directory: the next start tries it again.
             Err(e) => tracing::error!(function, request_id, error = %e,
@@ -428,7 +416,7 @@ impl Runner {
             let retries = &self.ends.settings.retry_delays;
             let retry = job.failures as usize <= retries.len();
             if !retry || job.queued_at.elapsed() >= MAX_EVENT_AGE {
-                self.ends.dead_letter(&job, Condition::RetriesExhausted);
+                self.ends.dead_letter(&job);
                 return;
             }
             self.ends.failed(&job);
@@ -459,14 +447,14 @@ fn unix_ms(t: SystemTime) -> u128 {
 }
 
 /// Writes `job` as `<dir>/<function>/<request id>.json`, atomically (temp, fsync, rename).
-fn write_dead_letter(dir: &Path, job: &Job, condition: Condition) -> std::io::Result<PathBuf> {
+fn write_dead_letter(dir: &Path, job: &Job) -> std::io::Result<PathBuf> {
     let inv = &job.invocation;
     let dir = dir.join(&inv.function);
     std::fs::create_dir_all(&dir)?;
     let record = serde_json::json!({
         "requestId": inv.request_id,
         "functionName": inv.function,
-        "condition": condition.name(),
+        "condition": RETRIES_EXHAUSTED,
         "approximateInvokeCount": job.failures,
         "queuedAtMs": unix_ms(job.queued_wall),
         "deadLetteredAtMs": unix_ms(SystemTime::now()),
@@ -639,7 +627,7 @@ mod tests {
             last_error: "{\"errorType\":\"X\"}".into(),
             _charge: Charge::take(&Arc::default(), 7, None).unwrap(),
         };
-        let path = write_dead_letter(dir.path(), &job, Condition::RetriesExhausted).unwrap();
+        let path = write_dead_letter(dir.path(), &job).unwrap();
         assert_eq!(path, dir.path().join("f").join("r-1.json"));
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["approximateInvokeCount"], 3);

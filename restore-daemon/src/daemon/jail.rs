@@ -70,18 +70,14 @@ impl Jails {
         })
     }
 
-    /// A jail for [`Jails::prepare`]'s settings as they are, checking nothing (tests).
-    pub fn new(config: JailConfig) -> Self {
+    /// A jail for `config` as it is, checking and preparing nothing.
+    #[cfg(test)]
+    fn new(config: JailConfig) -> Self {
         Self {
             config,
             cgroups: None,
             started: AtomicU64::new(0),
         }
-    }
-
-    /// The parent of the workers' cgroups, if they have some.
-    pub fn cgroups(&self) -> Option<&Path> {
-        self.cgroups.as_deref()
     }
 
     /// The jail of a new worker of `f`.

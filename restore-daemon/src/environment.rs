@@ -183,6 +183,8 @@ impl Prepared {
         let controller = restored.controller();
         let pager = restored.pager();
         let restore_timings = restored.timings;
+        // Started before the guest runs (see FrameReader).
+        let reader = hooks_sdk::host::FrameReader::spawn().map_err(EnvironmentError::Socket)?;
         let vm = std::thread::Builder::new()
             .name("thaw-vm".into())
             .spawn(move || restored.run(None))
@@ -191,8 +193,9 @@ impl Prepared {
             let exit = exit.clone();
             move || exit.is_set()
         };
-        let agent = match hooks_sdk::host::after_restore(
+        let agent = match hooks_sdk::host::after_restore_with(
             &listener,
+            reader,
             &unique,
             options.connect_timeout,
             options.after_restore_budget,

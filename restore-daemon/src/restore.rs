@@ -251,8 +251,9 @@ impl Default for RestoreOptions {
 pub struct RestoreTimings {
     /// Opening and authenticating the snapshot, decoding the state.
     pub open: Duration,
-    /// Taking a ready machine shell, or building one (when built while the chunks were
-    /// authenticated, only the part that outlasted the authentication).
+    /// Taking a ready machine shell, or building one: a shell built while the snapshot was
+    /// opened and its chunks authenticated counts only for what outlasted them, and the read
+    /// of what KVM supports (for the host check, made meanwhile) counts here too.
     pub shell: Duration,
     /// Whether the shell came ready from a [`ShellPool`].
     pub shell_was_ready: bool,
@@ -408,7 +409,22 @@ fn open_authenticated(
     dir: &Path,
     key: &KeyChoice,
 ) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
-    let snap = verify::open(dir, key)?;
+    open_authenticated_observing(dir, key, &mut |_| {})
+}
+
+/// [`open_authenticated`], telling `on_header` the shell the snapshot needs as soon as its
+/// header is authenticated (see [`Snapshot::open_observing`]).
+fn open_authenticated_observing(
+    dir: &Path,
+    key: &KeyChoice,
+    on_header: &mut dyn FnMut(ShellSpec),
+) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
+    let snap = verify::open_observing(dir, key, &mut |size| {
+        on_header(ShellSpec {
+            mem_bytes: size.memory_bytes,
+            vcpus: size.vcpus,
+        })
+    })?;
     let state =
         state_blob::decode::<vmm_core::machine::MachineState>(snap.state()).map_err(|source| {
             RestoreError::State {
@@ -461,6 +477,65 @@ fn take_shell(
     Ok((MachineShell::create(spec)?, false))
 }
 
+/// The shell for `spec`: from the baseline memory file, the pool, or built now. Whether it came
+/// ready from the pool.
+fn get_shell(
+    spec: ShellSpec,
+    options: &RestoreOptions,
+) -> Result<(MachineShell, bool), RestoreError> {
+    let (shell, ready) = match &options.baseline_memory_file {
+        Some(path) => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
+            (MachineShell::from_file(&file, spec)?, false)
+        }
+        None => take_shell(spec, options.shells.as_deref())?,
+    };
+    Ok((shell, ready))
+}
+
+/// Authenticates every chunk of `snap` before a lazy restore maps any of them, unless
+/// `options` say chunks are checked as they are installed (or nothing is paged); with
+/// `--chunk-check once`, not even then when this host authenticated the unchanged file before.
+/// How long it took, and whether the host's record made it unnecessary.
+fn authenticate_chunks(
+    dir: &Path,
+    snap: &Snapshot,
+    options: &RestoreOptions,
+) -> Result<(Duration, bool), RestoreError> {
+    let started = Instant::now();
+    let authenticate_up_front = options.memory == MemoryMode::Lazy
+        && options.chunk_check != ChunkCheck::OnInstall
+        && options.baseline_memory_file.is_none()
+        && options.shared_copy.is_none();
+    if !authenticate_up_front {
+        return Ok((started.elapsed(), false));
+    }
+    let chunk_error = |source| RestoreError::Chunk {
+        path: dir.to_owned(),
+        source,
+    };
+    let records = match options.chunk_check {
+        ChunkCheck::Once => options
+            .verified_records
+            .clone()
+            .or_else(VerifiedRecords::default_location),
+        ChunkCheck::UpFront | ChunkCheck::OnInstall => None,
+    };
+    let before = match &records {
+        Some(records) => matches!(
+            snap.authenticate_chunks_once(records)
+                .map_err(chunk_error)?,
+            AuthenticatedOnce::Recorded
+        ),
+        None => {
+            snap.authenticate_chunks().map_err(chunk_error)?;
+            false
+        }
+    };
+    Ok((started.elapsed(), before))
+}
+
 /// Restores the snapshot at `dir`: the guest's console goes to `console`.
 pub fn restore(
     dir: &Path,
@@ -469,7 +544,47 @@ pub fn restore(
     console: ConsoleOutput,
 ) -> Result<Restored, RestoreError> {
     let started = Instant::now();
-    let (snap, state) = open_authenticated(dir, key)?;
+    // Without a ready shell, building one (about 1 ms on PVM) needs only the memory size and
+    // vCPU count of the authenticated header: it starts then, and runs while the state and
+    // manifest are read and authenticated and (the first time a host restores a file, tens of
+    // ms for a large snapshot) every chunk is. Nothing else of the snapshot reaches the shell
+    // before all of that is done, and a failure of either side drops the other's work.
+    let (opened, open, authenticated, supported, built, waiting) = std::thread::scope(|scope| {
+        let mut building = None;
+        let opened = open_authenticated_observing(dir, key, &mut |spec| {
+            let pooled = options.baseline_memory_file.is_none()
+                && options
+                    .shells
+                    .as_deref()
+                    .is_some_and(|pool| pool.ready(spec) > 0);
+            if !pooled {
+                building = Some((spec, scope.spawn(move || get_shell(spec, options))));
+            }
+        });
+        let open = started.elapsed();
+        let authenticated = match &opened {
+            Ok((snap, _)) => authenticate_chunks(dir, snap, options),
+            Err(_) => Ok((Duration::ZERO, false)),
+        };
+        let waiting = Instant::now();
+        // The host check needs what this host offers; a process that does not know yet learns
+        // it from the shell's vCPU, which has not run (no scratch VM), with what KVM supports
+        // read here while the shell is still being built.
+        let supported = match (&opened, &authenticated) {
+            (Ok(_), Ok(_)) => verify::read_for_host_facts(),
+            _ => None,
+        };
+        let built = building.map(|(spec, thread)| {
+            let shell = thread.join().unwrap_or_else(|_| {
+                Err(RestoreError::Memory(
+                    "the shell-building thread panicked".into(),
+                ))
+            });
+            (spec, shell)
+        });
+        (opened, open, authenticated, supported, built, waiting)
+    });
+    let (snap, state) = opened?;
     if let Some(registered) = options.expected_snapshot {
         if snap.id() != registered {
             return Err(RestoreError::Replaced {
@@ -480,7 +595,27 @@ pub fn restore(
         }
     }
     let snap = Arc::new(snap);
-    let open = started.elapsed();
+    let (authenticate, authenticated_before) = authenticated?;
+    let spec = ShellSpec {
+        mem_bytes: state.mem_bytes,
+        // validate() allows at most 255 vCPUs.
+        vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
+    };
+    let (shell, shell_was_ready) = match built {
+        Some((built_for, shell)) => {
+            // The checks above tie the header's size to the state's; a shell of another size
+            // would be refused by Machine::restore_in, this names why.
+            if built_for != spec {
+                return Err(RestoreError::Memory(format!(
+                    "the header described {built_for:?}, the machine state {spec:?}"
+                )));
+            }
+            shell?
+        }
+        None => get_shell(spec, options)?,
+    };
+    // Only the wait beyond the opening and authentication it overlapped adds to the restore.
+    let shell_elapsed = waiting.elapsed();
 
     let copy_refused = |source| RestoreError::SharedCopy {
         path: dir.to_owned(),
@@ -493,87 +628,6 @@ pub fn restore(
         }
         None => None,
     };
-    let spec = ShellSpec {
-        mem_bytes: state.mem_bytes,
-        // validate() allows at most 255 vCPUs.
-        vcpus: u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX),
-    };
-    let authenticate_up_front = options.memory == MemoryMode::Lazy
-        && options.chunk_check != ChunkCheck::OnInstall
-        && options.baseline_memory_file.is_none()
-        && copy_runs.is_none();
-    // Also whether this host authenticated the unchanged file before: then nothing is read.
-    let authenticate_chunks = || -> Result<(Duration, bool), RestoreError> {
-        let started = Instant::now();
-        let chunk_error = |source| RestoreError::Chunk {
-            path: dir.to_owned(),
-            source,
-        };
-        if !authenticate_up_front {
-            return Ok((started.elapsed(), false));
-        }
-        let records = match options.chunk_check {
-            ChunkCheck::Once => options
-                .verified_records
-                .clone()
-                .or_else(VerifiedRecords::default_location),
-            ChunkCheck::UpFront | ChunkCheck::OnInstall => None,
-        };
-        let before = match &records {
-            Some(records) => matches!(
-                snap.authenticate_chunks_once(records)
-                    .map_err(chunk_error)?,
-                AuthenticatedOnce::Recorded
-            ),
-            None => {
-                snap.authenticate_chunks().map_err(chunk_error)?;
-                false
-            }
-        };
-        Ok((started.elapsed(), before))
-    };
-    let get_shell = || -> Result<(MachineShell, bool, Duration), RestoreError> {
-        let started = Instant::now();
-        let (shell, ready) = match &options.baseline_memory_file {
-            Some(path) => {
-                let file = std::fs::File::open(path)
-                    .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
-                (MachineShell::from_file(&file, spec)?, false)
-            }
-            None => take_shell(spec, options.shells.as_deref())?,
-        };
-        Ok((shell, ready, started.elapsed()))
-    };
-    // Without a ready shell, building one (about 1 ms on PVM) and authenticating the chunks
-    // (tens of ms for a large snapshot) do not depend on each other: both run at once. Nothing
-    // from the snapshot but the memory size and vCPU count reaches the shell before the chunks
-    // are authenticated, and a failure of either drops the other's work.
-    let shell_is_ready = options.baseline_memory_file.is_none()
-        && options
-            .shells
-            .as_deref()
-            .is_some_and(|pool| pool.ready(spec) > 0);
-    let overlapped = authenticate_up_front && !shell_is_ready;
-    let (authenticated, got_shell) = if overlapped {
-        std::thread::scope(|scope| {
-            let building = scope.spawn(get_shell);
-            let authenticated = authenticate_chunks();
-            let got_shell = building.join().unwrap_or_else(|_| {
-                Err(RestoreError::Memory(
-                    "the shell-building thread panicked".into(),
-                ))
-            });
-            (authenticated, got_shell)
-        })
-    } else {
-        (authenticate_chunks(), get_shell())
-    };
-    let (authenticate, authenticated_before) = authenticated?;
-    let (shell, shell_was_ready, mut shell_elapsed) = got_shell?;
-    if overlapped {
-        // Only the wait beyond the authentication it overlapped adds to the restore.
-        shell_elapsed = shell_elapsed.saturating_sub(authenticate);
-    }
 
     let started = Instant::now();
     let watch = Arc::new(PagerWatch::default());
@@ -603,10 +657,10 @@ pub fn restore(
     let memory_elapsed = started.elapsed();
 
     let started = Instant::now();
-    // Checked once the shell is here: a process that does not know the host yet asks the
-    // shell's vCPU, which has not run, instead of a scratch VM. Nothing of the machine has
+    // Checked once the shell is here: a process that does not know the host yet learns it from
+    // the shell's vCPU, which has not run, instead of a scratch VM. Nothing of the machine has
     // been restored yet.
-    verify::learn_host_facts_from(&shell);
+    verify::learn_host_facts_from(&shell, supported.as_ref());
     check_host(dir, &snap)?;
     let config = RestoreConfig {
         vsock_uds_path: options.vsock_uds.clone(),

@@ -86,6 +86,19 @@ pub fn open(dir: &Path, key: &KeyChoice) -> Result<Snapshot, VerifyError> {
     })
 }
 
+/// [`open`], telling `on_header` the machine's size once the header is authenticated (see
+/// [`Snapshot::open_observing`]).
+pub fn open_observing(
+    dir: &Path,
+    key: &KeyChoice,
+    on_header: &mut dyn FnMut(snapshot::MachineSize),
+) -> Result<Snapshot, VerifyError> {
+    Snapshot::open_with_observing(dir, key, on_header).map_err(|source| VerifyError::Snapshot {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
 /// Verifies the snapshot at `dir`.
 pub fn verify(dir: &Path, key: &KeyChoice) -> Result<Verified, VerifyError> {
     let refused = |source| VerifyError::Snapshot {
@@ -149,13 +162,41 @@ fn facts(offered: &kvm_bindings::CpuId) -> snapshot::HostFacts {
     )
 }
 
+/// KVM's supported CPUID, read for [`learn_host_facts_from`] unless this process knows the
+/// host already. It takes no VM (a system ioctl, 0.3 ms on PVM, where each CPUID the kernel
+/// runs to answer it traps), so a restore reads it while its shell is being built.
+pub fn read_for_host_facts() -> Option<kvm_bindings::CpuId> {
+    if FACTS.get().is_some() {
+        return None;
+    }
+    let read = vmm_core::kvm::open()
+        .map_err(|e| e.to_string())
+        .and_then(|kvm| vmm_core::cpuid::supported(&kvm).map_err(|e| e.to_string()));
+    match read {
+        Ok(supported) => Some(supported),
+        // The shell or the scratch VM will tell, or fail with its own message.
+        Err(e) => {
+            tracing::debug!(error = %e, "KVM's supported CPUID is read later");
+            None
+        }
+    }
+}
+
 /// Learns this host's facts from `shell`'s never-run vCPU, unless this process knows them
 /// already: a one-shot restore (`thaw restore`) then needs no scratch VM for its host check.
-pub fn learn_host_facts_from(shell: &vmm_core::machine::MachineShell) {
+/// `supported` is KVM's supported CPUID if the caller read it ahead ([`read_for_host_facts`]).
+pub fn learn_host_facts_from(
+    shell: &vmm_core::machine::MachineShell,
+    supported: Option<&kvm_bindings::CpuId>,
+) {
     if FACTS.get().is_some() {
         return;
     }
-    match shell.effective_cpuid() {
+    let offered = match supported {
+        Some(supported) => shell.effective_cpuid_given(supported),
+        None => shell.effective_cpuid(),
+    };
+    match offered {
         Ok(offered) => {
             // A helper thread (`learn_host_facts_ahead`) may have got there first: the same.
             let _ = FACTS.set(Ok(facts(&offered)));

@@ -158,6 +158,21 @@ thread_local! {
         const { RefCell::new((None, Vec::new())) };
 }
 
+/// Allocates the calling thread's decoding state (zstd context, packing buffer for chunks of
+/// `chunk_len` bytes) now rather than on its first chunk (see
+/// [`crate::Snapshot::prepare_decoding_thread`]).
+pub(crate) fn prepare_decoding(chunk_len: usize) {
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (dctx, packed) = &mut *scratch;
+        if dctx.is_none() {
+            // Without one now, the first chunk makes it (and says why if it cannot).
+            *dctx = zstd::bulk::Decompressor::new().ok();
+        }
+        packed.reserve(chunk_len);
+    });
+}
+
 /// Number of pages the bitmap marks present among the first `pages`.
 pub(crate) fn count_present(bitmap: &[u8], pages: usize) -> usize {
     (0..pages).filter(|i| page_present(bitmap, *i)).count()

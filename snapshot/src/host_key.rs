@@ -86,11 +86,23 @@ impl Snapshot {
     /// and a flipped protection field must not downgrade it silently — but opened without the
     /// host's default key.
     pub fn open_with(dir: &Path, key: &KeyChoice) -> Result<Snapshot, ReadError> {
+        Self::open_with_observing(dir, key, &mut |_| {})
+    }
+
+    /// [`Snapshot::open_with`], telling `on_header` the machine's size once the header is
+    /// authenticated (see [`Snapshot::open_observing`]).
+    pub fn open_with_observing(
+        dir: &Path,
+        key: &KeyChoice,
+        on_header: &mut dyn FnMut(crate::MachineSize),
+    ) -> Result<Snapshot, ReadError> {
         match key {
-            KeyChoice::Given(k) => Snapshot::open(dir, Some(k)),
-            KeyChoice::None => Snapshot::open(dir, None),
-            KeyChoice::HostDefault(k) => match Snapshot::open(dir, Some(k)) {
-                Err(ReadError::PlaintextWithKey) => Snapshot::open(dir, None),
+            KeyChoice::Given(k) => Snapshot::open_observing(dir, Some(k), on_header),
+            KeyChoice::None => Snapshot::open_observing(dir, None, on_header),
+            // The first attempt is refused before its header is read, so `on_header` is still
+            // called at most once.
+            KeyChoice::HostDefault(k) => match Snapshot::open_observing(dir, Some(k), on_header) {
+                Err(ReadError::PlaintextWithKey) => Snapshot::open_observing(dir, None, on_header),
                 other => other,
             },
         }

@@ -125,7 +125,9 @@ pub use format::{
 pub use host_key::KeyChoice;
 pub use info::Info;
 pub use keys::{KEY_FILE_LEN, KEY_LEN, KeyError, KeyId, MasterKey};
-pub use reader::{AuthenticateSummary, AuthenticatedOnce, FileLayout, Snapshot, VerifySummary};
+pub use reader::{
+    AuthenticateSummary, AuthenticatedOnce, FileLayout, MachineSize, Snapshot, VerifySummary,
+};
 pub use verified::VerifiedRecords;
 pub use working_set::{
     RecordingEnd, WORKING_SET_FILE, WORKING_SET_MAGIC, WORKING_SET_PREAMBLE_LEN,

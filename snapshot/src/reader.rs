@@ -131,11 +131,34 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The machine an authenticated header describes, known before the rest of the file is read:
+/// all a restore needs to start building its VM while the state and manifest are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineSize {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory, all regions together.
+    pub memory_bytes: u64,
+}
+
 impl Snapshot {
     /// Opens and verifies the snapshot directory `dir`. An encrypted snapshot needs its master
     /// key; a plaintext one must be opened without a key (a caller holding a key expects the
     /// guarantees only encryption gives).
     pub fn open(dir: &Path, key: Option<&MasterKey>) -> Result<Snapshot, ReadError> {
+        Self::open_observing(dir, key, &mut |_| {})
+    }
+
+    /// [`Snapshot::open`], telling `on_header` the machine's size as soon as the header is
+    /// authenticated (and checked against the file), before the state and the manifest are read.
+    /// A restore starts building the VM then. Called at most once; not at all when the file is
+    /// refused before that point. What follows may still refuse the file: whatever the caller
+    /// started must then be dropped.
+    pub fn open_observing(
+        dir: &Path,
+        key: Option<&MasterKey>,
+        on_header: &mut dyn FnMut(MachineSize),
+    ) -> Result<Snapshot, ReadError> {
         if dir.file_name().is_some_and(is_temp_name) {
             return Err(ReadError::UnpublishedTemp {
                 path: dir.to_owned(),
@@ -251,6 +274,13 @@ impl Snapshot {
             return Err(invalid_header("bytes left after the header"));
         }
         check_header(&header, &preamble, front_len + tag_len, tag_len)?;
+        on_header(MachineSize {
+            vcpus: header.vcpus,
+            memory_bytes: header
+                .regions
+                .iter()
+                .fold(0u64, |sum, r| sum.saturating_add(r.size)),
+        });
 
         // 4. State and manifest, each authenticated before use.
         let mut state = read_section(&file, header.state).map_err(io)?;
@@ -471,6 +501,25 @@ impl Snapshot {
                 DecodeError::Corrupt(reason) => ReadError::ChunkCorrupt { index, reason },
             })
         })
+    }
+
+    /// Allocates what reading and decoding this snapshot's chunks takes on the calling thread
+    /// (its read buffer, zstd context and packing buffer), which would otherwise be allocated by
+    /// its first chunk. A page server's threads call it before the guest runs: in the process
+    /// of a running VM, an allocation that maps memory waits for the address space's lock
+    /// behind the guest's page faults and holds up the faults that come after it.
+    pub fn prepare_decoding_thread(&self) {
+        let largest = self
+            .manifest
+            .iter()
+            .map(|entry| match entry {
+                ChunkEntry::Data(data) => data.stored_len as usize,
+                ChunkEntry::Zero => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        READ_BUF.with(|cell| cell.borrow_mut().reserve(largest));
+        chunk::prepare_decoding(self.header.chunk_size as usize);
     }
 
     /// Reads a data chunk's sealed bytes into `buf`.

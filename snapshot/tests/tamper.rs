@@ -351,3 +351,42 @@ fn garbage_header_length_is_rejected_before_reading() {
         matches!(e, ReadError::HeaderLength { .. })
     });
 }
+
+/// What `open_observing` tells before the rest of the file is read is the authenticated
+/// header's: never told for a header that does not authenticate or a wrong key, and told (the
+/// size the opened snapshot has) when a later section is what gets the file refused.
+#[test]
+fn the_machine_size_is_told_only_from_an_authenticated_header() {
+    let key = key();
+    let told = |target: &Path, key: &MasterKey| {
+        let mut seen = Vec::new();
+        let opened = Snapshot::open_observing(target, Some(key), &mut |size| seen.push(size));
+        (opened, seen)
+    };
+
+    let (_d, target) = fresh(&Protection::Encrypted(&key));
+    let (opened, seen) = told(&target, &key);
+    let info = opened.unwrap().info();
+    let expected = snapshot::MachineSize {
+        vcpus: info.vcpus,
+        memory_bytes: info.memory_bytes,
+    };
+    assert_eq!(seen, vec![expected]);
+
+    let (_d, target) = fresh(&Protection::Encrypted(&key));
+    flip(&target, mid(&layout(&target, Some(&key)).header));
+    let (opened, seen) = told(&target, &key);
+    assert!(matches!(opened, Err(ReadError::HeaderTampered)));
+    assert!(seen.is_empty(), "told {seen:?} from a tampered header");
+
+    let (_d, target) = fresh(&Protection::Encrypted(&key));
+    let (opened, seen) = told(&target, &MasterKey::generate().unwrap());
+    assert!(matches!(opened, Err(ReadError::WrongKey { .. })));
+    assert!(seen.is_empty(), "told {seen:?} with the wrong key");
+
+    let (_d, target) = fresh(&Protection::Encrypted(&key));
+    flip(&target, mid(&layout(&target, Some(&key)).manifest));
+    let (opened, seen) = told(&target, &key);
+    assert!(matches!(opened, Err(ReadError::ManifestTampered)));
+    assert_eq!(seen, vec![expected], "the header itself was intact");
+}

@@ -61,8 +61,13 @@ pub fn effective(kvm: &Kvm) -> Result<CpuId, CpuidError> {
 /// [`effective`], asked of `vcpu` instead of a scratch vCPU: it must never have run (KVM takes
 /// a new CPUID only before a vCPU's first run), and whoever runs it sets its CPUID again.
 pub fn effective_on(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Result<CpuId, CpuidError> {
-    let base = supported(kvm)?;
-    vcpu.set_cpuid2(&for_vcpu(&base, 0, 1))
+    effective_given(&supported(kvm)?, vcpu)
+}
+
+/// [`effective_on`] with KVM's supported CPUID already read (`supported`): reading it needs no
+/// VM, so a caller can read it while the VM is still being built.
+pub fn effective_given(supported: &CpuId, vcpu: &kvm_ioctls::VcpuFd) -> Result<CpuId, CpuidError> {
+    vcpu.set_cpuid2(&for_vcpu(supported, 0, 1))
         .map_err(CpuidError)?;
     vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError)
 }

@@ -54,7 +54,7 @@ fn poll_events(shared: &Shared) -> bool {
 }
 
 fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
-    let mut buf = Vec::new();
+    let mut buf = shared.prepare_thread();
     let mut pending = VecDeque::new();
     let mut seen = vec![false; shared.chunk_count()];
     loop {
@@ -109,7 +109,7 @@ pub(super) fn background_thread(shared: &Shared, plan: &WorkingSetPlan, prefetch
 /// next chunks of the same order and stops at its end (the prefetch stays with one thread).
 pub(super) fn working_set_helper(shared: &Shared, plan: &WorkingSetPlan) {
     run_caught(shared, "uffd-working-set", || {
-        install_working_set(shared, plan, &mut Installer::default()).map(|_| ())
+        install_working_set(shared, plan, &mut Installer::prepared(shared)).map(|_| ())
     });
 }
 
@@ -133,8 +133,8 @@ fn run_caught(
 /// restore starts the same threads; it sleeps until a run wakes it (nothing polls).
 pub(super) fn stream_follower(shared: &Shared) {
     run_caught(shared, "uffd-stream", || {
+        let mut installer = Installer::prepared(shared);
         shared.stream.register_follower();
-        let mut installer = Installer::default();
         let count = shared.chunk_count();
         loop {
             if shared.stop.load(Ordering::Acquire) || shared.failed() || shared.stream.finished() {
@@ -247,6 +247,21 @@ struct Installer {
 }
 
 impl Installer {
+    /// An installer whose buffers are allocated now, when its thread starts, before the guest
+    /// runs (see [`Shared::prepare_thread`]): a chunk buffer and, where whole blocks can move,
+    /// the staging huge page's mapping (its pages come with each block).
+    fn prepared(shared: &Shared) -> Self {
+        let buf = shared.prepare_thread();
+        let staging = if shared.can_move() {
+            Staging::new()
+                .map_err(|e| tracing::debug!(error = %e, "no staging mapping yet"))
+                .ok()
+        } else {
+            None
+        };
+        Self { buf, staging }
+    }
+
     /// Installs chunk `index` (its whole block with `whole`, where it can be moved as a huge
     /// page); false once the server stops. A chunk is counted in `counter` when claimed,
     /// before it is marked installed, so that once `complete()` holds the counters add up too.
@@ -319,7 +334,7 @@ fn fill_in_background(
     prefetch: bool,
     after_burst: bool,
 ) -> Result<(), PagerError> {
-    let mut installer = Installer::default();
+    let mut installer = Installer::prepared(shared);
     if let Some(plan) = plan {
         if !install_working_set(shared, plan, &mut installer)? {
             return Ok(());

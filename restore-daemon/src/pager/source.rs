@@ -29,6 +29,10 @@ pub trait PageSource: Send + Sync {
     /// zeros (the contents of `buf` are then ignored). `index` is below the layout's chunk
     /// count.
     fn fill_chunk(&self, index: usize, buf: &mut [u8]) -> Result<Fill, SourceError>;
+
+    /// Allocates whatever [`PageSource::fill_chunk`] needs on the calling thread, ahead of its
+    /// first chunk: each server thread calls it when it starts, before the guest runs.
+    fn prepare_thread(&self) {}
 }
 
 /// What [`PageSource::fill_chunk`] delivered.
@@ -210,6 +214,10 @@ impl SnapshotSource {
 impl PageSource for SnapshotSource {
     fn layout(&self) -> &ChunkLayout {
         &self.layout
+    }
+
+    fn prepare_thread(&self) {
+        self.snapshot.prepare_decoding_thread();
     }
 
     fn fill_chunk(&self, index: usize, buf: &mut [u8]) -> Result<Fill, SourceError> {

@@ -106,12 +106,21 @@ impl MachineShell {
     /// shell's first vCPU, which has never run: no scratch VM (1.4–1.8 ms on PVM). Restoring a
     /// machine into the shell sets the vCPU's CPUID again.
     pub fn effective_cpuid(&self) -> Result<kvm_bindings::CpuId, MachineError> {
-        let kvm = kvm::open()?;
+        let supported = crate::cpuid::supported(&kvm::open()?)?;
+        self.effective_cpuid_given(&supported)
+    }
+
+    /// [`MachineShell::effective_cpuid`] with KVM's supported CPUID already read
+    /// ([`crate::cpuid::supported`]).
+    pub fn effective_cpuid_given(
+        &self,
+        supported: &kvm_bindings::CpuId,
+    ) -> Result<kvm_bindings::CpuId, MachineError> {
         let vcpu = self
             .vcpus
             .first()
             .ok_or(crate::config::ConfigError::NoVcpus)?;
-        Ok(crate::cpuid::effective_on(&kvm, vcpu)?)
+        Ok(crate::cpuid::effective_given(supported, vcpu)?)
     }
 
     /// Where its RAM regions are mapped, to register them with userfaultfd (a lazy restore's

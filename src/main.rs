@@ -63,9 +63,12 @@ enum Command {
     /// (CPU vendor and features, KVM flavor, page size) before any guest instruction runs.
     /// Memory comes back lazily by default: guest memory starts empty, registered with
     /// userfaultfd, and each chunk is decrypted, authenticated and installed when the guest first
-    /// touches it; the snapshot's recorded working set (`thaw snapshot record-ws`) is installed
-    /// first, and the rest in the background once the first burst of faults is over. With
-    /// --memory eager, all of memory is decrypted on all cores before the guest runs.
+    /// touches it. What this host saw the guest need before its agent's Hello on earlier
+    /// restores (its startup set, learned as it restores) is installed while the VM is rebuilt,
+    /// before the guest runs; the snapshot's recorded working set (`thaw snapshot record-ws`)
+    /// is installed next, and the rest in the background once the first burst of faults is
+    /// over. With --memory eager, all of memory is decrypted on all cores before the guest
+    /// runs.
     ///
     /// A guest with an agent (a vsock device) is then driven as Lambda would: its agent
     /// reconnects over the reset vsock transport, gets fresh entropy, the wall clock and a new
@@ -101,6 +104,12 @@ enum Command {
         /// Lazy only: ignore the snapshot's recorded working set.
         #[arg(long)]
         no_working_set: bool,
+        /// Lazy only: neither install first nor learn the chunks this host saw the guest need
+        /// before its agent's Hello (its startup set, kept per snapshot under
+        /// $XDG_STATE_HOME/thaw/startup; a hint, never trusted: every chunk is still
+        /// authenticated as it is installed).
+        #[arg(long)]
+        no_startup_set: bool,
         /// Host socket for the guest's vsock device; the agent is then yours to drive (see
         /// docs/guest-protocol.md).
         #[arg(long, value_name = "PATH", value_parser = parse_vsock_uds, conflicts_with_all = ["invoke", "after_restore_timeout"])]
@@ -646,6 +655,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             chunk_check,
             no_prefetch,
             no_working_set,
+            no_startup_set,
             vsock_uds,
             invoke,
             after_restore_timeout,
@@ -671,6 +681,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 shells: None,
                 shared_copy: None,
                 expected_snapshot: None,
+                startup_sets: if no_startup_set {
+                    None
+                } else {
+                    restore_daemon::startup_set::StartupSets::default_location()
+                },
             };
             thaw::commands::restore::run(
                 &dir,

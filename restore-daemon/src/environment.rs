@@ -15,6 +15,7 @@ use vmm_core::machine::MachineController;
 
 use crate::pager::PageServer;
 use crate::restore::{RestoreError, RestoreOptions, RestoreTimings, Restored, RunOutcome};
+use crate::startup_set::StartupLearning;
 use hooks_sdk::host::{
     AFTER_RESTORE_BUDGET, AfterRestoreError, AgentConnection, InvokeError, InvokeOutcome,
     Uniqueness,
@@ -182,6 +183,7 @@ impl Prepared {
         let exit = restored.exit_signal();
         let controller = restored.controller();
         let pager = restored.pager();
+        let startup = restored.startup_learning();
         let restore_timings = restored.timings;
         // Started before the guest runs (see FrameReader).
         let reader = hooks_sdk::host::FrameReader::spawn().map_err(EnvironmentError::Socket)?;
@@ -215,6 +217,10 @@ impl Prepared {
         };
         let hooks = agent.hooks;
         let hello = agent.hello_at.saturating_duration_since(started);
+        let ready = started.elapsed();
+        if let (Some(startup), Some(pager)) = (startup, &pager) {
+            learn_startup(&startup, &pager.recorded_before(agent.hello_at));
+        }
         Ok(Environment {
             agent,
             exit,
@@ -224,7 +230,7 @@ impl Prepared {
             _sockets: sockets,
             timings: EnvironmentTimings {
                 restore: restore_timings,
-                ready: started.elapsed(),
+                ready,
                 hooks,
                 hello,
             },
@@ -332,5 +338,20 @@ impl Drop for Environment {
             self.controller.stop();
             let _ = vm.join();
         }
+    }
+}
+
+/// Stores what the guest still faulted on before its `Hello` in the host's startup set, so the
+/// next restore of this snapshot has it in place first. A set that cannot be written only
+/// means the next restore faults as this one did.
+fn learn_startup(startup: &StartupLearning, faulted: &[u32]) {
+    match startup.learn(faulted) {
+        Ok(true) => tracing::debug!(
+            known = startup.known().len(),
+            faulted = faulted.len(),
+            "startup set updated"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "startup set not stored"),
     }
 }

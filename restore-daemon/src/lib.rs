@@ -17,6 +17,7 @@ pub mod environment;
 pub mod pager;
 pub mod restore;
 pub mod shells;
+pub mod startup_set;
 pub mod verify;
 
 // thawd.

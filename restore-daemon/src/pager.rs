@@ -90,6 +90,12 @@ pub struct PagerOptions {
     /// the guest; installed even if `prefetch` is false. Typically the snapshot's recorded
     /// working set. Each must be below the source's chunk count.
     pub working_set: Vec<u32>,
+    /// Chunk indices the fault thread installs as soon as the server starts, in this order,
+    /// before it waits for faults (one that arrives meanwhile is served before the next of
+    /// them): the chunks a restore of this snapshot needed before its first sign of life (see
+    /// `startup_set`), so that they are in place before the guest runs instead of each
+    /// stopping it for a fault. Each must be below the source's chunk count.
+    pub startup: Vec<u32>,
     /// Record the order in which the fault thread first installs chunks for faults (see
     /// [`PageServer::recorded`]). Chunks installed by the background thread are not recorded,
     /// so record with `prefetch` off and an empty `working_set` to capture everything the guest
@@ -107,6 +113,7 @@ impl Default for PagerOptions {
         PagerOptions {
             prefetch: true,
             working_set: Vec::new(),
+            startup: Vec::new(),
             record: false,
             on_failure: None,
         }
@@ -118,6 +125,7 @@ impl std::fmt::Debug for PagerOptions {
         f.debug_struct("PagerOptions")
             .field("prefetch", &self.prefetch)
             .field("working_set", &self.working_set.len())
+            .field("startup", &self.startup.len())
             .field("record", &self.record)
             .field("on_failure", &self.on_failure.is_some())
             .finish()
@@ -155,8 +163,12 @@ impl PageServer {
             return Err(LayoutError::Regions { described, given }.into());
         }
         let chunks = layout.chunks().len();
-        if let Some(&index) = options.working_set.iter().find(|&&i| i as usize >= chunks) {
+        let beyond = |set: &[u32]| set.iter().copied().find(|&i| i as usize >= chunks);
+        if let Some(index) = beyond(&options.working_set) {
             return Err(PagerError::WorkingSet { index, chunks });
+        }
+        if let Some(index) = beyond(&options.startup) {
+            return Err(PagerError::StartupSet { index, chunks });
         }
         // With UFFDIO_MOVE (Linux 6.8) background installs move whole huge pages; a kernel
         // without it refuses the feature, and installs go chunk by chunk.
@@ -189,6 +201,7 @@ impl PageServer {
         let PagerOptions {
             prefetch,
             working_set,
+            startup,
             record,
             on_failure,
         } = options;
@@ -204,7 +217,7 @@ impl PageServer {
         server.adopt(
             std::thread::Builder::new()
                 .name("uffd-faults".into())
-                .spawn(move || serve::fault_thread(&faults))
+                .spawn(move || serve::fault_thread(&faults, &startup))
                 .map_err(PagerError::Thread)?,
         );
         let plan = Arc::new(serve::WorkingSetPlan::new(&shared, working_set));
@@ -320,6 +333,12 @@ impl PageServer {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// What [`PageServer::recorded`] holds of the chunks taken on before `until`: with a
+    /// restored guest's first sign of life, what its start-up needed.
+    pub fn recorded_before(&self, until: Instant) -> Vec<u32> {
+        self.shared.recorded_before(until)
     }
 
     /// Stops recording; [`PageServer::recorded`] keeps what was recorded until now.

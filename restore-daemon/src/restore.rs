@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use snapshot::{AuthenticatedOnce, ChunkKind, Snapshot, VerifiedRecords};
+
+use crate::startup_set::{StartupLearning, StartupSets};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::{
@@ -226,6 +228,11 @@ pub struct RestoreOptions {
     /// or paged and `memory` and the lazy options are ignored. It must have been decoded from
     /// this very snapshot (checked by id and size).
     pub shared_copy: Option<Arc<DecodedCopy>>,
+    /// Lazy only: where this host keeps each snapshot's startup set (the chunks its guest
+    /// needed before its first sign of life, see [`crate::startup_set`]). The page server
+    /// installs the set before the guest runs, and the restore learns from what the guest
+    /// still faulted on ([`Restored::startup_learning`]). `None`: neither.
+    pub startup_sets: Option<StartupSets>,
 }
 
 impl Default for RestoreOptions {
@@ -242,6 +249,7 @@ impl Default for RestoreOptions {
             baseline_memory_file: None,
             shells: None,
             shared_copy: None,
+            startup_sets: None,
         }
     }
 }
@@ -313,6 +321,7 @@ pub struct Restored {
     watch: Arc<PagerWatch>,
     _memory: MappingHold,
     snapshot: Arc<Snapshot>,
+    startup: Option<StartupLearning>,
     /// Where the time went.
     pub timings: RestoreTimings,
 }
@@ -348,6 +357,13 @@ impl Restored {
         self.pager.clone()
     }
 
+    /// For a lazy restore with [`RestoreOptions::startup_sets`]: the set it was given, to
+    /// learn from once the guest shows its first sign of life (give it what
+    /// [`PageServer::recorded_before`] that moment).
+    pub fn startup_learning(&self) -> Option<StartupLearning> {
+        self.startup.clone()
+    }
+
     /// Whether the guest has a vsock device (and so, normally, an agent).
     pub fn has_vsock(&self) -> bool {
         self.machine.has_vsock()
@@ -362,6 +378,7 @@ impl Restored {
             watch,
             _memory,
             snapshot: _,
+            startup: _,
             timings: _,
         } = self;
         let reason = machine.run(input);
@@ -549,41 +566,54 @@ pub fn restore(
     // manifest are read and authenticated and (the first time a host restores a file, tens of
     // ms for a large snapshot) every chunk is. Nothing else of the snapshot reaches the shell
     // before all of that is done, and a failure of either side drops the other's work.
-    let (opened, open, authenticated, supported, built, waiting) = std::thread::scope(|scope| {
-        let mut building = None;
-        let opened = open_authenticated_observing(dir, key, &mut |spec| {
-            let pooled = options.baseline_memory_file.is_none()
-                && options
-                    .shells
-                    .as_deref()
-                    .is_some_and(|pool| pool.ready(spec) > 0);
-            if !pooled {
-                building = Some((spec, scope.spawn(move || get_shell(spec, options))));
-            }
-        });
-        let open = started.elapsed();
-        let authenticated = match &opened {
-            Ok((snap, _)) => authenticate_chunks(dir, snap, options),
-            Err(_) => Ok((Duration::ZERO, false)),
-        };
-        let waiting = Instant::now();
-        // The host check needs what this host offers; a process that does not know yet learns
-        // it from the shell's vCPU, which has not run (no scratch VM), with what KVM supports
-        // read here while the shell is still being built.
-        let supported = match (&opened, &authenticated) {
-            (Ok(_), Ok(_)) => verify::read_for_host_facts(),
-            _ => None,
-        };
-        let built = building.map(|(spec, thread)| {
-            let shell = thread.join().unwrap_or_else(|_| {
-                Err(RestoreError::Memory(
-                    "the shell-building thread panicked".into(),
-                ))
+    let (opened, open, authenticated, startup, supported, built, waiting) =
+        std::thread::scope(|scope| {
+            let mut building = None;
+            let opened = open_authenticated_observing(dir, key, &mut |spec| {
+                let pooled = options.baseline_memory_file.is_none()
+                    && options
+                        .shells
+                        .as_deref()
+                        .is_some_and(|pool| pool.ready(spec) > 0);
+                if !pooled {
+                    building = Some((spec, scope.spawn(move || get_shell(spec, options))));
+                }
             });
-            (spec, shell)
+            let open = started.elapsed();
+            let authenticated = match &opened {
+                Ok((snap, _)) => authenticate_chunks(dir, snap, options),
+                Err(_) => Ok((Duration::ZERO, false)),
+            };
+            let startup = match (&opened, &authenticated) {
+                (Ok((snap, _)), Ok(_)) => startup_learning(snap, options),
+                _ => None,
+            };
+            let waiting = Instant::now();
+            // The host check needs what this host offers; a process that does not know yet learns
+            // it from the shell's vCPU, which has not run (no scratch VM), with what KVM supports
+            // read here while the shell is still being built.
+            let supported = match (&opened, &authenticated) {
+                (Ok(_), Ok(_)) => verify::read_for_host_facts(),
+                _ => None,
+            };
+            let built = building.map(|(spec, thread)| {
+                let shell = thread.join().unwrap_or_else(|_| {
+                    Err(RestoreError::Memory(
+                        "the shell-building thread panicked".into(),
+                    ))
+                });
+                (spec, shell)
+            });
+            (
+                opened,
+                open,
+                authenticated,
+                startup,
+                supported,
+                built,
+                waiting,
+            )
         });
-        (opened, open, authenticated, supported, built, waiting)
-    });
     let (snap, state) = opened?;
     if let Some(registered) = options.expected_snapshot {
         if snap.id() != registered {
@@ -649,7 +679,7 @@ pub fn restore(
             None
         }
         (None, None, MemoryMode::Lazy) => {
-            let pager = start_pager(&snap, &shell, options, &watch)?;
+            let pager = start_pager(&snap, &shell, options, startup.as_ref(), &watch)?;
             Some(Arc::new(pager))
         }
     };
@@ -678,6 +708,7 @@ pub fn restore(
         watch,
         _memory: memory,
         snapshot: snap,
+        startup,
         timings: RestoreTimings {
             open,
             shell: shell_elapsed,
@@ -690,10 +721,21 @@ pub fn restore(
     })
 }
 
+/// The startup set to install and learn from, for a lazy restore that pages from the snapshot
+/// and was given where the host keeps its sets.
+fn startup_learning(snap: &Snapshot, options: &RestoreOptions) -> Option<StartupLearning> {
+    let paged = options.memory == MemoryMode::Lazy
+        && options.baseline_memory_file.is_none()
+        && options.shared_copy.is_none();
+    let sets = options.startup_sets.clone().filter(|_| paged)?;
+    Some(StartupLearning::load(sets, snap.id(), snap.chunks().len()))
+}
+
 fn start_pager(
     snap: &Arc<Snapshot>,
     shell: &MachineShell,
     options: &RestoreOptions,
+    startup: Option<&StartupLearning>,
     watch: &Arc<PagerWatch>,
 ) -> Result<PageServer, RestoreError> {
     let regions = shell.host_ranges();
@@ -705,7 +747,9 @@ fn start_pager(
     let pager_options = PagerOptions {
         prefetch: options.prefetch,
         working_set,
-        record: options.record_working_set,
+        startup: startup.map(|s| s.known().to_vec()).unwrap_or_default(),
+        // Recording is how a restore learns its startup set.
+        record: options.record_working_set || startup.is_some(),
         on_failure: Some(Box::new(move |e: &PagerError| on_failure.failed(e))),
     };
     let source = SnapshotSource::new(snap.clone())

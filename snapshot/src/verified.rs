@@ -135,16 +135,7 @@ impl VerifiedRecords {
     /// `$XDG_STATE_HOME/thaw/verified`, else `~/.local/state/thaw/verified`; `None` if neither
     /// says where.
     pub fn default_location() -> Option<Self> {
-        let resolved = crate::xdg::resolve(
-            None,
-            std::env::var_os("XDG_STATE_HOME"),
-            std::env::var_os("HOME"),
-            ".local/state",
-        )?;
-        let base = match resolved {
-            crate::xdg::Resolved::Explicit(dir) | crate::xdg::Resolved::Dir(dir) => dir,
-        };
-        Some(Self::new(base.join("verified")))
+        crate::xdg::state_dir().map(|base| Self::new(base.join("verified")))
     }
 
     /// Where the records are.

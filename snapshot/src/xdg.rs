@@ -31,3 +31,17 @@ pub fn resolve(
             .map(Resolved::Dir)
     })
 }
+
+/// Thaw's per-user state directory: `$XDG_STATE_HOME/thaw`, else `~/.local/state/thaw`; `None`
+/// if neither says where. What a host keeps about the snapshots it restored lives here.
+pub fn state_dir() -> Option<PathBuf> {
+    let resolved = resolve(
+        None,
+        std::env::var_os("XDG_STATE_HOME"),
+        std::env::var_os("HOME"),
+        ".local/state",
+    )?;
+    match resolved {
+        Resolved::Explicit(dir) | Resolved::Dir(dir) => Some(dir),
+    }
+}

@@ -53,6 +53,8 @@ pub fn record(
             shells: None,
             shared_copy: None,
             expected_snapshot: None,
+            // Installed first, the startup set would be missing from the recording.
+            startup_sets: None,
         },
         ..EnvironmentOptions::default()
     };

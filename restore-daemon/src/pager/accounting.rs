@@ -16,6 +16,8 @@ pub struct PagerStats {
     pub zero_chunks: u64,
     /// Chunks installed by the fault thread, for faults.
     pub fault_installs: u64,
+    /// Chunks installed by the fault thread from the startup set, before the guest asked.
+    pub startup: u64,
     /// Chunks installed by the background thread from the working set.
     pub working_set: u64,
     /// Chunks installed by the background thread's full prefetch (or `install_all`).
@@ -53,7 +55,7 @@ impl PagerStats {
             counted,
             expected,
         };
-        let by_installer = self.fault_installs + self.working_set + self.prefetched;
+        let by_installer = self.fault_installs + self.startup + self.working_set + self.prefetched;
         if by_installer != self.chunks {
             return Err(unaccounted(
                 Tally::ChunksByInstaller,
@@ -87,6 +89,7 @@ pub(super) struct Counters {
     pub data_chunks: AtomicU64,
     pub zero_chunks: AtomicU64,
     pub fault_installs: AtomicU64,
+    pub startup: AtomicU64,
     pub working_set: AtomicU64,
     pub prefetched: AtomicU64,
     pub lost_races: AtomicU64,
@@ -111,6 +114,7 @@ impl Counters {
             data_chunks: get(&self.data_chunks),
             zero_chunks: get(&self.zero_chunks),
             fault_installs: get(&self.fault_installs),
+            startup: get(&self.startup),
             working_set: get(&self.working_set),
             prefetched: get(&self.prefetched),
             lost_races: get(&self.lost_races),
@@ -135,7 +139,8 @@ mod tests {
         PagerStats {
             data_chunks: 6,
             zero_chunks: 4,
-            fault_installs: 3,
+            fault_installs: 2,
+            startup: 1,
             working_set: 2,
             prefetched: 5,
             removed_pages: 9,
@@ -157,8 +162,9 @@ mod tests {
 
     #[test]
     fn each_sum_that_does_not_add_up_is_named() {
-        let cases: [(Breakage, Tally); 4] = [
+        let cases: [(Breakage, Tally); 5] = [
             (|s| s.prefetched -= 1, Tally::ChunksByInstaller),
+            (|s| s.startup += 1, Tally::ChunksByInstaller),
             (|s| s.zero_chunks += 1, Tally::ChunksByKind),
             (|s| s.installed_pages -= 1, Tally::Pages),
             (

@@ -34,6 +34,14 @@ pub enum PagerError {
         /// Chunks in the source.
         chunks: usize,
     },
+    /// The startup set names a chunk the source does not have.
+    #[error("startup set names chunk {index}; the page source has {chunks}")]
+    StartupSet {
+        /// The chunk named.
+        index: u32,
+        /// Chunks in the source.
+        chunks: usize,
+    },
     /// The source could not deliver a chunk (for a sealed snapshot: it failed to authenticate
     /// or to be read); none of its bytes reached guest memory.
     #[error("chunk {index} could not be read")]
@@ -293,7 +301,8 @@ pub enum LayoutError {
 /// A sum the final accounting checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tally {
-    /// Chunks installed for faults, from the working set and by the prefetch: every chunk.
+    /// Chunks installed for faults, from the startup set, from the working set and by the
+    /// prefetch: every chunk.
     ChunksByInstaller,
     /// Data and zero chunks: every chunk.
     ChunksByKind,
@@ -306,7 +315,9 @@ pub enum Tally {
 impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Tally::ChunksByInstaller => "chunks installed by faults, working set and prefetch",
+            Tally::ChunksByInstaller => {
+                "chunks installed by faults, startup set, working set and prefetch"
+            }
             Tally::ChunksByKind => "data and zero chunks installed",
             Tally::Pages => "pages installed or skipped as removed",
             Tally::SkippedPages => "pages skipped as removed (at most the removed pages)",

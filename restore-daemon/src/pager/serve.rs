@@ -10,7 +10,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::shared::{Halt, Outcome, Shared, Staging};
+use super::accounting::Counters;
+use super::shared::{Halt, Outcome, Role, Shared, Staging};
 use super::{PREFETCH_DEADLINE, PREFETCH_QUIET, PagerError};
 
 /// How long the fault thread sleeps in `poll` before it looks at the stop flag.
@@ -29,8 +30,8 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
-pub(super) fn fault_thread(shared: &Shared) {
-    match catch_unwind(AssertUnwindSafe(|| serve_faults(shared))) {
+pub(super) fn fault_thread(shared: &Shared, startup: &[u32]) {
+    match catch_unwind(AssertUnwindSafe(|| serve_faults(shared, startup))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
         Err(panic) => shared.fail(PagerError::Panic {
@@ -43,37 +44,88 @@ pub(super) fn fault_thread(shared: &Shared) {
     }
 }
 
-fn poll_events(shared: &Shared) -> bool {
+fn poll_events(shared: &Shared, timeout_ms: libc::c_int) -> bool {
     let mut pfd = libc::pollfd {
         fd: shared.uffd().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: polls one descriptor owned by `shared`, which outlives this call.
-    unsafe { libc::poll(&mut pfd, 1, POLL_MS) > 0 }
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
 }
 
-fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
-    let mut buf = shared.prepare_thread();
-    let mut pending = VecDeque::new();
-    let mut seen = vec![false; shared.chunk_count()];
+/// The fault thread's state.
+struct FaultServer<'s> {
+    shared: &'s Shared,
+    buf: Vec<u8>,
+    pending: VecDeque<usize>,
+    /// Chunks already recorded.
+    seen: Vec<bool>,
+}
+
+impl FaultServer<'_> {
+    /// Reads the events waiting and serves every fault among them. Stopped means the server
+    /// is stopping.
+    fn serve_waiting(&mut self) -> Result<(), Halt> {
+        self.shared
+            .drain_events(&mut self.pending)
+            .map_err(Halt::Failed)?;
+        while let Some(addr) = self.pending.pop_front() {
+            self.shared
+                .handle_fault(addr, &mut self.buf, &mut self.pending, &mut self.seen)?;
+            self.shared.note_fault_activity();
+        }
+        self.shared.busy.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Installs the startup set, in order, before the guest asks for it. Nothing is faulting
+    /// yet but the VMM restoring its devices (the vsock reset writes into guest memory), and a
+    /// fault is never kept waiting behind more than the chunk in hand.
+    fn install_startup(&mut self, startup: &[u32]) -> Result<(), Halt> {
+        for &index in startup {
+            if self.shared.stop.load(Ordering::Acquire) || self.shared.failed() {
+                return Err(Halt::Stopped);
+            }
+            if poll_events(self.shared, 0) {
+                self.serve_waiting()?;
+            }
+            let counted = || Counters::add(&self.shared.counters.startup, 1);
+            self.shared.install(
+                index as usize,
+                &mut self.buf,
+                &mut Role::Faults(&mut self.pending),
+                counted,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn serve_faults(shared: &Shared, startup: &[u32]) -> Result<(), PagerError> {
+    let mut server = FaultServer {
+        shared,
+        buf: shared.prepare_thread(),
+        pending: VecDeque::new(),
+        seen: vec![false; shared.chunk_count()],
+    };
+    let halted = |halt| match halt {
+        Halt::Stopped => Ok(()),
+        Halt::Failed(e) => Err(e),
+    };
+    if let Err(halt) = server.install_startup(startup) {
+        return halted(halt);
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) || shared.failed() {
             return Ok(());
         }
-        if !poll_events(shared) {
+        if !poll_events(shared, POLL_MS) {
             continue;
         }
-        shared.drain_events(&mut pending)?;
-        while let Some(addr) = pending.pop_front() {
-            match shared.handle_fault(addr, &mut buf, &mut pending, &mut seen) {
-                Ok(()) => {}
-                Err(Halt::Stopped) => return Ok(()),
-                Err(Halt::Failed(e)) => return Err(e),
-            }
-            shared.note_fault_activity();
+        if let Err(halt) = server.serve_waiting() {
+            return halted(halt);
         }
-        shared.busy.store(false, Ordering::Release);
     }
 }
 
@@ -82,7 +134,7 @@ fn serve_faults(shared: &Shared) -> Result<(), PagerError> {
 /// server is dropped, which closes the uffd.
 fn drain_until_stopped(shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
-        if !poll_events(shared) {
+        if !poll_events(shared, POLL_MS) {
             continue;
         }
         loop {

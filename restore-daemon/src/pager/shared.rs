@@ -95,7 +95,8 @@ pub(super) struct Shared {
     /// kernel refuses a move for good.
     can_move: AtomicBool,
     pub recording: AtomicBool,
-    recorded: Mutex<Vec<u32>>,
+    /// Each chunk first installed for a fault, when the fault thread took it on.
+    recorded: Mutex<Vec<(u32, Instant)>>,
     failure: Mutex<Option<Arc<PagerError>>>,
     on_failure: Mutex<Option<FailureHook>>,
     /// Blocks faults handed to the working set's installers (see `urgent`).
@@ -305,7 +306,16 @@ impl Shared {
     }
 
     pub fn recorded(&self) -> Vec<u32> {
-        lock(&self.recorded).clone()
+        lock(&self.recorded)
+            .iter()
+            .map(|&(index, _)| index)
+            .collect()
+    }
+
+    pub fn recorded_before(&self, until: Instant) -> Vec<u32> {
+        let recorded = lock(&self.recorded);
+        let taken = recorded.partition_point(|&(_, at)| at < until);
+        recorded[..taken].iter().map(|&(index, _)| index).collect()
     }
 
     /// The chunk and the global page number of host address `addr`.
@@ -410,7 +420,7 @@ impl Shared {
             if self.recording.load(Ordering::Acquire) {
                 if let Some(seen) = seen.get_mut(index).filter(|s| !**s) {
                     *seen = true;
-                    lock(&self.recorded).push(index as u32);
+                    lock(&self.recorded).push((index as u32, Instant::now()));
                 }
             }
         };

@@ -1,6 +1,6 @@
 //! The page server's mechanics on real userfaultfd, from an in-memory source: memory comes
-//! back byte-exact by faults alone, by the prefetcher alone, by both racing, by the working set
-//! and by `install_all`; each chunk is asked of the source once; the first-fault order is
+//! back byte-exact by faults alone, by the prefetcher alone, by both racing, by the working set,
+//! by the startup set and by `install_all`; each chunk is asked of the source once; the first-fault order is
 //! recorded; several regions are served; zeros reported by the source become zero pages; and
 //! memory laid out otherwise than the source is refused.
 
@@ -512,5 +512,61 @@ fn memory_laid_out_otherwise_is_refused() {
         }
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a half-size memory was accepted"),
+    }
+}
+
+#[test]
+fn the_startup_set_is_in_place_before_the_guest_asks_and_counted_apart() {
+    within_a_minute(|| {
+        let want = memory();
+        let source = Arc::new(Scripted::new(&want));
+        let m = Mapping::new(LEN);
+        let startup = vec![9, 3, 30];
+        let server = serve(
+            &source,
+            &m,
+            PagerOptions {
+                record: true,
+                startup: startup.clone(),
+                ..options(false)
+            },
+        );
+        wait_for(&server, |s| s.startup == 3);
+        for &c in &startup {
+            check_chunk(&m, c as usize, &want);
+        }
+        let stats = server.stats();
+        assert_eq!(
+            stats.faults, 0,
+            "installed before anything faulted: {stats:?}"
+        );
+        // What the guest still faults on is what a restore learns from; the set is not.
+        touch_chunk(&m, 5);
+        let before = std::time::Instant::now();
+        touch_chunk(&m, 6);
+        assert_eq!(server.recorded(), vec![5, 6]);
+        assert_eq!(server.recorded_before(before), vec![5]);
+        check_all_pages(&m, &want);
+        let stats = server.check_complete().unwrap();
+        assert_eq!(stats.startup, 3, "{stats:?}");
+        assert_eq!(stats.fault_installs, stats.chunks - 3, "{stats:?}");
+        each_data_chunk_filled_once(&source);
+    });
+}
+
+#[test]
+fn a_startup_set_naming_a_missing_chunk_is_refused() {
+    let source = Arc::new(Scripted::new(&memory()));
+    let m = Mapping::new(LEN);
+    let opts = PagerOptions {
+        startup: vec![CHUNKS as u32 + 4],
+        ..options(false)
+    };
+    match PageServer::start(source, vec![m.region()], opts) {
+        Err(PagerError::StartupSet { index, chunks }) => {
+            assert_eq!((index as usize, chunks), (CHUNKS + 4, CHUNKS));
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a chunk past the end was accepted"),
     }
 }

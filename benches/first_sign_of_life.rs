@@ -6,6 +6,9 @@
 //!
 //! The test guest's agent with a workload of 0, 64 and 256 MiB, snapshotted encrypted. Rows:
 //!
+//! - **`thaw restore`**, a fresh process per sample, as a user runs it (with the host's records
+//!   of the file from an earlier restore: authenticated in full, startup set learned), and the
+//!   same without its startup set (`--no-startup-set`).
 //! - **thawd**: a `thawd worker` process prepared as thawd prepares spare workers, timed by the
 //!   worker from the `Restore` request it received: restored ahead from the function's shared
 //!   decoded copy (`PrepareRestore`: the request only starts the guest), or with only its shell
@@ -15,7 +18,8 @@
 //!   installed (thawd's path while a copy is not ready); lazy with everything done on the path
 //!   (`thaw restore`: no shell; every chunk authenticated up front, as the first restore of a
 //!   file on a host does, or, as later ones do by default, found authenticated before by this
-//!   host's record of the unchanged file); eager with a pre-built shell.
+//!   host's record of the unchanged file, with the startup set it learned); eager with a
+//!   pre-built shell.
 //!
 //! Run: `cargo bench --bench first_sign_of_life [-- --iterations N] [-- --write]`
 
@@ -29,6 +33,7 @@ use restore_daemon::decoded_copy::{CopyBacking, DecodedCopy};
 use restore_daemon::environment::{Environment, EnvironmentOptions};
 use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreOptions};
 use restore_daemon::shells::ShellPool;
+use restore_daemon::startup_set::StartupSets;
 use restore_daemon::worker::handle::{CopyGrant, RestoreSpec, Worker, WorkerCommand};
 use restore_daemon::worker::jail::JailSpec;
 use snapshot::{KeyChoice, VerifiedRecords};
@@ -48,6 +53,7 @@ const SPARE_MIB: u64 = 64;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Cli,
+    CliNoStartupSet,
     ThawdAhead,
     Thawd,
     SharedShell,
@@ -59,8 +65,9 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 9] = [
+    const ALL: [Mode; 10] = [
         Mode::Cli,
+        Mode::CliNoStartupSet,
         Mode::ThawdAhead,
         Mode::Thawd,
         Mode::SharedShell,
@@ -74,7 +81,10 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Cli => {
-                "`thaw restore` as a user runs it: a fresh process, nothing ahead, this unchanged file authenticated in full before on this host (its own report, from the restore call)"
+                "`thaw restore` as a user runs it: a fresh process, nothing ahead; this host restored the unchanged file before, so it authenticated it in full and learned its startup set then (its own report, from the restore call)"
+            }
+            Mode::CliNoStartupSet => {
+                "`thaw restore --no-startup-set`: the same, but the guest faults on every chunk it needs before `Hello`"
             }
             Mode::ThawdAhead => "thawd: jailed spare worker restored ahead from the shared copy",
             Mode::Thawd => {
@@ -86,7 +96,7 @@ impl Mode {
                 "lazy, nothing ahead, every chunk authenticated up front (`thaw restore --chunk-check upfront`; what the default does the first time a host restores a file)"
             }
             Mode::LazyColdOnce => {
-                "lazy, nothing ahead, this unchanged file authenticated in full before on this host (`thaw restore`, default `--chunk-check once`)"
+                "lazy, nothing ahead, this unchanged file authenticated in full and its startup set learned before on this host (the library as `thaw restore` calls it: default `--chunk-check once`, startup set)"
             }
             Mode::LazyColdOnInstall => {
                 "lazy, nothing ahead, chunks checked on install (`thaw restore --chunk-check on-install`)"
@@ -150,6 +160,7 @@ fn library_once(
     mode: Mode,
     shells: &Arc<ShellPool>,
     records: &VerifiedRecords,
+    startup: &StartupSets,
     out: &mut Samples,
 ) {
     let restore = match mode {
@@ -167,6 +178,7 @@ fn library_once(
         Mode::LazyColdOnce => RestoreOptions {
             chunk_check: ChunkCheck::Once,
             verified_records: Some(records.clone()),
+            startup_sets: Some(startup.clone()),
             ..RestoreOptions::default()
         },
         Mode::LazyColdOnInstall => RestoreOptions {
@@ -178,7 +190,9 @@ fn library_once(
             shells: Some(shells.clone()),
             ..RestoreOptions::default()
         },
-        Mode::Cli | Mode::Thawd | Mode::ThawdAhead => unreachable!("not in this process"),
+        Mode::Cli | Mode::CliNoStartupSet | Mode::Thawd | Mode::ThawdAhead => {
+            unreachable!("not in this process")
+        }
     };
     let with_shell = restore.shells.is_some();
     if with_shell {
@@ -259,15 +273,17 @@ async fn thawd_once(w: &Workload, key: &Path, ahead: bool, out: &mut Samples) {
     worker.kill().await;
 }
 
-/// Runs `thaw restore --invoke` on the workload's snapshot and reads its report of where the
-/// time went. Its host-wide record of authenticated files lives in `state_home`.
-fn cli_once(w: &Workload, key: &Path, state_home: &Path, out: &mut Samples) {
+/// Runs `thaw restore --invoke` (with `extra` arguments) on the workload's snapshot and reads
+/// its report of where the time went. Its host-wide records of authenticated files and of
+/// startup sets live in `state_home`.
+fn cli_once(w: &Workload, key: &Path, state_home: &Path, extra: &[&str], out: &mut Samples) {
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_thaw"))
         .arg("restore")
         .arg(&w.snap)
         .arg("--key-file")
         .arg(key)
         .args(["--invoke", "{}"])
+        .args(extra)
         .env("XDG_STATE_HOME", state_home)
         .env_remove("THAW_LOG")
         .stdin(std::process::Stdio::null())
@@ -314,8 +330,9 @@ fn main() {
     let key = dir.path().join("key");
     let backing = CopyBacking::detect(4 << 30);
     let records = VerifiedRecords::new(dir.path().join("verified"));
-    // The CLI's own record of authenticated files (`$XDG_STATE_HOME/thaw/verified`).
+    // The CLI's own records of authenticated files and startup sets (`$XDG_STATE_HOME/thaw`).
     let state_home = dir.path().join("state");
+    let startup = StartupSets::new(dir.path().join("startup"));
     assert!(
         backing.huge(),
         "this bench needs a private tmpfs on huge pages (run it as root)"
@@ -344,16 +361,30 @@ fn main() {
     );
     for w in &workloads {
         let mut samples: Vec<Samples> = Mode::ALL.iter().map(|_| Samples::default()).collect();
-        // The CLI's first restore of the file authenticates every chunk and records it.
-        cli_once(w, &key, &state_home, &mut Samples::default());
+        // The CLI's first restore of the file authenticates every chunk and records it, and
+        // learns the file's startup set; the library's first learns its own.
+        cli_once(w, &key, &state_home, &[], &mut Samples::default());
+        let warm = Mode::LazyColdOnce;
+        library_once(
+            w,
+            &key,
+            warm,
+            &shells,
+            &records,
+            &startup,
+            &mut Samples::default(),
+        );
         // Round robin: the host's slow spells fall on every mode alike.
         for _ in 0..args.iterations {
             for (mode, out) in Mode::ALL.iter().zip(samples.iter_mut()) {
                 match mode {
-                    Mode::Cli => cli_once(w, &key, &state_home, out),
+                    Mode::Cli => cli_once(w, &key, &state_home, &[], out),
+                    Mode::CliNoStartupSet => {
+                        cli_once(w, &key, &state_home, &["--no-startup-set"], out)
+                    }
                     Mode::Thawd => runtime.block_on(thawd_once(w, &key, false, out)),
                     Mode::ThawdAhead => runtime.block_on(thawd_once(w, &key, true, out)),
-                    _ => library_once(w, &key, *mode, &shells, &records, out),
+                    _ => library_once(w, &key, *mode, &shells, &records, &startup, out),
                 }
             }
         }

@@ -20,6 +20,7 @@ use hooks_sdk::protocol::{InitType, Invoke, Kind, Message, Restored};
 use restore_daemon::environment::{Environment, EnvironmentError, EnvironmentOptions};
 use restore_daemon::restore::{ChunkCheck, MemoryMode, RestoreError, RestoreOptions};
 use restore_daemon::shells::ShellPool;
+use restore_daemon::startup_set::StartupSets;
 use sha2::{Digest, Sha256};
 use snapshot::KeyChoice;
 use thaw::capture::Sealing;
@@ -736,6 +737,8 @@ fn an_unchanged_snapshot_is_authenticated_in_full_once_per_host() {
         .unwrap()
         .id();
     assert!(state.join(format!("thaw/verified/{id}")).is_file());
+    // It also learned what the guest needed before its Hello.
+    assert!(state.join(format!("thaw/startup/{id}")).is_file());
 
     // Damaged in place after the record: the file's ctime moved, so the record no longer
     // matches, every chunk is checked again and the snapshot is refused before the guest runs.
@@ -904,4 +907,75 @@ fn a_recorded_working_set_is_installed_first_on_later_restores() {
     .expect("a tampered working set must be refused");
     let chain = error_chain(&err);
     assert!(chain.contains("working set"), "{chain}");
+}
+
+#[test]
+fn a_restore_learns_its_startup_set_and_the_next_has_it_in_place_before_the_guest_asks() {
+    if !require_kvm(
+        "a_restore_learns_its_startup_set_and_the_next_has_it_in_place_before_the_guest_asks",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let (snap, created) = make_snapshot_sized(dir.path(), &key, 16, "");
+    let checksum = fill_checksum(&created);
+    let master = snapshot::MasterKey::load(&key).unwrap();
+    let opened = snapshot::Snapshot::open(&snap, Some(&master)).unwrap();
+    let (id, chunks) = (opened.id(), opened.chunks().len());
+    let sets = StartupSets::new(dir.path().join("startup"));
+    // Whatever sits in a set's place is a hint at most: garbage is ignored, then replaced.
+    std::fs::create_dir_all(sets.dir()).unwrap();
+    std::fs::write(sets.dir().join(id.to_string()), b"not a startup set").unwrap();
+    let options = EnvironmentOptions {
+        restore: RestoreOptions {
+            // Nothing installed in the background: what the guest needs, it faults on.
+            prefetch: false,
+            startup_sets: Some(sets.clone()),
+            ..RestoreOptions::default()
+        },
+        ..EnvironmentOptions::default()
+    };
+    let _slot = vm_slot();
+    let run = || {
+        let console = Console::default();
+        let env = Environment::start(
+            &snap,
+            &key_choice(&key),
+            &options,
+            Box::new(console.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{}\n{}", error_chain(&e), console.text()));
+        let faulted = env.pager().unwrap().recorded();
+        let stats = env.shutdown().unwrap().pager.unwrap();
+        let after = format!("workload of 16 MiB has checksum {checksum}");
+        assert!(console.text().contains(&after), "{}", console.text());
+        (stats, faulted)
+    };
+
+    let (first, _) = run();
+    assert_eq!(first.startup, 0, "nothing learned yet: {first:?}");
+    let learned = sets
+        .load(id, chunks)
+        .unwrap()
+        .expect("the first restore learned a set");
+    assert!(!learned.is_empty());
+    assert!(
+        learned.len() <= first.fault_installs as usize,
+        "{learned:?} {first:?}"
+    );
+
+    let (second, faulted) = run();
+    // Each chunk of the set went in before the guest asked for it, unless a fault came first
+    // (the server serves a fault before its next startup chunk): never both, never neither.
+    let asked = learned.iter().filter(|c| faulted.contains(c)).count();
+    assert!(second.startup >= 1, "{second:?}");
+    assert_eq!(
+        second.startup as usize + asked,
+        learned.len(),
+        "{second:?} {faulted:?}"
+    );
+    // What the second still faulted on before Hello only adds to the set.
+    let now = sets.load(id, chunks).unwrap().unwrap();
+    assert_eq!(now[..learned.len()], learned[..]);
 }

@@ -16,19 +16,19 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use snapshot::{AuthenticatedOnce, ChunkKind, Snapshot, VerifiedRecords};
-
-use crate::startup_set::{StartupLearning, StartupSets};
 use vmm_core::devices::serial::ConsoleOutput;
 use vmm_core::exit::{ExitReason, ExitSignal};
 use vmm_core::machine::{
-    ConsoleInput, MachineController, MachineShell, RestoreConfig, ShellSpec, StateError,
+    ConsoleInput, MachineController, MachineShell, RestoreConfig, ShellMemory, ShellSpec,
+    StateError,
 };
-use vmm_core::memory::MappingHold;
+use vmm_core::memory::{HostRange, MappingHold};
 use vmm_core::{Machine, MachineError};
 
 use crate::decoded_copy::{self, CopyError, DecodedCopy};
 use crate::pager::{PageServer, PagerError, PagerOptions, PagerStats, SnapshotSource};
 use crate::shells::ShellPool;
+use crate::startup_set::{StartupLearning, StartupSets};
 use crate::verify::{self, VerifyError};
 use snapshot::KeyChoice;
 use snapshot::state_blob::{self, StateBlobError};
@@ -271,8 +271,9 @@ pub struct RestoreTimings {
     /// [`ChunkCheck::Once`]: whether the up-front pass was skipped because this host had
     /// authenticated the unchanged file before.
     pub authenticated_before: bool,
-    /// Eager: decrypting and decompressing all memory. Lazy: mapping memory and starting the
-    /// page server.
+    /// Eager: decrypting and decompressing all memory. Lazy: starting the page server, unless it
+    /// started while the shell was built for this restore (it then counts in `open` and
+    /// `shell`).
     pub memory: Duration,
     /// The host check (the first in a process asks the shell's vCPU what the host offers),
     /// then rebuilding the VM from its state.
@@ -561,23 +562,48 @@ pub fn restore(
     console: ConsoleOutput,
 ) -> Result<Restored, RestoreError> {
     let started = Instant::now();
+    let watch = Arc::new(PagerWatch::default());
     // Without a ready shell, building one (about 1 ms on PVM) needs only the memory size and
     // vCPU count of the authenticated header: it starts then, and runs while the state and
     // manifest are read and authenticated and (the first time a host restores a file, tens of
     // ms for a large snapshot) every chunk is. Nothing else of the snapshot reaches the shell
     // before all of that is done, and a failure of either side drops the other's work.
-    let (opened, open, authenticated, startup, supported, built, waiting) =
+    //
+    // A lazy restore maps the shell's memory here first, so that once the snapshot is
+    // authenticated its page server registers that memory and installs the startup set while
+    // the VM is still being built: no guest runs before the shell is done, and every chunk is
+    // authenticated as it is installed.
+    let (opened, open, authenticated, startup, early, supported, built, waiting) =
         std::thread::scope(|scope| {
             let mut building = None;
+            let mut early_memory = None;
             let opened = open_authenticated_observing(dir, key, &mut |spec| {
                 let pooled = options.baseline_memory_file.is_none()
                     && options
                         .shells
                         .as_deref()
                         .is_some_and(|pool| pool.ready(spec) > 0);
-                if !pooled {
-                    building = Some((spec, scope.spawn(move || get_shell(spec, options))));
+                if pooled {
+                    return;
                 }
+                // A mapping that fails here fails again, and is reported, on the usual path.
+                match ShellMemory::create(spec)
+                    .ok()
+                    .filter(|_| pages_lazily(options))
+                {
+                    Some(memory) => {
+                        early_memory = Some((memory.host_ranges(), memory.hold_mapping()));
+                        let build = move || Ok((memory.build()?, false));
+                        building = Some((spec, scope.spawn(build)));
+                    }
+                    None => {
+                        building = Some((spec, scope.spawn(move || get_shell(spec, options))));
+                    }
+                }
+            });
+            let opened = opened.and_then(|(snap, state)| {
+                expect_snapshot(dir, &snap, options)?;
+                Ok((Arc::new(snap), state))
             });
             let open = started.elapsed();
             let authenticated = match &opened {
@@ -586,6 +612,17 @@ pub fn restore(
             };
             let startup = match (&opened, &authenticated) {
                 (Ok((snap, _)), Ok(_)) => startup_learning(snap, options),
+                _ => None,
+            };
+            let early = match (early_memory, &opened, &authenticated) {
+                (Some((ranges, hold)), Ok((snap, _)), Ok(_)) => Some(
+                    start_pager(snap, ranges, options, startup.as_ref(), &watch).map(|pager| {
+                        EarlyPager {
+                            pager,
+                            _memory: hold,
+                        }
+                    }),
+                ),
                 _ => None,
             };
             let waiting = Instant::now();
@@ -609,23 +646,16 @@ pub fn restore(
                 open,
                 authenticated,
                 startup,
+                early,
                 supported,
                 built,
                 waiting,
             )
         });
     let (snap, state) = opened?;
-    if let Some(registered) = options.expected_snapshot {
-        if snap.id() != registered {
-            return Err(RestoreError::Replaced {
-                path: dir.to_owned(),
-                registered,
-                found: snap.id(),
-            });
-        }
-    }
-    let snap = Arc::new(snap);
     let (authenticate, authenticated_before) = authenticated?;
+    // Dropped on any failure below: the page server stops before the memory is unmapped.
+    let early = early.transpose()?;
     let spec = ShellSpec {
         mem_bytes: state.mem_bytes,
         // validate() allows at most 255 vCPUs.
@@ -660,7 +690,6 @@ pub fn restore(
     };
 
     let started = Instant::now();
-    let watch = Arc::new(PagerWatch::default());
     let mut shell = shell;
     let shared = options.shared_copy.as_ref().zip(copy_runs.as_ref());
     let pager = match (&options.baseline_memory_file, shared, options.memory) {
@@ -679,7 +708,16 @@ pub fn restore(
             None
         }
         (None, None, MemoryMode::Lazy) => {
-            let pager = start_pager(&snap, &shell, options, startup.as_ref(), &watch)?;
+            let pager = match early {
+                Some(early) => early.pager,
+                None => start_pager(
+                    &snap,
+                    shell.host_ranges(),
+                    options,
+                    startup.as_ref(),
+                    &watch,
+                )?,
+            };
             Some(Arc::new(pager))
         }
     };
@@ -724,21 +762,51 @@ pub fn restore(
 /// The startup set to install and learn from, for a lazy restore that pages from the snapshot
 /// and was given where the host keeps its sets.
 fn startup_learning(snap: &Snapshot, options: &RestoreOptions) -> Option<StartupLearning> {
-    let paged = options.memory == MemoryMode::Lazy
-        && options.baseline_memory_file.is_none()
-        && options.shared_copy.is_none();
-    let sets = options.startup_sets.clone().filter(|_| paged)?;
+    let sets = options
+        .startup_sets
+        .clone()
+        .filter(|_| pages_lazily(options))?;
     Some(StartupLearning::load(sets, snap.id(), snap.chunks().len()))
+}
+
+/// A page server started on a shell's memory while the shell was still being built, and the
+/// memory it serves, kept mapped until the server has stopped (fields drop in order).
+struct EarlyPager {
+    pager: PageServer,
+    _memory: MappingHold,
+}
+
+/// Whether memory comes from the snapshot's chunks through a page server.
+fn pages_lazily(options: &RestoreOptions) -> bool {
+    options.memory == MemoryMode::Lazy
+        && options.baseline_memory_file.is_none()
+        && options.shared_copy.is_none()
+}
+
+/// Refuses a snapshot whose id is not the one the caller registered
+/// ([`RestoreOptions::expected_snapshot`]).
+fn expect_snapshot(
+    dir: &Path,
+    snap: &Snapshot,
+    options: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    match options.expected_snapshot {
+        Some(registered) if snap.id() != registered => Err(RestoreError::Replaced {
+            path: dir.to_owned(),
+            registered,
+            found: snap.id(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn start_pager(
     snap: &Arc<Snapshot>,
-    shell: &MachineShell,
+    regions: Vec<HostRange>,
     options: &RestoreOptions,
     startup: Option<&StartupLearning>,
     watch: &Arc<PagerWatch>,
 ) -> Result<PageServer, RestoreError> {
-    let regions = shell.host_ranges();
     let working_set = match (options.use_working_set, snap.working_set()) {
         (true, Some(ws)) => ws.chunks.clone(),
         _ => Vec::new(),

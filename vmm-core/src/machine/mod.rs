@@ -42,7 +42,7 @@ use devices::{LegacyDevices, PlacedVsock, VirtioDevices};
 
 pub use control::{ControlError, MachineController, Paused, SaveError};
 pub use restore::{RestoreConfig, RestoreError};
-pub use shell::{MachineShell, ShellSpec};
+pub use shell::{MachineShell, ShellMemory, ShellSpec};
 pub use state::{
     BootState, DevicesState, MACHINE_STATE_VERSION, MachineState, StateError, VirtioPlacement,
     VsockDeviceState,

@@ -484,32 +484,16 @@ fn open_authenticated_observing(
     Ok((snap, state))
 }
 
-/// A ready shell from the pool, or one built now.
-fn take_shell(
-    spec: ShellSpec,
-    pool: Option<&ShellPool>,
-) -> Result<(MachineShell, bool), RestoreError> {
-    if let Some(shell) = pool.and_then(|p| p.take(spec)) {
-        return Ok((shell, true));
-    }
-    Ok((MachineShell::create(spec)?, false))
-}
-
-/// The shell for `spec`: from the baseline memory file, the pool, or built now. Whether it came
-/// ready from the pool.
-fn get_shell(
-    spec: ShellSpec,
-    options: &RestoreOptions,
-) -> Result<(MachineShell, bool), RestoreError> {
-    let (shell, ready) = match &options.baseline_memory_file {
+/// A shell for `spec` built now: over the baseline memory file, or fresh memory.
+fn build_shell(spec: ShellSpec, options: &RestoreOptions) -> Result<MachineShell, RestoreError> {
+    Ok(match &options.baseline_memory_file {
         Some(path) => {
             let file = std::fs::File::open(path)
                 .map_err(|e| RestoreError::Memory(format!("{}: {e}", path.display())))?;
-            (MachineShell::from_file(&file, spec)?, false)
+            MachineShell::from_file(&file, spec)?
         }
-        None => take_shell(spec, options.shells.as_deref())?,
-    };
-    Ok((shell, ready))
+        None => MachineShell::create(spec)?,
+    })
 }
 
 /// Authenticates every chunk of `snap` before a lazy restore maps any of them, unless
@@ -578,28 +562,26 @@ pub fn restore(
             let mut building = None;
             let mut early_memory = None;
             let opened = open_authenticated_observing(dir, key, &mut |spec| {
-                let pooled = options.baseline_memory_file.is_none()
-                    && options
-                        .shells
-                        .as_deref()
-                        .is_some_and(|pool| pool.ready(spec) > 0);
-                if pooled {
+                let pooled = match options.baseline_memory_file {
+                    None => options.shells.as_deref().and_then(|pool| pool.take(spec)),
+                    Some(_) => None,
+                };
+                if let Some(shell) = pooled {
+                    building = Some((spec, Building::Ready(shell)));
                     return;
                 }
                 // A mapping that fails here fails again, and is reported, on the usual path.
-                match ShellMemory::create(spec)
-                    .ok()
-                    .filter(|_| pages_lazily(options))
-                {
+                let memory = pages_lazily(options)
+                    .then(|| ShellMemory::create(spec).ok())
+                    .flatten();
+                let thread = match memory {
                     Some(memory) => {
                         early_memory = Some((memory.host_ranges(), memory.hold_mapping()));
-                        let build = move || Ok((memory.build()?, false));
-                        building = Some((spec, scope.spawn(build)));
+                        scope.spawn(move || Ok(memory.build()?))
                     }
-                    None => {
-                        building = Some((spec, scope.spawn(move || get_shell(spec, options))));
-                    }
-                }
+                    None => scope.spawn(move || build_shell(spec, options)),
+                };
+                building = Some((spec, Building::Thread(thread)));
             });
             let opened = opened.and_then(|(snap, state)| {
                 expect_snapshot(dir, &snap, options)?;
@@ -633,12 +615,16 @@ pub fn restore(
                 (Ok(_), Ok(_)) => verify::read_for_host_facts(),
                 _ => None,
             };
-            let built = building.map(|(spec, thread)| {
-                let shell = thread.join().unwrap_or_else(|_| {
-                    Err(RestoreError::Memory(
-                        "the shell-building thread panicked".into(),
-                    ))
-                });
+            let built = building.map(|(spec, building)| {
+                let shell = match building {
+                    Building::Ready(shell) => Ok((shell, true)),
+                    Building::Thread(thread) => match thread.join() {
+                        Ok(built) => built.map(|shell| (shell, false)),
+                        Err(_) => Err(RestoreError::Memory(
+                            "the shell-building thread panicked".into(),
+                        )),
+                    },
+                };
                 (spec, shell)
             });
             (
@@ -672,7 +658,8 @@ pub fn restore(
             }
             shell?
         }
-        None => get_shell(spec, options)?,
+        // Not reached: the header callback runs whenever the snapshot opens.
+        None => (build_shell(spec, options)?, false),
     };
     // Only the wait beyond the opening and authentication it overlapped adds to the restore.
     let shell_elapsed = waiting.elapsed();
@@ -767,6 +754,12 @@ fn startup_learning(snap: &Snapshot, options: &RestoreOptions) -> Option<Startup
         .clone()
         .filter(|_| pages_lazily(options))?;
     Some(StartupLearning::load(sets, snap.id(), snap.chunks().len()))
+}
+
+/// Where the shell comes from: the pool had one ready, or a thread builds it.
+enum Building<'scope> {
+    Ready(MachineShell),
+    Thread(std::thread::ScopedJoinHandle<'scope, Result<MachineShell, RestoreError>>),
 }
 
 /// A page server started on a shell's memory while the shell was still being built, and the

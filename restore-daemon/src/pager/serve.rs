@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::accounting::Counters;
-use super::shared::{Halt, Outcome, Role, Shared, Staging};
+use super::shared::{Halt, Outcome, Role, Shared, Staging, Stream};
 use super::{PREFETCH_DEADLINE, PREFETCH_QUIET, PagerError};
 
 /// How long the fault thread sleeps in `poll` before it looks at the stop flag.
@@ -409,12 +409,12 @@ fn fill_in_background(
     loop {
         let (index, whole) = match shared.stream.next(count) {
             Some(index) => {
-                priority.set(Priority::Normal);
+                priority.set(Priority::Normal, &shared.stream);
                 (index, true)
             }
             None if scan < count => {
                 if after_burst {
-                    priority.set(Priority::Idle);
+                    priority.set(Priority::Idle, &shared.stream);
                 }
                 scan += 1;
                 (scan - 1, false)
@@ -452,9 +452,12 @@ enum Priority {
 }
 
 impl Priority {
-    /// Moves the calling thread to `to` (Linux schedules threads, so this is per thread).
-    fn set(&mut self, to: Priority) {
-        if *self == to {
+    /// Moves the calling thread to `to` (Linux schedules threads, so this is per thread). A run
+    /// the guest starts moves an idle prefetch back to normal priority from the fault thread
+    /// (`Stream::faulted`), so going idle again is checked against `stream`.
+    fn set(&mut self, to: Priority, stream: &Stream) {
+        let hurried = to == Priority::Idle && !stream.prefetcher_is_idle();
+        if *self == to && !hurried {
             return;
         }
         let policy = match to {
@@ -466,6 +469,10 @@ impl Priority {
         // outlives the call.
         if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
             *self = to;
+            match to {
+                Priority::Idle => stream.prefetcher_idles(),
+                Priority::Normal => stream.prefetcher_hurries(),
+            }
         } else {
             tracing::debug!(
                 error = %std::io::Error::last_os_error(),

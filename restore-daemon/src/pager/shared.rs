@@ -11,6 +11,7 @@ mod urgent;
 pub(super) use stream::RUN;
 
 pub(super) use block::{FEATURE_MOVE, Staging};
+pub(super) use stream::Stream;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};

@@ -24,11 +24,10 @@
 //! this snapshot (wrong layout, a chunk the snapshot does not have, too long) is ignored, and
 //! replaced by the next restore that learns something.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use snapshot::SnapshotId;
+use snapshot::host_files::{HostFileError, HostFiles};
 
 /// The most chunks a set holds (128 MiB of 256 KiB chunks): what a guest needs before its
 /// first sign of life is a small part of its memory, and a set installed before the guest runs
@@ -43,15 +42,9 @@ const HEADER: usize = 16;
 /// faults on what it needs, as it did before any set was learned.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupSetError {
-    /// Reading or writing the file failed.
-    #[error("{}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What the system said.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Reading or writing the file failed, or it is not a regular file of a set's size.
+    #[error(transparent)]
+    File(#[from] HostFileError),
     /// The file is not a startup set for this snapshot.
     #[error("{}: not a startup set for this snapshot: {reason}", path.display())]
     Invalid {
@@ -62,104 +55,54 @@ pub enum StartupSetError {
     },
 }
 
-/// The directory of a host's startup sets, one file per snapshot id.
+/// The directory of a host's startup sets, one file per snapshot id ([`HostFiles`]: written
+/// whole by rename, read without blocking or following a link).
 #[derive(Clone, Debug)]
 pub struct StartupSets {
-    dir: PathBuf,
+    files: HostFiles,
 }
 
 impl StartupSets {
     /// Sets kept in `dir` (made when the first set is written, mode 0700).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            files: HostFiles::new(dir),
+        }
     }
 
     /// `$XDG_STATE_HOME/thaw/startup`, else `~/.local/state/thaw/startup`; `None` if neither
     /// says where.
     pub fn default_location() -> Option<Self> {
-        snapshot::xdg::state_dir().map(|base| Self::new(base.join("startup")))
+        HostFiles::in_state_dir("startup").map(|files| Self { files })
     }
 
     /// Where the sets are.
     pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn path_for(&self, id: SnapshotId) -> PathBuf {
-        self.dir.join(id.to_string())
+        self.files.dir()
     }
 
     /// The set learned for snapshot `id`, which has `chunks` chunks: `None` if there is none.
-    /// Opened without blocking or following a link, so a FIFO or a link put in its place is
-    /// refused instead of hanging the restore or reading another file.
     pub fn load(&self, id: SnapshotId, chunks: usize) -> Result<Option<Vec<u32>>, StartupSetError> {
-        let path = self.path_for(id);
-        let io = |source| StartupSetError::Io {
-            path: path.clone(),
-            source,
+        let Some(bytes) = self.files.read(id, (HEADER + 4 * MAX_CHUNKS) as u64)? else {
+            return Ok(None);
         };
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
-        let meta = file.metadata().map_err(io)?;
-        let invalid = |reason| StartupSetError::Invalid {
-            path: path.clone(),
-            reason,
-        };
-        if !meta.is_file() {
-            return Err(invalid("not a regular file"));
-        }
-        if meta.len() > (HEADER + 4 * MAX_CHUNKS) as u64 {
-            return Err(invalid("longer than the longest set"));
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        (&file)
-            .take((HEADER + 4 * MAX_CHUNKS) as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io)?;
-        decode(&bytes, chunks).map(Some).map_err(invalid)
+        decode(&bytes, chunks)
+            .map(Some)
+            .map_err(|reason| StartupSetError::Invalid {
+                path: self.files.path_for(id),
+                reason,
+            })
     }
 
-    /// Replaces the set of snapshot `id` (which has `chunks` chunks) with `set`. The file is
-    /// written beside its place and renamed into it, so a reader finds the old set or the new
-    /// one, never a torn one. It is not synced: a crash can at most lose a hint, and an empty
-    /// or short file left by one is invalid, hence ignored.
+    /// Replaces the set of snapshot `id` (which has `chunks` chunks) with `set`. Not synced: a
+    /// crash can at most lose a hint, and an empty or short file left by one is invalid, hence
+    /// ignored.
     pub fn store(&self, id: SnapshotId, chunks: usize, set: &[u32]) -> Result<(), StartupSetError> {
         let bytes = encode(set, chunks).map_err(|reason| StartupSetError::Invalid {
-            path: self.path_for(id),
+            path: self.files.path_for(id),
             reason,
         })?;
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StartupSetError::Io { path, source }
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io(&self.dir))?;
-        let path = self.path_for(id);
-        let temp = self.dir.join(format!(".{id}.{}.tmp", std::process::id()));
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-            .and_then(|mut file| file.write_all(&bytes))
-            .and_then(|()| std::fs::rename(&temp, &path));
-        if let Err(source) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(StartupSetError::Io { path, source });
-        }
-        Ok(())
+        Ok(self.files.write(id, &bytes)?)
     }
 }
 
@@ -329,13 +272,9 @@ mod tests {
         let mut claims_long = good[..HEADER].to_vec();
         claims_long[12..16].copy_from_slice(&(MAX_CHUNKS as u32 + 1).to_le_bytes());
         cases.push((claims_long, "longer than the longest set"));
-        cases.push((
-            vec![0u8; HEADER + 4 * MAX_CHUNKS + 1],
-            "longer than the longest set",
-        ));
         std::fs::create_dir_all(sets.dir()).unwrap();
         for (bytes, want) in cases {
-            std::fs::write(sets.path_for(id(1)), &bytes).unwrap();
+            std::fs::write(sets.files.path_for(id(1)), &bytes).unwrap();
             match sets.load(id(1), 10) {
                 Err(StartupSetError::Invalid { reason, .. }) => {
                     assert!(reason.contains(want), "{reason} / {want}")
@@ -349,21 +288,28 @@ mod tests {
     fn a_fifo_or_a_link_in_a_sets_place_is_refused_without_blocking() {
         let (dir, sets) = sets();
         std::fs::create_dir_all(sets.dir()).unwrap();
-        let fifo = sets.path_for(id(1));
+        let fifo = sets.files.path_for(id(1));
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(matches!(
-            sets.load(id(1), 10),
-            Err(StartupSetError::Invalid { .. })
-        ));
+        let refused_as_no_file = |result| match result {
+            Err(StartupSetError::File(e)) => e.source.kind() == std::io::ErrorKind::InvalidData,
+            _ => false,
+        };
+        assert!(refused_as_no_file(sets.load(id(1), 10)));
         let target = dir.path().join("elsewhere");
         std::fs::write(&target, encode(&[1], 10).unwrap()).unwrap();
-        std::os::unix::fs::symlink(&target, sets.path_for(id(2))).unwrap();
+        std::os::unix::fs::symlink(&target, sets.files.path_for(id(2))).unwrap();
         assert!(matches!(
             sets.load(id(2), 10),
-            Err(StartupSetError::Io { .. })
+            Err(StartupSetError::File(_))
         ));
+        std::fs::write(
+            sets.files.path_for(id(3)),
+            vec![0u8; HEADER + 4 * MAX_CHUNKS + 1],
+        )
+        .unwrap();
+        assert!(refused_as_no_file(sets.load(id(3), 10)), "too long to read");
     }
 
     #[test]
@@ -412,7 +358,7 @@ mod tests {
     fn an_invalid_set_counts_as_empty_and_is_replaced_by_what_is_learned() {
         let (_dir, sets) = sets();
         std::fs::create_dir_all(sets.dir()).unwrap();
-        std::fs::write(sets.path_for(id(1)), b"garbage").unwrap();
+        std::fs::write(sets.files.path_for(id(1)), b"garbage").unwrap();
         let learning = StartupLearning::load(sets.clone(), id(1), 10);
         assert!(learning.known().is_empty());
         assert!(learning.learn(&[4]).unwrap());

@@ -33,6 +33,7 @@ mod chunk;
 mod error;
 mod fingerprint;
 mod format;
+pub mod host_files;
 pub mod host_key;
 mod info;
 mod keys;

@@ -19,14 +19,14 @@
 //! chunks are checked up front every time.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
 
 use crate::format::SnapshotId;
+use crate::host_files::{HostFileError, HostFiles};
 use crate::keys::DataKey;
 
 /// A file changed less than this long ago is not recorded. Filesystems stamp changes with a
@@ -120,42 +120,42 @@ pub enum RecordError {
     },
 }
 
-/// The directory of a host's records, one file per snapshot id.
+/// The directory of a host's records, one file per snapshot id ([`HostFiles`]).
 #[derive(Clone, Debug)]
 pub struct VerifiedRecords {
-    dir: PathBuf,
+    files: HostFiles,
 }
 
 impl VerifiedRecords {
     /// Records kept in `dir` (made when the first record is written, mode 0700).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            files: HostFiles::new(dir),
+        }
     }
 
     /// `$XDG_STATE_HOME/thaw/verified`, else `~/.local/state/thaw/verified`; `None` if neither
     /// says where.
     pub fn default_location() -> Option<Self> {
-        crate::xdg::state_dir().map(|base| Self::new(base.join("verified")))
+        HostFiles::in_state_dir("verified").map(|files| Self { files })
     }
 
     /// Where the records are.
     pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn path_for(&self, id: SnapshotId) -> PathBuf {
-        self.dir.join(id.to_string())
+        self.files.dir()
     }
 
     /// Whether a record for snapshot `id` matches `identity` under `key` (see
-    /// `VerifiedRecords::holds`, beside `Snapshot`).
+    /// `VerifiedRecords::holds`, beside `Snapshot`). Anything but a regular file of exactly a
+    /// record's length is no record.
     pub(crate) fn holds_for(
         &self,
         id: SnapshotId,
         key: &RecordKey,
         identity: &FileIdentity,
     ) -> bool {
-        let Some(stored) = read_record(&self.path_for(id)) else {
+        let stored = self.files.read(id, blake3::OUT_LEN as u64).ok().flatten();
+        let Some(stored) = stored.and_then(|b| <[u8; blake3::OUT_LEN]>::try_from(b).ok()) else {
             return false;
         };
         // blake3::Hash compares in constant time.
@@ -177,51 +177,10 @@ impl VerifiedRecords {
         if checked.changed_within(RECENT, SystemTime::now()) {
             return Err(RecordError::TooRecent);
         }
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| RecordError::Io { path, source }
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io(&self.dir))?;
-        let path = self.path_for(id);
-        let temp = self.dir.join(format!(".{id}.{}.tmp", std::process::id()));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io(&temp))?;
-        let written = file
-            .write_all(mac(key, &id.0, checked).as_bytes())
-            .and_then(|()| std::fs::rename(&temp, &path));
-        if let Err(source) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(RecordError::Io { path, source });
-        }
-        Ok(())
+        self.files
+            .write(id, mac(key, &id.0, checked).as_bytes())
+            .map_err(|HostFileError { path, source }| RecordError::Io { path, source })
     }
-}
-
-/// The record at `path` if it is a regular file of exactly a record's length. Opened without
-/// blocking, so a FIFO put in its place is refused instead of hanging the restore.
-fn read_record(path: &Path) -> Option<[u8; blake3::OUT_LEN]> {
-    use std::io::Read;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() != blake3::OUT_LEN as u64 {
-        return None;
-    }
-    let mut record = [0u8; blake3::OUT_LEN];
-    (&file).read_exact(&mut record).ok()?;
-    Some(record)
 }
 
 fn mac(key: &RecordKey, snapshot_id: &[u8; 16], identity: &FileIdentity) -> blake3::Hash {

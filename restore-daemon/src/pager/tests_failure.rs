@@ -205,6 +205,14 @@ fn a_chunk_left_uninstalled_after_the_full_prefetch_fails_the_server() {
             }) => {}
             other => panic!("{other:?}"),
         }
+        // The failure is recorded before the owner is told, on the failing thread.
+        while calls.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the owner was never told"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(seen.lock().unwrap().contains("never installed"));
         server.stop();

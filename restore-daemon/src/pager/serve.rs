@@ -386,6 +386,9 @@ fn fill_in_background(
     prefetch: bool,
     after_burst: bool,
 ) -> Result<(), PagerError> {
+    // However this ends, a run must not move the thread once it has left (its id may be
+    // reused).
+    let _leaves = after_burst.then(|| LeavesIdle(&shared.stream));
     let mut installer = Installer::prepared(shared);
     if let Some(plan) = plan {
         if !install_working_set(shared, plan, &mut installer)? {
@@ -432,6 +435,15 @@ fn fill_in_background(
     let stats = shared.check_complete()?;
     tracing::debug!(?stats, "prefetch complete, every chunk accounted for");
     Ok(())
+}
+
+/// Unregisters the prefetch thread from being moved back to normal priority when dropped.
+struct LeavesIdle<'s>(&'s Stream);
+
+impl Drop for LeavesIdle<'_> {
+    fn drop(&mut self) {
+        self.0.prefetcher_hurries();
+    }
 }
 
 /// The calling thread's scheduling class while it installs chunks.

@@ -81,7 +81,7 @@ impl Stream {
         *self.idle_prefetcher() = Some(tid);
     }
 
-    /// The prefetch thread is back at normal priority.
+    /// The prefetch thread is back at normal priority, or ends: no run may move it from now.
     pub fn prefetcher_hurries(&self) {
         *self.idle_prefetcher() = None;
     }
@@ -99,13 +99,18 @@ impl Stream {
     /// with one thread instead of two and were ready in 210–260 ms instead of 125–145 ms. A
     /// chunk it had claimed also waited for it meanwhile.
     fn hurry_prefetcher(&self) {
-        let Some(tid) = self.idle_prefetcher().take() else {
+        // Held across the call: the prefetch thread clears the slot under this lock before it
+        // ends (`prefetcher_hurries`), so `tid` still names it, never a reused id.
+        let mut idle = self.idle_prefetcher();
+        let Some(tid) = idle.take() else {
             return;
         };
         let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `tid` is a thread of this process (the prefetch thread registered it and
-        // outlives the server's stream), and `param` is a valid sched_param for the call.
-        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+        // SAFETY: `tid` is the running prefetch thread of this process (above), and `param`
+        // is a valid sched_param for the call.
+        let moved = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+        drop(idle);
+        if moved != 0 {
             tracing::debug!(
                 error = %std::io::Error::last_os_error(),
                 "the idle prefetch keeps its scheduling class until it sees the run"

@@ -161,12 +161,13 @@ fn a_chunk_left_uninstalled_after_the_full_prefetch_fails_the_server() {
     within_a_minute(|| {
         let want = memory();
         let source = Arc::new(Scripted::new(&want));
-        let last_data = (0..CHUNKS)
-            .rev()
-            .find(|&c| !source.zero_chunks()[c])
-            .unwrap();
-        // While the prefetch pass serves its last data chunk, chunk 0 (long installed) is
-        // marked missing again, as a bookkeeping bug would leave it.
+        // The pass goes down memory: the lowest data chunk is its last, and the top chunk was
+        // among its first.
+        let last_data = (0..CHUNKS).find(|&c| !source.zero_chunks()[c]).unwrap();
+        let top = CHUNKS - 1;
+        assert!(top > last_data);
+        // While the prefetch pass serves its last data chunk, the top chunk (long installed)
+        // is marked missing again, as a bookkeeping bug would leave it.
         let server_slot: Arc<OnceLock<Weak<PageServer>>> = Arc::new(OnceLock::new());
         *source.hook.lock().unwrap() = Some({
             let slot = server_slot.clone();
@@ -183,7 +184,7 @@ fn a_chunk_left_uninstalled_after_the_full_prefetch_fails_the_server() {
                     std::thread::sleep(Duration::from_millis(1));
                 };
                 if let Some(server) = server {
-                    server.shared.forget_install(0);
+                    server.shared.forget_install(top);
                 }
             })
         });
@@ -200,9 +201,9 @@ fn a_chunk_left_uninstalled_after_the_full_prefetch_fails_the_server() {
             Some(PagerError::Incomplete {
                 missing: 1,
                 installing: 0,
-                first: 0,
+                first,
                 ..
-            }) => {}
+            }) if *first == top => {}
             other => panic!("{other:?}"),
         }
         // The failure is recorded before the owner is told, on the failing thread.

@@ -214,19 +214,21 @@ fn a_large_working_set_is_installed_by_two_threads_in_its_order() {
 }
 
 #[test]
-fn the_full_prefetch_installs_chunk_by_chunk() {
+fn the_full_prefetch_installs_chunk_by_chunk_from_the_top_of_memory_down() {
     within_a_minute(|| {
         let want = memory();
         let source = Arc::new(Scripted::new(&want));
         // The policy of each thread that asked for a chunk: the full prefetch is idle-time
         // work and must not compete with the guest for a CPU.
         let policies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         *source.hook.lock().unwrap() = Some({
-            let policies = policies.clone();
-            Arc::new(move |_| {
+            let (policies, order) = (policies.clone(), order.clone());
+            Arc::new(move |index| {
                 // SAFETY: asks about the calling thread; no memory is passed.
                 let policy = unsafe { libc::sched_getscheduler(0) };
                 policies.lock().unwrap().push(policy);
+                order.lock().unwrap().push(index);
             })
         });
         let m = Mapping::new(LEN);
@@ -235,6 +237,11 @@ fn the_full_prefetch_installs_chunk_by_chunk() {
         let stats = server.check_complete().unwrap();
         check_all_pages(&m, &want);
         assert_eq!(stats.huge_blocks, 0, "{stats:?}");
+        // Guests read upwards: a pass going up could run ahead of such a read and keep it on
+        // 4 KiB pages (serve.rs, `fill_in_background`).
+        let order = order.lock().unwrap();
+        assert!(order.len() > 1, "{order:?}");
+        assert!(order.windows(2).all(|w| w[0] > w[1]), "{order:?}");
         let policies = policies.lock().unwrap();
         assert!(!policies.is_empty());
         assert!(

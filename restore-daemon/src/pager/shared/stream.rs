@@ -13,7 +13,7 @@
 //! its block on 4 KiB pages, each one a KVM fault when the guest reaches it. Where the host
 //! has a second CPU a follower thread takes blocks from the same cursor, as a large working
 //! set has a second installer: an eager restore decodes on every core. Afterwards the prefetch
-//! goes back to its pass in address order, so every chunk is still installed.
+//! goes back to its pass down memory, so every chunk is still installed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -37,7 +37,7 @@ pub(in crate::pager) struct Stream {
     done: AtomicBool,
     /// The follower thread, woken when there is something to follow or to stop for.
     follower: Mutex<Option<Thread>>,
-    /// The prefetch thread's id while its pass in address order runs at `SCHED_IDLE`; taken by
+    /// The prefetch thread's id while its pass down memory runs at `SCHED_IDLE`; taken by
     /// the run that moves it back to normal priority.
     idle_prefetcher: Mutex<Option<libc::pid_t>>,
 }
@@ -73,7 +73,7 @@ impl Stream {
         }
     }
 
-    /// The calling thread, the prefetch thread, now runs its pass in address order at
+    /// The calling thread, the prefetch thread, now runs its pass down memory at
     /// `SCHED_IDLE`.
     pub fn prefetcher_idles(&self) {
         // SAFETY: gettid has no preconditions.

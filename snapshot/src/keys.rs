@@ -120,6 +120,11 @@ impl MasterKey {
         self.id
     }
 
+    /// The key itself, for deriving the keys of other uses from it (`store_object`).
+    pub(crate) fn secret(&self) -> &[u8; KEY_LEN] {
+        &self.bytes
+    }
+
     /// Loads an existing key file, refusing one others could read or one of the wrong shape.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let read_err = |source| KeyError::Read {

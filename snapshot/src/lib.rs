@@ -42,6 +42,7 @@ mod regular_file;
 mod residency;
 mod seal;
 pub mod state_blob;
+pub mod store_manifest;
 pub mod store_object;
 pub mod verified;
 mod working_set;

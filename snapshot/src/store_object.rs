@@ -51,7 +51,9 @@ enum Codec {
 }
 
 /// A chunk object's name: the keyed hash of its plaintext.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectName(pub [u8; 32]);
 
 impl std::fmt::Display for ObjectName {

@@ -94,6 +94,27 @@ pub fn write(
     protection: &Protection<'_>,
     options: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
+    write_as(dir, None, meta, state, memory, protection, options)
+}
+
+/// Which snapshot a write records: its id and when it was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub id: SnapshotId,
+    pub created_unix_nanos: u64,
+}
+
+/// [`write`], for a snapshot that already exists elsewhere (`identity`: one pulled from a
+/// store keeps its id and creation time); `None` makes a new one.
+pub(crate) fn write_as(
+    dir: &Path,
+    identity: Option<Identity>,
+    meta: &SnapshotMeta,
+    state: &[u8],
+    memory: &[MemoryRegion<'_>],
+    protection: &Protection<'_>,
+    options: &WriteOptions,
+) -> Result<WriteSummary, WriteError> {
     let (parent, name) = split_target(dir)?;
     if fs::symlink_metadata(dir).is_ok() {
         if !options.replace {
@@ -103,7 +124,8 @@ pub fn write(
         }
         check_replaceable(dir)?;
     }
-    let (tmp, mut summary) = write_unpublished(dir, meta, state, memory, protection, options)?;
+    let (tmp, mut summary) =
+        write_unpublished(dir, identity, meta, state, memory, protection, options)?;
     let mut guard = TempGuard(Some(tmp.clone()));
     publish(&tmp, dir, &parent, options.replace)?;
     guard.0 = None;
@@ -116,6 +138,7 @@ pub fn write(
 /// out so tests can stop where a crash would.
 pub(crate) fn write_unpublished(
     dir: &Path,
+    identity: Option<Identity>,
     meta: &SnapshotMeta,
     state: &[u8],
     memory: &[MemoryRegion<'_>],
@@ -146,7 +169,10 @@ pub(crate) fn write_unpublished(
     };
 
     let mut id = [0u8; 16];
-    random(&mut id)?;
+    match identity {
+        Some(known) => id = known.id.0,
+        None => random(&mut id)?,
+    }
     let snapshot_id = SnapshotId(id);
     let span = tracing::info_span!("snapshot_write", snapshot = %snapshot_id);
     let _enter = span.enter();
@@ -182,9 +208,14 @@ pub(crate) fn write_unpublished(
     };
     let tag_len = sealer.tag_len() as u64;
 
-    let created_unix_nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let created_unix_nanos = identity.map_or_else(
+        || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        },
+        |known| known.created_unix_nanos,
+    );
     let chunk_count =
         format::chunk_count(&regions, options.chunk_size).ok_or_else(|| WriteError::Layout {
             reason: "too many chunks".into(),

@@ -169,6 +169,7 @@ fn race_at_publish_time_is_refused_by_rename_noreplace() {
     }];
     let (tmp, _) = write_unpublished(
         &target,
+        None,
         &meta(),
         b"",
         &region,
@@ -193,6 +194,7 @@ fn crash_before_rename_leaves_no_target_and_the_temp_dir_does_not_open() {
     }];
     let (tmp, _) = write_unpublished(
         &target,
+        None,
         &meta(),
         b"",
         &region,

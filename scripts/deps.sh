@@ -15,6 +15,29 @@ thaw_ensure_python_deps() {
     python3 -m pip install --quiet $THAW_PIP_PACKAGES
 }
 
+# The S3 servers the snapshot store's tests run against (store/tests/s3_servers.rs): two
+# independent implementations, s3s-fs (Rust, built once into Thaw's cache, keyed by its version)
+# and moto's server (Python, from PyPI).
+THAW_S3S_FS_VERSION="0.14.1"
+THAW_MOTO_PACKAGE="moto[server]==5.2.6"
+
+thaw_ensure_s3_servers() {
+    local cache="${THAW_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/thaw}"
+    local root="$cache/s3s-fs-$THAW_S3S_FS_VERSION"
+    if [ ! -x "$root/bin/s3s-fs" ]; then
+        echo "building s3s-fs $THAW_S3S_FS_VERSION into $root" >&2
+        cargo install --quiet --locked s3s-fs --version "$THAW_S3S_FS_VERSION" \
+            --features binary --root "$root"
+    fi
+    export THAW_S3S_FS="$root/bin/s3s-fs"
+    if ! command -v moto_server >/dev/null 2>&1; then
+        echo "installing $THAW_MOTO_PACKAGE from PyPI" >&2
+        python3 -m pip install --quiet "$THAW_MOTO_PACKAGE"
+    fi
+    THAW_MOTO_SERVER="$(command -v moto_server)"
+    export THAW_MOTO_SERVER
+}
+
 thaw_ensure_deps() {
     local missing=()
     for pkg in libclang-dev libc6-dev; do

@@ -1,6 +1,6 @@
 //! `thaw`: boot microVMs on KVM and (with later commands) snapshot and restore them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -355,6 +355,67 @@ enum SnapshotCommand {
         #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_seconds)]
         timeout: u64,
     },
+    /// Copy a snapshot to an S3-compatible object store (AWS S3, MinIO, Ceph RGW, Garage).
+    ///
+    /// Each chunk of memory becomes one object named by a hash of its contents keyed with the
+    /// master key, sealed with AES-256-GCM under a key the master key derives: identical
+    /// chunks are stored once per master key (snapshots of functions on one runtime share most
+    /// of theirs), and the store reads nothing. Objects it already holds are not uploaded
+    /// again. Then one sealed manifest names them (s3://BUCKET/PREFIX/snapshots/ID/manifest).
+    /// Every chunk is authenticated as it is read. The endpoint, region and credentials come
+    /// from the environment as AWS's tools take them (AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN); they are never logged.
+    /// docs/store.md has the object layout.
+    Push {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Where the store keeps snapshots: s3://BUCKET[/PREFIX].
+        #[arg(value_parser = parse_store_url)]
+        url: store::StoreUrl,
+        /// Master key file [default: the host key].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Copy a snapshot from an S3-compatible object store into a new snapshot directory.
+    ///
+    /// Fetches the snapshot's sealed manifest, then every chunk object it names, many at once;
+    /// each object must authenticate under the master key and hash to its name before the
+    /// snapshot is written (atomically, with the same snapshot id), so a store that altered,
+    /// cut or swapped an object leaves nothing behind. Endpoint and credentials as for `push`.
+    Pull {
+        /// Where the store keeps snapshots: s3://BUCKET[/PREFIX].
+        #[arg(value_parser = parse_store_url)]
+        url: store::StoreUrl,
+        /// The snapshot's id (32 hex digits, as `push` and `inspect` print it).
+        #[arg(value_parser = parse_snapshot_id)]
+        id: snapshot::SnapshotId,
+        /// The snapshot directory to create.
+        dir: PathBuf,
+        /// Master key file [default: the host key].
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+}
+
+fn parse_store_url(s: &str) -> Result<store::StoreUrl, String> {
+    s.parse().map_err(|e: store::StoreError| e.to_string())
+}
+
+fn parse_snapshot_id(s: &str) -> Result<snapshot::SnapshotId, String> {
+    s.parse()
+        .map_err(|e: snapshot::BadSnapshotId| e.to_string())
+}
+
+/// The master key a store's objects are sealed with: `--key-file`, else the host key. Unlike
+/// `create`, nothing is made: a new key could open none of the store's objects.
+fn store_key(key_file: Option<&Path>) -> anyhow::Result<snapshot::MasterKey> {
+    match snapshot::host_key::for_opening(key_file)? {
+        snapshot::KeyChoice::Given(key) | snapshot::KeyChoice::HostDefault(key) => Ok(key),
+        snapshot::KeyChoice::None => anyhow::bail!(
+            "no master key: pass --key-file (a store's objects are sealed with the key of the \
+             snapshots pushed to it)"
+        ),
+    }
 }
 
 fn parse_marker(s: &str) -> Result<String, String> {
@@ -923,6 +984,48 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
                 recorded.chunks,
                 recorded.bytes >> 20,
                 recorded.first_answer
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Push { dir, url, key_file } => {
+            let key = store_key(key_file.as_deref())?;
+            let store = store::Store::connect(&url, &store::StoreOptions::default())?;
+            let pushed = store
+                .push(&dir, &key)
+                .with_context(|| format!("pushing {} to {url}", dir.display()))?;
+            println!(
+                "snapshot {} pushed to {url}: {} chunks, {} with data in {} objects, {} new \
+                 ({:.1} MiB){}",
+                pushed.snapshot_id,
+                pushed.chunks,
+                pushed.data_chunks,
+                pushed.objects,
+                pushed.uploaded,
+                pushed.uploaded_bytes as f64 / (1024.0 * 1024.0),
+                if pushed.manifest_uploaded {
+                    ""
+                } else {
+                    "; the store had it already"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Pull {
+            url,
+            id,
+            dir,
+            key_file,
+        } => {
+            let key = store_key(key_file.as_deref())?;
+            let store = store::Store::connect(&url, &store::StoreOptions::default())?;
+            let pulled = store
+                .pull(id, &dir, &key)
+                .with_context(|| format!("pulling snapshot {id} from {url}"))?;
+            println!(
+                "snapshot {id} pulled from {url} into {}: {} MiB of memory, {} chunks",
+                dir.display(),
+                pulled.memory_bytes >> 20,
+                pulled.chunks
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -454,3 +454,205 @@ fn snapshot_create_with_only_out_snapshots_the_test_guest_agent() {
         stderr(&restored)
     );
 }
+
+/// A small encrypted snapshot (no VM needed: the store moves bytes) and its key file.
+fn store_fixture(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key_file = dir.join("key");
+    let key = snapshot::MasterKey::load_or_create(&key_file).unwrap();
+    let mut memory = vec![0u8; 16 << 20];
+    for (i, b) in memory.iter_mut().enumerate().step_by(4093) {
+        *b = (i % 251) as u8;
+    }
+    let snap = dir.join("snap");
+    let meta = snapshot::SnapshotMeta {
+        fingerprint: snapshot::Fingerprint {
+            cpu: snapshot::CpuIdentity {
+                vendor: "AuthenticAMD".into(),
+                family: 25,
+                model: 1,
+                stepping: 1,
+            },
+            guest_cpuid: Vec::new(),
+            kvm_flavor: "pvm".into(),
+            host_page_size: 4096,
+        },
+        vcpus: 1,
+    };
+    snapshot::write(
+        &snap,
+        &meta,
+        b"state",
+        &[snapshot::MemoryRegion {
+            guest_addr: 0,
+            bytes: &memory,
+        }],
+        &snapshot::Protection::Encrypted(&key),
+        &snapshot::WriteOptions::default(),
+    )
+    .unwrap();
+    (snap, key_file)
+}
+
+/// A snapshot of the test guest's agent goes to an S3 server and back, and the copy restores
+/// and answers an invocation.
+#[test]
+fn snapshot_push_and_pull_move_a_snapshot_through_an_s3_store() {
+    if !require_kvm("snapshot_push_and_pull_move_a_snapshot_through_an_s3_store") {
+        return;
+    }
+    let server = store::test_servers::s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    let key = key_file.to_str().unwrap();
+    let snap = dir.path().join("snap");
+    let created = {
+        let _slot = vm_slot();
+        thaw_bin()
+            .env("THAW_KEY_FILE", &key_file)
+            .args(["snapshot", "create", "--out", snap.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(created.status.success(), "{}", stderr(&created));
+    let id = snapshot::Snapshot::open(&snap, Some(&snapshot::MasterKey::load(&key_file).unwrap()))
+        .unwrap()
+        .id();
+    let url = format!("s3://{}/cli", store::test_servers::BUCKET);
+    let run = |args: &[&str]| {
+        thaw_bin()
+            .args(args)
+            .envs(server.env())
+            .output()
+            .expect("run thaw")
+    };
+    let push = [
+        "snapshot",
+        "push",
+        snap.to_str().unwrap(),
+        &url,
+        "--key-file",
+        key,
+    ];
+    let pushed = run(&push);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(
+        stdout(&pushed).contains(&id.to_string()),
+        "{}",
+        stdout(&pushed)
+    );
+    assert!(!stderr(&pushed).contains(store::test_servers::SECRET_KEY));
+    // A second push finds every object and the manifest in place and uploads nothing.
+    let again = run(&push);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stdout(&again).contains(" 0 new") && stdout(&again).contains("had it already"),
+        "{}",
+        stdout(&again)
+    );
+    let pulled_dir = dir.path().join("pulled");
+    let pulled = run(&[
+        "snapshot",
+        "pull",
+        &url,
+        &id.to_string(),
+        pulled_dir.to_str().unwrap(),
+        "--key-file",
+        key,
+    ]);
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let opened = snapshot::Snapshot::open(
+        &pulled_dir,
+        Some(&snapshot::MasterKey::load(&key_file).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(opened.id(), id);
+    drop(opened);
+    let restored = {
+        let _slot = vm_slot();
+        thaw_bin()
+            .env("THAW_KEY_FILE", &key_file)
+            .env("XDG_STATE_HOME", dir.path())
+            .args(["restore", pulled_dir.to_str().unwrap(), "--invoke", "{}"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    assert!(
+        stderr(&restored).contains("first sign of life"),
+        "{}",
+        stderr(&restored)
+    );
+}
+
+/// Bad store URLs, ids and paths are refused with a clear message before anything is sent or
+/// written.
+#[test]
+fn snapshot_push_and_pull_refuse_bad_input() {
+    let server = store::test_servers::s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let (snap, key_file) = store_fixture(dir.path());
+    let url = format!("s3://{}/cli", store::test_servers::BUCKET);
+    let run = |args: &[&str]| {
+        thaw_bin()
+            .args(args)
+            .envs(server.env())
+            .output()
+            .expect("run thaw")
+    };
+    let key = key_file.to_str().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let elsewhere = elsewhere.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "snapshot",
+                "push",
+                snap.to_str().unwrap(),
+                "http://bucket/x",
+                "--key-file",
+                key,
+            ],
+            "s3://",
+        ),
+        (
+            vec![
+                "snapshot",
+                "pull",
+                &url,
+                "not-an-id",
+                elsewhere,
+                "--key-file",
+                key,
+            ],
+            "snapshot id",
+        ),
+        (
+            vec![
+                "snapshot",
+                "pull",
+                &url,
+                &"0".repeat(32),
+                elsewhere,
+                "--key-file",
+                key,
+            ],
+            "holds no snapshot",
+        ),
+        (
+            vec![
+                "snapshot",
+                "push",
+                "/nonexistent/snap",
+                &url,
+                "--key-file",
+                key,
+            ],
+            "local snapshot",
+        ),
+    ] {
+        let out = run(&args);
+        assert_refused(&out, needle);
+    }
+    assert!(!std::path::Path::new(elsewhere).exists());
+}

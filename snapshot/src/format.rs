@@ -99,6 +99,22 @@ impl Serialize for SnapshotId {
     }
 }
 
+/// A snapshot id that is not 32 lowercase hex digits.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a snapshot id (32 lowercase hex digits)")]
+pub struct BadSnapshotId(pub String);
+
+impl std::str::FromStr for SnapshotId {
+    type Err = BadSnapshotId;
+
+    /// 32 lowercase hex digits, as [`Display`](std::fmt::Display) writes them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        crate::keys::unhex(s)
+            .map(SnapshotId)
+            .ok_or_else(|| BadSnapshotId(s.into()))
+    }
+}
+
 /// The fixed 112-byte preamble. Everything a reader needs before it can authenticate the header
 /// lives here, at fixed offsets, so nothing is deserialized before it is authenticated.
 ///
@@ -332,6 +348,21 @@ pub(crate) fn check_layout(regions: &[RegionDesc], chunk_size: u32) -> Result<u6
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn snapshot_ids_print_as_hex_and_parse_back() {
+        let id = super::SnapshotId([0x3c; 16]);
+        assert_eq!(id.to_string().parse::<super::SnapshotId>(), Ok(id));
+        for bad in [
+            "",
+            "3c",
+            "3C3C3C3C3C3C3C3C3C3C3C3C3C3C3C3C",
+            &format!("{id}0"),
+            "zz3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c",
+        ] {
+            assert!(bad.parse::<super::SnapshotId>().is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     fn preamble() -> Preamble {

@@ -287,6 +287,24 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The `N` bytes that `hex` writes as `s`: exactly `2 * N` lowercase hex digits, else `None`.
+pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let digits = s.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 pub(crate) fn random(out: &mut [u8]) -> Result<(), KeyError> {
     SystemRandom::new().fill(out).map_err(|_| KeyError::Random)
 }

@@ -123,8 +123,8 @@ pub use fingerprint::{
     MissingFeature, Reg, decode_signature, host_page_size,
 };
 pub use format::{
-    ChunkInfo, ChunkKind, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE, MAX_STATE_LEN,
-    MIN_CHUNK_SIZE, PAGE_SIZE, PREAMBLE_LEN, RegionDesc, SNAPSHOT_FILE, SnapshotId,
+    BadSnapshotId, ChunkInfo, ChunkKind, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE,
+    MAX_STATE_LEN, MIN_CHUNK_SIZE, PAGE_SIZE, PREAMBLE_LEN, RegionDesc, SNAPSHOT_FILE, SnapshotId,
 };
 pub use host_key::KeyChoice;
 pub use info::Info;

@@ -58,7 +58,7 @@ pub struct ObjectName(pub [u8; 32]);
 
 impl std::fmt::Display for ObjectName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&crate::keys::hex(&self.0))
     }
 }
 
@@ -73,21 +73,9 @@ impl std::str::FromStr for ObjectName {
 
     /// 64 lowercase hex digits, as [`Display`](std::fmt::Display) writes them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ObjectError::BadName { name: s.into() };
-        let digits = s.as_bytes();
-        if digits.len() != 64 {
-            return Err(bad());
-        }
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-            *byte = (nibble(pair[0]).ok_or_else(bad)? << 4) | nibble(pair[1]).ok_or_else(bad)?;
-        }
-        Ok(ObjectName(out))
+        crate::keys::unhex(s)
+            .map(ObjectName)
+            .ok_or_else(|| ObjectError::BadName { name: s.into() })
     }
 }
 

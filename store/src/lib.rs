@@ -1,0 +1,548 @@
+//! Snapshots in an S3-compatible object store (docs/store.md): `push` turns a local snapshot
+//! into sealed, content-addressed chunk objects and one sealed manifest object; `pull` turns
+//! them back into a local snapshot with the same id. The objects are made and checked by the
+//! `snapshot` crate (`store_object`, `store_manifest`, `store_transfer`); this crate moves them,
+//! with `object_store`'s S3 client.
+//!
+//! ```text
+//! s3://BUCKET/PREFIX/chunks/<name>                     one per distinct chunk of a master key
+//! s3://BUCKET/PREFIX/snapshots/<snapshot id>/manifest  one per snapshot
+//! ```
+//!
+//! Credentials, region and endpoint come from the environment as AWS's tools read them
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` or
+//! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`); none of them is ever logged.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
+use snapshot::store_manifest::{MAX_MANIFEST_OBJECT_LEN, ManifestError, StoreChunk, StoreManifest};
+use snapshot::store_object::{MAX_OBJECT_PLAINTEXT, OBJECT_HEADER_LEN, ObjectName};
+use snapshot::store_transfer::{self, TransferError};
+use snapshot::{MasterKey, ReadError, Snapshot, SnapshotId, WriteOptions, WriteSummary};
+
+#[cfg(feature = "test-servers")]
+pub mod test_servers;
+
+/// The largest chunk object a reader fetches: a raw payload of the largest chunk, its header
+/// and tag.
+const MAX_OBJECT_LEN: u64 = (OBJECT_HEADER_LEN + MAX_OBJECT_PLAINTEXT + 16) as u64;
+
+/// Where a store's snapshots live: `s3://BUCKET[/PREFIX]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreUrl {
+    pub bucket: String,
+    /// Without leading or trailing slashes; empty for the bucket's root.
+    pub prefix: String,
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &'static str| StoreError::Url {
+            url: url.into(),
+            reason,
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("it does not start with s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid_bucket {
+            return Err(bad(
+                "the bucket name must be 3-63 lowercase letters, digits, dots or hyphens",
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == "." || part == "..")
+            || prefix.contains("//")
+            || prefix.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "the prefix has an empty, '.' or '..' part, or a control character",
+            ));
+        }
+        Ok(StoreUrl {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.prefix.as_str() {
+            "" => write!(f, "s3://{}", self.bucket),
+            prefix => write!(f, "s3://{}/{prefix}", self.bucket),
+        }
+    }
+}
+
+impl StoreUrl {
+    fn path(&self, rest: &str) -> ObjectPath {
+        match self.prefix.as_str() {
+            "" => ObjectPath::from(rest),
+            prefix => ObjectPath::from(format!("{prefix}/{rest}")),
+        }
+    }
+
+    fn chunk(&self, name: &ObjectName) -> ObjectPath {
+        self.path(&format!("chunks/{name}"))
+    }
+
+    fn manifest(&self, id: SnapshotId) -> ObjectPath {
+        self.path(&format!("snapshots/{id}/manifest"))
+    }
+}
+
+/// A secret that never reaches `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Static credentials, for when they are not in the environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+}
+
+/// How a store is reached and how hard it is tried. What is `None` here comes from the
+/// environment, as AWS's tools take it.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// The S3 endpoint (`AWS_ENDPOINT_URL`; AWS's own by default).
+    pub endpoint: Option<String>,
+    /// The region (`AWS_REGION`, `AWS_DEFAULT_REGION`).
+    pub region: Option<String>,
+    /// Static credentials (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
+    pub credentials: Option<Credentials>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Retries of a failed request (errors, timeouts, 5xx, throttling), with exponential
+    /// backoff and jitter.
+    pub max_retries: usize,
+    /// No retry starts later than this after the first attempt.
+    pub retry_timeout: Duration,
+    /// One attempt's limit.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            endpoint: None,
+            region: None,
+            credentials: None,
+            concurrency: 16,
+            max_retries: 6,
+            retry_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One request to the store that failed, after its retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path} failed")]
+pub struct RequestError {
+    pub op: &'static str,
+    pub path: String,
+    #[source]
+    pub source: object_store::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{url:?} is not a snapshot store URL: {reason}")]
+    Url { url: String, reason: &'static str },
+    #[error("cannot set up the S3 client for {url}")]
+    Client {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("cannot start the store client's runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot open the local snapshot")]
+    Local(#[source] ReadError),
+    #[error("the store request")]
+    Request(#[from] RequestError),
+    #[error("moving the snapshot")]
+    Transfer(#[from] TransferError<RequestError>),
+    #[error("{url} holds no snapshot {id}")]
+    NoSuchSnapshot { url: String, id: SnapshotId },
+    #[error("the store's manifest of snapshot {id}")]
+    Manifest {
+        id: SnapshotId,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{path} is {len} bytes, more than such an object can be ({max})")]
+    Oversized { path: String, len: u64, max: u64 },
+    #[error("the upload stopped before every chunk was handed to it")]
+    UploadStopped,
+}
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct PushSummary {
+    pub snapshot_id: SnapshotId,
+    pub chunks: usize,
+    pub data_chunks: usize,
+    /// Distinct chunk objects this snapshot names.
+    pub objects: usize,
+    /// Of those, the ones the store did not hold yet.
+    pub uploaded: usize,
+    pub uploaded_bytes: u64,
+    /// Whether the manifest was new (false: this snapshot had been pushed before).
+    pub manifest_uploaded: bool,
+}
+
+/// A connection to one store URL.
+pub struct Store {
+    url: StoreUrl,
+    s3: Arc<dyn ObjectStore>,
+    options: StoreOptions,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Store {
+    /// A client for `url`, configured from the environment (see the crate docs). Nothing is
+    /// sent yet: a store that is down is reported by the first request.
+    pub fn connect(url: &StoreUrl, options: &StoreOptions) -> Result<Store, StoreError> {
+        // reqwest's TLS is built without a crypto provider; `ring` is the one this workspace
+        // uses (rustls deprecates it for lacking post-quantum key exchange; aws-lc-rs, which
+        // has that, needs cmake to build: Cargo.toml). Installing fails harmlessly if the
+        // process already has a provider.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&url.bucket)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: options.max_retries,
+                retry_timeout: options.retry_timeout,
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(options.request_timeout)
+                    .with_connect_timeout(options.connect_timeout),
+            );
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &options.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(credentials) = &options.credentials {
+            builder = builder
+                .with_access_key_id(&credentials.access_key_id)
+                .with_secret_access_key(&credentials.secret_access_key.0);
+        }
+        // An endpoint the operator gave as plain http (a store on loopback or in a private
+        // network) is meant: allow it rather than fail every request.
+        let endpoint = options
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        if endpoint.is_some_and(|e| e.starts_with("http://")) {
+            builder = builder.with_config(
+                AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
+                "true",
+            );
+        }
+        let s3 = builder.build().map_err(|source| StoreError::Client {
+            url: url.to_string(),
+            source,
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("thaw-store")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Runtime)?;
+        Ok(Store {
+            url: url.clone(),
+            s3: Arc::new(s3),
+            options: options.clone(),
+            runtime,
+        })
+    }
+
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    /// Pushes the snapshot at `dir` (sealed with `master`): every chunk object the store does
+    /// not hold yet, then the manifest. Chunks are uploaded while later ones are still being
+    /// read, with `concurrency` requests in flight.
+    pub fn push(&self, dir: &Path, master: &MasterKey) -> Result<PushSummary, StoreError> {
+        let snap = Snapshot::open(dir, Some(master)).map_err(StoreError::Local)?;
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<(ObjectName, Vec<u8>)>(self.options.concurrency * 2);
+        let uploads = self.runtime.spawn(upload_all(
+            self.s3.clone(),
+            self.url.clone(),
+            rx,
+            self.options.concurrency,
+        ));
+        let mut seen = HashSet::new();
+        let exported = store_transfer::export(&snap, master, |name, object| {
+            if seen.insert(name) {
+                // Only fails once the uploads stopped on an error, which the join reports.
+                tx.blocking_send((name, object)).map_err(|_| RequestError {
+                    op: "upload",
+                    path: self.url.chunk(&name).to_string(),
+                    source: object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(StoreError::UploadStopped),
+                    },
+                })?;
+            }
+            Ok(())
+        });
+        drop(tx);
+        let uploaded = self
+            .runtime
+            .block_on(uploads)
+            .map_err(|e| StoreError::Runtime(std::io::Error::other(e)))??;
+        let manifest = exported?;
+        let id = manifest.snapshot_id;
+        let sealed = manifest
+            .seal(master)
+            .map_err(|source| StoreError::Manifest { id, source })?;
+        let manifest_uploaded =
+            self.runtime
+                .block_on(put_if_absent(&*self.s3, &self.url.manifest(id), sealed))?;
+        let data_chunks = manifest
+            .chunks
+            .iter()
+            .filter(|c| matches!(c, StoreChunk::Data(_)))
+            .count();
+        tracing::info!(snapshot = %id, url = %self.url, objects = seen.len(), uploaded = uploaded.0, "snapshot pushed");
+        Ok(PushSummary {
+            snapshot_id: id,
+            chunks: manifest.chunks.len(),
+            data_chunks,
+            objects: seen.len(),
+            uploaded: uploaded.0,
+            uploaded_bytes: uploaded.1,
+            manifest_uploaded: manifest_uploaded.is_some(),
+        })
+    }
+
+    /// Pulls snapshot `id` into a new snapshot directory `dir`, sealed with `master`: the
+    /// manifest, then every chunk object it names (`concurrency` at a time), each checked
+    /// against its name before the snapshot is written (atomically).
+    pub fn pull(
+        &self,
+        id: SnapshotId,
+        dir: &Path,
+        master: &MasterKey,
+    ) -> Result<WriteSummary, StoreError> {
+        let path = self.url.manifest(id);
+        let sealed = self
+            .runtime
+            .block_on(get_bounded(
+                &*self.s3,
+                &path,
+                MAX_MANIFEST_OBJECT_LEN as u64,
+            ))
+            .map_err(|e| match e {
+                StoreError::Request(RequestError {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => StoreError::NoSuchSnapshot {
+                    url: self.url.to_string(),
+                    id,
+                },
+                other => other,
+            })?;
+        let manifest = StoreManifest::open(master, id, &sealed)
+            .map_err(|source| StoreError::Manifest { id, source })?;
+        let names: BTreeSet<ObjectName> = manifest
+            .chunks
+            .iter()
+            .filter_map(|c| match c {
+                StoreChunk::Data(name) => Some(*name),
+                StoreChunk::Zero => None,
+            })
+            .collect();
+        let objects: HashMap<ObjectName, Vec<u8>> = self.runtime.block_on(
+            futures::stream::iter(names)
+                .map(|name| {
+                    let path = self.url.chunk(&name);
+                    let s3 = self.s3.clone();
+                    async move {
+                        get_bounded(&*s3, &path, MAX_OBJECT_LEN)
+                            .await
+                            .map(|bytes| (name, bytes))
+                    }
+                })
+                .buffer_unordered(self.options.concurrency)
+                .try_collect(),
+        )?;
+        let summary =
+            store_transfer::import(dir, &manifest, master, &WriteOptions::default(), |name| {
+                objects.get(name).cloned().ok_or_else(|| RequestError {
+                    op: "GET",
+                    path: self.url.chunk(name).to_string(),
+                    source: object_store::Error::NotFound {
+                        path: self.url.chunk(name).to_string(),
+                        source: "not among the objects fetched".into(),
+                    },
+                })
+            })?;
+        tracing::info!(snapshot = %id, url = %self.url, objects = objects.len(), "snapshot pulled");
+        Ok(summary)
+    }
+}
+
+/// Uploads what `rx` brings, `concurrency` at a time, skipping objects the store holds;
+/// returns how many it uploaded and their bytes. Stops at the first failure (dropping `rx`,
+/// which stops the sender).
+async fn upload_all(
+    s3: Arc<dyn ObjectStore>,
+    url: StoreUrl,
+    rx: tokio::sync::mpsc::Receiver<(ObjectName, Vec<u8>)>,
+    concurrency: usize,
+) -> Result<(usize, u64), StoreError> {
+    let incoming = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    incoming
+        .map(|(name, object)| {
+            let s3 = s3.clone();
+            let path = url.chunk(&name);
+            async move { put_if_absent(&*s3, &path, object).await }
+        })
+        .buffer_unordered(concurrency)
+        .try_fold((0usize, 0u64), |(n, bytes), put| async move {
+            Ok(match put {
+                Some(len) => (n + 1, bytes + len),
+                None => (n, bytes),
+            })
+        })
+        .await
+}
+
+/// Writes `bytes` at `path` unless the store holds an object there already (objects are
+/// immutable and named by their content, so one there is this one). Returns the bytes written,
+/// or `None` if the object was there.
+async fn put_if_absent(
+    s3: &dyn ObjectStore,
+    path: &ObjectPath,
+    bytes: Vec<u8>,
+) -> Result<Option<u64>, StoreError> {
+    match s3.head(path).await {
+        Ok(_) => return Ok(None),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(source) => {
+            return Err(RequestError {
+                op: "HEAD",
+                path: path.to_string(),
+                source,
+            }
+            .into());
+        }
+    }
+    let len = bytes.len() as u64;
+    s3.put(path, PutPayload::from(bytes))
+        .await
+        .map_err(|source| RequestError {
+            op: "PUT",
+            path: path.to_string(),
+            source,
+        })?;
+    Ok(Some(len))
+}
+
+/// The object at `path`, refused unread if the store says it is larger than `max`.
+async fn get_bounded(
+    s3: &dyn ObjectStore,
+    path: &ObjectPath,
+    max: u64,
+) -> Result<Vec<u8>, StoreError> {
+    let failed = |op, source| RequestError {
+        op,
+        path: path.to_string(),
+        source,
+    };
+    let got = s3.get(path).await.map_err(|e| failed("GET", e))?;
+    if got.meta.size > max {
+        return Err(StoreError::Oversized {
+            path: path.to_string(),
+            len: got.meta.size,
+            max,
+        });
+    }
+    let bytes = got.bytes().await.map_err(|e| failed("GET", e))?;
+    if bytes.len() as u64 > max {
+        return Err(StoreError::Oversized {
+            path: path.to_string(),
+            len: bytes.len() as u64,
+            max,
+        });
+    }
+    Ok(bytes.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_parse_and_bad_ones_are_refused() {
+        let url: StoreUrl = "s3://thaw-snapshots/prod/fns/".parse().unwrap();
+        assert_eq!(url.bucket, "thaw-snapshots");
+        assert_eq!(url.prefix, "prod/fns");
+        assert_eq!(url.to_string(), "s3://thaw-snapshots/prod/fns");
+        let id = SnapshotId([0xab; 16]);
+        assert_eq!(
+            url.manifest(id).to_string(),
+            format!("prod/fns/snapshots/{id}/manifest")
+        );
+        let root: StoreUrl = "s3://bucket".parse().unwrap();
+        assert_eq!(root.prefix, "");
+        assert_eq!(
+            root.chunk(&ObjectName([1; 32])).to_string(),
+            format!("chunks/{}", ObjectName([1; 32]))
+        );
+        for bad in [
+            "",
+            "bucket/prefix",
+            "http://bucket/x",
+            "s3://",
+            "s3://ab",
+            "s3://Upper/x",
+            "s3://bucket/a//b",
+            "s3://bucket/a/../b",
+            "s3://bucket/a\nb",
+        ] {
+            assert!(
+                matches!(bad.parse::<StoreUrl>(), Err(StoreError::Url { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Push and pull against two independent S3 implementations on loopback, started here
+//! (`store::test_servers`): `s3s-fs` (Rust) and `moto`'s server (Python).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use snapshot::{
+    CpuIdentity, Fingerprint, MasterKey, MemoryRegion, Protection, Snapshot, SnapshotMeta,
+    WriteOptions,
+};
+use store::test_servers::{
+    ACCESS_KEY, BUCKET, SECRET_KEY, Server, chunk_files, free_port, moto, s3s_fs,
+};
+use store::{Credentials, Secret, Store, StoreError, StoreOptions, StoreUrl};
+
+fn connect(server: &Server, prefix: &str) -> Store {
+    let url: StoreUrl = format!("s3://{BUCKET}/{prefix}").parse().unwrap();
+    Store::connect(&url, &server.options()).unwrap()
+}
+
+fn master() -> MasterKey {
+    MasterKey::from_bytes([0x5a; 32])
+}
+
+const CHUNK: usize = 64 << 10;
+
+/// A snapshot of 24 chunks: a third zeros, chunks 1..8 the same whatever `seed`, the rest
+/// depending on it.
+fn snapshot(dir: &Path, seed: u8) -> Snapshot {
+    let mut memory = vec![0u8; 24 * CHUNK];
+    for (i, chunk) in memory.chunks_mut(CHUNK).enumerate() {
+        if i % 3 == 0 {
+            continue;
+        }
+        let byte = if i < 8 {
+            i as u8
+        } else {
+            seed.wrapping_mul(31).wrapping_add(i as u8)
+        };
+        for (j, b) in chunk.iter_mut().enumerate().step_by(61) {
+            *b = byte ^ (j as u8);
+        }
+    }
+    let meta = SnapshotMeta {
+        fingerprint: Fingerprint {
+            cpu: CpuIdentity {
+                vendor: "AuthenticAMD".into(),
+                family: 25,
+                model: 1,
+                stepping: 1,
+            },
+            guest_cpuid: Vec::new(),
+            kvm_flavor: "pvm".into(),
+            host_page_size: 4096,
+        },
+        vcpus: 1,
+    };
+    let region = [MemoryRegion {
+        guest_addr: 0,
+        bytes: &memory,
+    }];
+    let options = WriteOptions {
+        chunk_size: CHUNK as u32,
+        threads: 1,
+        ..WriteOptions::default()
+    };
+    let key = master();
+    snapshot::write(
+        dir,
+        &meta,
+        b"vm state",
+        &region,
+        &Protection::Encrypted(&key),
+        &options,
+    )
+    .unwrap();
+    Snapshot::open(dir, Some(&key)).unwrap()
+}
+
+fn memory_of(snap: &Snapshot) -> Vec<Vec<u8>> {
+    (0..snap.chunks().len())
+        .map(|i| {
+            let mut out = vec![0u8; snap.chunks()[i].len as usize];
+            snap.read_chunk_authenticated(i, &mut out).unwrap();
+            out
+        })
+        .collect()
+}
+
+/// Push, push again (nothing new), pull, and the pulled snapshot is the pushed one.
+fn push_and_pull(server: &Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let original = snapshot(&dir.path().join("a"), 1);
+    let store = connect(server, "fleet/one");
+    let pushed = store.push(&dir.path().join("a"), &master()).unwrap();
+    assert_eq!(pushed.snapshot_id, original.id());
+    assert_eq!((pushed.chunks, pushed.data_chunks), (24, 16));
+    assert_eq!(pushed.uploaded, pushed.objects);
+    assert!(pushed.manifest_uploaded);
+    let again = store.push(&dir.path().join("a"), &master()).unwrap();
+    assert_eq!(
+        (again.uploaded, again.manifest_uploaded),
+        (0, false),
+        "{again:?}"
+    );
+
+    store
+        .pull(original.id(), &dir.path().join("b"), &master())
+        .unwrap();
+    let pulled = Snapshot::open(&dir.path().join("b"), Some(&master())).unwrap();
+    assert_eq!(pulled.id(), original.id());
+    assert_eq!(pulled.state(), original.state());
+    assert_eq!(memory_of(&pulled), memory_of(&original));
+    pulled.verify(1).unwrap();
+
+    // A second snapshot with chunks in common uploads only what is new.
+    let other = snapshot(&dir.path().join("c"), 2);
+    let second = store.push(&dir.path().join("c"), &master()).unwrap();
+    assert_eq!(second.snapshot_id, other.id());
+    assert_eq!(second.objects, 16);
+    assert_eq!(
+        second.uploaded,
+        16 - 5,
+        "chunks 1, 2, 4, 5 and 7 are shared: {second:?}"
+    );
+
+    let missing = store.pull(
+        snapshot::SnapshotId([1; 16]),
+        &dir.path().join("d"),
+        &master(),
+    );
+    assert!(
+        matches!(missing, Err(StoreError::NoSuchSnapshot { .. })),
+        "{missing:?}"
+    );
+    assert!(!dir.path().join("d").exists());
+}
+
+#[test]
+fn a_snapshot_pushed_to_s3s_fs_is_pulled_back_whole() {
+    push_and_pull(&s3s_fs());
+}
+
+#[test]
+fn a_snapshot_pushed_to_moto_is_pulled_back_whole() {
+    push_and_pull(&moto());
+}
+
+#[test]
+fn an_object_altered_or_swapped_in_the_store_is_refused_and_leaves_no_snapshot() {
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let original = snapshot(&dir.path().join("a"), 1);
+    let store = connect(&server, "tampered");
+    store.push(&dir.path().join("a"), &master()).unwrap();
+    let files = chunk_files(&server, "tampered");
+    assert_eq!(files.len(), 16);
+    let target = dir.path().join("b");
+
+    // One bit of one object.
+    let good = std::fs::read(&files[3]).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&files[3], &bad).unwrap();
+    let err = store.pull(original.id(), &target, &master()).unwrap_err();
+    assert!(matches!(err, StoreError::Transfer(_)), "{err:?}");
+    assert!(!target.exists());
+    std::fs::write(&files[3], &good).unwrap();
+
+    // One object in another's place.
+    let other = std::fs::read(&files[4]).unwrap();
+    std::fs::write(&files[3], &other).unwrap();
+    let err = store.pull(original.id(), &target, &master()).unwrap_err();
+    assert!(matches!(err, StoreError::Transfer(_)), "{err:?}");
+    assert!(!target.exists());
+    std::fs::write(&files[3], &good).unwrap();
+
+    // Another master key reads nothing.
+    let err = store
+        .pull(original.id(), &target, &MasterKey::from_bytes([1; 32]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Manifest { .. }), "{err:?}");
+
+    store.pull(original.id(), &target, &master()).unwrap();
+}
+
+#[test]
+fn a_store_that_is_down_is_reported_within_the_retry_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot(&dir.path().join("a"), 1);
+    let port = free_port(); // nothing listens there
+    let url: StoreUrl = format!("s3://{BUCKET}/down").parse().unwrap();
+    let store = Store::connect(
+        &url,
+        &StoreOptions {
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            region: Some("us-east-1".into()),
+            credentials: Some(Credentials {
+                access_key_id: ACCESS_KEY.into(),
+                secret_access_key: Secret(SECRET_KEY.into()),
+            }),
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(1),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let err = store.push(&dir.path().join("a"), &master()).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = format!("{err}: {:?}", err);
+    assert!(
+        text.contains(&port.to_string()) || text.contains("HEAD"),
+        "{text}"
+    );
+    let err = store
+        .pull(snap.id(), &dir.path().join("b"), &master())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Request(_)), "{err:?}");
+    assert!(!dir.path().join("b").exists());
+    // The secret never shows in what a failure prints.
+    assert!(!format!("{err:?} {:?}", store_options_debug()).contains(SECRET_KEY));
+}
+
+fn store_options_debug() -> StoreOptions {
+    StoreOptions {
+        credentials: Some(Credentials {
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: Secret(SECRET_KEY.into()),
+        }),
+        ..StoreOptions::default()
+    }
+}

@@ -78,8 +78,29 @@ enum Command {
     /// running. With --vsock-uds, Thaw leaves the agent to whatever listens on that socket.
     /// Exits with the guest's status, as `thaw run` does.
     Restore {
-        /// The snapshot directory.
-        dir: PathBuf,
+        /// The snapshot directory (none with --store).
+        #[arg(required_unless_present = "store", conflicts_with = "store")]
+        dir: Option<PathBuf>,
+        /// Restore a snapshot from this S3-compatible store (s3://BUCKET[/PREFIX], as
+        /// `thaw snapshot push` wrote it) instead of a directory: its manifest is fetched and
+        /// authenticated first, then each chunk's object as the guest first touches it, and
+        /// the recorded working set's ahead of it, many at once. Each is authenticated as it is
+        /// installed (--chunk-check is on-install) and memory the guest never touches is never
+        /// fetched (no background fill). Endpoint and credentials as for `thaw snapshot push`.
+        #[arg(long, value_name = "URL", value_parser = parse_store_url, requires = "snapshot_id")]
+        store: Option<store::StoreUrl>,
+        /// With --store: the snapshot's id.
+        #[arg(long, value_name = "ID", value_parser = parse_snapshot_id, requires = "store")]
+        snapshot_id: Option<snapshot::SnapshotId>,
+        /// With --store: this host's cache of chunk objects, kept sealed as the store holds
+        /// them, shared by every snapshot and kept across runs [default: $THAW_CACHE_DIR, else
+        /// $XDG_CACHE_HOME/thaw, else ~/.cache/thaw; then chunks/].
+        #[arg(long, value_name = "DIR", requires = "store")]
+        chunk_cache: Option<PathBuf>,
+        /// With --store: the chunk cache's budget in MiB; the least recently used objects are
+        /// evicted beyond it. 0: no cache.
+        #[arg(long, value_name = "MIB", default_value_t = 4096)]
+        chunk_cache_mib: u64,
         /// Master key file [default: the host key, if there is one].
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
@@ -711,6 +732,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshot { command } => snapshot_command(command),
         Command::Restore {
             dir,
+            store,
+            snapshot_id,
+            chunk_cache,
+            chunk_cache_mib,
             key_file,
             memory,
             chunk_check,
@@ -748,8 +773,26 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     restore_daemon::startup_set::StartupSets::default_location()
                 },
             };
+            let from = match (dir, store, snapshot_id) {
+                (Some(dir), _, _) => thaw::commands::restore::RestoreFrom::Dir(dir),
+                (None, Some(url), Some(id)) => {
+                    let cache = match chunk_cache_mib {
+                        0 => None,
+                        mib => Some((
+                            match chunk_cache {
+                                Some(dir) => dir,
+                                None => cache_dir_or_default(None)?.join("chunks"),
+                            },
+                            mib.saturating_mul(1 << 20),
+                        )),
+                    };
+                    thaw::commands::restore::RestoreFrom::Store { url, id, cache }
+                }
+                // clap requires a directory, or --store and --snapshot-id.
+                _ => anyhow::bail!("give a snapshot directory, or --store and --snapshot-id"),
+            };
             thaw::commands::restore::run(
-                &dir,
+                &from,
                 &key,
                 options,
                 thaw::commands::restore::AgentUse {

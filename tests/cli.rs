@@ -197,6 +197,56 @@ fn restore_rejects_bad_flags_before_touching_anything() {
         ]),
         "nothing was restored",
     );
+    // A snapshot in a store: a URL, an id, and not a directory as well.
+    let id = "0".repeat(32);
+    assert_refused(
+        &thaw(&["restore", "--store", "http://b/x", "--snapshot-id", &id]),
+        "s3://",
+    );
+    assert_refused(
+        &thaw(&[
+            "restore",
+            "--store",
+            "s3://bucket/x",
+            "--snapshot-id",
+            "nope",
+        ]),
+        "snapshot id",
+    );
+    assert_refused(
+        &thaw(&["restore", "--store", "s3://bucket/x"]),
+        "--snapshot-id",
+    );
+    assert_refused(&thaw(&["restore", "--snapshot-id", &id]), "--store");
+    assert_refused(
+        &thaw(&[
+            "restore",
+            "/some/dir",
+            "--store",
+            "s3://bucket/x",
+            "--snapshot-id",
+            &id,
+        ]),
+        "cannot be used with",
+    );
+    // A store that holds no such snapshot: said so, nothing restored.
+    let server = store::test_servers::s3s_fs();
+    let out = thaw_bin()
+        .envs(server.env())
+        .args([
+            "restore",
+            "--store",
+            &format!("s3://{}/none", store::test_servers::BUCKET),
+            "--snapshot-id",
+            &id,
+            "--key-file",
+            key.to_str().unwrap(),
+            "--chunk-cache",
+            dir.path().join("cache").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_refused(&out, "holds no snapshot");
 }
 
 fn thawd(args: &[&str]) -> Output {

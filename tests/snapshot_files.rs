@@ -99,10 +99,10 @@ fn tampered_truncated_swapped_spliced_and_wrong_key_snapshots_are_refused() {
 
     let snap =
         snapshot::Snapshot::open(&good, Some(&snapshot::MasterKey::load(&key).unwrap())).unwrap();
-    let layout = snap.layout();
+    let layout = snap.layout().unwrap();
     let other_snap =
         snapshot::Snapshot::open(&second, Some(&snapshot::MasterKey::load(&key).unwrap())).unwrap();
-    let other_layout = other_snap.layout();
+    let other_layout = other_snap.layout().unwrap();
     let other_bytes = fs::read(second.join(snapshot::SNAPSHOT_FILE)).unwrap();
     assert!(
         layout.data_chunks.len() > 4,

@@ -237,7 +237,8 @@ fn tampered_or_wrong_key_snapshots_are_refused_before_the_guest_runs() {
     let master = snapshot::MasterKey::load(&key).unwrap();
     let layout = snapshot::Snapshot::open(&snap, Some(&master))
         .unwrap()
-        .layout();
+        .layout()
+        .unwrap();
     let file = std::fs::read(snap.join(snapshot::SNAPSHOT_FILE)).unwrap();
     let other_key = dir.path().join("other");
     snapshot::MasterKey::load_or_create(&other_key).unwrap();
@@ -661,7 +662,8 @@ fn corrupt_every_chunk(snap: &std::path::Path, key: &std::path::Path) {
     let master = snapshot::MasterKey::load(key).unwrap();
     let layout = snapshot::Snapshot::open(snap, Some(&master))
         .unwrap()
-        .layout();
+        .layout()
+        .unwrap();
     let path = snap.join(snapshot::SNAPSHOT_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
     for (_, range) in &layout.data_chunks {

@@ -368,7 +368,8 @@ async fn a_tampered_snapshot_is_refused_and_a_late_worker_is_killed() {
     let key = snapshot::MasterKey::load(&snap.key).unwrap();
     let layout = snapshot::Snapshot::open(&snap.path, Some(&key))
         .unwrap()
-        .layout();
+        .layout()
+        .unwrap();
     let chunk = &layout.data_chunks[layout.data_chunks.len() / 2].1;
     let tampered = snap.dir.path().join("tampered");
     std::fs::create_dir(&tampered).unwrap();

@@ -123,6 +123,16 @@ impl Prepared {
         options: &RestoreOptions,
         console: ConsoleOutput,
     ) -> Result<Prepared, EnvironmentError> {
+        Self::restore_from(crate::restore::SnapshotAt::Dir(dir), key, options, console)
+    }
+
+    /// [`Prepared::restore`] of a snapshot wherever it is.
+    pub fn restore_from(
+        at: crate::restore::SnapshotAt<'_>,
+        key: &KeyChoice,
+        options: &RestoreOptions,
+        console: ConsoleOutput,
+    ) -> Result<Prepared, EnvironmentError> {
         let started = Instant::now();
         let sockets = tempfile::Builder::new()
             .prefix("thaw-env-")
@@ -137,7 +147,7 @@ impl Prepared {
         .map_err(EnvironmentError::Socket)?;
         let mut restore_options = options.clone();
         restore_options.vsock_uds = Some(uds);
-        let restored = crate::restore::restore(dir, key, &restore_options, console)?;
+        let restored = crate::restore::restore_from(at, key, &restore_options, console)?;
         Ok(Prepared {
             restored,
             listener,

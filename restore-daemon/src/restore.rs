@@ -427,22 +427,36 @@ fn open_authenticated(
     dir: &Path,
     key: &KeyChoice,
 ) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
-    open_authenticated_observing(dir, key, &mut |_| {})
+    open_authenticated_observing(SnapshotAt::Dir(dir), key, &mut |_| {})
 }
 
 /// [`open_authenticated`], telling `on_header` the shell the snapshot needs as soon as its
 /// header is authenticated (see [`Snapshot::open_observing`]).
 fn open_authenticated_observing(
-    dir: &Path,
+    at: SnapshotAt<'_>,
     key: &KeyChoice,
     on_header: &mut dyn FnMut(ShellSpec),
 ) -> Result<(Snapshot, vmm_core::machine::MachineState), RestoreError> {
-    let snap = verify::open_observing(dir, key, &mut |size| {
-        on_header(ShellSpec {
-            mem_bytes: size.memory_bytes,
-            vcpus: size.vcpus,
-        })
-    })?;
+    let (snap, dir) = match at {
+        SnapshotAt::Dir(dir) => (
+            verify::open_observing(dir, key, &mut |size| {
+                on_header(ShellSpec {
+                    mem_bytes: size.memory_bytes,
+                    vcpus: size.vcpus,
+                })
+            })?,
+            dir.to_owned(),
+        ),
+        SnapshotAt::Opened(snap) => {
+            on_header(ShellSpec {
+                mem_bytes: snap.regions().iter().map(|r| r.size).sum(),
+                vcpus: snap.vcpus(),
+            });
+            let dir = snap.path().to_owned();
+            (*snap, dir)
+        }
+    };
+    let dir = dir.as_path();
     let state =
         state_blob::decode::<vmm_core::machine::MachineState>(snap.state()).map_err(|source| {
             RestoreError::State {
@@ -508,6 +522,7 @@ fn authenticate_chunks(
     let started = Instant::now();
     let authenticate_up_front = options.memory == MemoryMode::Lazy
         && options.chunk_check != ChunkCheck::OnInstall
+        && !snap.in_store()
         && options.baseline_memory_file.is_none()
         && options.shared_copy.is_none();
     if !authenticate_up_front {
@@ -538,6 +553,18 @@ fn authenticate_chunks(
     Ok((started.elapsed(), before))
 }
 
+/// Where a restore's snapshot comes from.
+pub enum SnapshotAt<'a> {
+    /// A snapshot directory on this host, opened and checked by the restore.
+    Dir(&'a Path),
+    /// A snapshot already opened (authenticated) elsewhere: one in an object store
+    /// (`store::Store::open_snapshot`), whose chunks are fetched as they are installed. Its
+    /// chunks are never authenticated up front, which would fetch all of them: each is checked
+    /// as it is installed ([`ChunkCheck::OnInstall`]), so no unauthenticated byte reaches the
+    /// guest, and a bad one stops it.
+    Opened(Box<Snapshot>),
+}
+
 /// Restores the snapshot at `dir`: the guest's console goes to `console`.
 pub fn restore(
     dir: &Path,
@@ -545,6 +572,21 @@ pub fn restore(
     options: &RestoreOptions,
     console: ConsoleOutput,
 ) -> Result<Restored, RestoreError> {
+    restore_from(SnapshotAt::Dir(dir), key, options, console)
+}
+
+/// [`restore`] of a snapshot wherever it is.
+pub fn restore_from(
+    at: SnapshotAt<'_>,
+    key: &KeyChoice,
+    options: &RestoreOptions,
+    console: ConsoleOutput,
+) -> Result<Restored, RestoreError> {
+    let dir: PathBuf = match &at {
+        SnapshotAt::Dir(dir) => dir.to_path_buf(),
+        SnapshotAt::Opened(snap) => snap.path().to_owned(),
+    };
+    let dir = dir.as_path();
     let started = Instant::now();
     let watch = Arc::new(PagerWatch::default());
     // Without a ready shell, building one (about 1 ms on PVM) needs only the memory size and
@@ -561,7 +603,7 @@ pub fn restore(
         std::thread::scope(|scope| {
             let mut building = None;
             let mut early_memory = None;
-            let opened = open_authenticated_observing(dir, key, &mut |spec| {
+            let opened = open_authenticated_observing(at, key, &mut |spec| {
                 let pooled = match options.baseline_memory_file {
                     None => options.shells.as_deref().and_then(|pool| pool.take(spec)),
                     Some(_) => None,
@@ -813,11 +855,15 @@ fn start_pager(
         (true, Some(ws)) => ws.chunks.clone(),
         _ => Vec::new(),
     };
+    let startup_set = startup.map(|s| s.known().to_vec()).unwrap_or_default();
+    // A snapshot in a store starts fetching what goes in first, many objects at once, while
+    // the server installs them one after another in this order.
+    snap.prefetch_chunks(&[startup_set.as_slice(), working_set.as_slice()].concat());
     let on_failure = watch.clone();
     let pager_options = PagerOptions {
         prefetch: options.prefetch,
         working_set,
-        startup: startup.map(|s| s.known().to_vec()).unwrap_or_default(),
+        startup: startup_set,
         // Recording is how a restore learns its startup set.
         record: options.record_working_set || startup.is_some(),
         on_failure: Some(Box::new(move |e: &PagerError| on_failure.failed(e))),

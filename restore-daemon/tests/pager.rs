@@ -284,6 +284,7 @@ fn a_chunk_corrupted_after_open_fails_the_server_without_hanging_the_guest() {
         // Chunk 6 is random data; damage it in place, after `open` verified the file.
         let (_, range) = snap
             .layout()
+            .unwrap()
             .data_chunks
             .into_iter()
             .find(|(i, _)| *i == 6)

@@ -14,6 +14,8 @@ pub enum WriteError {
     Options { reason: String },
     #[error("VM state is {len} bytes; the format allows at most {max}")]
     StateTooLarge { len: usize, max: u64 },
+    #[error("{path}: a snapshot read from an object store has no file to write beside")]
+    NotLocal { path: PathBuf },
     #[error("snapshot target {path} has no parent directory or file name")]
     TargetName { path: PathBuf },
     #[error("{path} already exists; pass replace to overwrite it")]
@@ -170,6 +172,14 @@ pub enum ReadError {
     ChunkTampered { index: usize },
     #[error("chunk {index} is corrupt: {reason}")]
     ChunkCorrupt { index: usize, reason: String },
+    #[error("chunk {index}'s object {name} cannot be had from {origin}")]
+    ObjectUnavailable {
+        index: usize,
+        name: crate::store_object::ObjectName,
+        origin: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot start {threads} verifier threads")]
     ThreadPool {
         threads: usize,

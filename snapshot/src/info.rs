@@ -5,9 +5,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::chunk::count_present;
 use crate::fingerprint::Fingerprint;
-use crate::format::{ChunkEntry, Header, PAGE_SIZE, Preamble, RegionDesc, SnapshotId};
+use crate::format::{Header, PAGE_SIZE, RegionDesc, SnapshotId};
+use crate::keys::KeyId;
 
 const PLAINTEXT_WARNING: &str =
     "INSECURE PLAINTEXT SNAPSHOT: guest memory and state are NOT encrypted and NOT authenticated";
@@ -36,10 +36,13 @@ pub struct Info {
     pub zero_pages: u64,
     /// zero_pages as a share of all pages, 0..=1.
     pub zero_page_share: f64,
+    /// The snapshot file's size; 0 for a snapshot read from an object store.
     pub file_bytes: u64,
-    /// Sealed chunk bytes, tags included.
+    /// Sealed chunk bytes, tags included; 0 for a snapshot read from an object store (its
+    /// manifest does not carry the objects' sizes).
     pub memory_payload_bytes: u64,
-    /// memory_payload_bytes ÷ non-zero memory bytes; `None` when all memory is zero.
+    /// memory_payload_bytes ÷ non-zero memory bytes; `None` when all memory is zero or the
+    /// payload is not known.
     pub compression_ratio: Option<f64>,
     /// Chunks in the recorded working set; `None` when none is recorded.
     pub working_set_chunks: Option<u64>,
@@ -47,32 +50,37 @@ pub struct Info {
     pub working_set_bytes: Option<u64>,
 }
 
+/// What `Info` needs of each chunk: `None` for a zero chunk, else its non-zero pages and the
+/// sealed bytes that hold it.
+pub(crate) type ChunkStats = Option<(u64, u64)>;
+
 impl Info {
+    /// `key_id` is the master key's for an encrypted snapshot, `None` for a plaintext one.
     pub(crate) fn new(
-        preamble: &Preamble,
+        format_version: u32,
         header: &Header,
-        manifest: &[ChunkEntry],
+        chunks: impl Iterator<Item = ChunkStats>,
         file_bytes: u64,
-        encrypted: bool,
+        key_id: Option<KeyId>,
         working_set: Option<(u64, u64)>,
     ) -> Info {
+        let encrypted = key_id.is_some();
         let memory_bytes: u64 = header.regions.iter().map(|r| r.size).sum();
         let total_pages = memory_bytes / PAGE_SIZE as u64;
-        let max_pages = header.chunk_size as usize / PAGE_SIZE;
         let (mut zero_chunks, mut present_pages, mut payload) = (0u64, 0u64, 0u64);
-        for entry in manifest {
-            match entry {
-                ChunkEntry::Zero => zero_chunks += 1,
-                ChunkEntry::Data(d) => {
-                    present_pages += count_present(&d.page_bitmap, max_pages) as u64;
-                    payload += u64::from(d.stored_len);
+        for chunk in chunks {
+            match chunk {
+                None => zero_chunks += 1,
+                Some((pages, stored)) => {
+                    present_pages += pages;
+                    payload += stored;
                 }
             }
         }
         let zero_pages = total_pages.saturating_sub(present_pages);
         let nonzero_bytes = present_pages * PAGE_SIZE as u64;
         Info {
-            format_version: preamble.version,
+            format_version,
             snapshot_id: SnapshotId(header.snapshot_id),
             created_unix_nanos: header.created_unix_nanos,
             encrypted,
@@ -82,7 +90,7 @@ impl Info {
                 "insecure-plaintext"
             },
             warning: (!encrypted).then_some(PLAINTEXT_WARNING),
-            key_id: encrypted.then(|| preamble.key_id.to_string()),
+            key_id: key_id.map(|id| id.to_string()),
             fingerprint: header.fingerprint.clone(),
             vcpus: header.vcpus,
             regions: header.regions.clone(),
@@ -99,7 +107,8 @@ impl Info {
             },
             file_bytes,
             memory_payload_bytes: payload,
-            compression_ratio: (nonzero_bytes > 0).then(|| payload as f64 / nonzero_bytes as f64),
+            compression_ratio: (nonzero_bytes > 0 && payload > 0)
+                .then(|| payload as f64 / nonzero_bytes as f64),
             working_set_chunks: working_set.map(|(chunks, _)| chunks),
             working_set_bytes: working_set.map(|(_, bytes)| bytes),
         }

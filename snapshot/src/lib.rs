@@ -44,6 +44,7 @@ mod seal;
 pub mod state_blob;
 pub mod store_manifest;
 pub mod store_object;
+pub mod store_snapshot;
 pub mod store_transfer;
 pub mod verified;
 mod working_set;

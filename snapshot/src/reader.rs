@@ -24,17 +24,33 @@ use crate::working_set::{self, WorkingSet};
 use crate::writer::is_temp_name;
 
 /// An opened, verified snapshot. `Sync`: chunks can be read from many threads at once.
+///
+/// Its memory is in its file (`Snapshot::open`) or in an object store's chunk objects
+/// (`Snapshot::from_store`, `crate::store_snapshot`); either way each chunk is authenticated
+/// as it is read, and everything else was authenticated when it was opened.
 pub struct Snapshot {
+    /// The snapshot file; for a snapshot in a store, where it lies there (for messages).
     path: PathBuf,
+    header: Header,
+    state: Vec<u8>,
+    chunks: Vec<ChunkInfo>,
+    working_set: Option<WorkingSet>,
+    memory: Memory,
+}
+
+/// Where a snapshot's chunks are read from.
+pub(crate) enum Memory {
+    File(FileMemory),
+    Store(crate::store_snapshot::StoreMemory),
+}
+
+/// A snapshot file's chunk area and what reads it.
+pub(crate) struct FileMemory {
     file: File,
     file_len: u64,
     preamble: Preamble,
-    header: Header,
     sealer: Sealer,
-    state: Vec<u8>,
     manifest: Vec<ChunkEntry>,
-    chunks: Vec<ChunkInfo>,
-    working_set: Option<WorkingSet>,
     /// Keys this host's records that it authenticated every chunk of this file (encrypted
     /// snapshots only: see [`crate::verified`]).
     record_key: Option<verified::RecordKey>,
@@ -89,7 +105,11 @@ impl VerifiedRecords {
     /// Whether this host recorded that it authenticated every chunk of `snap`'s file, and the
     /// file is still as it was then. Anything unreadable or not matching counts as no record.
     pub fn holds(&self, snap: &Snapshot) -> bool {
-        match (snap.record_key.as_ref(), snap.file_identity()) {
+        let record_key = match &snap.memory {
+            Memory::File(file) => file.record_key.as_ref(),
+            Memory::Store(_) => None,
+        };
+        match (record_key, snap.file_identity()) {
             (Some(key), Ok(identity)) => self.holds_for(snap.id(), key, &identity),
             _ => false,
         }
@@ -104,10 +124,11 @@ impl VerifiedRecords {
         snap: &Snapshot,
         checked: &FileIdentity,
     ) -> Result<(), verified::RecordError> {
-        let key = snap
-            .record_key
-            .as_ref()
-            .ok_or(verified::RecordError::Plaintext)?;
+        let key = match &snap.memory {
+            Memory::File(file) => file.record_key.as_ref(),
+            Memory::Store(_) => None,
+        }
+        .ok_or(verified::RecordError::Plaintext)?;
         let now = snap
             .file_identity()
             .map_err(|source| verified::RecordError::Io {
@@ -316,23 +337,63 @@ impl Snapshot {
             },
         )?;
 
+        let encrypted = sealer.is_encrypted();
         let snapshot = Snapshot {
             path,
-            file,
-            file_len: found,
-            preamble,
             header,
-            sealer,
             state,
-            manifest,
             chunks,
             working_set,
-            record_key,
+            memory: Memory::File(FileMemory {
+                file,
+                file_len: found,
+                preamble,
+                sealer,
+                manifest,
+                record_key,
+            }),
         };
-        if !snapshot.sealer.is_encrypted() {
+        if !encrypted {
             tracing::warn!(path = %dir.display(), "opened an INSECURE PLAINTEXT snapshot: not encrypted, not authenticated");
         }
         Ok(snapshot)
+    }
+
+    /// A snapshot from its checked parts (`crate::store_snapshot`).
+    pub(crate) fn from_parts(
+        path: PathBuf,
+        header: Header,
+        state: Vec<u8>,
+        chunks: Vec<ChunkInfo>,
+        working_set: Option<WorkingSet>,
+        memory: Memory,
+    ) -> Snapshot {
+        Snapshot {
+            path,
+            header,
+            state,
+            chunks,
+            working_set,
+            memory,
+        }
+    }
+
+    /// Whether its chunks come from an object store rather than a file on this host.
+    pub fn in_store(&self) -> bool {
+        matches!(self.memory, Memory::Store(_))
+    }
+
+    /// Tells the snapshot that these chunks will be read soon, in this order: a snapshot in a
+    /// store starts fetching their objects, many at once; a file ignores it.
+    pub fn prefetch_chunks(&self, chunks: &[u32]) {
+        if let Memory::Store(store) = &self.memory {
+            store.prefetch(chunks);
+        }
+    }
+
+    /// The snapshot file, or where a snapshot read from a store lies there.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The VM state blob the writer was given.
@@ -365,18 +426,22 @@ impl Snapshot {
         self.header.chunk_size
     }
 
-    pub fn layout(&self) -> FileLayout {
-        let header_end = PREAMBLE_LEN as u64 + u64::from(self.preamble.header_len);
+    /// Where each part of the snapshot file lies; `None` for a snapshot read from a store.
+    pub fn layout(&self) -> Option<FileLayout> {
+        let Memory::File(file) = &self.memory else {
+            return None;
+        };
+        let header_end = PREAMBLE_LEN as u64 + u64::from(file.preamble.header_len);
         let range = |s: format::SectionRef| s.offset..s.offset + s.len;
-        FileLayout {
-            file_len: self.file_len,
+        Some(FileLayout {
+            file_len: file.file_len,
             preamble: 0..PREAMBLE_LEN as u64,
             header: PREAMBLE_LEN as u64..header_end,
             header_tag: header_end..self.header.chunks.offset,
             chunks: range(self.header.chunks),
             state: range(self.header.state),
             manifest: range(self.header.manifest),
-            data_chunks: self
+            data_chunks: file
                 .manifest
                 .iter()
                 .enumerate()
@@ -385,26 +450,52 @@ impl Snapshot {
                     ChunkEntry::Zero => None,
                 })
                 .collect(),
-        }
+        })
     }
 
+    /// What `thaw snapshot inspect` shows.
     pub fn info(&self) -> Info {
-        Info::new(
-            &self.preamble,
-            &self.header,
-            &self.manifest,
-            self.file_len,
-            self.sealer.is_encrypted(),
-            self.working_set.as_ref().map(|ws| {
-                let bytes = ws
-                    .chunks
-                    .iter()
-                    .filter_map(|&c| self.chunks.get(c as usize))
-                    .map(|c| u64::from(c.len))
-                    .sum();
-                (ws.chunks.len() as u64, bytes)
-            }),
-        )
+        let working_set = self.working_set.as_ref().map(|ws| {
+            let bytes = ws
+                .chunks
+                .iter()
+                .filter_map(|&c| self.chunks.get(c as usize))
+                .map(|c| u64::from(c.len))
+                .sum();
+            (ws.chunks.len() as u64, bytes)
+        });
+        match &self.memory {
+            Memory::File(file) => {
+                let max_pages = self.header.chunk_size as usize / PAGE_SIZE;
+                Info::new(
+                    file.preamble.version,
+                    &self.header,
+                    file.manifest.iter().map(|entry| match entry {
+                        ChunkEntry::Zero => None,
+                        ChunkEntry::Data(d) => Some((
+                            chunk::count_present(&d.page_bitmap, max_pages) as u64,
+                            u64::from(d.stored_len),
+                        )),
+                    }),
+                    file.file_len,
+                    file.sealer.is_encrypted().then_some(file.preamble.key_id),
+                    working_set,
+                )
+            }
+            // A store's manifest does not say which pages of a data chunk are zero, nor how
+            // large its object is: every page of a data chunk counts as present.
+            Memory::Store(store) => Info::new(
+                FORMAT_VERSION,
+                &self.header,
+                self.chunks.iter().map(|c| match c.kind {
+                    ChunkKind::Zero => None,
+                    ChunkKind::Data => Some(((c.len as usize).div_ceil(PAGE_SIZE) as u64, 0)),
+                }),
+                0,
+                Some(store.key_id()),
+                working_set,
+            ),
+        }
     }
 
     /// The working set recorded for this snapshot, as loaded and verified by `open`.
@@ -416,7 +507,8 @@ impl Snapshot {
     /// opened from; anything else is refused), atomically replacing any previous working set.
     /// This `Snapshot` keeps the working set it was opened with; open again to use the new one.
     pub fn write_working_set(&self, dir: &Path, ws: &WorkingSet) -> Result<(), WriteError> {
-        working_set::write(dir, &self.file, ws, &self.working_set_context(), true)
+        let (file, context) = self.working_set_target(dir)?;
+        working_set::write(dir, &file.file, ws, &context, true)
     }
 
     /// Seals `ws` without checking its indices, so tests can make an authentic but invalid set.
@@ -426,7 +518,8 @@ impl Snapshot {
         dir: &Path,
         ws: &WorkingSet,
     ) -> Result<(), WriteError> {
-        working_set::write(dir, &self.file, ws, &self.working_set_context(), false)
+        let (file, context) = self.working_set_target(dir)?;
+        working_set::write(dir, &file.file, ws, &context, false)
     }
 
     /// Removes the working set of the snapshot in `dir`, atomically; whether there was one.
@@ -434,13 +527,26 @@ impl Snapshot {
         working_set::remove(dir)
     }
 
-    fn working_set_context(&self) -> working_set::Context<'_> {
-        working_set::Context {
-            snapshot_id: &self.header.snapshot_id,
-            protection: self.preamble.protection,
-            sealer: &self.sealer,
-            chunk_count: self.chunks.len() as u64,
-        }
+    /// The file a working set is written beside, and how it is sealed: only a snapshot file
+    /// has one.
+    fn working_set_target(
+        &self,
+        dir: &Path,
+    ) -> Result<(&FileMemory, working_set::Context<'_>), WriteError> {
+        let Memory::File(file) = &self.memory else {
+            return Err(WriteError::NotLocal {
+                path: dir.to_owned(),
+            });
+        };
+        Ok((
+            file,
+            working_set::Context {
+                snapshot_id: &self.header.snapshot_id,
+                protection: file.preamble.protection,
+                sealer: &file.sealer,
+                chunk_count: self.chunks.len() as u64,
+            },
+        ))
     }
 
     /// Decrypts, authenticates, decompresses and checks chunk `index` into `out`, whose length
@@ -467,7 +573,7 @@ impl Snapshot {
         hash: chunk::HashCheck,
     ) -> Result<(), ReadError> {
         let count = self.chunks.len();
-        let (Some(info), Some(entry)) = (self.chunks.get(index), self.manifest.get(index)) else {
+        let Some(info) = self.chunks.get(index) else {
             return Err(ReadError::NoSuchChunk { index, count });
         };
         if out.len() != info.len as usize {
@@ -477,6 +583,15 @@ impl Snapshot {
                 found: out.len(),
             });
         }
+        let file = match &self.memory {
+            Memory::File(file) => file,
+            // An object's name is a keyed hash of its plaintext: opening it checks what the
+            // writer's hash would.
+            Memory::Store(store) => return store.read_chunk(index, out),
+        };
+        let Some(entry) = file.manifest.get(index) else {
+            return Err(ReadError::NoSuchChunk { index, count });
+        };
         let data = match entry {
             ChunkEntry::Zero => {
                 out.fill(0);
@@ -486,9 +601,9 @@ impl Snapshot {
         };
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            self.read_sealed(data, &mut buf)?;
+            self.read_sealed(file, data, &mut buf)?;
             chunk::decode(
-                &self.sealer,
+                &file.sealer,
                 &self.header.snapshot_id,
                 (index as u64, info.guest_addr),
                 data,
@@ -509,7 +624,11 @@ impl Snapshot {
     /// of a running VM, an allocation that maps memory waits for the address space's lock
     /// behind the guest's page faults and holds up the faults that come after it.
     pub fn prepare_decoding_thread(&self) {
-        let largest = self
+        let Memory::File(file) = &self.memory else {
+            chunk::prepare_decoding(self.header.chunk_size as usize);
+            return;
+        };
+        let largest = file
             .manifest
             .iter()
             .map(|entry| match entry {
@@ -525,12 +644,13 @@ impl Snapshot {
     /// Reads a data chunk's sealed bytes into `buf`.
     fn read_sealed(
         &self,
+        file: &FileMemory,
         data: &crate::format::DataChunk,
         buf: &mut Vec<u8>,
     ) -> Result<(), ReadError> {
         buf.clear();
         buf.resize(data.stored_len as usize, 0);
-        self.file
+        file.file
             .read_exact_at(buf, data.offset)
             .map_err(|source| ReadError::Io {
                 path: self.path.clone(),
@@ -542,10 +662,23 @@ impl Snapshot {
     /// plaintext snapshot, its BLAKE3 tag) — without decompressing, on all cores. A lazy
     /// restore runs this before the guest does, so a tampered chunk is refused up front; the
     /// page server still checks each chunk again as it installs it.
+    ///
+    /// For a snapshot in a store this fetches and opens every chunk object.
     pub fn authenticate_chunks(&self) -> Result<AuthenticateSummary, ReadError> {
         use rayon::prelude::*;
         let started = Instant::now();
-        let stored: u64 = self
+        let file = match &self.memory {
+            Memory::File(file) => file,
+            Memory::Store(store) => {
+                return store.authenticate_all(&self.chunks).map(|stored_bytes| {
+                    AuthenticateSummary {
+                        stored_bytes,
+                        elapsed: started.elapsed(),
+                    }
+                });
+            }
+        };
+        let stored: u64 = file
             .manifest
             .par_iter()
             .enumerate()
@@ -561,9 +694,9 @@ impl Snapshot {
                             count: self.chunks.len(),
                         },
                     )?;
-                    self.read_sealed(data, &mut buf)?;
+                    self.read_sealed(file, data, &mut buf)?;
                     chunk::authenticate(
-                        &self.sealer,
+                        &file.sealer,
                         &self.header.snapshot_id,
                         index as u64,
                         guest_addr,
@@ -615,7 +748,10 @@ impl Snapshot {
 
     /// The identity of the snapshot file as opened (see [`crate::verified::FileIdentity`]).
     fn file_identity(&self) -> std::io::Result<FileIdentity> {
-        FileIdentity::of(&self.file)
+        match &self.memory {
+            Memory::File(file) => FileIdentity::of(&file.file),
+            Memory::Store(_) => Err(std::io::Error::other("a snapshot in a store has no file")),
+        }
     }
 
     /// Reads and checks every chunk on `threads` threads (0: one per CPU), keeping one chunk
@@ -644,14 +780,22 @@ impl Snapshot {
                 },
             )
         })?;
-        let data: Vec<_> = self
-            .manifest
-            .iter()
-            .filter_map(|e| match e {
-                ChunkEntry::Data(d) => Some(u64::from(d.stored_len)),
-                ChunkEntry::Zero => None,
-            })
-            .collect();
+        let data: Vec<u64> = match &self.memory {
+            Memory::File(file) => file
+                .manifest
+                .iter()
+                .filter_map(|e| match e {
+                    ChunkEntry::Data(d) => Some(u64::from(d.stored_len)),
+                    ChunkEntry::Zero => None,
+                })
+                .collect(),
+            Memory::Store(_) => self
+                .chunks
+                .iter()
+                .filter(|c| c.kind == ChunkKind::Data)
+                .map(|_| 0)
+                .collect(),
+        };
         Ok(VerifySummary {
             chunks_checked: self.chunks.len() as u64,
             data_chunks: data.len() as u64,

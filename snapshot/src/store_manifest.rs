@@ -25,6 +25,7 @@ use crate::format::{
 };
 use crate::keys::{KeyId, MasterKey, random};
 use crate::store_object::ObjectName;
+use crate::working_set::{RecordingEnd, WorkingSet};
 
 /// The first bytes of every manifest object, and its format version.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"THAWMF01";
@@ -60,6 +61,40 @@ pub struct StoreManifest {
     pub chunks: Vec<StoreChunk>,
     /// The VM state section, as the snapshot file holds it decrypted.
     pub state: Vec<u8>,
+    /// The recorded working set (`thaw snapshot record-ws`), if the snapshot had one when it
+    /// was pushed: a restore from the store fetches these chunks first, in this order.
+    pub working_set: Option<StoreWorkingSet>,
+}
+
+/// A snapshot's recorded working set as its manifest carries it (the fields of
+/// [`crate::WorkingSet`]; `ended_by` as its file code).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreWorkingSet {
+    pub chunks: Vec<u32>,
+    pub recorded_unix_nanos: u64,
+    pub faults: u64,
+    pub ended_by: u32,
+}
+
+impl StoreWorkingSet {
+    pub fn from_working_set(ws: &WorkingSet) -> Self {
+        StoreWorkingSet {
+            chunks: ws.chunks.clone(),
+            recorded_unix_nanos: ws.recorded_unix_nanos,
+            faults: ws.faults,
+            ended_by: ws.ended_by.code(),
+        }
+    }
+
+    /// The working set, or `None` for an end code this version does not know.
+    pub fn to_working_set(&self) -> Option<WorkingSet> {
+        Some(WorkingSet {
+            chunks: self.chunks.clone(),
+            recorded_unix_nanos: self.recorded_unix_nanos,
+            faults: self.faults,
+            ended_by: RecordingEnd::from_code(self.ended_by)?,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +156,13 @@ impl StoreManifest {
         }
         if self.vcpus == 0 {
             return Err(invalid("no vCPUs".into()));
+        }
+        if let Some(ws) = &self.working_set {
+            let set = ws
+                .to_working_set()
+                .ok_or_else(|| invalid(format!("working set ended by code {}", ws.ended_by)))?;
+            set.check(count)
+                .map_err(|e| invalid(format!("working set: {e}")))?;
         }
         Ok(())
     }
@@ -307,6 +349,7 @@ mod tests {
                 })
                 .collect(),
             state: b"vcpu and device state".to_vec(),
+            working_set: None,
         }
     }
 

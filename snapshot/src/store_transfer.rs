@@ -15,7 +15,7 @@ use crate::error::{ReadError, WriteError};
 use crate::format::ChunkKind;
 use crate::keys::MasterKey;
 use crate::reader::Snapshot;
-use crate::store_manifest::{ManifestError, StoreChunk, StoreManifest};
+use crate::store_manifest::{ManifestError, StoreChunk, StoreManifest, StoreWorkingSet};
 use crate::store_object::{ObjectError, ObjectName, StoreKeys};
 use crate::writer::{
     Identity, MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write_as,
@@ -44,6 +44,8 @@ pub enum TransferError<E: std::error::Error + 'static> {
     Store(#[source] E),
     #[error("cannot write the pulled snapshot")]
     Write(#[source] WriteError),
+    #[error("cannot open the pulled snapshot to add its working set")]
+    Reopen(#[source] ReadError),
     #[error("the manifest lays out more memory than this host can hold in one buffer")]
     TooLarge,
 }
@@ -84,6 +86,7 @@ pub fn export<E: std::error::Error + 'static>(
         fingerprint: snap.fingerprint().clone(),
         chunks,
         state: snap.state().to_vec(),
+        working_set: snap.working_set().map(StoreWorkingSet::from_working_set),
     };
     manifest.check().map_err(TransferError::Manifest)?;
     Ok(manifest)
@@ -143,7 +146,7 @@ pub fn import<E: std::error::Error + 'static>(
         chunk_size: manifest.chunk_size,
         ..options.clone()
     };
-    write_as(
+    let summary = write_as(
         dir,
         Some(Identity {
             id: manifest.snapshot_id,
@@ -155,7 +158,20 @@ pub fn import<E: std::error::Error + 'static>(
         &Protection::Encrypted(master),
         &options,
     )
-    .map_err(TransferError::Write)
+    .map_err(TransferError::Write)?;
+    // The working set is its own file beside the snapshot's (sealed under the new file's data
+    // key), so it goes in once the snapshot is there; `check` vetted its indices.
+    if let Some(ws) = manifest
+        .working_set
+        .as_ref()
+        .and_then(StoreWorkingSet::to_working_set)
+    {
+        Snapshot::open(dir, Some(master))
+            .map_err(TransferError::Reopen)?
+            .write_working_set(dir, &ws)
+            .map_err(TransferError::Write)?;
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -307,6 +323,33 @@ mod tests {
         assert_eq!(pulled.fingerprint(), original.fingerprint());
         assert_eq!(chunks_of(&pulled), chunks_of(&original));
         pulled.verify(1).unwrap();
+    }
+
+    #[test]
+    fn the_recorded_working_set_travels_with_the_snapshot() {
+        use crate::working_set::{RecordingEnd, WorkingSet};
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let ws = WorkingSet::new(vec![4, 1, 12, 2], 9, RecordingEnd::Timeout);
+        snapshot(&a, 1).write_working_set(&a, &ws).unwrap();
+        let original = Snapshot::open(&a, Some(&master())).unwrap();
+        let mut store = Store::new();
+        let (manifest, _) = push(&original, &mut store);
+        let sealed = manifest.seal(&master()).unwrap();
+        let manifest = StoreManifest::open(&master(), original.id(), &sealed).unwrap();
+        pull(&dir.path().join("b"), &manifest, &store).unwrap();
+        let pulled = Snapshot::open(&dir.path().join("b"), Some(&master())).unwrap();
+        assert_eq!(pulled.working_set(), Some(&ws));
+
+        // Indices the snapshot does not have are refused with the manifest.
+        let mut bad = manifest.clone();
+        if let Some(ws) = bad.working_set.as_mut() {
+            ws.chunks.push(10_000);
+        }
+        assert!(matches!(
+            bad.seal(&master()),
+            Err(ManifestError::Invalid { .. })
+        ));
     }
 
     #[test]

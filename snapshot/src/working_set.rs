@@ -44,7 +44,7 @@ pub enum RecordingEnd {
 }
 
 impl RecordingEnd {
-    fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         match self {
             RecordingEnd::FirstResponse => 1,
             RecordingEnd::Timeout => 2,
@@ -52,7 +52,7 @@ impl RecordingEnd {
         }
     }
 
-    fn from_code(code: u32) -> Option<Self> {
+    pub(crate) fn from_code(code: u32) -> Option<Self> {
         match code {
             1 => Some(RecordingEnd::FirstResponse),
             2 => Some(RecordingEnd::Timeout),

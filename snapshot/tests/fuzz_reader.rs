@@ -270,7 +270,7 @@ fn seed(name: &str, (snap, ws): (Vec<u8>, Vec<u8>), key: Option<[u8; 32]>) -> Se
         .collect();
     // Every byte must be covered by something authenticated for the mutation property to
     // hold: the data chunks tile the chunk area.
-    let layout = opened.layout();
+    let layout = opened.layout().unwrap();
     let mut at = layout.chunks.start;
     for (_, range) in &layout.data_chunks {
         assert_eq!(range.start, at, "seed {name}: a gap in the chunk area");
@@ -1012,7 +1012,7 @@ fn check_resealed(seed: &Seed, dir: &Path, ws: &[u8]) -> String {
     };
     let chunks = snap.chunks();
     // What `thaw snapshot inspect` shows is consistent: the sections tile the file.
-    let layout = snap.layout();
+    let layout = snap.layout().unwrap();
     assert_eq!(layout.header_tag.end, layout.chunks.start);
     assert_eq!(layout.chunks.end, layout.state.start);
     assert_eq!(layout.state.end, layout.manifest.start);

@@ -227,7 +227,7 @@ fn write_fixture(mode: Mode, dir: &Path) -> (Files, Vec<u64>) {
     let files = Files {
         snapshot: std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap(),
         working_set: std::fs::read(dir.join(WORKING_SET_FILE)).unwrap(),
-        layout: snap.layout(),
+        layout: snap.layout().unwrap(),
     };
     (files, addrs)
 }

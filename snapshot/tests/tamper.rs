@@ -18,7 +18,7 @@ fn fresh(protection: &Protection<'_>) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn layout(target: &Path, key: Option<&MasterKey>) -> snapshot::FileLayout {
-    Snapshot::open(target, key).unwrap().layout()
+    Snapshot::open(target, key).unwrap().layout().unwrap()
 }
 
 fn mid(r: &std::ops::Range<u64>) -> u64 {

@@ -57,7 +57,10 @@ fn a_chunk_changed_after_the_record_is_still_refused_up_front() {
     let key = key();
     let (_d, target, records) = aged_snapshot(&key);
     assert!(is_checked(&once(&target, &key, &records)));
-    let layout = Snapshot::open(&target, Some(&key)).unwrap().layout();
+    let layout = Snapshot::open(&target, Some(&key))
+        .unwrap()
+        .layout()
+        .unwrap();
     let (index, range) = layout.data_chunks[1].clone();
     flip(&target, range.start + 5);
     let snap = Snapshot::open(&target, Some(&key)).unwrap();

@@ -2,15 +2,16 @@
 //! it if asked, and report where the time went.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use hooks_sdk::host::{InvokeOutcome, deadline_after};
 use hooks_sdk::protocol::Invoke;
 use restore_daemon::environment::{EnvironmentOptions, Prepared};
-use restore_daemon::restore::{RestoreOptions, RunOutcome};
+use restore_daemon::restore::{RestoreOptions, RunOutcome, SnapshotAt};
 use snapshot::KeyChoice;
 use vmm_core::exit::ExitReason;
 
@@ -65,6 +66,20 @@ fn report(outcome: &RunOutcome) {
     }
 }
 
+/// What a restore from a store fetched, and what its host cache had.
+fn report_store(objects: Option<&store::StoreObjects>) {
+    let Some(objects) = objects else {
+        return;
+    };
+    let stats = objects.stats();
+    eprintln!(
+        "thaw: chunk objects: {} fetched from the store ({:.1} MiB), {} from the host cache",
+        stats.fetched,
+        stats.fetched_bytes as f64 / (1024.0 * 1024.0),
+        stats.cache_hits
+    );
+}
+
 /// Runs a restored guest nobody here talks to, with this terminal's input, until it ends.
 fn run_without_agent(
     restored: restore_daemon::restore::Restored,
@@ -77,21 +92,71 @@ fn run_without_agent(
     Ok(exit_code(&outcome.reason))
 }
 
-/// Restores the snapshot at `dir` and runs it as `agent` says.
-pub fn run(
-    dir: &Path,
+/// Where `thaw restore`'s snapshot is.
+pub enum RestoreFrom {
+    /// A snapshot directory.
+    Dir(PathBuf),
+    /// A snapshot in an S3-compatible store, read lazily through this host's chunk cache.
+    Store {
+        url: store::StoreUrl,
+        id: snapshot::SnapshotId,
+        /// The host cache of chunk objects and its budget in bytes; `None`: no cache.
+        cache: Option<(PathBuf, u64)>,
+    },
+}
+
+/// Opens a snapshot in a store (its manifest now, its chunks as they are installed).
+fn open_in_store(
+    url: &store::StoreUrl,
+    id: snapshot::SnapshotId,
+    cache: Option<&(PathBuf, u64)>,
     key: &KeyChoice,
-    options: RestoreOptions,
+) -> anyhow::Result<(snapshot::Snapshot, Arc<store::StoreObjects>)> {
+    let master = match key {
+        KeyChoice::Given(key) | KeyChoice::HostDefault(key) => key,
+        KeyChoice::None => anyhow::bail!(
+            "no master key: pass --key-file (a store's objects are sealed with the key of the \
+             snapshots pushed to it)"
+        ),
+    };
+    let cache = match cache {
+        Some((dir, budget)) => Some(Arc::new(store::ObjectCache::open(dir, *budget)?)),
+        None => None,
+    };
+    let client = store::Store::connect(url, &store::StoreOptions::default())?;
+    client
+        .open_snapshot(id, master, cache)
+        .with_context(|| format!("cannot open snapshot {id} in {url}"))
+}
+
+/// Restores the snapshot `from` and runs it as `agent` says.
+pub fn run(
+    from: &RestoreFrom,
+    key: &KeyChoice,
+    mut options: RestoreOptions,
     agent: AgentUse,
     api: Option<RestoreApi>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(api) = &api {
         crate::control_api::check_path(&api.path)?;
     }
+    let (at, objects) = match from {
+        RestoreFrom::Dir(dir) => (SnapshotAt::Dir(dir), None),
+        RestoreFrom::Store { url, id, cache } => {
+            let (snap, objects) = open_in_store(url, *id, cache.as_ref(), key)?;
+            // Only what the guest touches, and its working set, comes from the store.
+            options.prefetch = false;
+            (SnapshotAt::Opened(Box::new(snap)), Some(objects))
+        }
+    };
+    let name = match from {
+        RestoreFrom::Dir(dir) => dir.display().to_string(),
+        RestoreFrom::Store { url, id, .. } => format!("{url} snapshot {id}"),
+    };
     if options.vsock_uds.is_some() {
         // Someone else drives the agent: restore and run, with the console on this terminal.
         let restored =
-            restore_daemon::restore::restore(dir, key, &options, Box::new(std::io::stdout()))
+            restore_daemon::restore::restore_from(at, key, &options, Box::new(std::io::stdout()))
                 .context("nothing was restored")?;
         return run_without_agent(restored, api);
     }
@@ -102,7 +167,7 @@ pub fn run(
         Box::new(std::io::stderr())
     };
     let prepared =
-        Prepared::restore(dir, key, &options, console).context("nothing was restored")?;
+        Prepared::restore_from(at, key, &options, console).context("nothing was restored")?;
     if !prepared.has_agent() {
         anyhow::ensure!(
             agent.invoke.is_empty(),
@@ -128,9 +193,8 @@ pub fn run(
         "restored guest ready"
     );
     eprintln!(
-        "thaw: restored {} in {:.2?}: first sign of life (the agent's Hello) {:.2?} and ready \
+        "thaw: restored {name} in {:.2?}: first sign of life (the agent's Hello) {:.2?} and ready \
          (after-restore hooks done) {:.1?} after start; restore id {}",
-        dir.display(),
         env.timings.restore.total(),
         env.timings.hello,
         env.timings.ready,
@@ -139,6 +203,7 @@ pub fn run(
     if agent.invoke.is_empty() {
         let outcome = env.wait()?;
         report(&outcome);
+        report_store(objects.as_deref());
         return Ok(exit_code(&outcome.reason));
     }
     let mut stdout = std::io::stdout().lock();
@@ -171,6 +236,7 @@ pub fn run(
         }
     }
     stdout.flush()?;
+    report_store(objects.as_deref());
     let outcome = env.shutdown()?;
     report(&outcome);
     if failed {

@@ -29,8 +29,13 @@ use snapshot::store_object::{MAX_OBJECT_PLAINTEXT, OBJECT_HEADER_LEN, ObjectName
 use snapshot::store_transfer::{self, TransferError};
 use snapshot::{MasterKey, ReadError, Snapshot, SnapshotId, WriteOptions, WriteSummary};
 
+pub mod cache;
+pub mod objects;
 #[cfg(feature = "test-servers")]
 pub mod test_servers;
+
+pub use cache::{CacheError, CacheStats, ObjectCache};
+pub use objects::{ObjectStats, StoreObjects};
 
 /// The largest chunk object a reader fetches: a raw payload of the largest chunk, its header
 /// and tag.
@@ -144,6 +149,9 @@ pub struct StoreOptions {
     /// One attempt's limit.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A restore's limit for one chunk object, retries included: a chunk that cannot be had by
+    /// then fails the restore (its guest is stopped) with the request that failed.
+    pub fetch_deadline: Duration,
 }
 
 impl Default for StoreOptions {
@@ -157,6 +165,7 @@ impl Default for StoreOptions {
             retry_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            fetch_deadline: Duration::from_secs(20),
         }
     }
 }
@@ -214,7 +223,7 @@ pub struct PushSummary {
     /// Of those, the ones the store did not hold yet.
     pub uploaded: usize,
     pub uploaded_bytes: u64,
-    /// Whether the manifest was new (false: this snapshot had been pushed before).
+    /// Whether the manifest was written (false: the store held this very manifest).
     pub manifest_uploaded: bool,
 }
 
@@ -223,7 +232,7 @@ pub struct Store {
     url: StoreUrl,
     s3: Arc<dyn ObjectStore>,
     options: StoreOptions,
-    runtime: tokio::runtime::Runtime,
+    runtime: Arc<tokio::runtime::Runtime>,
 }
 
 impl Store {
@@ -285,7 +294,7 @@ impl Store {
             url: url.clone(),
             s3: Arc::new(s3),
             options: options.clone(),
-            runtime,
+            runtime: Arc::new(runtime),
         })
     }
 
@@ -331,9 +340,24 @@ impl Store {
         let sealed = manifest
             .seal(master)
             .map_err(|source| StoreError::Manifest { id, source })?;
-        let manifest_uploaded =
-            self.runtime
-                .block_on(put_if_absent(&*self.s3, &self.url.manifest(id), sealed))?;
+        // The manifest is the one object written again: a snapshot pushed before its working
+        // set was recorded gains it. One the store holds that opens to the same is left be;
+        // one that does not open (altered) is replaced with a sound one.
+        let manifest_uploaded = match self.manifest(id, master) {
+            Ok(held) if held == manifest => false,
+            Ok(_) | Err(StoreError::NoSuchSnapshot { .. } | StoreError::Manifest { .. }) => {
+                let path = self.url.manifest(id);
+                self.runtime
+                    .block_on(self.s3.put(&path, PutPayload::from(sealed)))
+                    .map_err(|source| RequestError {
+                        op: "PUT",
+                        path: path.to_string(),
+                        source,
+                    })?;
+                true
+            }
+            Err(other) => return Err(other),
+        };
         let data_chunks = manifest
             .chunks
             .iter()
@@ -347,19 +371,37 @@ impl Store {
             objects: seen.len(),
             uploaded: uploaded.0,
             uploaded_bytes: uploaded.1,
-            manifest_uploaded: manifest_uploaded.is_some(),
+            manifest_uploaded,
         })
     }
 
-    /// Pulls snapshot `id` into a new snapshot directory `dir`, sealed with `master`: the
-    /// manifest, then every chunk object it names (`concurrency` at a time), each checked
-    /// against its name before the snapshot is written (atomically).
-    pub fn pull(
+    /// Opens snapshot `id` where it is, for a lazy restore: its manifest is fetched and
+    /// authenticated now; each chunk's object when it is first read (or when the restore asks
+    /// for it ahead), from `cache` if it holds it, else from the store (then kept in `cache`).
+    /// The [`StoreObjects`] counts what was fetched.
+    pub fn open_snapshot(
         &self,
         id: SnapshotId,
-        dir: &Path,
         master: &MasterKey,
-    ) -> Result<WriteSummary, StoreError> {
+        cache: Option<Arc<ObjectCache>>,
+    ) -> Result<(Snapshot, Arc<StoreObjects>), StoreError> {
+        let manifest = self.manifest(id, master)?;
+        let objects = Arc::new(StoreObjects::new(
+            self.s3.clone(),
+            self.url.clone(),
+            self.runtime.clone(),
+            cache,
+            self.options.concurrency,
+            self.options.fetch_deadline,
+        ));
+        let origin = std::path::PathBuf::from(format!("{}/snapshots/{id}", self.url));
+        let snap = Snapshot::from_store(manifest, master, objects.clone(), origin)
+            .map_err(StoreError::Local)?;
+        Ok((snap, objects))
+    }
+
+    /// The manifest of snapshot `id`, fetched (refused unread above its size limit) and opened.
+    fn manifest(&self, id: SnapshotId, master: &MasterKey) -> Result<StoreManifest, StoreError> {
         let path = self.url.manifest(id);
         let sealed = self
             .runtime
@@ -378,8 +420,20 @@ impl Store {
                 },
                 other => other,
             })?;
-        let manifest = StoreManifest::open(master, id, &sealed)
-            .map_err(|source| StoreError::Manifest { id, source })?;
+        StoreManifest::open(master, id, &sealed)
+            .map_err(|source| StoreError::Manifest { id, source })
+    }
+
+    /// Pulls snapshot `id` into a new snapshot directory `dir`, sealed with `master`: the
+    /// manifest, then every chunk object it names (`concurrency` at a time), each checked
+    /// against its name before the snapshot is written (atomically).
+    pub fn pull(
+        &self,
+        id: SnapshotId,
+        dir: &Path,
+        master: &MasterKey,
+    ) -> Result<WriteSummary, StoreError> {
+        let manifest = self.manifest(id, master)?;
         let names: BTreeSet<ObjectName> = manifest
             .chunks
             .iter()

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: failing loudly is the point
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use snapshot::{
@@ -13,7 +14,7 @@ use snapshot::{
 use store::test_servers::{
     ACCESS_KEY, BUCKET, SECRET_KEY, Server, chunk_files, free_port, moto, s3s_fs,
 };
-use store::{Credentials, Secret, Store, StoreError, StoreOptions, StoreUrl};
+use store::{Credentials, ObjectCache, Secret, Store, StoreError, StoreOptions, StoreUrl};
 
 fn connect(server: &Server, prefix: &str) -> Store {
     let url: StoreUrl = format!("s3://{BUCKET}/{prefix}").parse().unwrap();
@@ -238,4 +239,115 @@ fn store_options_debug() -> StoreOptions {
         }),
         ..StoreOptions::default()
     }
+}
+
+/// Opened where it is, a snapshot reads every chunk from the store once (however many threads
+/// ask, prefetched or not), and after a restart from the host cache alone.
+fn lazy_open(server: &Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let original = snapshot(&dir.path().join("a"), 3);
+    let store = connect(server, "lazy");
+    let pushed = store.push(&dir.path().join("a"), &master()).unwrap();
+    let cache_dir = dir.path().join("cache");
+    let want = memory_of(&original);
+
+    let cache = Arc::new(ObjectCache::open(&cache_dir, 64 << 20).unwrap());
+    let (snap, objects) = store
+        .open_snapshot(original.id(), &master(), Some(cache))
+        .unwrap();
+    assert!(snap.in_store());
+    assert_eq!(snap.state(), original.state());
+    snap.prefetch_chunks(&[5, 4, 2, 1]);
+    let snap = Arc::new(snap);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let snap = snap.clone();
+            std::thread::spawn(move || memory_of(&snap))
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.join().unwrap(), want);
+    }
+    let stats = objects.stats();
+    assert_eq!(
+        stats.fetched as usize, pushed.objects,
+        "each object once: {stats:?}"
+    );
+    drop(snap);
+
+    // A new process: the cache has everything, the store is asked for the manifest only.
+    let cache = Arc::new(ObjectCache::open(&cache_dir, 64 << 20).unwrap());
+    assert_eq!(cache.stats().objects as usize, pushed.objects);
+    let (snap, objects) = store
+        .open_snapshot(original.id(), &master(), Some(cache.clone()))
+        .unwrap();
+    assert_eq!(memory_of(&snap), want);
+    assert_eq!(objects.stats().fetched, 0);
+    assert_eq!(cache.stats().misses, 0);
+
+    // A cached copy that rotted on disk is dropped and fetched again.
+    let name = cache_dir
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&name).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&name, bytes).unwrap();
+    assert_eq!(memory_of(&snap), want);
+    assert_eq!(objects.stats().fetched, 1);
+    assert_eq!(cache.stats().removed, 1);
+}
+
+#[test]
+fn a_snapshot_opened_in_s3s_fs_reads_each_object_once_then_from_the_cache() {
+    lazy_open(&s3s_fs());
+}
+
+#[test]
+fn a_snapshot_opened_in_moto_reads_each_object_once_then_from_the_cache() {
+    lazy_open(&moto());
+}
+
+#[test]
+fn a_store_that_stops_answering_fails_the_chunk_within_its_deadline() {
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let original = snapshot(&dir.path().join("a"), 4);
+    let url: StoreUrl = format!("s3://{BUCKET}/silent").parse().unwrap();
+    let store = Store::connect(
+        &url,
+        &StoreOptions {
+            fetch_deadline: Duration::from_secs(2),
+            ..server.options()
+        },
+    )
+    .unwrap();
+    store.push(&dir.path().join("a"), &master()).unwrap();
+    let (snap, _) = store.open_snapshot(original.id(), &master(), None).unwrap();
+    // The store now accepts connections and never answers.
+    let port: u16 = server.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    drop(server);
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let _held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for conn in silent.incoming().flatten() {
+            open.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let mut out = vec![0u8; CHUNK];
+    let err = snap.read_chunk_authenticated(1, &mut out).unwrap_err();
+    assert!(
+        matches!(err, snapshot::ReadError::ObjectUnavailable { index: 1, .. }),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(format!("{err:?}").contains("within"), "{err:?}");
 }

@@ -167,6 +167,18 @@ pub fn agent_snapshot(
     fill_mib: u64,
     mem_mib: u64,
 ) -> std::path::PathBuf {
+    agent_snapshot_with(dir, key, fill_mib, mem_mib, "")
+}
+
+/// [`agent_snapshot`] with more of the test guest's command line (`thaw.KEY=VALUE` words).
+#[allow(clippy::expect_used)]
+pub fn agent_snapshot_with(
+    dir: &std::path::Path,
+    key: &std::path::Path,
+    fill_mib: u64,
+    mem_mib: u64,
+    extra_cmdline: &str,
+) -> std::path::PathBuf {
     use thaw::capture::Sealing;
     use thaw::commands::run::RunOptions;
     use thaw::commands::snapshot_create::{self, CreateOptions, Readiness};
@@ -174,7 +186,8 @@ pub fn agent_snapshot(
     let options = CreateOptions {
         boot: RunOptions {
             cmdline: Some(format!(
-                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1"
+                "thaw.agent=1 thaw.init=snap-start thaw.fill-mib={fill_mib} thaw.quiet=1 \
+                 {extra_cmdline}"
             )),
             mem_mib,
             vcpus: 1,

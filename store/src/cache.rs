@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use snapshot::SnapshotId;
 use snapshot::store_object::ObjectName;
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +190,43 @@ impl ObjectCache {
         &self.dir
     }
 
+    /// Where the sealed manifest of snapshot `id` is kept: `manifests/ID` (outside the byte
+    /// budget: one small object per snapshot restored).
+    fn manifest_path(&self, id: SnapshotId) -> PathBuf {
+        self.dir.join("manifests").join(id.to_string())
+    }
+
+    /// The sealed manifest of snapshot `id` as fetched less than `fresh` ago, if kept. It is
+    /// opened and checked like one from the store; it may be older than the store's.
+    pub fn manifest(&self, id: SnapshotId, fresh: std::time::Duration) -> Option<Vec<u8>> {
+        let path = self.manifest_path(id);
+        let fetched = fs::metadata(&path).ok()?.modified().ok()?;
+        let age = SystemTime::now()
+            .duration_since(fetched)
+            .unwrap_or_default();
+        (age < fresh).then(|| fs::read(&path).ok()).flatten()
+    }
+
+    /// Keeps the sealed manifest of snapshot `id` (as the store holds it), replacing an older
+    /// one. Failing is logged: the next restore fetches it.
+    pub fn insert_manifest(&self, id: SnapshotId, sealed: &[u8]) {
+        let path = self.manifest_path(id);
+        let temp = self
+            .dir
+            .join("manifests")
+            .join(format!(".tmp-{id}-{}", std::process::id()));
+        let written = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.dir.join("manifests"))
+            .and_then(|()| fs::write(&temp, sealed))
+            .and_then(|()| fs::rename(&temp, &path));
+        if let Err(error) = written {
+            let _ = fs::remove_file(&temp);
+            tracing::warn!(cache = %self.dir.display(), snapshot = %id, %error, "could not keep a snapshot manifest in the cache");
+        }
+    }
+
     fn path(&self, name: &ObjectName) -> PathBuf {
         self.dir.join(name.to_string())
     }
@@ -212,15 +250,9 @@ impl ObjectCache {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let path = self.path(name);
-        match fs::read(&path) {
+        match read_touching(&self.path(name)) {
             Ok(bytes) => {
                 self.index().touch(name);
-                // Recency for the next process; an object whose time cannot be set is only
-                // evicted a little early.
-                if let Ok(file) = File::options().write(true).open(&path) {
-                    let _ = file.set_modified(SystemTime::now());
-                }
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(bytes)
             }
@@ -298,6 +330,30 @@ impl ObjectCache {
     }
 }
 
+/// A file's recency is refreshed on a hit only when it is older than this: the order across
+/// a restart needs no finer grain, and a restore that reads many objects then writes no
+/// metadata for most of them.
+const RECENCY_GRAIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads the file at `path` and, if it was last marked used over [`RECENCY_GRAIN`] ago, marks
+/// it used now (its modification time, through the same descriptor: the owner may set it).
+fn read_touching(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let meta = file.metadata()?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut bytes)?;
+    let now = SystemTime::now();
+    let stale = meta.modified().map_or(true, |used| {
+        now.duration_since(used).unwrap_or_default() > RECENCY_GRAIN
+    });
+    if stale {
+        // An object whose time cannot be set is only evicted a little early.
+        let _ = file.set_modified(now);
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +404,19 @@ mod tests {
         let cache = ObjectCache::open(dir.path(), 150).unwrap();
         assert_eq!(cache.stats().objects, 1);
         assert!(cache.contains(&name(4)));
+
+        // Manifests are kept beside the objects, outside the budget, and survive a reopen.
+        let id = SnapshotId([9; 16]);
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(cache.manifest(id, hour), None);
+        cache.insert_manifest(id, b"sealed v1");
+        cache.insert_manifest(id, b"sealed v2");
+        drop(cache);
+        let cache = ObjectCache::open(dir.path(), 150).unwrap();
+        assert_eq!(cache.manifest(id, hour), Some(b"sealed v2".to_vec()));
+        // One fetched longer ago than the caller allows is not used.
+        assert_eq!(cache.manifest(id, std::time::Duration::ZERO), None);
+        assert_eq!(cache.stats().objects, 1);
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub mod test_servers;
 pub use cache::{CacheError, CacheStats, ObjectCache};
 pub use objects::{ObjectStats, StoreObjects};
 
+/// How long a manifest kept in the host cache is used without asking the store. A snapshot's
+/// memory and state never change; only its working set may be added by a later push, which a
+/// restore then sees this much later at most.
+pub const MANIFEST_FRESH: Duration = Duration::from_secs(600);
+
 /// The largest chunk object a reader fetches: a raw payload of the largest chunk, its header
 /// and tag.
 const MAX_OBJECT_LEN: u64 = (OBJECT_HEADER_LEN + MAX_OBJECT_PLAINTEXT + 16) as u64;
@@ -141,6 +146,9 @@ pub struct StoreOptions {
     pub credentials: Option<Credentials>,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// Requests in flight at once for a restore's prefetch (its startup and working sets):
+    /// more than for push and pull, since a guest is waiting on them in order.
+    pub prefetch_concurrency: usize,
     /// Retries of a failed request (errors, timeouts, 5xx, throttling), with exponential
     /// backoff and jitter.
     pub max_retries: usize,
@@ -161,6 +169,7 @@ impl Default for StoreOptions {
             region: None,
             credentials: None,
             concurrency: 16,
+            prefetch_concurrency: 64,
             max_retries: 6,
             retry_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
@@ -184,12 +193,8 @@ pub struct RequestError {
 pub enum StoreError {
     #[error("{url:?} is not a snapshot store URL: {reason}")]
     Url { url: String, reason: &'static str },
-    #[error("cannot set up the S3 client for {url}")]
-    Client {
-        url: String,
-        #[source]
-        source: object_store::Error,
-    },
+    #[error("cannot set up the S3 client for {url}: {reason}")]
+    Client { url: String, reason: String },
     #[error("cannot start the store client's runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot open the local snapshot")]
@@ -230,14 +235,46 @@ pub struct PushSummary {
 /// A connection to one store URL.
 pub struct Store {
     url: StoreUrl,
-    s3: Arc<dyn ObjectStore>,
+    s3: Arc<Client>,
     options: StoreOptions,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
+/// The S3 client, built when the first request needs it: building it loads the system's CA
+/// roots (3-4 ms of CPU here), which a restore served from the host cache never needs and
+/// would otherwise share the host's cores with.
+pub(crate) struct Client {
+    url: String,
+    built: std::sync::OnceLock<Result<Arc<dyn ObjectStore>, String>>,
+    builder: std::sync::Mutex<Option<AmazonS3Builder>>,
+}
+
+impl Client {
+    /// The client, once built; the builder's refusal (a bad endpoint, say) as an error.
+    pub(crate) fn get(&self) -> Result<Arc<dyn ObjectStore>, StoreError> {
+        let built = self.built.get_or_init(|| {
+            let builder = self
+                .builder
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            match builder.map(AmazonS3Builder::build) {
+                Some(Ok(s3)) => Ok(Arc::new(s3) as Arc<dyn ObjectStore>),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("its builder is gone".into()),
+            }
+        });
+        built.clone().map_err(|reason| StoreError::Client {
+            url: self.url.clone(),
+            reason,
+        })
+    }
+}
+
 impl Store {
     /// A client for `url`, configured from the environment (see the crate docs). Nothing is
-    /// sent yet: a store that is down is reported by the first request.
+    /// sent yet, and the client is built by the first request: a store that is down, or a
+    /// configuration the client refuses, is reported by it.
     pub fn connect(url: &StoreUrl, options: &StoreOptions) -> Result<Store, StoreError> {
         // reqwest's TLS is built without a crypto provider; `ring` is the one this workspace
         // uses (rustls deprecates it for lacking post-quantum key exchange; aws-lc-rs, which
@@ -280,10 +317,6 @@ impl Store {
                 "true",
             );
         }
-        let s3 = builder.build().map_err(|source| StoreError::Client {
-            url: url.to_string(),
-            source,
-        })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("thaw-store")
@@ -292,7 +325,11 @@ impl Store {
             .map_err(StoreError::Runtime)?;
         Ok(Store {
             url: url.clone(),
-            s3: Arc::new(s3),
+            s3: Arc::new(Client {
+                url: url.to_string(),
+                built: std::sync::OnceLock::new(),
+                builder: std::sync::Mutex::new(Some(builder)),
+            }),
             options: options.clone(),
             runtime: Arc::new(runtime),
         })
@@ -310,7 +347,7 @@ impl Store {
         let (tx, rx) =
             tokio::sync::mpsc::channel::<(ObjectName, Vec<u8>)>(self.options.concurrency * 2);
         let uploads = self.runtime.spawn(upload_all(
-            self.s3.clone(),
+            self.s3.get()?,
             self.url.clone(),
             rx,
             self.options.concurrency,
@@ -348,7 +385,7 @@ impl Store {
             Ok(_) | Err(StoreError::NoSuchSnapshot { .. } | StoreError::Manifest { .. }) => {
                 let path = self.url.manifest(id);
                 self.runtime
-                    .block_on(self.s3.put(&path, PutPayload::from(sealed)))
+                    .block_on(self.s3.get()?.put(&path, PutPayload::from(sealed)))
                     .map_err(|source| RequestError {
                         op: "PUT",
                         path: path.to_string(),
@@ -385,13 +422,13 @@ impl Store {
         master: &MasterKey,
         cache: Option<Arc<ObjectCache>>,
     ) -> Result<(Snapshot, Arc<StoreObjects>), StoreError> {
-        let manifest = self.manifest(id, master)?;
+        let manifest = self.manifest_through(id, master, cache.as_ref())?;
         let objects = Arc::new(StoreObjects::new(
             self.s3.clone(),
             self.url.clone(),
             self.runtime.clone(),
             cache,
-            self.options.concurrency,
+            self.options.prefetch_concurrency,
             self.options.fetch_deadline,
         ));
         let origin = std::path::PathBuf::from(format!("{}/snapshots/{id}", self.url));
@@ -400,16 +437,45 @@ impl Store {
         Ok((snap, objects))
     }
 
-    /// The manifest of snapshot `id`, fetched (refused unread above its size limit) and opened.
+    /// The manifest of snapshot `id` from `cache` if it keeps one that opens and was fetched
+    /// less than [`MANIFEST_FRESH`] ago (a round trip to a store in another zone would
+    /// otherwise be most of a warm restore); else from the store, then kept.
+    fn manifest_through(
+        &self,
+        id: SnapshotId,
+        master: &MasterKey,
+        cache: Option<&Arc<ObjectCache>>,
+    ) -> Result<StoreManifest, StoreError> {
+        let Some(cache) = cache else {
+            return self.manifest(id, master);
+        };
+        let kept = cache
+            .manifest(id, MANIFEST_FRESH)
+            .and_then(|sealed| StoreManifest::open(master, id, &sealed).ok());
+        if let Some(manifest) = kept {
+            return Ok(manifest);
+        }
+        let sealed = self.sealed_manifest(id)?;
+        let manifest = StoreManifest::open(master, id, &sealed)
+            .map_err(|source| StoreError::Manifest { id, source })?;
+        cache.insert_manifest(id, &sealed);
+        Ok(manifest)
+    }
+
+    /// The manifest of snapshot `id`, fetched and opened.
     fn manifest(&self, id: SnapshotId, master: &MasterKey) -> Result<StoreManifest, StoreError> {
+        let sealed = self.sealed_manifest(id)?;
+        StoreManifest::open(master, id, &sealed)
+            .map_err(|source| StoreError::Manifest { id, source })
+    }
+
+    /// The sealed manifest of snapshot `id` as the store holds it (refused unread above its
+    /// size limit).
+    fn sealed_manifest(&self, id: SnapshotId) -> Result<Vec<u8>, StoreError> {
         let path = self.url.manifest(id);
-        let sealed = self
-            .runtime
-            .block_on(get_bounded(
-                &*self.s3,
-                &path,
-                MAX_MANIFEST_OBJECT_LEN as u64,
-            ))
+        let s3 = self.s3.get()?;
+        self.runtime
+            .block_on(get_bounded(&*s3, &path, MAX_MANIFEST_OBJECT_LEN as u64))
             .map_err(|e| match e {
                 StoreError::Request(RequestError {
                     source: object_store::Error::NotFound { .. },
@@ -419,9 +485,7 @@ impl Store {
                     id,
                 },
                 other => other,
-            })?;
-        StoreManifest::open(master, id, &sealed)
-            .map_err(|source| StoreError::Manifest { id, source })
+            })
     }
 
     /// Pulls snapshot `id` into a new snapshot directory `dir`, sealed with `master`: the
@@ -442,11 +506,12 @@ impl Store {
                 StoreChunk::Zero => None,
             })
             .collect();
+        let s3 = self.s3.get()?;
         let objects: HashMap<ObjectName, Vec<u8>> = self.runtime.block_on(
             futures::stream::iter(names)
                 .map(|name| {
                     let path = self.url.chunk(&name);
-                    let s3 = self.s3.clone();
+                    let s3 = s3.clone();
                     async move {
                         get_bounded(&*s3, &path, MAX_OBJECT_LEN)
                             .await

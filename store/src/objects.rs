@@ -14,7 +14,7 @@ use snapshot::store_object::ObjectName;
 use snapshot::store_snapshot::{ObjectSource, ObjectSourceError};
 
 use crate::cache::ObjectCache;
-use crate::{MAX_OBJECT_LEN, StoreError, StoreUrl, get_bounded};
+use crate::{Client, MAX_OBJECT_LEN, StoreError, StoreUrl, get_bounded};
 
 /// Counts of a [`StoreObjects`] since it was made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,7 +61,7 @@ impl Fetch {
 
 /// The chunk objects of one store, through an optional host cache (see the module docs).
 pub struct StoreObjects {
-    s3: Arc<dyn ObjectStore>,
+    s3: Arc<Client>,
     url: StoreUrl,
     runtime: Arc<tokio::runtime::Runtime>,
     cache: Option<Arc<ObjectCache>>,
@@ -95,7 +95,7 @@ impl Counts {
 
 impl StoreObjects {
     pub(crate) fn new(
-        s3: Arc<dyn ObjectStore>,
+        s3: Arc<Client>,
         url: StoreUrl,
         runtime: Arc<tokio::runtime::Runtime>,
         cache: Option<Arc<ObjectCache>>,
@@ -177,12 +177,13 @@ impl ObjectSource for StoreObjects {
             fetching.insert(*name, fetch.clone());
             fetch
         };
-        let result = self.runtime.block_on(Self::fetch(
-            self.s3.clone(),
-            self.url.clone(),
-            *name,
-            self.deadline,
-        ));
+        let result = match self.s3.get() {
+            Ok(s3) => {
+                self.runtime
+                    .block_on(Self::fetch(s3, self.url.clone(), *name, self.deadline))
+            }
+            Err(e) => Err(e.to_string()),
+        };
         if let Ok(bytes) = &result {
             self.counts.fetched(self.cache.as_deref(), name, bytes);
         }
@@ -197,6 +198,8 @@ impl ObjectSource for StoreObjects {
     }
 
     fn prefetch(&self, names: &[ObjectName]) {
+        // Waits for the client only if there is something to fetch.
+        let mut s3 = None;
         for name in names {
             if self.cache.as_ref().is_some_and(|c| c.contains(name)) {
                 continue;
@@ -210,8 +213,22 @@ impl ObjectSource for StoreObjects {
                 fetching.insert(*name, fetch.clone());
                 fetch
             };
+            let client = match &s3 {
+                Some(client) => Arc::clone(client),
+                None => match self.s3.get() {
+                    Ok(client) => {
+                        s3 = Some(client.clone());
+                        client
+                    }
+                    Err(e) => {
+                        self.fetching().remove(name);
+                        fetch.finish(Err(e.to_string()));
+                        continue;
+                    }
+                },
+            };
             let (s3, url, limit, deadline, name) = (
-                self.s3.clone(),
+                client,
                 self.url.clone(),
                 self.limit.clone(),
                 self.deadline,

@@ -178,3 +178,92 @@ pub fn chunk_files(server: &Server, prefix: &str) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// A TCP proxy on loopback in front of an S3 server that holds every request back for a fixed
+/// delay before passing it on, as a store in another zone answers later: each read from the
+/// client (a request, with HTTP/1.1 keep-alive one per round trip) is forwarded `delay` after
+/// it arrived. Answers pass straight through. Stops accepting when dropped.
+pub struct DelayProxy {
+    pub endpoint: String,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DelayProxy {
+    /// The options and environment of `server`, pointed at this proxy.
+    pub fn options(&self, server: &Server) -> StoreOptions {
+        StoreOptions {
+            endpoint: Some(self.endpoint.clone()),
+            ..server.options()
+        }
+    }
+
+    pub fn env(&self, server: &Server) -> [(&'static str, String); 4] {
+        let mut env = server.env();
+        env[0].1 = self.endpoint.clone();
+        env
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Starts a [`DelayProxy`] in front of `server`.
+pub fn delay_proxy(server: &Server, delay: Duration) -> DelayProxy {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let upstream: String = server
+        .endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            if stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (mut client_r, mut server_w) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut server_r, mut client_w) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match client_r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            std::thread::sleep(delay);
+                            if server_w.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = server_w.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server_r, &mut client_w);
+                let _ = client_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    DelayProxy {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        port,
+        stop,
+    }
+}

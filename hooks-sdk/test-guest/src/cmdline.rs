@@ -134,6 +134,9 @@ pub struct Options {
     pub device_count: usize,
     /// `thaw.fill-mib`: MiB of memory to fill with the workload before the mode starts.
     pub fill_mib: u32,
+    /// `thaw.restore-read-mib`: MiB of the workload the after-restore hook reads (from its
+    /// start); `None`: all of it.
+    pub restore_read_mib: Option<u32>,
     /// `thaw.fail`: what the agent fails on purpose.
     pub fail: Fail,
     /// `thaw.keeper`: cpu1 runs the register keeper instead of halting.
@@ -200,6 +203,7 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
         devices: [MmioDevice::default(); MAX_DEVICES],
         device_count: 0,
         fill_mib: 0,
+        restore_read_mib: None,
         fail: Fail::Nothing,
         keeper: false,
         restore_hook_ms: 0,
@@ -244,6 +248,16 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
                     .ok()
                     .filter(|n| *n <= MAX_FILL_MIB)
                     .ok_or(word)?;
+                None
+            }
+            Some(("restore-read-mib", value)) => {
+                o.restore_read_mib = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= MAX_FILL_MIB)
+                        .ok_or(word)?,
+                );
                 None
             }
             Some(("keeper", value)) => {
@@ -294,6 +308,10 @@ mod tests {
         let o = parse("thaw.idle=1 thaw.fill-mib=256").unwrap();
         assert_eq!((o.mode, o.fill_mib), (Mode::Idle, 256));
         assert_eq!(parse("thaw.agent=1").unwrap().fill_mib, 0);
+        let o = parse("thaw.agent=1 thaw.fill-mib=64 thaw.restore-read-mib=16").unwrap();
+        assert_eq!((o.fill_mib, o.restore_read_mib), (64, Some(16)));
+        assert_eq!(parse("thaw.agent=1").unwrap().restore_read_mib, None);
+        assert!(parse("thaw.restore-read-mib=x").is_err());
         assert_eq!(parse("thaw.agent=1").unwrap().fail, Fail::Nothing);
         for (name, fail) in [
             ("init", Fail::Init),

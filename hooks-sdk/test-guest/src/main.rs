@@ -129,6 +129,9 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     if options.keeper {
         announce_keeper();
     }
+    if let Some(mib) = options.restore_read_mib {
+        RESTORE_READ_MIB.store(mib, Ordering::Release);
+    }
     if options.fill_mib > 0 {
         fill_memory(boot_params, options.fill_mib);
     }
@@ -189,10 +192,16 @@ fn fill_memory(boot_params: u64, mib: u32) {
 /// MiB at [`FILL_BASE`] the workload filled (0: none), for the after-restore check.
 static FILLED_MIB: AtomicU32 = AtomicU32::new(0);
 
-/// The checksum of the filled workload now, if there is one: after a restore it must equal
-/// the one printed at fill time.
+/// MiB of the workload the after-restore hook reads (`thaw.restore-read-mib`; all by default),
+/// so that a restore can be made to need only part of what the snapshot holds.
+static RESTORE_READ_MIB: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// The checksum of the filled workload now (of its first `thaw.restore-read-mib` MiB), if
+/// there is one: after a restore it must equal the one printed at fill time when it covers all.
 pub fn workload_checksum() -> Option<(u32, u64)> {
-    let mib = FILLED_MIB.load(Ordering::Acquire);
+    let mib = FILLED_MIB
+        .load(Ordering::Acquire)
+        .min(RESTORE_READ_MIB.load(Ordering::Acquire));
     if mib == 0 {
         return None;
     }

@@ -515,17 +515,7 @@ fn store_fixture(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
     }
     let snap = dir.join("snap");
     let meta = snapshot::SnapshotMeta {
-        fingerprint: snapshot::Fingerprint {
-            cpu: snapshot::CpuIdentity {
-                vendor: "AuthenticAMD".into(),
-                family: 25,
-                model: 1,
-                stepping: 1,
-            },
-            guest_cpuid: Vec::new(),
-            kvm_flavor: "pvm".into(),
-            host_page_size: 4096,
-        },
+        fingerprint: snapshot::Fingerprint::made_up(),
         vcpus: 1,
     };
     snapshot::write(

@@ -113,6 +113,23 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
+    /// A made-up fingerprint (an AMD host on PVM, no guest CPUID) for tests and fixtures that
+    /// write snapshots no VM will restore.
+    #[doc(hidden)]
+    pub fn made_up() -> Fingerprint {
+        Fingerprint {
+            cpu: CpuIdentity {
+                vendor: "AuthenticAMD".into(),
+                family: 25,
+                model: 1,
+                stepping: 1,
+            },
+            guest_cpuid: Vec::new(),
+            kvm_flavor: "pvm".into(),
+            host_page_size: 4096,
+        }
+    }
+
     /// A fingerprint of this host with the guest's CPUID.
     pub fn of_this_host(guest_cpuid: Vec<CpuidEntry>, kvm_flavor: &str) -> Self {
         Fingerprint {

@@ -41,7 +41,26 @@ pub struct Snapshot {
 /// Where a snapshot's chunks are read from.
 pub(crate) enum Memory {
     File(FileMemory),
-    Store(crate::store_snapshot::StoreMemory),
+    Store(Box<dyn RemoteChunks>),
+}
+
+/// The chunks of a snapshot that lives elsewhere (an object store: `crate::store_snapshot`),
+/// each checked as it is read.
+pub(crate) trait RemoteChunks: Send + Sync {
+    /// The master key that seals them.
+    fn key_id(&self) -> crate::keys::KeyId;
+    /// Chunk `index`, authenticated, into `out` (its length); with `hash`, also checked
+    /// against the writer's hash of its plaintext (as `Snapshot::read_chunk` does).
+    fn read_chunk(
+        &self,
+        index: usize,
+        out: &mut [u8],
+        hash: chunk::HashCheck,
+    ) -> Result<(), ReadError>;
+    /// These chunks will be read soon, in this order.
+    fn prefetch(&self, chunks: &[u32]);
+    /// Reads and authenticates every data chunk of `chunks`; the bytes read.
+    fn authenticate_all(&self, chunks: &[ChunkInfo]) -> Result<u64, ReadError>;
 }
 
 /// A snapshot file's chunk area and what reads it.
@@ -585,9 +604,9 @@ impl Snapshot {
         }
         let file = match &self.memory {
             Memory::File(file) => file,
-            // An object's name is a keyed hash of its plaintext: opening it checks what the
-            // writer's hash would.
-            Memory::Store(store) => return store.read_chunk(index, out),
+            // An object's name is a keyed hash of its plaintext: checking it is the writer's
+            // hash check.
+            Memory::Store(store) => return store.read_chunk(index, out, hash),
         };
         let Some(entry) = file.manifest.get(index) else {
             return Err(ReadError::NoSuchChunk { index, count });

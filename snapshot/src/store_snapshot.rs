@@ -8,13 +8,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::chunk::HashCheck;
 use crate::error::ReadError;
 use crate::format::{ChunkInfo, ChunkKind, Header, PAGE_SIZE, SectionRef};
 use crate::keys::{KeyId, MasterKey};
-use crate::reader::{Memory, Snapshot};
+use crate::reader::{Memory, RemoteChunks, Snapshot};
 use crate::store_manifest::{StoreChunk, StoreManifest};
-use crate::store_object::{ObjectError, ObjectName, StoreKeys};
-use crate::store_transfer::OBJECT_ZSTD_LEVEL;
+use crate::store_object::{OBJECT_ZSTD_LEVEL, ObjectError, ObjectName, StoreKeys};
 
 /// An error of an [`ObjectSource`], boxed.
 pub type ObjectSourceError = Box<dyn std::error::Error + Send + Sync>;
@@ -105,25 +105,69 @@ impl Snapshot {
             manifest.state,
             chunks,
             working_set,
-            Memory::Store(memory),
+            Memory::Store(Box::new(memory)),
         ))
     }
 }
 
-impl StoreMemory {
-    pub(crate) fn key_id(&self) -> KeyId {
+impl RemoteChunks for StoreMemory {
+    fn key_id(&self) -> KeyId {
         self.key_id
     }
 
     /// Fetches chunk `index`'s object and opens it into `out` (the chunk's length).
-    pub(crate) fn read_chunk(&self, index: usize, out: &mut [u8]) -> Result<(), ReadError> {
-        self.open_chunk(index, out).map(|_| ())
+    fn read_chunk(&self, index: usize, out: &mut [u8], hash: HashCheck) -> Result<(), ReadError> {
+        self.open_chunk(index, out, hash).map(|_| ())
     }
 
+    /// Asks the source to fetch these chunks' objects (zero chunks and repeats left out).
+    fn prefetch(&self, chunks: &[u32]) {
+        let mut seen = std::collections::HashSet::new();
+        let names: Vec<ObjectName> = chunks
+            .iter()
+            .filter_map(|&c| self.names.get(c as usize).copied().flatten())
+            .filter(|name| seen.insert(*name))
+            .collect();
+        if !names.is_empty() {
+            self.objects.prefetch(&names);
+        }
+    }
+
+    /// Fetches and opens every data chunk (all of them asked for at once, then opened on all
+    /// cores); the bytes of the objects opened.
+    fn authenticate_all(&self, chunks: &[ChunkInfo]) -> Result<u64, ReadError> {
+        use rayon::prelude::*;
+        let all: Vec<u32> = (0..chunks.len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        self.prefetch(&all);
+        chunks
+            .par_iter()
+            .enumerate()
+            .filter(|(_, c)| c.kind == ChunkKind::Data)
+            .try_fold(
+                || (Vec::new(), 0u64),
+                |(mut buf, total), (index, c)| {
+                    buf.resize(c.len as usize, 0);
+                    let len = self.open_chunk(index, &mut buf, HashCheck::No)?;
+                    Ok((buf, total + len as u64))
+                },
+            )
+            .map(|r: Result<(Vec<u8>, u64), ReadError>| r.map(|(_, total)| total))
+            .try_reduce(|| 0, |a, b| Ok(a + b))
+    }
+}
+
+impl StoreMemory {
     /// [`StoreMemory::read_chunk`], returning the object's size (0 for a zero chunk). A copy
     /// that does not open is reported to the source and fetched once more: a host cache's copy
     /// may have rotted on disk while the store's is sound. The second failure is the chunk's.
-    fn open_chunk(&self, index: usize, out: &mut [u8]) -> Result<usize, ReadError> {
+    fn open_chunk(
+        &self,
+        index: usize,
+        out: &mut [u8],
+        hash: HashCheck,
+    ) -> Result<usize, ReadError> {
         let name = match self.names.get(index) {
             Some(Some(name)) => name,
             Some(None) => {
@@ -148,7 +192,11 @@ impl StoreMemory {
                         origin: self.origin.clone(),
                         source,
                     })?;
-            match self.keys.open(name, &object, out) {
+            let opened = match hash {
+                HashCheck::Yes => self.keys.open(name, &object, out),
+                HashCheck::No => self.keys.open_authenticated(name, &object, out),
+            };
+            match opened {
                 Ok(()) => return Ok(object.len()),
                 Err(e) => {
                     tracing::warn!(chunk = index, object = %name, origin = %self.origin.display(), error = %e, "a chunk object was refused");
@@ -162,43 +210,6 @@ impl StoreMemory {
             _ => ReadError::ChunkTampered { index },
         })
     }
-
-    /// Asks the source to fetch these chunks' objects (zero chunks and repeats left out).
-    pub(crate) fn prefetch(&self, chunks: &[u32]) {
-        let mut seen = std::collections::HashSet::new();
-        let names: Vec<ObjectName> = chunks
-            .iter()
-            .filter_map(|&c| self.names.get(c as usize).copied().flatten())
-            .filter(|name| seen.insert(*name))
-            .collect();
-        if !names.is_empty() {
-            self.objects.prefetch(&names);
-        }
-    }
-
-    /// Fetches and opens every data chunk (all of them asked for at once, then opened on all
-    /// cores); the bytes of the objects opened.
-    pub(crate) fn authenticate_all(&self, chunks: &[ChunkInfo]) -> Result<u64, ReadError> {
-        use rayon::prelude::*;
-        let all: Vec<u32> = (0..chunks.len())
-            .filter_map(|i| u32::try_from(i).ok())
-            .collect();
-        self.prefetch(&all);
-        chunks
-            .par_iter()
-            .enumerate()
-            .filter(|(_, c)| c.kind == ChunkKind::Data)
-            .try_fold(
-                || (Vec::new(), 0u64),
-                |(mut buf, total), (index, c)| {
-                    buf.resize(c.len as usize, 0);
-                    let len = self.open_chunk(index, &mut buf)?;
-                    Ok((buf, total + len as u64))
-                },
-            )
-            .map(|r: Result<(Vec<u8>, u64), ReadError>| r.map(|(_, total)| total))
-            .try_reduce(|| 0, |a, b| Ok(a + b))
-    }
 }
 
 #[cfg(test)]
@@ -207,7 +218,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::fingerprint::{CpuIdentity, Fingerprint};
+    use crate::fingerprint::Fingerprint;
     use crate::format::RegionDesc;
     use crate::keys::KEY_LEN;
     use crate::store_manifest::StoreWorkingSet;
@@ -279,17 +290,7 @@ mod tests {
                 guest_addr: 0,
                 size: (6 * CHUNK) as u64,
             }],
-            fingerprint: Fingerprint {
-                cpu: CpuIdentity {
-                    vendor: "AuthenticAMD".into(),
-                    family: 25,
-                    model: 1,
-                    stepping: 1,
-                },
-                guest_cpuid: Vec::new(),
-                kvm_flavor: "pvm".into(),
-                host_page_size: 4096,
-            },
+            fingerprint: Fingerprint::made_up(),
             chunks: entries,
             state: b"state".to_vec(),
             working_set: Some(StoreWorkingSet {

@@ -16,13 +16,10 @@ use crate::format::ChunkKind;
 use crate::keys::MasterKey;
 use crate::reader::Snapshot;
 use crate::store_manifest::{ManifestError, StoreChunk, StoreManifest, StoreWorkingSet};
-use crate::store_object::{ObjectError, ObjectName, StoreKeys};
+use crate::store_object::{OBJECT_ZSTD_LEVEL, ObjectError, ObjectName, StoreKeys};
 use crate::writer::{
     Identity, MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write_as,
 };
-
-/// zstd level of chunk objects: what `thaw snapshot create` uses for snapshot files.
-pub const OBJECT_ZSTD_LEVEL: i32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError<E: std::error::Error + 'static> {
@@ -180,7 +177,7 @@ mod tests {
 
     use super::*;
     use crate::PAGE_SIZE;
-    use crate::fingerprint::{CpuIdentity, Fingerprint};
+    use crate::fingerprint::Fingerprint;
     use crate::keys::KEY_LEN;
     use crate::writer::write;
 
@@ -194,17 +191,7 @@ mod tests {
 
     fn meta() -> SnapshotMeta {
         SnapshotMeta {
-            fingerprint: Fingerprint {
-                cpu: CpuIdentity {
-                    vendor: "AuthenticAMD".into(),
-                    family: 25,
-                    model: 1,
-                    stepping: 1,
-                },
-                guest_cpuid: Vec::new(),
-                kvm_flavor: "pvm".into(),
-                host_page_size: 4096,
-            },
+            fingerprint: Fingerprint::made_up(),
             vcpus: 1,
         }
     }

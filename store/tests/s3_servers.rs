@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use snapshot::{
-    CpuIdentity, Fingerprint, MasterKey, MemoryRegion, Protection, Snapshot, SnapshotMeta,
-    WriteOptions,
+    Fingerprint, MasterKey, MemoryRegion, Protection, Snapshot, SnapshotMeta, WriteOptions,
 };
 use store::test_servers::{
     ACCESS_KEY, BUCKET, SECRET_KEY, Server, chunk_files, free_port, moto, s3s_fs,
@@ -45,17 +44,7 @@ fn snapshot(dir: &Path, seed: u8) -> Snapshot {
         }
     }
     let meta = SnapshotMeta {
-        fingerprint: Fingerprint {
-            cpu: CpuIdentity {
-                vendor: "AuthenticAMD".into(),
-                family: 25,
-                model: 1,
-                stepping: 1,
-            },
-            guest_cpuid: Vec::new(),
-            kvm_flavor: "pvm".into(),
-            host_page_size: 4096,
-        },
+        fingerprint: Fingerprint::made_up(),
         vcpus: 1,
     };
     let region = [MemoryRegion {

@@ -247,6 +247,26 @@ fn restore_rejects_bad_flags_before_touching_anything() {
         .output()
         .unwrap();
     assert_refused(&out, "holds no snapshot");
+    // A chunk cache that is not a directory: said so before the store is asked anything.
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let out = thaw_bin()
+        .envs(server.env())
+        .args([
+            "restore",
+            "--store",
+            &format!("s3://{}/none", store::test_servers::BUCKET),
+            "--snapshot-id",
+            &id,
+            "--key-file",
+            key.to_str().unwrap(),
+            "--chunk-cache",
+            not_a_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_refused(&out, "as the chunk cache");
+    assert_eq!(std::fs::read(&not_a_dir).unwrap(), b"x");
 }
 
 fn thawd(args: &[&str]) -> Output {

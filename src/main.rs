@@ -430,13 +430,9 @@ fn parse_snapshot_id(s: &str) -> Result<snapshot::SnapshotId, String> {
 /// The master key a store's objects are sealed with: `--key-file`, else the host key. Unlike
 /// `create`, nothing is made: a new key could open none of the store's objects.
 fn store_key(key_file: Option<&Path>) -> anyhow::Result<snapshot::MasterKey> {
-    match snapshot::host_key::for_opening(key_file)? {
-        snapshot::KeyChoice::Given(key) | snapshot::KeyChoice::HostDefault(key) => Ok(key),
-        snapshot::KeyChoice::None => anyhow::bail!(
-            "no master key: pass --key-file (a store's objects are sealed with the key of the \
-             snapshots pushed to it)"
-        ),
-    }
+    snapshot::host_key::for_opening(key_file)?
+        .into_master()
+        .context(thaw::commands::restore::NO_STORE_KEY)
 }
 
 fn parse_marker(s: &str) -> Result<String, String> {

@@ -267,6 +267,32 @@ fn restore_rejects_bad_flags_before_touching_anything() {
         .unwrap();
     assert_refused(&out, "as the chunk cache");
     assert_eq!(std::fs::read(&not_a_dir).unwrap(), b"x");
+    // No key anywhere: a store's objects cannot be opened, and nothing is made up.
+    let keyless = dir.path().join("keyless");
+    let no_key = |args: &[&str]| {
+        thaw_bin()
+            .envs(server.env())
+            .env("THAW_KEY_FILE", &keyless)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let url = format!("s3://{}/none", store::test_servers::BUCKET);
+    assert_refused(
+        &no_key(&["restore", "--store", &url, "--snapshot-id", &id]),
+        "no master key",
+    );
+    assert_refused(
+        &no_key(&[
+            "snapshot",
+            "pull",
+            &url,
+            &id,
+            dir.path().join("p").to_str().unwrap(),
+        ]),
+        "no master key",
+    );
+    assert!(!keyless.exists());
 }
 
 fn thawd(args: &[&str]) -> Output {

@@ -80,6 +80,24 @@ pub enum KeyChoice {
     None,
 }
 
+impl KeyChoice {
+    /// The key, whichever way it was chosen.
+    pub fn master(&self) -> Option<&MasterKey> {
+        match self {
+            KeyChoice::Given(key) | KeyChoice::HostDefault(key) => Some(key),
+            KeyChoice::None => None,
+        }
+    }
+
+    /// [`KeyChoice::master`], by value.
+    pub fn into_master(self) -> Option<MasterKey> {
+        match self {
+            KeyChoice::Given(key) | KeyChoice::HostDefault(key) => Some(key),
+            KeyChoice::None => None,
+        }
+    }
+}
+
 impl Snapshot {
     /// Opens (and authenticates) the snapshot at `dir` with the key `key` names. A plaintext
     /// snapshot is refused when a key was given explicitly — the user expects an encrypted one,

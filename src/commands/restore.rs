@@ -105,6 +105,10 @@ pub enum RestoreFrom {
     },
 }
 
+/// Why a store's snapshot cannot be opened without a master key.
+pub const NO_STORE_KEY: &str = "no master key: pass --key-file (a store's objects are sealed \
+                                with the key of the snapshots pushed to it)";
+
 /// Opens a snapshot in a store (its manifest now, its chunks as they are installed).
 fn open_in_store(
     url: &store::StoreUrl,
@@ -112,13 +116,7 @@ fn open_in_store(
     cache: Option<&(PathBuf, u64)>,
     key: &KeyChoice,
 ) -> anyhow::Result<(snapshot::Snapshot, Arc<store::StoreObjects>)> {
-    let master = match key {
-        KeyChoice::Given(key) | KeyChoice::HostDefault(key) => key,
-        KeyChoice::None => anyhow::bail!(
-            "no master key: pass --key-file (a store's objects are sealed with the key of the \
-             snapshots pushed to it)"
-        ),
-    };
+    let master = key.master().context(NO_STORE_KEY)?;
     let cache = match cache {
         Some((dir, budget)) => Some(Arc::new(store::ObjectCache::open(dir, *budget)?)),
         None => None,

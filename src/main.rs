@@ -415,7 +415,31 @@ enum SnapshotCommand {
         /// Master key file [default: the host key].
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// This host's cache of chunk objects (as for `thaw restore --store`): objects it
+        /// holds are not fetched, and fetched ones are kept [default: $THAW_CACHE_DIR, else
+        /// $XDG_CACHE_HOME/thaw, else ~/.cache/thaw; then chunks/].
+        #[arg(long, value_name = "DIR")]
+        chunk_cache: Option<PathBuf>,
+        /// The chunk cache's budget in MiB; the least recently used objects are evicted beyond
+        /// it. 0: no cache.
+        #[arg(long, value_name = "MIB", default_value_t = 4096)]
+        chunk_cache_mib: u64,
     },
+}
+
+/// The host's chunk cache and its budget in bytes, as `--chunk-cache` and `--chunk-cache-mib`
+/// choose it; `None` for a budget of 0.
+fn chunk_cache_choice(dir: Option<PathBuf>, mib: u64) -> anyhow::Result<Option<(PathBuf, u64)>> {
+    Ok(match mib {
+        0 => None,
+        mib => Some((
+            match dir {
+                Some(dir) => dir,
+                None => cache_dir_or_default(None)?.join("chunks"),
+            },
+            mib.saturating_mul(1 << 20),
+        )),
+    })
 }
 
 fn parse_store_url(s: &str) -> Result<store::StoreUrl, String> {
@@ -772,16 +796,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let from = match (dir, store, snapshot_id) {
                 (Some(dir), _, _) => thaw::commands::restore::RestoreFrom::Dir(dir),
                 (None, Some(url), Some(id)) => {
-                    let cache = match chunk_cache_mib {
-                        0 => None,
-                        mib => Some((
-                            match chunk_cache {
-                                Some(dir) => dir,
-                                None => cache_dir_or_default(None)?.join("chunks"),
-                            },
-                            mib.saturating_mul(1 << 20),
-                        )),
-                    };
+                    let cache = chunk_cache_choice(chunk_cache, chunk_cache_mib)?;
                     thaw::commands::restore::RestoreFrom::Store { url, id, cache }
                 }
                 // clap requires a directory, or --store and --snapshot-id.
@@ -1054,17 +1069,29 @@ fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitCode> {
             id,
             dir,
             key_file,
+            chunk_cache,
+            chunk_cache_mib,
         } => {
             let key = store_key(key_file.as_deref())?;
+            let cache = match chunk_cache_choice(chunk_cache, chunk_cache_mib)? {
+                Some((dir, budget)) => {
+                    Some(std::sync::Arc::new(store::ObjectCache::open(&dir, budget)?))
+                }
+                None => None,
+            };
             let store = store::Store::connect(&url, &store::StoreOptions::default())?;
             let pulled = store
-                .pull(id, &dir, &key)
+                .pull(id, &dir, &key, cache)
                 .with_context(|| format!("pulling snapshot {id} from {url}"))?;
             println!(
-                "snapshot {id} pulled from {url} into {}: {} MiB of memory, {} chunks",
+                "snapshot {id} pulled from {url} into {}: {} MiB of memory, {} chunks; \
+                 chunk objects: {} fetched from the store ({:.1} MiB), {} from the host cache",
                 dir.display(),
-                pulled.memory_bytes >> 20,
-                pulled.chunks
+                pulled.written.memory_bytes >> 20,
+                pulled.written.chunks,
+                pulled.fetched.fetched,
+                pulled.fetched.fetched_bytes as f64 / (1 << 20) as f64,
+                pulled.fetched.cache_hits,
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -17,6 +17,7 @@ use crate::keys::MasterKey;
 use crate::reader::Snapshot;
 use crate::store_manifest::{ManifestError, StoreChunk, StoreManifest, StoreWorkingSet};
 use crate::store_object::{OBJECT_ZSTD_LEVEL, ObjectError, ObjectName, StoreKeys};
+use crate::store_snapshot::{ObjectSource, ObjectSourceError};
 use crate::writer::{
     Identity, MemoryRegion, Protection, SnapshotMeta, WriteOptions, WriteSummary, write_as,
 };
@@ -46,6 +47,11 @@ pub enum TransferError<E: std::error::Error + 'static> {
     #[error("the manifest lays out more memory than this host can hold in one buffer")]
     TooLarge,
 }
+
+/// An [`ObjectSource`]'s failure to give an object, as [`import`] reports it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct SourceError(pub ObjectSourceError);
 
 /// Every data chunk of `snap` (opened with its master key) as a store object, handed to
 /// `put` as its name and bytes, in chunk order; returns the manifest naming them. `put` is
@@ -90,15 +96,18 @@ pub fn export<E: std::error::Error + 'static>(
 }
 
 /// Writes the snapshot `manifest` describes to `dir`, sealed with `master` under the same id
-/// and creation time, fetching each data chunk's object with `get`. Every object is opened
-/// and checked against its name before anything is written.
-pub fn import<E: std::error::Error + 'static>(
+/// and creation time, taking each data chunk's object from `objects` (all of them asked for
+/// ahead, in layout order). Every object is opened and checked against its name before
+/// anything is written; a copy that does not open is reported to the source
+/// ([`ObjectSource::refused`]) and asked for once more, as a restore does, since a cache's
+/// copy may have rotted while the store's is sound.
+pub fn import(
     dir: &Path,
     manifest: &StoreManifest,
     master: &MasterKey,
     options: &WriteOptions,
-    mut get: impl FnMut(&ObjectName) -> Result<Vec<u8>, E>,
-) -> Result<WriteSummary, TransferError<E>> {
+    objects: &dyn ObjectSource,
+) -> Result<WriteSummary, TransferError<SourceError>> {
     manifest.check().map_err(TransferError::Manifest)?;
     let keys = StoreKeys::derive(master);
     // One buffer per region, zero until a data chunk fills part of it: zero chunks cost
@@ -108,6 +117,16 @@ pub fn import<E: std::error::Error + 'static>(
         let len = usize::try_from(region.size).map_err(|_| TransferError::TooLarge)?;
         memory.push(vec![0u8; len]);
     }
+    let mut seen = std::collections::HashSet::new();
+    let wanted: Vec<ObjectName> = manifest
+        .chunks
+        .iter()
+        .filter_map(|c| match c {
+            StoreChunk::Data(name) if seen.insert(*name) => Some(*name),
+            _ => None,
+        })
+        .collect();
+    objects.prefetch(&wanted);
     for (index, ((addr, len), entry)) in manifest.layout().enumerate() {
         let StoreChunk::Data(name) = entry else {
             continue;
@@ -122,9 +141,7 @@ pub fn import<E: std::error::Error + 'static>(
         let out = region
             .get_mut(offset..offset + len as usize)
             .ok_or(TransferError::TooLarge)?;
-        let object = get(&name).map_err(TransferError::Store)?;
-        keys.open(&name, &object, out)
-            .map_err(|source| TransferError::Object { index, source })?;
+        open_object(&keys, objects, &name, out).map_err(|e| e.at(index))?;
     }
     let regions: Vec<MemoryRegion<'_>> = manifest
         .regions
@@ -169,6 +186,43 @@ pub fn import<E: std::error::Error + 'static>(
             .map_err(TransferError::Write)?;
     }
     Ok(summary)
+}
+
+/// Why one object could not be had, before its chunk index is known.
+enum ObjectFailure {
+    Source(ObjectSourceError),
+    Open(ObjectError),
+}
+
+impl ObjectFailure {
+    fn at(self, index: usize) -> TransferError<SourceError> {
+        match self {
+            ObjectFailure::Source(e) => TransferError::Store(SourceError(e)),
+            ObjectFailure::Open(source) => TransferError::Object { index, source },
+        }
+    }
+}
+
+/// Object `name` from `objects`, opened into `out`; asked for a second time if the first copy
+/// does not open.
+fn open_object(
+    keys: &StoreKeys,
+    objects: &dyn ObjectSource,
+    name: &ObjectName,
+    out: &mut [u8],
+) -> Result<(), ObjectFailure> {
+    let mut refused = false;
+    loop {
+        let object = objects.object(name).map_err(ObjectFailure::Source)?;
+        match keys.open(name, &object, out) {
+            Ok(()) => return Ok(()),
+            Err(e) if refused => return Err(ObjectFailure::Open(e)),
+            Err(_) => {
+                objects.refused(name);
+                refused = true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -272,14 +326,30 @@ mod tests {
         (manifest, puts)
     }
 
+    /// A store in memory, as an object source.
+    struct Held<'a>(&'a Store);
+
+    impl ObjectSource for Held<'_> {
+        fn object(&self, name: &ObjectName) -> Result<Vec<u8>, ObjectSourceError> {
+            self.0
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Box::new(Missing(*name)) as ObjectSourceError)
+        }
+    }
+
     fn pull(
         dir: &Path,
         manifest: &StoreManifest,
         store: &Store,
-    ) -> Result<WriteSummary, TransferError<Missing>> {
-        import(dir, manifest, &master(), &WriteOptions::default(), |name| {
-            store.get(name).cloned().ok_or(Missing(*name))
-        })
+    ) -> Result<WriteSummary, TransferError<SourceError>> {
+        import(
+            dir,
+            manifest,
+            &master(),
+            &WriteOptions::default(),
+            &Held(store),
+        )
     }
 
     #[test]
@@ -412,6 +482,56 @@ mod tests {
         pull(&target, &manifest, &store).unwrap();
     }
 
+    /// A source whose first copy of each object in `rotten` is altered, as a cache's copy
+    /// that rotted on disk; it counts the copies refused.
+    struct Rotting<'a> {
+        store: &'a Store,
+        rotten: std::sync::Mutex<std::collections::HashSet<ObjectName>>,
+        refused: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ObjectSource for Rotting<'_> {
+        fn object(&self, name: &ObjectName) -> Result<Vec<u8>, ObjectSourceError> {
+            let mut object = Held(self.store).object(name)?;
+            if self.rotten.lock().unwrap().contains(name) {
+                object[20] ^= 0x40;
+            }
+            Ok(object)
+        }
+
+        fn refused(&self, name: &ObjectName) {
+            self.rotten.lock().unwrap().remove(name);
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_copy_that_does_not_open_is_refused_and_asked_for_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = snapshot(&dir.path().join("a"), 1);
+        let mut store = Store::new();
+        let (manifest, _) = push(&original, &mut store);
+        let rotten: std::collections::HashSet<ObjectName> = store.keys().take(2).copied().collect();
+        let source = Rotting {
+            store: &store,
+            rotten: std::sync::Mutex::new(rotten),
+            refused: Default::default(),
+        };
+        let target = dir.path().join("b");
+        import(
+            &target,
+            &manifest,
+            &master(),
+            &WriteOptions::default(),
+            &source,
+        )
+        .unwrap();
+        assert_eq!(source.refused.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let pulled = Snapshot::open(&target, Some(&master())).unwrap();
+        assert_eq!(chunks_of(&pulled), chunks_of(&original));
+    }
+
     #[test]
     fn another_master_key_cannot_pull_the_objects() {
         let dir = tempfile::tempdir().unwrap();
@@ -424,7 +544,7 @@ mod tests {
             &manifest,
             &other,
             &WriteOptions::default(),
-            |name| store.get(name).cloned().ok_or(Missing(*name)),
+            &Held(&store),
         );
         assert!(matches!(
             result,

@@ -11,9 +11,10 @@
 //!
 //! Credentials, region and endpoint come from the environment as AWS's tools read them
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` or
-//! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`); none of them is ever logged.
+//! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`), then from the AWS profile (`profile`:
+//! `AWS_PROFILE`, `~/.aws/credentials`, `~/.aws/config`); none of them is ever logged.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use snapshot::{MasterKey, ReadError, Snapshot, SnapshotId, WriteOptions, WriteSu
 
 pub mod cache;
 pub mod objects;
+pub mod profile;
 #[cfg(feature = "test-servers")]
 pub mod test_servers;
 
@@ -97,6 +99,43 @@ impl std::fmt::Display for StoreUrl {
             "" => write!(f, "s3://{}", self.bucket),
             prefix => write!(f, "s3://{}/{prefix}", self.bucket),
         }
+    }
+}
+
+/// One snapshot in a store, as thawd's config names it:
+/// `s3://BUCKET[/PREFIX]/snapshots/<snapshot id>` (where its manifest lies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreSnapshotUrl {
+    pub store: StoreUrl,
+    pub id: SnapshotId,
+}
+
+impl std::str::FromStr for StoreSnapshotUrl {
+    type Err = StoreError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &'static str| StoreError::Url {
+            url: url.into(),
+            reason,
+        };
+        let trimmed = url.trim_end_matches('/');
+        let (store, id) = trimmed
+            .rsplit_once('/')
+            .and_then(|(rest, id)| Some((rest.strip_suffix("/snapshots")?, id)))
+            .ok_or_else(|| bad("a snapshot is named s3://BUCKET[/PREFIX]/snapshots/<id>"))?;
+        let id = id
+            .parse()
+            .map_err(|_| bad("the snapshot id must be 32 hexadecimal digits"))?;
+        Ok(StoreSnapshotUrl {
+            store: store.parse()?,
+            id,
+        })
+    }
+}
+
+impl std::fmt::Display for StoreSnapshotUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/snapshots/{}", self.store, self.id)
     }
 }
 
@@ -201,8 +240,12 @@ pub enum StoreError {
     Local(#[source] ReadError),
     #[error("the store request")]
     Request(#[from] RequestError),
+    #[error("the AWS profile")]
+    Profile(#[from] profile::ProfileError),
     #[error("moving the snapshot")]
     Transfer(#[from] TransferError<RequestError>),
+    #[error("pulling the snapshot")]
+    Pull(#[from] TransferError<store_transfer::SourceError>),
     #[error("{url} holds no snapshot {id}")]
     NoSuchSnapshot { url: String, id: SnapshotId },
     #[error("the store's manifest of snapshot {id}")]
@@ -294,23 +337,42 @@ impl Store {
                     .with_timeout(options.request_timeout)
                     .with_connect_timeout(options.connect_timeout),
             );
-        if let Some(endpoint) = &options.endpoint {
+        // What neither the options nor the environment say comes from the AWS profile, as
+        // AWS's tools take it (`profile`).
+        let profile = profile::load(|name| std::env::var(name).ok())?;
+        let in_env = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+        let endpoint = options
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or(profile.endpoint_url);
+        if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint);
         }
-        if let Some(region) = &options.region {
+        let region = options.region.clone().or_else(|| {
+            (!in_env("AWS_REGION") && !in_env("AWS_DEFAULT_REGION"))
+                .then_some(profile.region)
+                .flatten()
+        });
+        if let Some(region) = &region {
             builder = builder.with_region(region);
         }
         if let Some(credentials) = &options.credentials {
             builder = builder
                 .with_access_key_id(&credentials.access_key_id)
                 .with_secret_access_key(&credentials.secret_access_key.0);
+        } else if !in_env("AWS_ACCESS_KEY_ID")
+            && let (Some(id), Some(secret)) = (&profile.access_key_id, &profile.secret_access_key)
+        {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(&secret.0);
+            if let Some(token) = &profile.session_token {
+                builder = builder.with_token(&token.0);
+            }
         }
         // An endpoint the operator gave as plain http (a store on loopback or in a private
         // network) is meant: allow it rather than fail every request.
-        let endpoint = options
-            .endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
         if endpoint.is_some_and(|e| e.starts_with("http://")) {
             builder = builder.with_config(
                 AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
@@ -353,20 +415,21 @@ impl Store {
             self.options.concurrency,
         ));
         let mut seen = HashSet::new();
-        let exported = store_transfer::export(&snap, master, |name, object| {
-            if seen.insert(name) {
-                // Only fails once the uploads stopped on an error, which the join reports.
-                tx.blocking_send((name, object)).map_err(|_| RequestError {
-                    op: "upload",
-                    path: self.url.chunk(&name).to_string(),
-                    source: object_store::Error::Generic {
-                        store: "S3",
-                        source: Box::new(StoreError::UploadStopped),
-                    },
-                })?;
-            }
-            Ok(())
-        });
+        let exported: Result<_, TransferError<RequestError>> =
+            store_transfer::export(&snap, master, |name, object| {
+                if seen.insert(name) {
+                    // Only fails once the uploads stopped on an error, which the join reports.
+                    tx.blocking_send((name, object)).map_err(|_| RequestError {
+                        op: "upload",
+                        path: self.url.chunk(&name).to_string(),
+                        source: object_store::Error::Generic {
+                            store: "S3",
+                            source: Box::new(StoreError::UploadStopped),
+                        },
+                    })?;
+                }
+                Ok(())
+            });
         drop(tx);
         let uploaded = self
             .runtime
@@ -489,52 +552,42 @@ impl Store {
     }
 
     /// Pulls snapshot `id` into a new snapshot directory `dir`, sealed with `master`: the
-    /// manifest, then every chunk object it names (`concurrency` at a time), each checked
-    /// against its name before the snapshot is written (atomically).
+    /// manifest (through `cache`, as [`Store::open_snapshot`] takes it), then every chunk
+    /// object it names, `concurrency` requests in flight, from `cache` where it holds them
+    /// (and kept there when fetched), each opened against its name before the snapshot is
+    /// written (atomically). A cached copy that does not open is dropped and fetched again.
     pub fn pull(
         &self,
         id: SnapshotId,
         dir: &Path,
         master: &MasterKey,
-    ) -> Result<WriteSummary, StoreError> {
-        let manifest = self.manifest(id, master)?;
-        let names: BTreeSet<ObjectName> = manifest
-            .chunks
-            .iter()
-            .filter_map(|c| match c {
-                StoreChunk::Data(name) => Some(*name),
-                StoreChunk::Zero => None,
-            })
-            .collect();
-        let s3 = self.s3.get()?;
-        let objects: HashMap<ObjectName, Vec<u8>> = self.runtime.block_on(
-            futures::stream::iter(names)
-                .map(|name| {
-                    let path = self.url.chunk(&name);
-                    let s3 = s3.clone();
-                    async move {
-                        get_bounded(&*s3, &path, MAX_OBJECT_LEN)
-                            .await
-                            .map(|bytes| (name, bytes))
-                    }
-                })
-                .buffer_unordered(self.options.concurrency)
-                .try_collect(),
-        )?;
-        let summary =
-            store_transfer::import(dir, &manifest, master, &WriteOptions::default(), |name| {
-                objects.get(name).cloned().ok_or_else(|| RequestError {
-                    op: "GET",
-                    path: self.url.chunk(name).to_string(),
-                    source: object_store::Error::NotFound {
-                        path: self.url.chunk(name).to_string(),
-                        source: "not among the objects fetched".into(),
-                    },
-                })
-            })?;
-        tracing::info!(snapshot = %id, url = %self.url, objects = objects.len(), "snapshot pulled");
-        Ok(summary)
+        cache: Option<Arc<ObjectCache>>,
+    ) -> Result<PullSummary, StoreError> {
+        let manifest = self.manifest_through(id, master, cache.as_ref())?;
+        let objects = StoreObjects::new(
+            self.s3.clone(),
+            self.url.clone(),
+            self.runtime.clone(),
+            cache,
+            self.options.concurrency,
+            self.options.fetch_deadline,
+        );
+        let written =
+            store_transfer::import(dir, &manifest, master, &WriteOptions::default(), &objects)?;
+        let fetched = objects.stats();
+        tracing::info!(snapshot = %id, url = %self.url, fetched = fetched.fetched,
+            from_cache = fetched.cache_hits, "snapshot pulled");
+        Ok(PullSummary { written, fetched })
     }
+}
+
+/// What a pull did.
+#[derive(Clone, Debug)]
+pub struct PullSummary {
+    /// The snapshot written.
+    pub written: WriteSummary,
+    /// Objects fetched from the store, and taken from the host cache.
+    pub fetched: ObjectStats,
 }
 
 /// Uploads what `rx` brings, `concurrency` at a time, skipping objects the store holds;
@@ -629,6 +682,35 @@ async fn get_bounded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_urls_parse_and_bad_ones_are_refused() {
+        let id = SnapshotId([0x1f; 16]);
+        let url: StoreSnapshotUrl = format!("s3://thaw-snapshots/prod/snapshots/{id}/")
+            .parse()
+            .unwrap();
+        assert_eq!(url.store.prefix, "prod");
+        assert_eq!(url.id, id);
+        assert_eq!(
+            url.to_string(),
+            format!("s3://thaw-snapshots/prod/snapshots/{id}")
+        );
+        let root: StoreSnapshotUrl = format!("s3://bucket/snapshots/{id}").parse().unwrap();
+        assert_eq!(root.store.prefix, "");
+        for bad in [
+            format!("s3://bucket/{id}"),
+            format!("s3://bucket/prod/snapshot/{id}"),
+            "s3://bucket/snapshots/xyz".to_string(),
+            "s3://bucket/snapshots/".to_string(),
+            format!("s3://Bad/snapshots/{id}"),
+            format!("/srv/snapshots/{id}"),
+        ] {
+            assert!(
+                matches!(bad.parse::<StoreSnapshotUrl>(), Err(StoreError::Url { .. })),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn store_urls_parse_and_bad_ones_are_refused() {

@@ -97,7 +97,7 @@ fn push_and_pull(server: &Server) {
     );
 
     store
-        .pull(original.id(), &dir.path().join("b"), &master())
+        .pull(original.id(), &dir.path().join("b"), &master(), None)
         .unwrap();
     let pulled = Snapshot::open(&dir.path().join("b"), Some(&master())).unwrap();
     assert_eq!(pulled.id(), original.id());
@@ -120,6 +120,7 @@ fn push_and_pull(server: &Server) {
         snapshot::SnapshotId([1; 16]),
         &dir.path().join("d"),
         &master(),
+        None,
     );
     assert!(
         matches!(missing, Err(StoreError::NoSuchSnapshot { .. })),
@@ -155,26 +156,83 @@ fn an_object_altered_or_swapped_in_the_store_is_refused_and_leaves_no_snapshot()
     let last = bad.len() - 1;
     bad[last] ^= 1;
     std::fs::write(&files[3], &bad).unwrap();
-    let err = store.pull(original.id(), &target, &master()).unwrap_err();
-    assert!(matches!(err, StoreError::Transfer(_)), "{err:?}");
+    let err = store
+        .pull(original.id(), &target, &master(), None)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Pull(_)), "{err:?}");
     assert!(!target.exists());
     std::fs::write(&files[3], &good).unwrap();
 
     // One object in another's place.
     let other = std::fs::read(&files[4]).unwrap();
     std::fs::write(&files[3], &other).unwrap();
-    let err = store.pull(original.id(), &target, &master()).unwrap_err();
-    assert!(matches!(err, StoreError::Transfer(_)), "{err:?}");
+    let err = store
+        .pull(original.id(), &target, &master(), None)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Pull(_)), "{err:?}");
     assert!(!target.exists());
     std::fs::write(&files[3], &good).unwrap();
 
     // Another master key reads nothing.
     let err = store
-        .pull(original.id(), &target, &MasterKey::from_bytes([1; 32]))
+        .pull(
+            original.id(),
+            &target,
+            &MasterKey::from_bytes([1; 32]),
+            None,
+        )
         .unwrap_err();
     assert!(matches!(err, StoreError::Manifest { .. }), "{err:?}");
 
-    store.pull(original.id(), &target, &master()).unwrap();
+    store.pull(original.id(), &target, &master(), None).unwrap();
+}
+
+/// A pull through the host cache keeps what it fetched, so pulling again (another thawd
+/// registering the snapshot, or the same after a restart) fetches nothing; a cached copy
+/// that rotted is dropped and fetched again.
+#[test]
+fn a_pull_through_the_host_cache_fetches_each_object_once() {
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let original = snapshot(&dir.path().join("a"), 1);
+    let store = connect(&server, "pull-cache");
+    store.push(&dir.path().join("a"), &master()).unwrap();
+    let cache_dir = dir.path().join("cache");
+    let cache = Arc::new(ObjectCache::open(&cache_dir, 1 << 30).unwrap());
+    let first = store
+        .pull(
+            original.id(),
+            &dir.path().join("b"),
+            &master(),
+            Some(cache.clone()),
+        )
+        .unwrap();
+    assert_eq!((first.fetched.fetched, first.fetched.cache_hits), (16, 0));
+    drop(cache);
+
+    // Reopened, as after a restart; one cached object rots.
+    let cache = Arc::new(ObjectCache::open(&cache_dir, 1 << 30).unwrap());
+    let mut cached: Vec<_> = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    cached.sort();
+    assert_eq!(cached.len(), 16, "{cached:?}");
+    let mut rotten = std::fs::read(&cached[0]).unwrap();
+    rotten[30] ^= 1;
+    std::fs::write(&cached[0], &rotten).unwrap();
+    let second = store
+        .pull(original.id(), &dir.path().join("c"), &master(), Some(cache))
+        .unwrap();
+    assert_eq!(
+        (second.fetched.fetched, second.fetched.cache_hits),
+        (1, 16),
+        "the rotten copy is fetched again"
+    );
+    let pulled = Snapshot::open(&dir.path().join("c"), Some(&master())).unwrap();
+    assert_eq!(memory_of(&pulled), memory_of(&original));
+    pulled.verify(1).unwrap();
 }
 
 #[test]
@@ -212,7 +270,7 @@ fn a_store_that_is_down_is_reported_within_the_retry_deadline() {
         "{text}"
     );
     let err = store
-        .pull(snap.id(), &dir.path().join("b"), &master())
+        .pull(snap.id(), &dir.path().join("b"), &master(), None)
         .unwrap_err();
     assert!(matches!(err, StoreError::Request(_)), "{err:?}");
     assert!(!dir.path().join("b").exists());

@@ -99,7 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     service::check_dead_letter_dir(&config.dead_letter_dir)?;
     let descriptors = service::check_descriptors(&config.front)?;
     tracing::debug!(descriptors, "RLIMIT_NOFILE");
-    let shapes = service::register_all(&config)?;
+    let registered = service::register_all(&config)?;
     let worker = WorkerCommand {
         program: std::env::current_exe().context("cannot find thawd's own executable")?,
         args: vec!["worker".into()],
@@ -110,7 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let bound = service::bind(&config.listen).await?;
-        let thawd = Arc::new(service::Thawd::start(&config, &shapes, worker)?);
+        let thawd = Arc::new(service::Thawd::start(&config, &registered, worker)?);
         println!("thawd: listening on {}", bound.describe());
         service::serve(thawd, bound, shutdown_signal()).await?;
         tracing::info!("thawd stopped");

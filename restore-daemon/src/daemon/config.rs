@@ -23,6 +23,8 @@
 //! jail_cpu_limit = true            # with cgroup v2: cpu.max by Lambda's ratio (1769 MB = 1 vCPU)
 //! log_dir = "/var/log/thawd"       # <function>.log: START / END / REPORT and the guest's output
 //! decoded_copy_budget_mib = 4096   # host memory for decoded snapshot copies (default: 1/4 of RAM)
+//! store_dir = "/var/lib/thawd/store" # store snapshots' local copies and the chunk cache
+//! chunk_cache_mib = 4096           # the host cache of sealed chunk objects; 0: none
 //!
 //! [functions.hello]
 //! snapshot = "/srv/snapshots/hello"
@@ -31,7 +33,16 @@
 //! reserved_concurrency = 2         # optional
 //! key_file = "/etc/thawd/hello.key" # optional: default is the host key
 //! memory = "shared"                # default; or "lazy" or "eager" (private memory per clone)
+//!
+//! [functions.from-the-store]
+//! snapshot = "s3://bucket/prefix/snapshots/0123456789abcdef0123456789abcdef"
+//! memory_mib = 512
 //! ```
+//!
+//! A `snapshot` that starts with `s3://` names a snapshot that `thaw snapshot push` wrote to an
+//! S3-compatible store (docs/store.md); the endpoint, region and credentials come from thawd's
+//! environment and AWS profile files, as for `thaw snapshot pull`. thawd pulls it through the
+//! host's chunk cache into `store_dir/snapshots/<id>` when it is not there yet.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -140,6 +151,8 @@ struct RawConfig {
     jail_cpu_limit: Option<bool>,
     jail_cgroups: Option<bool>,
     decoded_copy_budget_mib: Option<u64>,
+    store_dir: Option<PathBuf>,
+    chunk_cache_mib: Option<u64>,
     event_retry_delays_ms: Option<Vec<u64>>,
     region: Option<String>,
     account_id: Option<String>,
@@ -188,8 +201,11 @@ pub enum Listen {
 pub struct FunctionConfig {
     /// Its name.
     pub name: String,
-    /// Its snapshot directory.
+    /// Its snapshot directory (for a snapshot in a store: where thawd keeps its local copy).
     pub snapshot: PathBuf,
+    /// Where its snapshot comes from when it is in a store; `None`: `snapshot` is the
+    /// operator's own directory.
+    pub store: Option<store::StoreSnapshotUrl>,
     /// Its memory size (the snapshot's).
     pub memory_mib: u64,
     /// How long an invocation may run.
@@ -236,6 +252,11 @@ pub struct Config {
     /// Host memory decoded snapshot copies may hold, all functions together, bytes; 0: no
     /// copies (every restore is private).
     pub decoded_copy_budget: u64,
+    /// Where store snapshots' local copies (`snapshots/<id>`) and the chunk cache
+    /// (`chunks/`) live.
+    pub store_dir: PathBuf,
+    /// The chunk cache's budget, bytes; 0: no cache.
+    pub chunk_cache_budget: u64,
     /// The region in ARNs.
     pub region: String,
     /// The account id in ARNs.
@@ -429,6 +450,17 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
     if account_id.len() != 12 || !account_id.chars().all(|c| c.is_ascii_digit()) {
         return Err(invalid("account_id", "must be 12 digits".into()));
     }
+    let store_dir = anchor(
+        base,
+        raw.store_dir.unwrap_or_else(|| PathBuf::from("store")),
+    );
+    let chunk_cache_mib = raw.chunk_cache_mib.unwrap_or(4096);
+    let chunk_cache_budget = chunk_cache_mib.checked_mul(1 << 20).ok_or_else(|| {
+        invalid(
+            "chunk_cache_mib",
+            format!("{chunk_cache_mib} MiB is too large"),
+        )
+    })?;
     let mut functions = BTreeMap::new();
     for (name, f) in raw.functions {
         let key = |field: &str| format!("functions.{name}.{field}");
@@ -455,9 +487,19 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
                 0..=max_concurrency.into(),
             )?;
         }
+        let (snapshot, store) = match f.snapshot.to_str().filter(|s| s.starts_with("s3://")) {
+            Some(url) => {
+                let url: store::StoreSnapshotUrl = url
+                    .parse()
+                    .map_err(|e: store::StoreError| invalid(&key("snapshot"), e.to_string()))?;
+                (local_copy(&store_dir, url.id), Some(url))
+            }
+            None => (anchor(base, f.snapshot), None),
+        };
         let function = FunctionConfig {
             name: name.clone(),
-            snapshot: anchor(base, f.snapshot),
+            snapshot,
+            store,
             memory_mib: f.memory_mib,
             timeout: Duration::from_secs(timeout_secs),
             reserved_concurrency: f.reserved_concurrency,
@@ -494,6 +536,8 @@ pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError
             .map(Duration::from_millis)
             .collect(),
         decoded_copy_budget,
+        store_dir,
+        chunk_cache_budget,
         region,
         account_id,
         functions,
@@ -514,6 +558,11 @@ pub fn check_function_name(name: &str) -> Result<(), String> {
             "{name:?} is not a function name (1 to 64 letters, digits, '-' or '_')"
         ))
     }
+}
+
+/// Where thawd keeps its copy of store snapshot `id`.
+pub fn local_copy(store_dir: &Path, id: snapshot::SnapshotId) -> PathBuf {
+    store_dir.join("snapshots").join(id.to_string())
 }
 
 fn anchor(base: &Path, path: PathBuf) -> PathBuf {
@@ -667,6 +716,40 @@ mod tests {
             let e = parse_err(&text);
             assert!(e.contains(wanted), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_in_a_store_is_copied_under_the_store_dir() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let c = parse_ok(&format!(
+            "store_dir = \"/var/lib/thawd/store\"\nchunk_cache_mib = 64\n\
+             [functions.s]\nsnapshot = \"s3://fns/prod/snapshots/{id}\"\nmemory_mib = 512\n\
+             [functions.l]\nsnapshot = \"snaps/l\"\nmemory_mib = 128\n"
+        ));
+        let s = &c.functions["s"];
+        let url = s.store.as_ref().unwrap();
+        assert_eq!(url.to_string(), format!("s3://fns/prod/snapshots/{id}"));
+        assert_eq!(
+            s.snapshot,
+            PathBuf::from(format!("/var/lib/thawd/store/snapshots/{id}"))
+        );
+        assert_eq!(c.chunk_cache_budget, 64 << 20);
+        assert_eq!(c.functions["l"].store, None);
+        let d = parse_ok(ONE);
+        assert_eq!(d.store_dir, PathBuf::from("/etc/thawd/store"));
+        assert_eq!(d.chunk_cache_budget, 4096 << 20);
+        for bad in [
+            "s3://fns/prod/snapshot/0123456789abcdef0123456789abcdef",
+            "s3://fns/prod/snapshots/0123",
+            "s3://x/snapshots/0123456789abcdef0123456789abcdef",
+        ] {
+            let e = parse_err(&format!(
+                "[functions.s]\nsnapshot = \"{bad}\"\nmemory_mib = 128\n"
+            ));
+            assert!(e.contains("functions.s.snapshot"), "{e}");
+        }
+        let e = parse_err(&format!("chunk_cache_mib = {}\n{ONE}", u64::MAX));
+        assert!(e.contains("chunk_cache_mib"), "{e}");
     }
 
     #[test]

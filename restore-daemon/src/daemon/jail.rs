@@ -136,6 +136,7 @@ mod tests {
         FunctionConfig {
             name: "f".into(),
             snapshot: "/srv/snap".into(),
+            store: None,
             memory_mib,
             timeout: Duration::from_secs(3),
             reserved_concurrency: None,

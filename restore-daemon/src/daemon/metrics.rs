@@ -147,6 +147,62 @@ pub struct Metrics {
     copy_evictions: Counters,
     copy_bytes: Family<FunctionLabels, Gauge>,
     copy_budget: Gauge,
+    store: StoreMetrics,
+}
+
+/// What registration's store pulls cost and what the host cache of chunk objects holds
+/// (thawd reads the store only when it registers its functions: `store_copies`).
+#[derive(Debug, Default)]
+struct StoreMetrics {
+    pulls: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    fetched_bytes: Counter,
+    cache_evictions: Counter,
+    cache_bytes: Gauge,
+    cache_objects: Gauge,
+}
+
+impl StoreMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "store_pulls",
+            "Store snapshots pulled into thawd's local copies at registration",
+            self.pulls.clone(),
+        );
+        registry.register(
+            "chunk_cache_hits",
+            "Chunk objects of pulled snapshots taken from the host cache",
+            self.cache_hits.clone(),
+        );
+        registry.register(
+            "chunk_cache_misses",
+            "Chunk objects of pulled snapshots fetched from the store",
+            self.cache_misses.clone(),
+        );
+        registry.register_with_unit(
+            "store_fetched",
+            "Chunk object bytes fetched from the store",
+            Unit::Bytes,
+            self.fetched_bytes.clone(),
+        );
+        registry.register(
+            "chunk_cache_evictions",
+            "Chunk objects evicted from the host cache to stay within its budget",
+            self.cache_evictions.clone(),
+        );
+        registry.register_with_unit(
+            "chunk_cache",
+            "Bytes of chunk objects the host cache holds",
+            Unit::Bytes,
+            self.cache_bytes.clone(),
+        );
+        registry.register(
+            "chunk_cache_objects",
+            "Chunk objects the host cache holds",
+            self.cache_objects.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -215,6 +271,9 @@ impl Metrics {
             copy_budget.clone(),
         );
 
+        let store = StoreMetrics::default();
+        store.register(&mut registry);
+
         let restore_seconds = Histograms::new_with_constructor(restore_histogram as fn() -> _);
         registry.register_with_unit(
             "restore_duration",
@@ -247,6 +306,23 @@ impl Metrics {
             copy_evictions,
             copy_bytes,
             copy_budget,
+            store,
+        }
+    }
+
+    /// What registration's store pulls cost, and the host cache after them.
+    pub fn record_store(&self, totals: &super::store_copies::StoreTotals) {
+        let m = &self.store;
+        m.pulls.inc_by(totals.pulls);
+        m.cache_hits.inc_by(totals.objects.cache_hits);
+        m.cache_misses.inc_by(totals.objects.fetched);
+        m.fetched_bytes.inc_by(totals.objects.fetched_bytes);
+        if let Some(cache) = totals.cache {
+            m.cache_evictions.inc_by(cache.evicted);
+            m.cache_bytes
+                .set(i64::try_from(cache.bytes).unwrap_or(i64::MAX));
+            m.cache_objects
+                .set(i64::try_from(cache.objects).unwrap_or(i64::MAX));
         }
     }
 
@@ -463,6 +539,37 @@ mod tests {
         );
         assert_has(&text, "thawd_decoded_copy_budget_bytes 1073741824");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn store_pulls_and_the_chunk_cache_are_shown() {
+        let metrics = Metrics::new();
+        metrics.record_store(&super::super::store_copies::StoreTotals {
+            pulls: 2,
+            objects: store::ObjectStats {
+                fetched: 7,
+                fetched_bytes: 4096,
+                cache_hits: 93,
+            },
+            cache: Some(store::CacheStats {
+                evicted: 3,
+                objects: 100,
+                bytes: 1 << 20,
+                ..Default::default()
+            }),
+        });
+        let text = metrics.render();
+        for line in [
+            "thawd_store_pulls_total 2",
+            "thawd_chunk_cache_hits_total 93",
+            "thawd_chunk_cache_misses_total 7",
+            "thawd_store_fetched_bytes_total 4096",
+            "thawd_chunk_cache_evictions_total 3",
+            "thawd_chunk_cache_bytes 1048576",
+            "thawd_chunk_cache_objects 100",
+        ] {
+            assert_has(&text, line);
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pool;
 pub mod registry;
 pub mod service;
+pub mod store_copies;
 
 /// Lambda's limit on a synchronous (`RequestResponse`) invocation's payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;

@@ -49,6 +49,50 @@ pub enum RegistryError {
         /// In the snapshot.
         snapshot: u64,
     },
+    /// The local copy of its store snapshot holds another snapshot.
+    #[error("function {function}: {} holds snapshot {held}, not {expected}", path.display())]
+    CopyOfAnother {
+        /// The function.
+        function: String,
+        /// The copy.
+        path: PathBuf,
+        /// The snapshot it holds.
+        held: snapshot::SnapshotId,
+        /// The one the config names.
+        expected: snapshot::SnapshotId,
+    },
+    /// Its snapshot is in a store and could not be pulled.
+    #[error("function {function}: cannot pull its snapshot {url}")]
+    Store {
+        /// The function.
+        function: String,
+        /// The snapshot's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: Box<store::StoreError>,
+    },
+    /// Its snapshot is in a store, and no master key opens it.
+    #[error(
+        "function {function}: its snapshot is in a store, where it is sealed: give key_file, or \
+         make a host key (thaw snapshot create does)"
+    )]
+    NoStoreKey {
+        /// The function.
+        function: String,
+    },
+    /// The host cache of chunk objects could not be opened.
+    #[error("the chunk cache (store_dir/chunks)")]
+    ChunkCache(#[source] store::CacheError),
+    /// The directory of store snapshots' copies could not be used.
+    #[error("cannot use {} for store snapshots", path.display())]
+    StoreDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What thawd knows of a registered function's snapshot.
@@ -94,6 +138,16 @@ pub fn register(function: &FunctionConfig) -> Result<SnapshotShape, RegistryErro
             source,
         })
     })?;
+    if let Some(url) = &function.store
+        && snap.id() != url.id
+    {
+        return Err(RegistryError::CopyOfAnother {
+            function: function.name.clone(),
+            path: function.snapshot.clone(),
+            held: snap.id(),
+            expected: url.id,
+        });
+    }
     let snapshot_mib = state.mem_bytes >> 20;
     if snapshot_mib != function.memory_mib || state.mem_bytes % (1 << 20) != 0 {
         return Err(RegistryError::MemorySize {

@@ -12,6 +12,7 @@ use super::front::FrontLimits;
 use super::metrics::Metrics;
 use super::pool::Pool;
 use super::registry::{self, RegistryError, SnapshotShape};
+use super::store_copies::{StoreCopies, StoreTotals};
 use super::{Backend, Completed, Invocation, InvokeFailure};
 use crate::worker::handle::WorkerCommand;
 
@@ -58,18 +59,52 @@ pub enum DaemonError {
     },
 }
 
-/// Verifies every function's snapshot (blocking: every chunk is authenticated).
-pub fn register_all(config: &Config) -> Result<BTreeMap<String, SnapshotShape>, RegistryError> {
+/// What registration found: each function's snapshot, and what pulling store snapshots cost.
+#[derive(Debug)]
+pub struct Registered {
+    /// By function.
+    pub shapes: BTreeMap<String, SnapshotShape>,
+    /// Store pulls and the host cache.
+    pub store: StoreTotals,
+}
+
+/// Verifies every function's snapshot (blocking: every chunk is authenticated), pulling the
+/// ones in a store first (`store_copies`). Not on an async runtime: the store client runs its
+/// own.
+pub fn register_all(config: &Config) -> Result<Registered, RegistryError> {
+    let mut stores = StoreCopies::open(config)?;
     let mut shapes = BTreeMap::new();
     for f in config.functions.values() {
         let started = std::time::Instant::now();
-        let shape = registry::register(f)?;
+        let shape = match f.store {
+            None => registry::register(f)?,
+            Some(_) => {
+                let key = registry::key_for(f)?;
+                let pulled = stores.ensure(f, key.master(), false)?;
+                match registry::register(f) {
+                    Ok(shape) => shape,
+                    // A copy held from before that no longer verifies (altered on this disk,
+                    // or not the snapshot named): pulled again, once.
+                    Err(e) if !pulled => {
+                        tracing::warn!(function = f.name, error = %crate::worker::process::chain(&e),
+                            "the local copy of the store snapshot is refused; pulling it again");
+                        stores.ensure(f, key.master(), true)?;
+                        registry::register(f)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         tracing::info!(function = f.name, snapshot = %f.snapshot.display(),
             mem_mib = shape.mem_bytes >> 20, vcpus = shape.vcpus,
             elapsed = ?started.elapsed(), "function registered; snapshot verified");
         shapes.insert(f.name.clone(), shape);
     }
-    Ok(shapes)
+    stores.prune(config);
+    Ok(Registered {
+        shapes,
+        store: stores.totals(),
+    })
 }
 
 /// Creates the dead-letter directory if need be and checks that a file can be written there,
@@ -103,7 +138,7 @@ impl Thawd {
     /// the current tokio runtime).
     pub fn start(
         config: &Config,
-        shapes: &BTreeMap<String, SnapshotShape>,
+        registered: &Registered,
         worker: WorkerCommand,
     ) -> Result<Self, DaemonError> {
         check_dead_letter_dir(&config.dead_letter_dir)?;
@@ -118,12 +153,15 @@ impl Thawd {
             }
         };
         let metrics = Arc::new(Metrics::new());
-        let pool = Arc::new(Pool::new(config, shapes, worker, jails, metrics).map_err(
-            |source| DaemonError::LogDir {
-                path: config.log_dir.clone(),
-                source,
-            },
-        )?);
+        metrics.record_store(&registered.store);
+        let pool = Arc::new(
+            Pool::new(config, &registered.shapes, worker, jails, metrics).map_err(|source| {
+                DaemonError::LogDir {
+                    path: config.log_dir.clone(),
+                    source,
+                }
+            })?,
+        );
         pool.fill_spares();
         tokio::spawn(pool.clone().reap_idle());
         let events = EventQueue::start(

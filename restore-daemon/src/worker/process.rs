@@ -201,7 +201,7 @@ fn send<W: Write>(output: &mut W, reply: &Reply, console: &ConsoleTail) -> Resul
 }
 
 /// An error and its causes, as one line.
-fn chain(e: &dyn Error) -> String {
+pub(crate) fn chain(e: &dyn Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

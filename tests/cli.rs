@@ -608,6 +608,7 @@ fn snapshot_push_and_pull_move_a_snapshot_through_an_s3_store() {
         thaw_bin()
             .args(args)
             .envs(server.env())
+            .env("THAW_CACHE_DIR", dir.path())
             .output()
             .expect("run thaw")
     };
@@ -635,17 +636,36 @@ fn snapshot_push_and_pull_move_a_snapshot_through_an_s3_store() {
         "{}",
         stdout(&again)
     );
+    let cache = dir.path().join("chunk-cache");
+    let pull = |into: &std::path::Path| {
+        run(&[
+            "snapshot",
+            "pull",
+            &url,
+            &id.to_string(),
+            into.to_str().unwrap(),
+            "--key-file",
+            key,
+            "--chunk-cache",
+            cache.to_str().unwrap(),
+        ])
+    };
+    // The first pull fetches every object; a second finds them all in the host cache.
     let pulled_dir = dir.path().join("pulled");
-    let pulled = run(&[
-        "snapshot",
-        "pull",
-        &url,
-        &id.to_string(),
-        pulled_dir.to_str().unwrap(),
-        "--key-file",
-        key,
-    ]);
+    let pulled = pull(&pulled_dir);
     assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(
+        stdout(&pulled).contains(", 0 from the host cache"),
+        "{}",
+        stdout(&pulled)
+    );
+    let again = pull(&dir.path().join("pulled-again"));
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stdout(&again).contains("chunk objects: 0 fetched from the store (0.0 MiB)"),
+        "{}",
+        stdout(&again)
+    );
     let opened = snapshot::Snapshot::open(
         &pulled_dir,
         Some(&snapshot::MasterKey::load(&key_file).unwrap()),
@@ -683,6 +703,7 @@ fn snapshot_push_and_pull_refuse_bad_input() {
         thaw_bin()
             .args(args)
             .envs(server.env())
+            .env("THAW_CACHE_DIR", dir.path())
             .output()
             .expect("run thaw")
     };

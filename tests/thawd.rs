@@ -125,7 +125,7 @@ except client.exceptions.ResourceNotFoundException as e:
     // The log file has a REPORT with a Restore Duration for the first invocation.
     let log = std::fs::read_to_string(thawd.dir.join("logs/hello.log")).unwrap();
     assert!(log.contains("Restore Duration: "), "{log}");
-    let metrics = ureq_get(&format!("{}/metrics", thawd.endpoint));
+    let metrics = thawd.get("/metrics");
     assert!(metrics.contains("thawd_invocations_total"), "{metrics}");
 
     let pid = thawd.pid();
@@ -134,14 +134,6 @@ except client.exceptions.ResourceNotFoundException as e:
     assert!(children(pid).is_empty());
 }
 
-fn ureq_get(url: &str) -> String {
-    ureq::get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
 
 #[test]
 fn throttles_timeouts_crashes_and_bad_requests() {
@@ -462,14 +454,7 @@ fn a_killed_worker_costs_one_environment_not_the_daemon() {
         _dir,
         _slots,
     } = served(0);
-    let call = |payload: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
-            .args(["invoke", "hello", payload, "--endpoint", &thawd.endpoint])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let call = |payload: &str| thawd.invoke("hello", payload);
     assert_eq!(call("\"thaw:echo=one\""), "one\n");
     // The idle (frozen) environment's worker is the daemon's only child: kill it.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -542,7 +527,7 @@ fn restores_map_the_shared_copy_and_an_exhausted_budget_falls_back_to_private() 
     let text = loop {
         invoke(&thawd, &format!("clone {n}"));
         n += 1;
-        let text = ureq_get(&format!("{}/metrics", thawd.endpoint));
+        let text = thawd.get("/metrics");
         if metric(
             &text,
             "thawd_shared_copy_restores_total{function=\"hello\"}",
@@ -573,7 +558,7 @@ fn restores_map_the_shared_copy_and_an_exhausted_budget_falls_back_to_private() 
     for n in 0..3 {
         invoke(&thawd, &format!("private {n}"));
     }
-    let text = ureq_get(&format!("{}/metrics", thawd.endpoint));
+    let text = thawd.get("/metrics");
     assert_eq!(
         metric(
             &text,

@@ -19,28 +19,13 @@ use store::test_servers::{ACCESS_KEY, BUCKET, REGION, SECRET_KEY, s3s_fs};
 
 /// The value of the unlabelled metric `name` on thawd's `/metrics` page.
 fn metric(thawd: &Thawd, name: &str) -> u64 {
-    let text = ureq::get(&format!("{}/metrics", thawd.endpoint))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let text = thawd.get("/metrics");
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
         .trim()
         .parse()
         .unwrap()
-}
-
-/// `thaw invoke` against `thawd`: the function's answer.
-fn invoke(thawd: &Thawd, payload: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .args(["invoke", "hello", payload, "--endpoint", &thawd.endpoint])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An AWS profile `thaw-test` for the server at `endpoint`, in files of their own; the
@@ -105,7 +90,7 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     // First start: pulled from the store, every object a miss.
     let thawd = Thawd::start_with_env(dir.path(), &config, &env);
     assert_eq!(
-        invoke(&thawd, "\"thaw:echo=from the store\""),
+        thawd.invoke("hello", "\"thaw:echo=from the store\""),
         "from the store\n"
     );
     assert_eq!(metric(&thawd, "thawd_store_pulls_total"), 1);
@@ -122,7 +107,7 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     let thawd = Thawd::start_with_env(dir.path(), &config, &env);
     assert_eq!(metric(&thawd, "thawd_store_pulls_total"), 0);
     assert!(!stale.exists());
-    assert_eq!(invoke(&thawd, "\"thaw:echo=kept\""), "kept\n");
+    assert_eq!(thawd.invoke("hello", "\"thaw:echo=kept\""), "kept\n");
     assert!(thawd.stop().success());
 
     // The copy removed: pulled again, every object from the cache that survived the restart.
@@ -141,7 +126,7 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     std::fs::write(&file, &bytes).unwrap();
     let thawd = Thawd::start_with_env(dir.path(), &config, &env);
     assert_eq!(metric(&thawd, "thawd_store_pulls_total"), 1);
-    assert_eq!(invoke(&thawd, "\"thaw:echo=again\""), "again\n");
+    assert_eq!(thawd.invoke("hello", "\"thaw:echo=again\""), "again\n");
     assert!(thawd.stop().success());
 
     // The store down and no copy: the host cache alone has everything (the manifest fetched
@@ -151,7 +136,7 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     let thawd = Thawd::start_with_env(dir.path(), &config, &env);
     assert_eq!(metric(&thawd, "thawd_store_pulls_total"), 1);
     assert_eq!(metric(&thawd, "thawd_chunk_cache_misses_total"), 0);
-    assert_eq!(invoke(&thawd, "\"thaw:echo=cached\""), "cached\n");
+    assert_eq!(thawd.invoke("hello", "\"thaw:echo=cached\""), "cached\n");
     assert!(thawd.stop().success());
 
     // Nor the cache: thawd says which function and store, and exits.

@@ -134,7 +134,6 @@ except client.exceptions.ResourceNotFoundException as e:
     assert!(children(pid).is_empty());
 }
 
-
 #[test]
 fn throttles_timeouts_crashes_and_bad_requests() {
     if !require_kvm("throttles_timeouts_crashes_and_bad_requests") {

@@ -2,6 +2,7 @@
 //! the i8042 controller, the debug-exit port, and virtio devices on the virtio-mmio transport
 //! (vsock).
 
+pub mod block;
 pub mod bus;
 pub mod legacy;
 pub mod serial;

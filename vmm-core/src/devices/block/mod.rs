@@ -10,9 +10,13 @@
 //! `VIRTIO_BLK_S_UNSUPP`; a chain with no byte for the status cannot be answered and is
 //! returned unused (length 0). A guest cannot make the device read or write outside its disk,
 //! nor make it allocate more than one request's bounded buffer.
+//!
+//! The bytes come from a [`Disk`]: a file as it is, or a shared base with this environment's
+//! writes kept in its own overlay (`disk`).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+pub mod disk;
+
+pub use disk::{CowDisk, Disk, RawDisk};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -45,9 +49,6 @@ const HEADER_LEN: usize = 16;
 /// A disk could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// Its size could not be read.
-    #[error("cannot read the disk image's size")]
-    Size(#[source] std::io::Error),
     /// Its size is not whole sectors.
     #[error("the disk image is {len} bytes, not a multiple of {SECTOR_SIZE}")]
     NotWholeSectors {
@@ -78,9 +79,9 @@ pub struct BlockStats {
     pub refused: u64,
 }
 
-/// A virtio-block device backed by one host file.
+/// A virtio-block device over a [`Disk`].
 pub struct BlockDevice {
-    disk: File,
+    disk: Box<dyn Disk>,
     read_only: bool,
     capacity_sectors: u64,
     /// Reported by `VIRTIO_BLK_T_GET_ID` (Linux shows it as the disk's serial).
@@ -124,8 +125,8 @@ impl BlockDevice {
     /// A device over `disk`, whose length (whole sectors, not empty) is the disk's capacity;
     /// `read_only` refuses the guest's writes and tells it so (`VIRTIO_BLK_F_RO`). `id` is the
     /// serial the guest reads (at most 20 bytes).
-    pub fn new(disk: File, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        let len = disk.metadata().map_err(BlockError::Size)?.len();
+    pub fn new(disk: Box<dyn Disk>, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let len = disk.size();
         if len == 0 {
             return Err(BlockError::Empty);
         }
@@ -271,7 +272,7 @@ impl BlockDevice {
         let offset = self.checked(sector, len)?;
         self.buf.resize(len, 0);
         self.disk
-            .read_exact_at(&mut self.buf, offset)
+            .read_at(&mut self.buf, offset)
             .map_err(RequestError::Io)?;
         std::io::Write::write_all(writer, &self.buf)
             .map_err(|e| RequestError::Memory(e.to_string()))?;
@@ -294,7 +295,7 @@ impl BlockDevice {
         std::io::Read::read_exact(reader, &mut self.buf)
             .map_err(|e| RequestError::Memory(e.to_string()))?;
         self.disk
-            .write_all_at(&self.buf, offset)
+            .write_at(&self.buf, offset)
             .map_err(RequestError::Io)?;
         self.stats.writes += 1;
         self.stats.written_bytes += len as u64;
@@ -303,7 +304,7 @@ impl BlockDevice {
 
     fn flush(&mut self) -> Result<usize, RequestError> {
         if !self.read_only {
-            self.disk.sync_data().map_err(RequestError::Io)?;
+            self.disk.flush().map_err(RequestError::Io)?;
         }
         self.stats.flushes += 1;
         Ok(0)

@@ -54,7 +54,17 @@ impl Driver {
             .write(!read_only)
             .open(disk.path())
             .unwrap();
-        let device = BlockDevice::new(file, read_only, "thaw-test-disk").unwrap();
+        let device = BlockDevice::new(
+            Box::new(RawDisk::new(file).unwrap()),
+            read_only,
+            "thaw-test-disk",
+        )
+        .unwrap();
+        Self::with_device(device, disk, read_only)
+    }
+
+    /// A driver that set `device` up; `disk` is the file the tests read back.
+    fn with_device(device: BlockDevice, disk: tempfile::NamedTempFile, read_only: bool) -> Self {
         let mem = memory::create_guest_memory(MEM_SIZE).unwrap();
         let dev = MmioTransport::new(device, mem.clone()).unwrap();
         let mut d = Self {
@@ -343,21 +353,51 @@ fn unknown_types_and_broken_chains_are_answered_without_harm() {
 
 #[test]
 fn bad_disk_images_are_refused() {
-    let empty = tempfile::tempfile().unwrap();
+    let disk = |len: u64| {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(len).unwrap();
+        Box::new(RawDisk::new(file).unwrap())
+    };
     assert!(matches!(
-        BlockDevice::new(empty, true, "x"),
+        BlockDevice::new(disk(0), true, "x"),
         Err(BlockError::Empty)
     ));
-    let odd = tempfile::tempfile().unwrap();
-    odd.set_len(1000).unwrap();
     assert!(matches!(
-        BlockDevice::new(odd, true, "x"),
+        BlockDevice::new(disk(1000), true, "x"),
         Err(BlockError::NotWholeSectors { len: 1000 })
     ));
-    let fine = tempfile::tempfile().unwrap();
-    fine.set_len(4096).unwrap();
     assert!(matches!(
-        BlockDevice::new(fine, true, "an id longer than twenty bytes"),
+        BlockDevice::new(disk(4096), true, "an id longer than twenty bytes"),
         Err(BlockError::IdTooLong { len: 30 })
     ));
+}
+
+/// Two devices over one base image, each with its own overlay: a clone's writes reach neither
+/// the base nor the other clone, through the whole request path.
+#[test]
+fn clones_over_one_base_keep_their_writes_apart() {
+    let base = Driver::new(true);
+    let overlays = tempfile::tempdir().unwrap();
+    let clone = |id: &str| {
+        let disk = CowDisk::with_private_overlay(
+            std::fs::File::open(base.disk.path()).unwrap(),
+            overlays.path(),
+        )
+        .unwrap();
+        let device = BlockDevice::new(Box::new(disk), false, id).unwrap();
+        // Its disk file is the overlay, unnamed: the test reads the base instead.
+        Driver::with_device(device, tempfile::NamedTempFile::new().unwrap(), false)
+    };
+    let (mut a, mut b) = (clone("a"), clone("b"));
+    let before = base.disk_bytes();
+    assert_eq!(
+        a.request(VIRTIO_BLK_T_OUT, 2, Some((&[0xa0; 1024], false)))
+            .0,
+        OK
+    );
+    assert_eq!(a.read_sectors(2, 3).1[..1024], [0xa0; 1024]);
+    assert_eq!(a.read_sectors(4, 1).1, vec![4u8; 512]);
+    assert_eq!(b.read_sectors(2, 1).1, vec![2u8; 512]);
+    assert_eq!(b.request(VIRTIO_BLK_T_FLUSH, 0, None).0, OK);
+    assert_eq!(base.disk_bytes(), before);
 }

@@ -15,6 +15,7 @@
 //! writes kept in its own overlay (`disk`).
 
 pub mod disk;
+pub mod persist;
 
 pub use disk::{CowDisk, Disk, RawDisk};
 

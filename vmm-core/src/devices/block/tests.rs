@@ -401,3 +401,78 @@ fn clones_over_one_base_keep_their_writes_apart() {
     assert_eq!(b.request(VIRTIO_BLK_T_FLUSH, 0, None).0, OK);
     assert_eq!(base.disk_bytes(), before);
 }
+
+/// The disk file at `path`, opened again as a restore would.
+fn reopen(path: &std::path::Path) -> Box<dyn Disk> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    Box::new(RawDisk::new(file).unwrap())
+}
+
+#[test]
+fn block_device_passes_persist_conformance() {
+    use crate::persist_conformance::{self, Spec};
+
+    let d = Driver::new(false);
+    let path = d.disk.path().to_owned();
+    let spec = Spec::of::<BlockDevice>()
+        .carries("the id", |s| s.id = *b"another-disk-id-0000")
+        .carries("read-only", |s| s.read_only = true)
+        .refuses("another disk size", |s| s.capacity_sectors += 1)
+        .refuses("a size that overflows", |s| s.capacity_sectors = u64::MAX);
+    let saved = persist_conformance::check::<BlockDevice>(d.dev.device(), || reopen(&path), &spec);
+    assert_eq!(saved.capacity_sectors, DISK_SECTORS);
+}
+
+/// The transport with its queue in use goes through the conformance check, and a device
+/// restored onto the same disk serves the guest's next request on the same ring, with the
+/// guest's view of the disk (size, read-only, id) the saved one.
+#[test]
+fn a_saved_device_restores_onto_its_disk_and_serves_on() {
+    use crate::devices::virtio::mmio::MmioArgs;
+    use crate::persist::Persist;
+    use crate::persist_conformance::{self, Spec};
+
+    let mut d = Driver::new(false);
+    assert_eq!(
+        d.request(VIRTIO_BLK_T_OUT, 7, Some((&[0x77; 512], false)))
+            .0,
+        OK
+    );
+    let (path, mem) = (d.disk.path().to_owned(), d.mem.clone());
+    let fresh = || MmioArgs {
+        device: reopen(&path),
+        mem: mem.clone(),
+    };
+    let spec = Spec::of::<MmioTransport<BlockDevice>>()
+        .carries("ring positions", |s| {
+            s.queues[0].next_avail = s.queues[0].next_avail.wrapping_add(3);
+            s.queues[0].next_used = s.queues[0].next_used.wrapping_add(3);
+        })
+        .carries("the id", |s| s.device.id = [b'z'; 20])
+        .refuses("another disk size", |s| s.device.capacity_sectors -= 1)
+        .refuses("features the device does not offer", |s| {
+            s.registers.driver_features |= 1 << 20
+        });
+    let saved = persist_conformance::check::<MmioTransport<BlockDevice>>(&d.dev, fresh, &spec);
+    assert!(saved.registers.activated);
+    assert_eq!(saved.queues[0].next_used, 1);
+
+    d.dev = MmioTransport::<BlockDevice>::restore(
+        MmioArgs {
+            device: reopen(&path),
+            mem: d.mem.clone(),
+        },
+        &saved,
+    )
+    .unwrap();
+    assert_eq!(d.read_sectors(7, 1), (OK, vec![0x77; 512]));
+    let (status, _, addr) = d.request(VIRTIO_BLK_T_GET_ID, 0, Some((&[0u8; 20], true)));
+    assert_eq!(status, OK);
+    let mut id = [0u8; 14];
+    d.mem.read_slice(&mut id, GuestAddress(addr)).unwrap();
+    assert_eq!(&id, b"thaw-test-disk");
+}

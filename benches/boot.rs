@@ -60,6 +60,7 @@ fn boot_in_process(vcpus: u8) -> (Duration, Duration, Duration) {
         initrd: None,
         cmdline: String::new(),
         vsock: None,
+        disks: Vec::new(),
     };
     let first = FirstByte(Arc::new(Mutex::new(None)));
     let start = Instant::now();

@@ -17,6 +17,7 @@ fn create(c: &mut Criterion) {
             initrd: None,
             cmdline: String::new(),
             vsock: None,
+            disks: Vec::new(),
         };
         group.bench_function(format!("test_guest_{mem_mib}MiB_1vcpu"), |b| {
             // Tearing the VM down is not part of creating it: drop outside the timing.

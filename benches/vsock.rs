@@ -60,6 +60,7 @@ fn boot(cmdline: &str) -> Guest {
             guest_cid: 3,
             uds_path: uds,
         }),
+        disks: Vec::new(),
     };
     let machine = Machine::create(&config, Box::new(std::io::sink())).expect("create the VM");
     let vm = std::thread::spawn(move || machine.run(None).expect("run the VM"));

@@ -469,6 +469,7 @@ impl GuestAgent {
                 guest_cid: 3,
                 uds_path,
             }),
+            disks: Vec::new(),
         };
         let vm = TestVm::new(config)
             .timeout(Duration::from_secs(240))

@@ -36,6 +36,7 @@ fn linux(vcpus: u8, cmdline: String) -> MachineConfig {
         kernel: KernelSource::Path(kernel.bzimage),
         cmdline,
         vsock: None,
+        disks: Vec::new(),
     }
 }
 

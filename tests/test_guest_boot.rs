@@ -83,6 +83,7 @@ fn boots_with_memory_above_the_mmio_gap() {
         initrd: None,
         cmdline: String::new(),
         vsock: None,
+        disks: Vec::new(),
     };
     let run = TestVm::new(vm.clone()).run();
     assert_eq!(run.reason, ExitReason::GuestExit(0), "{}", run.output);

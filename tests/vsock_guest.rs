@@ -83,6 +83,7 @@ impl Guest {
                 guest_cid: 3,
                 uds_path: uds.clone(),
             }),
+            disks: Vec::new(),
         };
         let vm = std::thread::spawn(move || TestVm::new(config).timeout(timeout).run());
         Guest {

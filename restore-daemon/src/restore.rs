@@ -761,8 +761,9 @@ pub fn restore_from(
     check_host(dir, &snap)?;
     let config = RestoreConfig {
         vsock_uds_path: options.vsock_uds.clone(),
+        disks: Vec::new(),
     };
-    let machine = Machine::restore_in(shell, &config, console, &state)?;
+    let machine = Machine::restore_in(shell, config, console, &state)?;
     // A failure before this point surfaced in this thread (Machine::restore_in touches no
     // guest memory); from here on it stops the machine.
     let _ = watch.controller.set(machine.controller());

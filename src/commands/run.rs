@@ -59,6 +59,7 @@ impl RunOptions {
                 .clone()
                 .unwrap_or_else(|| default_cmdline.to_string()),
             vsock: self.vsock.clone(),
+            disks: Vec::new(),
         })
     }
 }

@@ -103,6 +103,32 @@ pub fn validate_vsock_uds_path(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Virtio-block disks a machine may have: the virtio IRQs left beside a vsock device.
+pub const MAX_DISKS: usize = 8;
+
+/// A virtio-block disk backed by a host file, read and written in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image: whole 512-byte sectors, not empty.
+    pub path: PathBuf,
+    /// The guest may not write it (it is told so), and the file is opened read-only.
+    pub read_only: bool,
+    /// The serial the guest reads (`/sys/block/vdX/serial`): at most 20 bytes, printable ASCII.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Checks the id; the image is checked when it is opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.len() > 20 || !self.id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::DiskId {
+                id: self.id.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A machine to boot.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
@@ -118,6 +144,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// A virtio-vsock device, if wanted.
     pub vsock: Option<VsockConfig>,
+    /// Virtio-block disks, in the order the guest finds them (`vda`, `vdb`, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A configuration that cannot be booted.
@@ -186,6 +214,18 @@ pub enum ConfigError {
         /// The path.
         path: PathBuf,
     },
+    /// More disks than the machine has room for.
+    #[error("{count} disks: a machine has at most {MAX_DISKS}")]
+    TooManyDisks {
+        /// How many were asked for.
+        count: usize,
+    },
+    /// A disk id that is too long or not printable ASCII.
+    #[error("disk id {id:?} must be at most 20 printable ASCII characters without spaces")]
+    DiskId {
+        /// The id.
+        id: String,
+    },
 }
 
 /// Number of CPUs this process may run on, read once per process: the standard library reads
@@ -241,6 +281,14 @@ impl MachineConfig {
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                count: self.disks.len(),
+            });
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
         Ok(())
     }
 
@@ -262,7 +310,35 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             vsock: None,
+            disks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn disk_ids_and_counts_are_checked() {
+        let disk = |id: &str| DiskConfig {
+            path: "/srv/code.img".into(),
+            read_only: true,
+            id: id.into(),
+        };
+        let mut c = config();
+        c.disks = vec![disk("code"), disk(""), disk("a-twenty-byte-serial")];
+        assert_eq!(c.validate(), Ok(()));
+        for bad in ["with space", "twenty-one-bytes-long", "tab\t", "é"] {
+            c.disks = vec![disk(bad)];
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::DiskId { id: bad.into() }),
+                "{bad:?}"
+            );
+        }
+        c.disks = vec![disk("d"); MAX_DISKS + 1];
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooManyDisks {
+                count: MAX_DISKS + 1
+            })
+        );
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub fn tiny_config(image: Vec<u8>, vcpus: u8) -> crate::MachineConfig {
         initrd: None,
         cmdline: String::new(),
         vsock: None,
+        disks: Vec::new(),
     }
 }
 

@@ -81,6 +81,9 @@ pub enum SaveError {
     /// The vsock device.
     #[error("vsock device state")]
     Vsock(#[source] MmioStateError),
+    /// A block device.
+    #[error("block device state")]
+    Block(#[source] MmioStateError),
 }
 
 /// What the event loop is asked to do.

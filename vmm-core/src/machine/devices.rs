@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{MachineError, VsockHandle, vm_step};
+use super::{BlockHandle, MachineError, VsockHandle, vm_step};
 use crate::boot::acpi::VirtioMmioDevice;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{DEBUG_EXIT_PORT, DebugExit, I8042, I8042_BASE, I8042_LEN};
@@ -103,6 +103,13 @@ impl VirtioDevices {
 #[derive(Clone)]
 pub(super) struct PlacedVsock {
     pub handle: VsockHandle,
+    pub place: VirtioMmioDevice,
+}
+
+/// A block device and where it sits.
+#[derive(Clone)]
+pub(super) struct PlacedBlock {
+    pub handle: BlockHandle,
     pub place: VirtioMmioDevice,
 }
 

@@ -18,9 +18,10 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::control::{ControlError, ControlShared, Request, RequestKind, Response, SaveError};
-use super::devices::PlacedVsock;
+use super::devices::{PlacedBlock, PlacedVsock};
 use super::state::{
-    BootState, DevicesState, MACHINE_STATE_VERSION, MachineState, VsockDeviceState,
+    BlockDeviceState, BootState, DevicesState, MACHINE_STATE_VERSION, MachineState,
+    VsockDeviceState,
 };
 use super::{ConsoleInput, MachineError, VirtioHandle, lock};
 use crate::devices::legacy::I8042;
@@ -55,6 +56,7 @@ pub(super) struct LoopContext<'a> {
     pub i8042: &'a Mutex<I8042>,
     pub virtio: &'a [VirtioHandle],
     pub vsock: Option<&'a PlacedVsock>,
+    pub blocks: &'a [PlacedBlock],
     pub vm: &'a VmFd,
     pub vcpus: &'a [VcpuHandle],
     pub mem_bytes: u64,
@@ -293,10 +295,22 @@ impl EventLoop<'_> {
             }),
             None => None,
         };
+        let blocks = self
+            .ctx
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(BlockDeviceState {
+                    placement: b.place.into(),
+                    state: lock(&b.handle).save().map_err(SaveError::Block)?,
+                })
+            })
+            .collect::<Result<Vec<_>, SaveError>>()?;
         Ok(DevicesState {
             serial,
             i8042,
             vsock,
+            blocks,
         })
     }
 

@@ -20,11 +20,12 @@ use kvm_bindings::{
 };
 
 use super::state::{
-    BootState, DevicesState, MACHINE_STATE_VERSION, MachineState, VsockDeviceState,
-    virtio_placement,
+    BlockDeviceState, BootState, DevicesState, MACHINE_STATE_VERSION, MachineState,
+    VsockDeviceState, virtio_placement,
 };
 use super::state_diff::differences;
 use crate::boot::KernelFormat;
+use crate::devices::block::persist::BlockState;
 use crate::devices::legacy::I8042State;
 use crate::devices::serial::SerialConsoleState;
 use crate::devices::virtio::mmio::{MmioRegisters, QueueSnapshot, VirtioMmioState};
@@ -353,6 +354,27 @@ fn devices() -> DevicesState {
                 device: VsockState { guest_cid: 0x1234 },
             },
         }),
+        blocks: vec![BlockDeviceState {
+            placement: virtio_placement(1),
+            state: VirtioMmioState {
+                registers: MmioRegisters {
+                    status: 0xf,
+                    device_features_sel: 1,
+                    driver_features_sel: 0,
+                    driver_features: (1 << 32) | (1 << 9) | (1 << 5),
+                    queue_sel: 0,
+                    interrupt_status: 1,
+                    config_generation: 2,
+                    activated: true,
+                },
+                queues: vec![queue(0)],
+                device: BlockState {
+                    capacity_sectors: 0x0020_0000,
+                    read_only: true,
+                    id: *b"golden-code-disk-v2\0",
+                },
+            },
+        }],
     }
 }
 

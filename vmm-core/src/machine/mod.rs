@@ -26,7 +26,8 @@ use kvm_bindings::{CpuId, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot::{self, BootInfo, mptable::CpuSignature};
-use crate::config::{ConfigError, MachineConfig, VsockConfig};
+use crate::config::{ConfigError, DiskConfig, MachineConfig, VsockConfig};
+use crate::devices::block::{BlockDevice, BlockError};
 use crate::devices::legacy::I8042;
 use crate::devices::serial::{ConsoleOutput, SerialConsole};
 use crate::devices::virtio::mmio::{MmioTransport, VirtioMmioEvents};
@@ -38,7 +39,7 @@ use crate::vcpu::state::Vcpu;
 use crate::vcpu::{self, SpawnError, VcpuHandle, setup::SetupError};
 use crate::{cpuid, kvm};
 use control::ControlShared;
-use devices::{LegacyDevices, PlacedVsock, VirtioDevices};
+use devices::{LegacyDevices, PlacedBlock, PlacedVsock, VirtioDevices};
 
 pub use control::{ControlError, MachineController, Paused, SaveError};
 pub use restore::{RestoreConfig, RestoreError};
@@ -96,6 +97,15 @@ pub enum MachineError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A disk could not be attached.
+    #[error("disk {}", path.display())]
+    Disk {
+        /// Its image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
     /// A virtio transport could not be created.
     #[error(transparent)]
     VirtioMmio(#[from] crate::devices::virtio::mmio::MmioError),
@@ -122,6 +132,8 @@ impl<T: Read + AsRawFd> ReadFd for T {}
 pub type VirtioHandle = Arc<Mutex<dyn VirtioMmioEvents>>;
 /// The vsock device with its transport.
 pub type VsockHandle = Arc<Mutex<MmioTransport<VsockDevice>>>;
+/// A block device with its transport.
+pub type BlockHandle = Arc<Mutex<MmioTransport<BlockDevice>>>;
 
 /// A built machine, ready to run.
 pub struct Machine {
@@ -132,6 +144,7 @@ pub struct Machine {
     legacy: LegacyDevices,
     virtio: Vec<VirtioHandle>,
     vsock: Option<PlacedVsock>,
+    blocks: Vec<PlacedBlock>,
     exit: Arc<ExitSignal>,
     control: Arc<ControlShared>,
     boot: BootInfo,
@@ -188,6 +201,29 @@ fn create_vsock(
     Ok(PlacedVsock { handle, place })
 }
 
+/// The machine's disks, after its vsock device (if any), in their configured order.
+fn create_disks(
+    devices: &mut VirtioDevices,
+    vm: &VmFd,
+    memory: &GuestMemory,
+    disks: &[DiskConfig],
+) -> Result<Vec<PlacedBlock>, MachineError> {
+    let mut placed = Vec::with_capacity(disks.len());
+    for config in disks {
+        let device = BlockDevice::open(config).map_err(|source| MachineError::Disk {
+            path: config.path.clone(),
+            source,
+        })?;
+        let sectors = device.capacity_sectors();
+        let handle = devices.add(vm, MmioTransport::new(device, memory.clone())?)?;
+        let place = devices.described[devices.described.len() - 1];
+        tracing::info!(path = %config.path.display(), read_only = config.read_only, sectors,
+            "block device ready");
+        placed.push(PlacedBlock { handle, place });
+    }
+    Ok(placed)
+}
+
 impl Machine {
     /// Creates the VM, loads the guest and configures every vCPU, without running anything.
     pub fn create(config: &MachineConfig, console: ConsoleOutput) -> Result<Self, MachineError> {
@@ -210,6 +246,7 @@ impl Machine {
             Some(vsock) => Some(create_vsock(&mut virtio, &vm, &memory, vsock)?),
             None => None,
         };
+        let blocks = create_disks(&mut virtio, &vm, &memory, &config.disks)?;
 
         let base_cpuid = cpuid::supported(&kvm::open()?)?;
         let boot = boot::load(
@@ -254,6 +291,7 @@ impl Machine {
             legacy,
             virtio: virtio.handles,
             vsock,
+            blocks,
             exit,
             control,
             boot,
@@ -322,6 +360,7 @@ impl Machine {
                     i8042: &self.legacy.i8042,
                     virtio: &self.virtio,
                     vsock: self.vsock.as_ref(),
+                    blocks: &self.blocks,
                     vm: &self.vm,
                     vcpus: &handles,
                     mem_bytes: memory::total_bytes(&self.memory),

@@ -209,7 +209,7 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
     ] {
         let refused = Machine::restore_in(
             MachineShell::create(wrong).unwrap(),
-            &RestoreConfig::default(),
+            RestoreConfig::default(),
             Box::new(std::io::sink()),
             &state,
         );
@@ -241,7 +241,7 @@ fn restored_machine_continues_counting_where_the_saved_one_stopped() {
     let out = Capture::default();
     let restored = Machine::restore_in(
         shell,
-        &RestoreConfig::default(),
+        RestoreConfig::default(),
         Box::new(out.clone()),
         &state,
     )
@@ -503,10 +503,11 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let vsock = state.devices.vsock.as_ref().unwrap();
     assert_eq!(vsock.state.device.guest_cid, 5);
     assert_eq!(vsock.placement, state::virtio_placement(0));
-    let config = RestoreConfig {
+    let config = || RestoreConfig {
         vsock_uds_path: Some(dir.path().join("restored.sock")),
+        disks: Vec::new(),
     };
-    let restore = |state: &MachineState, shell: MachineShell, config: &RestoreConfig| {
+    let restore = |state: &MachineState, shell: MachineShell, config: RestoreConfig| {
         Machine::restore_in(shell, config, Box::new(std::io::sink()), state).err()
     };
     let copy = || shell_holding(&mem, 1);
@@ -518,7 +519,7 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let mut two = state.clone();
     two.vcpu_count = 2;
     assert!(matches!(
-        invalid(restore(&two, copy(), &config)),
+        invalid(restore(&two, copy(), config())),
         StateError::VcpuMismatch {
             expected: 2,
             found: 1
@@ -527,13 +528,13 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     let mut extra = state.clone();
     extra.vcpus.push(extra.vcpus[0].clone());
     assert!(matches!(
-        invalid(restore(&extra, copy(), &config)),
+        invalid(restore(&extra, copy(), config())),
         StateError::VcpuMismatch { .. }
     ));
     let mut none = state.clone();
     none.vcpus.clear();
     assert!(matches!(
-        invalid(restore(&none, copy(), &config)),
+        invalid(restore(&none, copy(), config())),
         StateError::VcpuCount { count: 0 }
     ));
     let bigger = MachineShell::create(ShellSpec {
@@ -542,13 +543,13 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     })
     .unwrap();
     assert!(matches!(
-        invalid(restore(&state, bigger, &config)),
+        invalid(restore(&state, bigger, config())),
         StateError::MemorySize { .. }
     ));
     let mut version = state.clone();
     version.version += 1;
     assert!(matches!(
-        invalid(restore(&version, copy(), &config)),
+        invalid(restore(&version, copy(), config())),
         StateError::Version { .. }
     ));
     let mut moved = state.clone();
@@ -556,16 +557,17 @@ fn restore_checks_the_state_against_the_memory_and_config() {
         v.placement.irq = 9;
     }
     assert!(matches!(
-        invalid(restore(&moved, copy(), &config)),
+        invalid(restore(&moved, copy(), config())),
         StateError::VirtioPlacement { .. }
     ));
     assert!(matches!(
-        restore(&state, copy(), &RestoreConfig::default()),
+        restore(&state, copy(), RestoreConfig::default()),
         Some(MachineError::Restore(RestoreError::VsockPathMissing))
     ));
 
     // The untouched state restores, with the vsock device listening on its new path.
-    let restored = Machine::restore_in(copy(), &config, Box::new(std::io::sink()), &state).unwrap();
+    let restored =
+        Machine::restore_in(copy(), config(), Box::new(std::io::sink()), &state).unwrap();
     assert!(dir.path().join("restored.sock").exists());
     let vsock = restored.vsock().unwrap();
     assert_eq!(lock(&vsock).device().config().guest_cid, 5);
@@ -576,6 +578,103 @@ fn restore_checks_the_state_against_the_memory_and_config() {
     assert_eq!(again.devices, state.devices);
     assert_eq!(again.vcpus[0].regs, state.vcpus[0].regs);
     assert_eq!(again.vcpus[0].sregs, state.vcpus[0].sregs);
+    run.control.stop();
+    assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+}
+
+/// A machine with a vsock device and two disks saves them at their places (vsock first), and
+/// restores only with one disk of the right size per saved block device: a clone restored
+/// onto a copy-on-write view of the disk saves the same devices again.
+#[test]
+fn disks_are_saved_in_order_and_restored_onto_disks_of_their_size() {
+    use crate::config::DiskConfig;
+    use crate::devices::block::{CowDisk, Disk, RawDisk};
+
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let code = dir.path().join("code.img");
+    let scratch = dir.path().join("tmp.img");
+    std::fs::write(&code, vec![7u8; 1 << 20]).unwrap();
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut cfg = config(tiny_elf(0x10_0000, &[0xfa, 0xf4, 0xeb, 0xfd]), 1);
+    cfg.vsock = Some(crate::config::VsockConfig {
+        guest_cid: 5,
+        uds_path: dir.path().join("first.sock"),
+    });
+    cfg.disks = vec![
+        DiskConfig {
+            path: code.clone(),
+            read_only: true,
+            id: "code".into(),
+        },
+        DiskConfig {
+            path: scratch.clone(),
+            read_only: false,
+            id: "tmp".into(),
+        },
+    ];
+    let run = start(Machine::create(&cfg, Box::new(std::io::sink())).unwrap());
+    let paused = run.control.pause().unwrap();
+    let state = paused.save().unwrap();
+    let mem = copy_paused(&paused);
+    run.control.stop();
+    assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
+
+    let blocks = &state.devices.blocks;
+    assert_eq!(blocks.len(), 2);
+    assert_eq!(blocks[0].placement, state::virtio_placement(1));
+    assert_eq!(blocks[1].placement, state::virtio_placement(2));
+    assert_eq!(blocks[0].state.device.capacity_sectors, 2048);
+    assert!(blocks[0].state.device.read_only);
+    assert_eq!(blocks[1].state.device.capacity_sectors, 8192);
+    assert_eq!(&blocks[1].state.device.id[..4], b"tmp\0");
+
+    let open = |path: &std::path::Path| std::fs::File::open(path).unwrap();
+    // The code disk as it is; the scratch disk behind this clone's own overlay.
+    let disks = || -> Vec<Box<dyn Disk>> {
+        vec![
+            Box::new(RawDisk::new(open(&code)).unwrap()),
+            Box::new(CowDisk::with_private_overlay(open(&scratch), dir.path()).unwrap()),
+        ]
+    };
+    let restore = |disks: Vec<Box<dyn Disk>>| {
+        Machine::restore_in(
+            shell_holding(&mem, 1),
+            RestoreConfig {
+                vsock_uds_path: Some(dir.path().join(format!("r{}.sock", disks.len()))),
+                disks,
+            },
+            Box::new(std::io::sink()),
+            &state,
+        )
+    };
+    // One disk short, and a disk of another size, are refused before anything runs.
+    let mut one = disks();
+    one.pop();
+    assert!(matches!(
+        restore(one).err(),
+        Some(MachineError::Restore(RestoreError::DiskCount {
+            saved: 2,
+            given: 1
+        }))
+    ));
+    let mut wrong = disks();
+    wrong[1] = Box::new(RawDisk::new(open(&code)).unwrap());
+    assert!(matches!(
+        restore(wrong).err(),
+        Some(MachineError::Restore(RestoreError::Block { index: 1, .. }))
+    ));
+
+    let restored = restore(disks()).unwrap();
+    let run = start(restored);
+    let paused = run.control.pause().unwrap();
+    let again = paused.save().unwrap();
+    assert_eq!(again.devices, state.devices);
     run.control.stop();
     assert_eq!(run.thread.join().unwrap().unwrap(), ExitReason::Stopped);
 }

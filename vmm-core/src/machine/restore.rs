@@ -20,10 +20,11 @@
 
 use std::path::PathBuf;
 
-use super::devices::{self, PlacedVsock, VirtioDevices};
+use super::devices::{self, PlacedBlock, PlacedVsock, VirtioDevices};
 use super::shell::{MachineShell, ShellSpec};
 use super::state::{MachineState, StateError};
 use super::{Machine, MachineError, lock, new_exit_signal};
+use crate::devices::block::{BlockDevice, Disk};
 use crate::devices::legacy::I8042;
 use crate::devices::serial::{ConsoleOutput, SerialArgs, SerialConsole, SerialStateError};
 use crate::devices::virtio::mmio::{MmioArgs, MmioStateError, MmioTransport};
@@ -34,11 +35,24 @@ use crate::vcpu::state::{Vcpu, VcpuArgs, VcpuStateError};
 use crate::vm_state::{InKernelDevices, VmStateError};
 
 /// What a restored machine gets that is not part of its state: host resources.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct RestoreConfig {
     /// The Unix socket for the vsock device's host side, if the saved machine has one (it
     /// cannot reuse the original's path while that machine lives).
     pub vsock_uds_path: Option<PathBuf>,
+    /// One disk per saved block device, in their order, each as large as the saved one: the
+    /// disk as it was when the machine was saved (a code image, or this clone's copy-on-write
+    /// view of a captured disk).
+    pub disks: Vec<Box<dyn Disk>>,
+}
+
+impl std::fmt::Debug for RestoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreConfig")
+            .field("vsock_uds_path", &self.vsock_uds_path)
+            .field("disks", &self.disks.len())
+            .finish()
+    }
 }
 
 /// A machine could not be restored; the variant names the step.
@@ -62,6 +76,23 @@ pub enum RestoreError {
     /// The vsock device could not be restored.
     #[error("restoring the vsock device failed")]
     Vsock(#[source] MmioStateError),
+    /// The state has another number of block devices than disks were given.
+    #[error("the saved machine has {saved} block devices, {given} disks were given")]
+    DiskCount {
+        /// In the state.
+        saved: usize,
+        /// In the config.
+        given: usize,
+    },
+    /// A block device could not be restored.
+    #[error("restoring block device {index} failed")]
+    Block {
+        /// Its index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: MmioStateError,
+    },
     /// The shell was built for another machine.
     #[error(
         "the machine shell was built for {} vCPUs and {} bytes of RAM, but the state has \
@@ -89,6 +120,12 @@ fn check_fits(
     if state.devices.vsock.is_some() && config.vsock_uds_path.is_none() {
         return Err(RestoreError::VsockPathMissing);
     }
+    if state.devices.blocks.len() != config.disks.len() {
+        return Err(RestoreError::DiskCount {
+            saved: state.devices.blocks.len(),
+            given: config.disks.len(),
+        });
+    }
     Ok(())
 }
 
@@ -105,11 +142,11 @@ impl Machine {
     /// written to KVM.
     pub fn restore_in(
         shell: MachineShell,
-        config: &RestoreConfig,
+        config: RestoreConfig,
         console: ConsoleOutput,
         state: &MachineState,
     ) -> Result<Self, MachineError> {
-        check_fits(config, state, &shell.memory)?;
+        check_fits(&config, state, &shell.memory)?;
         if state.vcpus.len() != shell.vcpus.len() {
             return Err(RestoreError::ShellMismatch {
                 shell: shell.spec(),
@@ -141,6 +178,18 @@ impl Machine {
             }
             _ => None,
         };
+        let mut blocks = Vec::with_capacity(config.disks.len());
+        for (index, (saved, disk)) in state.devices.blocks.iter().zip(config.disks).enumerate() {
+            let args = MmioArgs {
+                device: disk,
+                mem: memory.clone(),
+            };
+            let transport = MmioTransport::<BlockDevice>::restore(args, &saved.state)
+                .map_err(|source| RestoreError::Block { index, source })?;
+            let handle = virtio.add(&vm, transport)?;
+            let place = virtio.described[virtio.described.len() - 1];
+            blocks.push(PlacedBlock { handle, place });
+        }
 
         let (exit, control) = new_exit_signal(&memory)?;
         let serial_args = SerialArgs {
@@ -184,6 +233,7 @@ impl Machine {
             vcpus = vcpus.len(),
             mem_bytes = state.mem_bytes,
             vsock = vsock.is_some(),
+            disks = blocks.len(),
             "machine restored"
         );
         Ok(Self {
@@ -193,6 +243,7 @@ impl Machine {
             legacy,
             virtio: virtio.handles,
             vsock,
+            blocks,
             exit,
             control,
             boot: state.boot.into(),

@@ -171,10 +171,11 @@ fn restored_machine_saves_the_state_it_was_restored_from() {
     first.stop();
     let restore_config = RestoreConfig {
         vsock_uds_path: Some(dir.path().join("restored.sock")),
+        disks: Vec::new(),
     };
     let restored = Machine::restore_in(
         shell,
-        &restore_config,
+        restore_config,
         Box::new(std::io::sink()),
         &decode(&s1_bytes),
     )

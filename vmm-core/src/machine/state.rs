@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::acpi::VirtioMmioDevice;
 use crate::boot::{BootInfo, KernelFormat};
+use crate::config::MAX_DISKS;
+use crate::devices::block::persist::BlockState;
 use crate::devices::legacy::I8042State;
 use crate::devices::serial::SerialConsoleState;
 use crate::devices::virtio::mmio::VirtioMmioState;
@@ -19,7 +21,7 @@ use crate::vcpu::state::{VcpuState, VcpuStateError};
 use crate::vm_state::VmState;
 
 /// The version of [`MachineState`]'s layout; a state of another version is refused.
-pub const MACHINE_STATE_VERSION: u32 = 1;
+pub const MACHINE_STATE_VERSION: u32 = 2;
 /// Most vCPUs a state may describe (the vCPU index is a `u8`).
 pub const MAX_VCPUS: usize = 255;
 /// Serial receive FIFO size of the 16550A.
@@ -83,6 +85,15 @@ pub struct VsockDeviceState {
     pub state: VirtioMmioState<VsockState>,
 }
 
+/// A block device's state and place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDeviceState {
+    /// Where it sits.
+    pub placement: VirtioPlacement,
+    /// Transport and device state.
+    pub state: VirtioMmioState<BlockState>,
+}
+
 /// Every emulated device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevicesState {
@@ -92,6 +103,8 @@ pub struct DevicesState {
     pub i8042: I8042State,
     /// The vsock device, if the machine has one (virtio device 0).
     pub vsock: Option<VsockDeviceState>,
+    /// The block devices, in the guest's order, after the vsock device (if any).
+    pub blocks: Vec<BlockDeviceState>,
 }
 
 /// A machine's state, guest memory aside.
@@ -162,6 +175,12 @@ pub enum StateError {
         len: usize,
     },
     /// A virtio device is not where this build puts it.
+    /// More block devices than a machine can have.
+    #[error("{count} block devices: a machine has at most {MAX_DISKS}")]
+    TooManyDisks {
+        /// In the state.
+        count: usize,
+    },
     #[error("virtio device {device} saved at {saved:?}; it must be at {expected:?}")]
     VirtioPlacement {
         /// Which.
@@ -229,6 +248,22 @@ impl MachineState {
                 return Err(StateError::VirtioPlacement {
                     device: "vsock",
                     saved: vsock.placement,
+                    expected,
+                });
+            }
+        }
+        if self.devices.blocks.len() > MAX_DISKS {
+            return Err(StateError::TooManyDisks {
+                count: self.devices.blocks.len(),
+            });
+        }
+        let first = u32::from(self.devices.vsock.is_some());
+        for (block, n) in self.devices.blocks.iter().zip(first..) {
+            let expected = virtio_placement(n);
+            if block.placement != expected {
+                return Err(StateError::VirtioPlacement {
+                    device: "block",
+                    saved: block.placement,
                     expected,
                 });
             }

@@ -111,10 +111,12 @@ impl Diff {
             serial,
             i8042,
             vsock,
+            blocks,
         } = a;
         self.shown("devices.serial", serial, &b.serial);
         self.shown("devices.i8042", i8042, &b.i8042);
         self.shown("devices.vsock", vsock, &b.vsock);
+        self.shown("devices.blocks", blocks, &b.blocks);
     }
 }
 

@@ -99,3 +99,34 @@ fn vsock_device_is_on_the_cmdline_in_acpi_and_its_socket_goes_with_the_machine()
         Err(MachineError::Vsock(_))
     ));
 }
+
+#[test]
+fn a_disk_that_cannot_be_used_is_named_in_the_error() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd.img");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    for (path, want) in [
+        (dir.path().join("missing.img"), "cannot open the disk image"),
+        (odd, "not a multiple of 512"),
+    ] {
+        let mut cfg = config(tiny_elf(0x10_0000, &[0xf4]), 1);
+        cfg.disks = vec![crate::config::DiskConfig {
+            path: path.clone(),
+            read_only: true,
+            id: "x".into(),
+        }];
+        let err = match Machine::create(&cfg, Box::new(std::io::sink())) {
+            Err(e) => e,
+            Ok(_) => panic!("{} was accepted", path.display()),
+        };
+        let text = format!("{err}: {:?}", std::error::Error::source(&err));
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            matches!(&err, MachineError::Disk { source, .. } if source.to_string().contains(want)),
+            "{text}"
+        );
+    }
+}

@@ -59,6 +59,9 @@ pub enum BlockError {
     /// It is empty.
     #[error("the disk image is empty")]
     Empty,
+    /// It could not be opened.
+    #[error("cannot open the disk image")]
+    Open(#[source] std::io::Error),
     /// Its id is longer than the device can report.
     #[error("a disk id is at most {VIRTIO_BLK_ID_BYTES} bytes, not {len}")]
     IdTooLong {
@@ -148,6 +151,18 @@ impl BlockDevice {
             buf: Vec::new(),
             stats: BlockStats::default(),
         })
+    }
+
+    /// The device for a machine's disk as configured: its file opened read-only or for
+    /// reading and writing, used in place.
+    pub fn open(config: &crate::config::DiskConfig) -> Result<Self, BlockError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(BlockError::Open)?;
+        let disk = RawDisk::new(file).map_err(BlockError::Open)?;
+        Self::new(Box::new(disk), config.read_only, &config.id)
     }
 
     /// The disk's size in sectors.

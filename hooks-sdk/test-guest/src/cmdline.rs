@@ -35,6 +35,9 @@ pub enum Mode {
     /// Say so on the console and keep counting at CPL3 until the host stops the VM
     /// (`thaw.idle=1`): a guest to snapshot when a console line appears.
     Idle,
+    /// Read, write and check every virtio-block disk, print what was found, then exit
+    /// (`thaw.disk-test=1`).
+    DiskTest,
 }
 
 /// Kinds of deliberately bad input for the vsock device.
@@ -238,6 +241,7 @@ pub fn parse(cmdline: &str) -> Result<Options, &str> {
             Some(("agent", value)) => flag(value).ok_or(word)?.then_some(Mode::Agent),
             Some(("vsock-bench", value)) => flag(value).ok_or(word)?.then_some(Mode::Bench),
             Some(("idle", value)) => flag(value).ok_or(word)?.then_some(Mode::Idle),
+            Some(("disk-test", value)) => flag(value).ok_or(word)?.then_some(Mode::DiskTest),
             Some(("fail", what)) => {
                 o.fail = Fail::from_name(what).ok_or(word)?;
                 None
@@ -333,6 +337,12 @@ mod tests {
         assert!(!parse("thaw.agent=1").unwrap().quiet);
         assert_eq!(parse("thaw.quiet=2"), Err("thaw.quiet=2"));
         assert!(parse("thaw.idle=1 thaw.keeper=1").unwrap().keeper);
+        let o = parse("thaw.disk-test=1 thaw.exit=7 virtio_mmio.device=4K@0xd0000000:5").unwrap();
+        assert_eq!(
+            (o.mode, o.exit_code, o.device_count),
+            (Mode::DiskTest, 7, 1)
+        );
+        assert_eq!(parse("thaw.disk-test=0").unwrap().mode, Mode::Checks);
         let o = parse("thaw.vsock-misbehave=flood").unwrap();
         assert_eq!(o.mode, Mode::Misbehave(Misbehavior::Flood));
         for m in Misbehavior::EACH.iter().chain([&Misbehavior::All]) {
@@ -366,6 +376,12 @@ mod tests {
             600_000
         );
         assert_eq!(parse("thaw.idle=1 thaw.agent=1"), Err("thaw.agent=1"));
+        assert_eq!(parse("thaw.disk-test=yes"), Err("thaw.disk-test=yes"));
+        assert_eq!(parse("thaw.disk-test=1 thaw.agent=1"), Err("thaw.agent=1"));
+        assert_eq!(
+            parse("thaw.vsock-bench=1 thaw.disk-test=1"),
+            Err("thaw.disk-test=1")
+        );
         assert_eq!(
             parse("thaw.vsock-misbehave=x"),
             Err("thaw.vsock-misbehave=x")

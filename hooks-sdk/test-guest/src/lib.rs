@@ -1,12 +1,14 @@
 //! The test guest's logic that touches no hardware directly: command-line parsing, the
-//! virtqueue and vsock driver core, the connection's credit accounting, the hook registry, the
-//! bench wire format, the MP table parser, the memory workload, the register keeper's pattern, the agent's status
-//! document and its invocation commands. The guest image links it; `cargo test` runs its tests
-//! on the host, where a simulated vsock device stands in for the VMM's.
+//! virtqueue, the vsock and block driver cores and the disk test, the connection's credit
+//! accounting, the hook registry, the bench wire format, the MP table parser, the memory
+//! workload, the register keeper's pattern, the agent's status document and its invocation
+//! commands. The guest image links it; `cargo test` runs its tests on the host, where simulated
+//! vsock and block devices stand in for the VMM's.
 
 #![cfg_attr(not(test), no_std)]
 
 pub mod bench;
+pub mod block;
 pub mod cmdline;
 pub mod conn;
 pub mod driver;

@@ -4,7 +4,8 @@
 //!
 //! After its CPU checks it can talk to the host over virtio-vsock with a polling driver that
 //! runs entirely at CPL3 (`virtio_mmio`, and the driver core in the library crate), as Thaw's
-//! agent, as a bench responder, or as a deliberately misbehaving client.
+//! agent, as a bench responder, or as a deliberately misbehaving client; or test its
+//! virtio-block disks with another polling driver.
 //!
 //! Command line (`thaw run --cmdline`), space-separated; unknown `thaw.*` keys are an error:
 //! - `thaw.exit=N`  exit status to report when everything succeeded (default 0)
@@ -17,6 +18,8 @@
 //! - `thaw.fill-mib=N`  first fill N MiB at `FILL_BASE` with the memory workload and print its
 //!   checksum (see the library's `workload`)
 //! - `thaw.idle=1`  say `idle` on the console and count at CPL3 until the host stops the VM
+//! - `thaw.disk-test=1`  read, write and check every virtio-block disk, print what was found,
+//!   and exit; see `disk_mode`
 //! - `thaw.fail=init|exit|checkpoint|restore`  the agent fails that step on purpose
 //! - `thaw.keeper=1`  cpu1 runs the register keeper (x87, MXCSR, xmm/ymm patterns and a
 //!   counter, checked in a loop) instead of halting; see `keeper_cpu`
@@ -24,7 +27,8 @@
 //! - `virtio_mmio.device=SIZE@BASE:IRQ`  a virtio-mmio device (the VMM appends these)
 //!
 //! Exit statuses: 0 (or `thaw.exit`) success (the agent: `Shutdown`; the bench: quit),
-//! 1 a check failed, 2 bad command line, 3 CPU exception, 4 panic, 5 no usable vsock device.
+//! 1 a check failed, 2 bad command line, 3 CPU exception, 4 panic, 5 no usable vsock device,
+//! 6 no usable block device (the disk test).
 
 #![no_std]
 #![no_main]
@@ -34,6 +38,7 @@ mod arch;
 mod bench_mode;
 mod boot;
 mod clock;
+mod disk_mode;
 mod io;
 mod keeper_cpu;
 mod mem;
@@ -138,6 +143,10 @@ pub extern "C" fn bsp_main(boot_params: u64) -> ! {
     match options.mode {
         Mode::Checks => io::exit(options.exit_code),
         Mode::Idle => idle(),
+        Mode::DiskTest => {
+            calibrate_clock();
+            disk_mode::run(&options)
+        }
         _ => vsock_main(&options),
     }
 }
@@ -223,9 +232,8 @@ fn idle() -> ! {
     }
 }
 
-/// The vsock modes, on the boot CPU.
-fn vsock_main(options: &cmdline::Options) -> ! {
-    arch::paint_user_stack(0);
+/// Calibrates the TSC clock (the drivers' timeouts run on it) and says how fast it runs.
+fn calibrate_clock() {
     let (khz, sane) = clock::calibrate();
     println!(
         "clock: TSC at {}.{:03} MHz{}",
@@ -237,6 +245,12 @@ fn vsock_main(options: &cmdline::Options) -> ! {
             " (PIT calibration failed; assumed)"
         }
     );
+}
+
+/// The vsock modes, on the boot CPU.
+fn vsock_main(options: &cmdline::Options) -> ! {
+    arch::paint_user_stack(0);
+    calibrate_clock();
     let Some(mut vsock) = virtio_mmio::Vsock::open(options.devices()) else {
         println!(
             "thaw-test-guest: no usable virtio-mmio vsock device among {} on the command line",
@@ -255,7 +269,7 @@ fn vsock_main(options: &cmdline::Options) -> ! {
             }
             agent::run(&mut vsock, options)
         }
-        Mode::Checks | Mode::Idle => io::exit(options.exit_code),
+        Mode::Checks | Mode::Idle | Mode::DiskTest => io::exit(options.exit_code),
     }
 }
 

@@ -1,13 +1,16 @@
 //! The virtio-mmio transport (virtio 1.2, section 4.2, modern "version 2" only) for the vsock
-//! device, all at CPL3: probing the `virtio_mmio.device=` windows from the command line, the
-//! initialization sequence, queue notification, the config space (guest CID), and the
-//! [`Vsock`] handle that owns the device and its driver and can reset both.
+//! and block devices, all at CPL3: probing the `virtio_mmio.device=` windows from the command
+//! line, the initialization sequence (any device's: the features and queues are the caller's),
+//! queue notification, the config space (guest CID, disk capacity), the [`Vsock`] handle that
+//! owns the vsock device and its driver and can reset both, and [`open_disk`] for block devices.
 
 use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use thaw_test_guest::cmdline::MmioDevice;
+use thaw_test_guest::block::{self, BlockDriver, BlockMemory, BlockTransport};
+use thaw_test_guest::cmdline::{MAX_DEVICES, MmioDevice};
 use thaw_test_guest::driver::{BUF_ALLOC, Driver, DriverMemory, Error, Transport};
-use thaw_test_guest::virtq::QUEUE_MAX;
+use thaw_test_guest::virtq::{QUEUE_MAX, QueueTransport};
 
 use crate::arch::Shared;
 use crate::{clock, println};
@@ -78,6 +81,15 @@ impl Mmio {
         self.read(STATUS)
     }
 
+    /// Resets the device and waits until it says it is reset: from then on it uses none of the
+    /// memory it was given.
+    fn reset(&self) {
+        self.write(STATUS, 0);
+        while self.read(STATUS) != 0 {
+            core::hint::spin_loop();
+        }
+    }
+
     fn read_config_u64(&self, offset: u64) -> u64 {
         loop {
             let generation = self.read(CONFIG_GENERATION);
@@ -90,14 +102,10 @@ impl Mmio {
     }
 }
 
-impl Transport for Mmio {
+impl QueueTransport for Mmio {
     fn notify(&mut self, queue: u16) {
         // With ioeventfd behind it, this write is one cheap exit.
         self.write(QUEUE_NOTIFY, u32::from(queue));
-    }
-
-    fn guest_cid(&mut self) -> u64 {
-        self.read_config_u64(0)
     }
 
     fn now_ns(&mut self) -> u64 {
@@ -105,8 +113,21 @@ impl Transport for Mmio {
     }
 }
 
+impl Transport for Mmio {
+    fn guest_cid(&mut self) -> u64 {
+        self.read_config_u64(0)
+    }
+}
+
+impl BlockTransport for Mmio {
+    fn reset_device(&mut self) {
+        self.reset();
+    }
+}
+
 /// The device id in one window (0 for a placeholder), or `None` if it holds no modern virtio
-/// device (or is too small for a socket device's registers and config space).
+/// device (or is too small for the registers and the 8 bytes of config space the drivers read:
+/// a socket device's CID, a block device's capacity).
 pub fn probe(device: MmioDevice) -> Option<u32> {
     let m = Mmio { base: device.base };
     let ok = device.size >= CONFIG + 8 && m.read(MAGIC_VALUE) == MAGIC && m.read(VERSION) == MODERN;
@@ -138,12 +159,12 @@ impl core::fmt::Display for InitError {
     }
 }
 
-/// Resets the device and negotiates up to FEATURES_OK; returns the queue sizes to use.
-fn negotiate(m: Mmio) -> Result<[u16; 3], InitError> {
-    m.write(STATUS, 0);
-    while m.read(STATUS) != 0 {
-        core::hint::spin_loop();
-    }
+/// Resets the device and negotiates up to FEATURES_OK: VIRTIO_F_VERSION_1, which it must offer,
+/// and those of the device-specific `optional` features (bits 0 to 31) it offers. Fills `sizes`
+/// with the size to use for each of the device's first `sizes.len()` queues; returns the
+/// optional features accepted.
+fn negotiate(m: Mmio, optional: u32, sizes: &mut [u16]) -> Result<u32, InitError> {
+    m.reset();
     let mut status = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
     m.write(STATUS, STATUS_ACKNOWLEDGE);
     m.write(STATUS, status);
@@ -153,9 +174,17 @@ fn negotiate(m: Mmio) -> Result<[u16; 3], InitError> {
         m.write(STATUS, status | STATUS_FAILED);
         return Err(InitError::NoVersion1);
     }
-    // Nothing but VERSION_1: no event index, no packed rings.
+    // Each register access is an exit (microseconds on PVM): the low word is only read when
+    // there is something in it to accept.
+    let accepted = if optional == 0 {
+        0
+    } else {
+        m.write(DEVICE_FEATURES_SEL, 0);
+        m.read(DEVICE_FEATURES) & optional
+    };
+    // Nothing else of the transport's: no event index, no packed rings.
     m.write(DRIVER_FEATURES_SEL, 0);
-    m.write(DRIVER_FEATURES, 0);
+    m.write(DRIVER_FEATURES, accepted);
     m.write(DRIVER_FEATURES_SEL, 1);
     m.write(DRIVER_FEATURES, F_VERSION_1_HIGH);
     status |= STATUS_FEATURES_OK;
@@ -164,7 +193,6 @@ fn negotiate(m: Mmio) -> Result<[u16; 3], InitError> {
         m.write(STATUS, status | STATUS_FAILED);
         return Err(InitError::FeaturesRefused);
     }
-    let mut sizes = [0u16; 3];
     for (q, size) in sizes.iter_mut().enumerate() {
         m.write(QUEUE_SEL, q as u32);
         let max = m.read(QUEUE_NUM_MAX);
@@ -174,15 +202,15 @@ fn negotiate(m: Mmio) -> Result<[u16; 3], InitError> {
         }
         *size = max.min(QUEUE_MAX as u32) as u16;
     }
-    Ok(sizes)
+    Ok(accepted)
 }
 
-/// Tells the device where the driver's queues are, and sets DRIVER_OK.
-fn activate(m: Mmio, driver: &mut Driver<Mmio>) {
-    for q in 0..3 {
-        let (desc, avail, used) = driver.queue_addresses(q);
+/// Tells the device where the driver's queues are (each queue's size, and its descriptor
+/// table, available ring and used ring addresses, in queue order), and sets DRIVER_OK.
+fn activate(m: Mmio, queues: impl IntoIterator<Item = (u16, (u64, u64, u64))>) {
+    for (q, (size, (desc, avail, used))) in queues.into_iter().enumerate() {
         m.write(QUEUE_SEL, q as u32);
-        m.write(QUEUE_NUM, u32::from(driver.queue_size(q)));
+        m.write(QUEUE_NUM, u32::from(size));
         for (low, addr) in [
             (QUEUE_DESC_LOW, desc),
             (QUEUE_DRIVER_LOW, avail),
@@ -198,7 +226,11 @@ fn activate(m: Mmio, driver: &mut Driver<Mmio>) {
     const _: () = assert!(QUEUE_DEVICE_HIGH == QUEUE_DEVICE_LOW + 4);
     let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
     m.write(STATUS, status);
-    driver.start();
+}
+
+/// The vsock driver's three queues, for [`activate`].
+fn vsock_queues(driver: &Driver<Mmio>) -> [(u16, (u64, u64, u64)); 3] {
+    [0, 1, 2].map(|q| (driver.queue_size(q), driver.queue_addresses(q)))
 }
 
 /// The vsock device and its driver. There is one, made once.
@@ -226,13 +258,11 @@ impl Vsock {
             }
             let mmio = Mmio { base: d.base };
             let vendor = mmio.read(VENDOR_ID);
-            let sizes = match negotiate(mmio) {
-                Ok(sizes) => sizes,
-                Err(e) => {
-                    println!("vsock: cannot initialize the device at {:#x}: {e}", d.base);
-                    continue;
-                }
-            };
+            let mut sizes = [0u16; 3];
+            if let Err(e) = negotiate(mmio, 0, &mut sizes) {
+                println!("vsock: cannot initialize the device at {:#x}: {e}", d.base);
+                continue;
+            }
             // SAFETY: the device was reset by `negotiate`, so it does not touch this memory;
             // `open` runs once (see above), so the driver is the only user of the memory and
             // the ring from now on.
@@ -247,7 +277,8 @@ impl Vsock {
                 );
                 continue;
             };
-            activate(mmio, &mut driver);
+            activate(mmio, vsock_queues(&driver));
+            driver.start();
             println!(
                 "vsock: virtio-mmio socket device at {:#x} (irq {}, vendor {vendor:#x}), \
                  guest cid {}, queues {}/{}/{}, polled",
@@ -269,18 +300,17 @@ impl Vsock {
             "vsock: device status {:#x}; resetting the device",
             self.mmio.status()
         );
-        let sizes = match negotiate(self.mmio) {
-            Ok(sizes) => sizes,
-            Err(e) => {
-                println!("vsock: cannot initialize the device again: {e}");
-                return false;
-            }
-        };
+        let mut sizes = [0u16; 3];
+        if let Err(e) = negotiate(self.mmio, 0, &mut sizes) {
+            println!("vsock: cannot initialize the device again: {e}");
+            return false;
+        }
         if self.driver.reinit(sizes).is_err() {
             println!("vsock: the device's queues are too small now");
             return false;
         }
-        activate(self.mmio, &mut self.driver);
+        activate(self.mmio, vsock_queues(&self.driver));
+        self.driver.start();
         true
     }
 
@@ -319,4 +349,84 @@ impl Vsock {
             }
         }
     }
+}
+
+/// Driver memory for a block device in each window the command line can name, in .bss.
+static BLOCK_MEMORY: Shared<[MaybeUninit<BlockMemory>; MAX_DEVICES]> =
+    Shared::new([const { MaybeUninit::zeroed() }; MAX_DEVICES]);
+/// Which of [`BLOCK_MEMORY`] a driver has taken.
+static BLOCK_MEMORY_TAKEN: [AtomicBool; MAX_DEVICES] =
+    [const { AtomicBool::new(false) }; MAX_DEVICES];
+
+// The block driver's features are all in the low word `negotiate` accepts.
+const _: () = assert!(block::FEATURES >> 32 == 0);
+
+/// A block device and its driver.
+pub struct Disk {
+    /// The driver.
+    pub driver: BlockDriver<Mmio>,
+    /// Its vendor id.
+    pub vendor: u32,
+}
+
+/// Why a window holds no usable block device.
+#[derive(Clone, Copy)]
+pub enum DiskError {
+    /// No modern virtio-mmio device there.
+    NotVirtio,
+    /// Another kind of virtio device (its id).
+    NotBlock(u32),
+    /// A block device that cannot be initialized.
+    Init(InitError),
+    /// A block device whose queue is too small.
+    QueueTooSmall,
+    /// No such window, or its driver was made already.
+    Taken,
+}
+
+impl core::fmt::Display for DiskError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DiskError::NotVirtio => write!(f, "no modern virtio-mmio device"),
+            DiskError::NotBlock(id) => write!(f, "virtio device {id}, not a block device"),
+            DiskError::Init(e) => write!(f, "cannot initialize the block device: {e}"),
+            DiskError::QueueTooSmall => write!(f, "the block device's queue is too small"),
+            DiskError::Taken => write!(f, "the block device's driver exists already"),
+        }
+    }
+}
+
+/// Brings up the block device in `devices[index]`: VIRTIO_F_VERSION_1, and read-only and flush
+/// when offered, one request queue. Each window's device can be opened once.
+pub fn open_disk(devices: &[MmioDevice], index: usize) -> Result<Disk, DiskError> {
+    let (Some(d), Some(taken)) = (devices.get(index), BLOCK_MEMORY_TAKEN.get(index)) else {
+        return Err(DiskError::Taken);
+    };
+    match probe(*d) {
+        None => return Err(DiskError::NotVirtio),
+        Some(block::DEVICE_ID) => {}
+        Some(id) => return Err(DiskError::NotBlock(id)),
+    }
+    if taken.swap(true, Ordering::AcqRel) {
+        return Err(DiskError::Taken);
+    }
+    let mmio = Mmio { base: d.base };
+    let vendor = mmio.read(VENDOR_ID);
+    let mut size = [0u16; 1];
+    let features = negotiate(mmio, block::FEATURES as u32, &mut size).map_err(DiskError::Init)?;
+    // Config space is read once the features are settled (virtio 1.2, 3.1.1, step 7).
+    let capacity = mmio.read_config_u64(0);
+    // SAFETY: `negotiate` reset the device, so it does not touch this memory; the flag taken
+    // above makes this driver its only user from now on. The element pointer is in bounds:
+    // `taken` exists, so `index < MAX_DEVICES`.
+    let driver = unsafe {
+        let mem = BLOCK_MEMORY.get().cast::<BlockMemory>().add(index);
+        BlockDriver::new(mmio, mem, size[0], u64::from(features), capacity)
+    };
+    let Ok(driver) = driver else {
+        mmio.write(STATUS, mmio.status() | STATUS_FAILED);
+        return Err(DiskError::QueueTooSmall);
+    };
+    activate(mmio, [(driver.queue_size(), driver.queue_addresses())]);
+    Ok(Disk { driver, vendor })
 }

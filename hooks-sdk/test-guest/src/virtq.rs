@@ -19,6 +19,47 @@ pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Used-ring flag: the device does not need notifications now.
 pub const USED_F_NO_NOTIFY: u16 = 1;
 
+/// What every driver needs from the transport under its queues: the vsock driver's
+/// (`driver::Transport`) and the block driver's (`block::BlockTransport`) build on it.
+pub trait QueueTransport {
+    /// Tells the device that queue `queue` has new buffers.
+    fn notify(&mut self, queue: u16);
+    /// A monotonic clock, in nanoseconds.
+    fn now_ns(&mut self) -> u64;
+    /// Called while waiting with nothing to do.
+    fn idle(&mut self) {
+        core::hint::spin_loop();
+    }
+}
+
+/// A clock for telling a stuck device from a slow one: it follows the transport's clock but
+/// advances at most `max_step_ns` between two readings, so time the whole VM spends paused (a
+/// snapshot and restore, a long host preemption) does not make a request look stuck.
+#[derive(Clone, Copy, Debug)]
+pub struct RunClock {
+    run_ns: u64,
+    last_now: u64,
+    max_step_ns: u64,
+}
+
+impl RunClock {
+    /// A clock at 0 that starts following the transport's clock at `now`.
+    pub fn new(now: u64, max_step_ns: u64) -> Self {
+        RunClock {
+            run_ns: 0,
+            last_now: now,
+            max_step_ns,
+        }
+    }
+
+    /// Advances to the transport's time `now`; the run time.
+    pub fn tick(&mut self, now: u64) -> u64 {
+        self.run_ns += now.saturating_sub(self.last_now).min(self.max_step_ns);
+        self.last_now = now;
+        self.run_ns
+    }
+}
+
 /// One descriptor.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C, align(16))]
@@ -145,6 +186,14 @@ impl Virtqueue {
         fence(Ordering::Release);
         // SAFETY: the available index is the driver's to write.
         unsafe { core::ptr::write_volatile(&raw mut (*self.mem).avail.idx, self.next_avail) };
+    }
+
+    /// Publishes what was pushed and notifies the device as queue `index` if it wants to be.
+    pub fn kick(&mut self, t: &mut impl QueueTransport, index: u16) {
+        self.publish();
+        if self.notify_needed() {
+            t.notify(index);
+        }
     }
 
     /// Whether the device wants a notification for what was just published.
@@ -349,5 +398,14 @@ mod tests {
         dev.set_no_notify(true);
         assert!(!q.notify_needed());
         q.set_desc(4, Desc::default()); // out of range: ignored
+    }
+
+    #[test]
+    fn the_run_clock_skips_long_gaps() {
+        let mut clock = RunClock::new(1_000, 10);
+        assert_eq!(clock.tick(1_004), 4);
+        assert_eq!(clock.tick(9_999_999), 14); // a paused VM: counted as one step
+        assert_eq!(clock.tick(10_000_002), 17);
+        assert_eq!(clock.tick(5), 17); // a clock that went back counts nothing
     }
 }

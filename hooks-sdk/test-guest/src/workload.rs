@@ -116,14 +116,49 @@ pub fn fill(buf: &mut [u8]) -> Mix {
 /// A checksum of `buf` that depends on every byte and its position (FNV-1a over 64-bit words,
 /// with the word index mixed in so swapped pages change it).
 pub fn checksum(buf: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, word) in buf.chunks_exact(8).enumerate() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        h ^= u64::from_le_bytes(w) ^ (i as u64).rotate_left(32);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut sum = Checksum::new();
+    sum.update(buf);
+    sum.value()
+}
+
+/// [`checksum`] of data that arrives in pieces (a disk read a request at a time): the same value
+/// as over all of it at once, provided every piece but the last is whole 64-bit words.
+#[derive(Clone, Copy, Debug)]
+pub struct Checksum {
+    h: u64,
+    words: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self::new()
     }
-    h
+}
+
+impl Checksum {
+    /// The checksum of nothing yet.
+    pub const fn new() -> Self {
+        Checksum {
+            h: 0xcbf2_9ce4_8422_2325,
+            words: 0,
+        }
+    }
+
+    /// Adds `data`'s whole 64-bit words (a trailing partial word is ignored, as by `checksum`).
+    pub fn update(&mut self, data: &[u8]) {
+        for word in data.chunks_exact(8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            self.h ^= u64::from_le_bytes(w) ^ self.words.rotate_left(32);
+            self.h = self.h.wrapping_mul(0x0000_0100_0000_01b3);
+            self.words += 1;
+        }
+    }
+
+    /// The checksum so far.
+    pub fn value(&self) -> u64 {
+        self.h
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +198,17 @@ mod tests {
         if a[..PAGE] != a[PAGE..2 * PAGE] {
             assert_ne!(checksum(&a), checksum(&c));
         }
+    }
+
+    #[test]
+    fn checksum_in_pieces_is_the_checksum_of_the_whole() {
+        let mut a = vec![0u8; 16 * PAGE];
+        fill(&mut a);
+        let mut sum = Checksum::new();
+        for piece in a.chunks(3 * 512) {
+            sum.update(piece);
+        }
+        assert_eq!(sum.value(), checksum(&a));
+        assert_eq!(Checksum::default().value(), checksum(&[]));
     }
 }

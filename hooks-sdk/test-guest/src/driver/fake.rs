@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{DriverMemory, EVENT, RX, TX, Transport};
 use crate::virtq::device::DeviceQueue;
-use crate::virtq::{DESC_F_WRITE, Desc};
+use crate::virtq::{DESC_F_WRITE, Desc, QueueTransport};
 use crate::vsock::{HDR_LEN, HOST_CID, PacketHeader, TYPE_STREAM, op};
 
 /// One host-side connection, keyed by (guest port, host port).
@@ -299,13 +299,15 @@ impl FakeDevice {
 }
 
 impl Transport for FakeDevice {
+    fn guest_cid(&mut self) -> u64 {
+        self.cid
+    }
+}
+
+impl QueueTransport for FakeDevice {
     fn notify(&mut self, _queue: u16) {
         self.notifies += 1;
         self.step();
-    }
-
-    fn guest_cid(&mut self) -> u64 {
-        self.cid
     }
 
     fn now_ns(&mut self) -> u64 {

@@ -17,7 +17,9 @@
 
 use crate::conn::{Conn, Ended, RxAction, State};
 use crate::ring::ByteRing;
-use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE, Desc, QueueMem, Virtqueue};
+use crate::virtq::{
+    DESC_F_NEXT, DESC_F_WRITE, Desc, QueueMem, QueueTransport, RunClock, Virtqueue,
+};
 
 mod raw;
 mod stream;
@@ -68,18 +70,10 @@ pub struct DriverMemory {
     ctrl: [PacketHeader; CTRL_QUEUE],
 }
 
-/// What the driver needs from the transport.
-pub trait Transport {
-    /// Tells the device that queue `queue` has new buffers.
-    fn notify(&mut self, queue: u16);
+/// What the driver needs from the transport: what every queue driver needs, and the guest CID.
+pub trait Transport: QueueTransport {
     /// Reads the guest CID from the device's configuration space.
     fn guest_cid(&mut self) -> u64;
-    /// A monotonic clock, in nanoseconds.
-    fn now_ns(&mut self) -> u64;
-    /// Called while waiting with nothing to do.
-    fn idle(&mut self) {
-        core::hint::spin_loop();
-    }
 }
 
 /// Why a driver call failed.
@@ -141,9 +135,8 @@ pub struct Driver<T: Transport> {
     ctrl_len: usize,
     credit_update_due: bool,
     next_port: u32,
-    /// The stall clock (see `STALL_NS`) and the transport time it last advanced at.
-    run_clock: u64,
-    last_now: u64,
+    /// The stall clock (see `STALL_NS`).
+    run_clock: RunClock,
     /// Counters.
     pub stats: Stats,
 }
@@ -168,7 +161,7 @@ impl<T: Transport> Driver<T> {
         let queues =
             unsafe { [0, 1, 2].map(|i| Virtqueue::new(&raw mut (*mem).queues[i], sizes[i])) };
         let guest_cid = t.guest_cid();
-        let last_now = t.now_ns();
+        let run_clock = RunClock::new(t.now_ns(), MAX_TICK_NS);
         let ring = ByteRing::new(ring);
         let mut d = Driver {
             rx_count: 0,
@@ -184,8 +177,7 @@ impl<T: Transport> Driver<T> {
             ctrl_len: 0,
             credit_update_due: false,
             next_port: FIRST_PORT,
-            run_clock: 0,
-            last_now,
+            run_clock,
             stats: Stats::default(),
         };
         d.post_all();
@@ -318,10 +310,7 @@ impl<T: Transport> Driver<T> {
     }
 
     fn kick(&mut self, q: usize) {
-        self.queues[q].publish();
-        if self.queues[q].notify_needed() {
-            self.t.notify(q as u16);
-        }
+        self.queues[q].kick(&mut self.t, q as u16);
     }
 
     /// Handles everything the device returned; true if anything was.
@@ -440,9 +429,7 @@ impl<T: Transport> Driver<T> {
     /// Advances and reads the stall clock.
     fn tick(&mut self) -> u64 {
         let now = self.t.now_ns();
-        self.run_clock += now.saturating_sub(self.last_now).min(MAX_TICK_NS);
-        self.last_now = now;
-        self.run_clock
+        self.run_clock.tick(now)
     }
 
     fn queue_ctrl(&mut self, h: PacketHeader) {

@@ -50,6 +50,12 @@ enum Command {
         /// BENCHMARKING ONLY.
         #[arg(long, requires = "api_sock")]
         insecure_plaintext: bool,
+        /// A virtio-block disk, repeatable (the guest sees them in order: vda, vdb, ...):
+        /// `path=FILE` (whole 512-byte sectors, used in place), `read-only` (the guest is told
+        /// and cannot write), `id=NAME` (its serial, at most 20 printable characters). A machine
+        /// with disks cannot be snapshotted yet.
+        #[arg(long = "disk", value_name = "path=FILE[,read-only][,id=NAME]", value_parser = parse_disk)]
+        disks: Vec<vmm_core::config::DiskConfig>,
     },
     /// Invoke a function served by thawd (AWS Lambda's Invoke API) and print its answer.
     ///
@@ -242,6 +248,7 @@ impl BootArgs {
                     guest_cid: self.vsock_cid,
                     uds_path,
                 }),
+            disks: Vec::new(),
         }
     }
 }
@@ -618,6 +625,32 @@ fn parse_file_spec(s: &str) -> Result<thaw::guest_image::FileSpec, String> {
     thaw::guest_image::parse_file_spec(s).map_err(|e| e.to_string())
 }
 
+fn parse_disk(s: &str) -> Result<vmm_core::config::DiskConfig, String> {
+    let mut path = None;
+    let mut read_only = false;
+    let mut id = String::new();
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("id", i)) => id = i.to_string(),
+            None if part == "read-only" || part == "ro" => read_only = true,
+            _ => {
+                return Err(format!(
+                    "{part:?} is not a disk option: give path=FILE, read-only or id=NAME"
+                ));
+            }
+        }
+    }
+    let path = path.ok_or_else(|| format!("{s:?} has no path=FILE"))?;
+    let disk = vmm_core::config::DiskConfig {
+        path,
+        read_only,
+        id,
+    };
+    disk.validate().map_err(|e| e.to_string())?;
+    Ok(disk)
+}
+
 fn parse_mem_mib(s: &str) -> Result<u64, String> {
     let mib: u64 = s
         .parse()
@@ -733,8 +766,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             api_sock,
             key_file,
             insecure_plaintext,
+            disks,
         } => {
-            let options = boot.into_run_options();
+            let options = thaw::commands::run::RunOptions {
+                disks,
+                ..boot.into_run_options()
+            };
             let api = match api_sock {
                 Some(path) => Some(thaw::commands::run::ApiOptions {
                     path,

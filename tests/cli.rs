@@ -77,6 +77,58 @@ fn run_boots_an_elf_kernel_from_a_file() {
 }
 
 #[test]
+fn run_attaches_disks_and_refuses_bad_ones_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd.img");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    let missing = dir.path().join("missing.img");
+    let disk = |spec: String| thaw(&["run", "--cmdline", "thaw.exit=0", "--disk", &spec]);
+    for (spec, needle) in [
+        ("read-only".to_string(), "has no path=FILE"),
+        ("path=".to_string(), "is not a disk option"),
+        (
+            "path=/x,cache=none".to_string(),
+            "\"cache=none\" is not a disk option",
+        ),
+        (
+            "path=/x,id=far-too-long-for-a-serial".to_string(),
+            "at most 20 printable ASCII",
+        ),
+    ] {
+        assert_refused(&disk(spec), needle);
+    }
+    if !require_kvm("run_attaches_disks_and_refuses_bad_ones_clearly") {
+        return;
+    }
+    assert_refused(
+        &disk(format!("path={}", missing.display())),
+        &format!("disk {}", missing.display()),
+    );
+    assert_refused(
+        &disk(format!("path={},read-only", odd.display())),
+        "not a multiple of 512",
+    );
+    // Sound disks are attached and the guest runs to its exit.
+    let code = dir.path().join("code.img");
+    std::fs::write(&code, vec![1u8; 1 << 20]).unwrap();
+    let scratch = dir.path().join("tmp.img");
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let out = thaw(&[
+        "run",
+        "--cmdline",
+        "thaw.exit=0",
+        "--disk",
+        &format!("path={},read-only,id=code", code.display()),
+        "--disk",
+        &format!("path={}", scratch.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn rejects_missing_kernel() {
     let out = thaw(&["run", "--kernel", "/nonexistent/vmlinux"]);
     assert_refused(&out, "cannot read kernel image /nonexistent/vmlinux");

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use vmm_core::config::{DEFAULT_LINUX_CMDLINE, KernelSource, VsockConfig};
+use vmm_core::config::{DEFAULT_LINUX_CMDLINE, DiskConfig, KernelSource, VsockConfig};
 use vmm_core::machine::ConsoleInput;
 use vmm_core::{ExitReason, Machine, MachineConfig, MachineError};
 
@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub vcpus: u8,
     /// A virtio-vsock device (hybrid vsock over Unix sockets).
     pub vsock: Option<VsockConfig>,
+    /// Virtio-block disks, in the order the guest finds them.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// `thaw run` was asked for something it cannot do.
@@ -59,7 +61,7 @@ impl RunOptions {
                 .clone()
                 .unwrap_or_else(|| default_cmdline.to_string()),
             vsock: self.vsock.clone(),
-            disks: Vec::new(),
+            disks: self.disks.clone(),
         })
     }
 }

@@ -45,6 +45,26 @@ fn wait_for_socket(sock: &Path, child: &mut Child) {
     }
 }
 
+/// `thaw run --cmdline CMDLINE --api-sock DIR/api.sock --key-file DIR/k EXTRA...` (the key
+/// made first), its console on a pipe, once its socket is there; the child and the socket.
+fn run_with_api(dir: &Path, cmdline: &str, extra: &[&str]) -> (Child, std::path::PathBuf) {
+    let sock = dir.join("api.sock");
+    let key = dir.join("k");
+    snapshot::MasterKey::load_or_create(&key).unwrap();
+    let mut child = thaw_bin()
+        .args(["run", "--cmdline", cmdline, "--api-sock"])
+        .arg(&sock)
+        .arg("--key-file")
+        .arg(&key)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    (child, sock)
+}
+
 #[test]
 fn pause_snapshot_resume_and_stop_over_the_api_socket() {
     if !require_kvm("pause_snapshot_resume_and_stop_over_the_api_socket") {
@@ -52,24 +72,8 @@ fn pause_snapshot_resume_and_stop_over_the_api_socket() {
     }
     let _slot = vm_slot();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
+    let (mut child, sock) = run_with_api(dir.path(), "thaw.idle=1 thaw.fill-mib=8", &[]);
     let key = dir.path().join("k");
-    snapshot::MasterKey::load_or_create(&key).unwrap();
-    let mut child = thaw_bin()
-        .args([
-            "run",
-            "--cmdline",
-            "thaw.idle=1 thaw.fill-mib=8",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--key-file",
-            key.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock, &mut child);
     // The console, collected as it comes: the guest is snapshotted once it is idle.
     let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mut stdout = child.stdout.take().unwrap();
@@ -358,31 +362,13 @@ fn a_machine_with_a_disk_is_not_snapshotted() {
     }
     let _slot = vm_slot();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let key = dir.path().join("k");
-    snapshot::MasterKey::load_or_create(&key).unwrap();
     let disk = dir.path().join("tmp.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut child = thaw_bin()
-        .args([
-            "run",
-            "--cmdline",
-            "thaw.idle=1",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--key-file",
-            key.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", disk.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock, &mut child);
+    let disk = format!("path={}", disk.display());
+    let (mut child, sock) = run_with_api(dir.path(), "thaw.idle=1", &["--disk", &disk]);
     let (status, _) = request(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(status, 204);
     let out = dir.path().join("snap");

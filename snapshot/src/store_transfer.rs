@@ -291,16 +291,16 @@ mod tests {
 
     fn snapshot(dir: &Path, seed: u8) -> Snapshot {
         let (low, high) = memory(seed);
-        let regions = [
-            MemoryRegion {
-                guest_addr: 0,
-                bytes: &low,
-            },
-            MemoryRegion {
-                guest_addr: 1 << 32,
-                bytes: &high,
-            },
-        ];
+        written(dir, &[(0, &low), (1 << 32, &high)])
+    }
+
+    /// A snapshot of `regions` (guest address, bytes) in `CHUNK`-sized chunks, sealed with
+    /// `master()`, opened.
+    fn written(dir: &Path, regions: &[(u64, &[u8])]) -> Snapshot {
+        let regions: Vec<MemoryRegion<'_>> = regions
+            .iter()
+            .map(|&(guest_addr, bytes)| MemoryRegion { guest_addr, bytes })
+            .collect();
         let options = WriteOptions {
             chunk_size: CHUNK as u32,
             threads: 1,
@@ -569,26 +569,7 @@ mod tests {
             // Chunks 0, 2, 4 and 6 the same; 1, 3, 5 and 7 the same.
             chunk[..PAGE_SIZE].fill(1 + (i % 2) as u8);
         }
-        let regions = [MemoryRegion {
-            guest_addr: 0,
-            bytes: &low,
-        }];
-        let options = WriteOptions {
-            chunk_size: CHUNK as u32,
-            threads: 1,
-            ..WriteOptions::default()
-        };
-        let original = dir.path().join("a");
-        write(
-            &original,
-            &meta(),
-            b"state",
-            &regions,
-            &Protection::Encrypted(&master()),
-            &options,
-        )
-        .unwrap();
-        let original = Snapshot::open(&original, Some(&master())).unwrap();
+        let original = written(&dir.path().join("a"), &[(0, &low)]);
         let mut store = Store::new();
         let (manifest, _) = push(&original, &mut store);
         assert_eq!(store.len(), 2);

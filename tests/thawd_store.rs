@@ -129,6 +129,14 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     assert_eq!(thawd.invoke("hello", "\"thaw:echo=again\""), "again\n");
     assert!(thawd.stop().success());
 
+    // A config that is wrong about the snapshot (its memory size) is refused as it is, without
+    // a pull that could not help.
+    let wrong = config.replace("memory_mib = 128", "memory_mib = 256");
+    let (status, err) = failed_start(dir.path(), &wrong, &env);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("memory_mib is 256"), "{err}");
+    assert!(!err.contains("pulling it again"), "{err}");
+
     // The store down and no copy: the host cache alone has everything (the manifest fetched
     // minutes ago, every object), so thawd starts without asking the store.
     drop(server);
@@ -143,28 +151,7 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
     std::fs::remove_dir_all(&copy).unwrap();
     std::fs::remove_dir_all(store_dir.join("chunks")).unwrap();
     let started = Instant::now();
-    let mut child = Command::new(fixture::thawd_bin::thawd_bin())
-        .envs(env.iter().copied())
-        .arg("--config")
-        .arg(dir.path().join("thawd.toml"))
-        .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("thawd did not give up on a store that is down");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = failed_start(dir.path(), &config, &env);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!(
@@ -179,4 +166,39 @@ fn thawd_serves_a_snapshot_from_the_store_through_the_host_cache() {
         "a store that is down was reported in {:?}",
         started.elapsed()
     );
+}
+
+/// thawd started with `config` (written to `dir/thawd.toml`) where it must not start: its exit
+/// status and stderr, within two minutes.
+fn failed_start(
+    dir: &Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let path = dir.join("thawd.toml");
+    std::fs::write(&path, config).unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(fixture::thawd_bin::thawd_bin())
+        .envs(env.iter().copied())
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("thawd started, or did not give up, with:\n{config}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
 }

@@ -574,10 +574,11 @@ impl Store {
         );
         let written =
             store_transfer::import(dir, &manifest, master, &WriteOptions::default(), &objects)?;
-        let fetched = objects.stats();
-        tracing::info!(snapshot = %id, url = %self.url, fetched = fetched.fetched,
-            from_cache = fetched.cache_hits, "snapshot pulled");
-        Ok(PullSummary { written, fetched })
+        // The caller reports it: the CLI prints it, thawd logs it with the function.
+        Ok(PullSummary {
+            written,
+            fetched: objects.stats(),
+        })
     }
 }
 

@@ -84,8 +84,11 @@ pub fn register_all(config: &Config) -> Result<Registered, RegistryError> {
                 match registry::register(f) {
                     Ok(shape) => shape,
                     // A copy held from before that no longer verifies (altered on this disk,
-                    // or not the snapshot named): pulled again, once.
-                    Err(e) if !pulled => {
+                    // or not the snapshot named): pulled again, once. Other refusals (a memory
+                    // size the config gets wrong) would refuse a fresh copy too.
+                    Err(
+                        e @ (RegistryError::Snapshot { .. } | RegistryError::CopyOfAnother { .. }),
+                    ) if !pulled => {
                         tracing::warn!(function = f.name, error = %crate::worker::process::chain(&e),
                             "the local copy of the store snapshot is refused; pulling it again");
                         stores.ensure(f, key.master(), true)?;
